@@ -1,0 +1,1 @@
+"""From a torch model and a plan to a mixed-precision ONNX folder."""

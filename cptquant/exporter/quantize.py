@@ -1,0 +1,142 @@
+"""Blocked weight quantization in numpy: the one quantizer used by the exporter, the oracle and TDMPQ.
+
+Weights are given as [K, N] (K = the input dimension, the axis blocks run along), the layout of an
+ONNX MatMul weight and of a blocked `DequantizeLinear(axis=0)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CLIP_METHODS = ("absmax", "mse")
+# Shrink factors tried by the MSE clip search, largest first (1.0 = plain absmax).
+_MSE_RATIOS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
+
+
+@dataclass
+class QuantizedWeight:
+    q: np.ndarray  # integers, [K, N]; int8 holding int4/int8 values (symmetric) or uint8 (asymmetric)
+    scale: np.ndarray  # float32, [K // block_size, N]
+    zero_point: np.ndarray | None  # uint8, same shape as scale; None when symmetric
+    bits: int
+    block_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point is None
+
+    def dequantize(self) -> np.ndarray:
+        scale = np.repeat(self.scale, self.block_size, axis=0)
+        q = self.q.astype(np.float32)
+        if self.zero_point is not None:
+            q = q - np.repeat(self.zero_point, self.block_size, axis=0).astype(np.float32)
+        return (q * scale).astype(np.float32)
+
+    def nbytes(self) -> int:
+        """Bytes this weight takes in the ONNX file: packed integers, scales and zero points."""
+        q_bytes = self.q.size * self.bits // 8
+        zp_bytes = 0 if self.zero_point is None else self.zero_point.size * self.bits // 8
+        return q_bytes + self.scale.size * 4 + zp_bytes
+
+
+def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
+    k, n = weight.shape
+    if k % block_size:
+        raise ValueError(f"block size {block_size} does not divide the input size {k}")
+    return weight.reshape(k // block_size, block_size, n)
+
+
+def _symmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray]:
+    qmax = 2 ** (bits - 1) - 1
+    absmax = np.abs(blocks).max(axis=1)  # [K/B, N]
+    if clip == "mse":
+        best_err = np.full(absmax.shape, np.inf, dtype=np.float32)
+        best_scale = absmax / qmax
+        for ratio in _MSE_RATIOS:
+            scale = np.where(absmax > 0, ratio * absmax / qmax, 1.0).astype(np.float32)
+            q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+            err = ((q * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+        scale = best_scale
+    scale = np.where(absmax > 0, absmax / qmax if clip == "absmax" else scale, 1.0).astype(np.float32)
+    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
+    return q, scale
+
+
+def _asymmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    levels = 2**bits - 1
+    lo = np.minimum(blocks.min(axis=1), 0.0)  # keep 0 exactly representable
+    hi = np.maximum(blocks.max(axis=1), 0.0)
+
+    def quant(lo_, hi_):
+        span = hi_ - lo_
+        scale = np.where(span > 0, span / levels, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo_ / scale), 0, levels)
+        q = np.clip(np.rint(blocks / scale[:, None, :]) + zp[:, None, :], 0, levels)
+        return q, scale, zp
+
+    if clip == "mse":
+        best = None
+        best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+        for ratio in _MSE_RATIOS:
+            q, scale, zp = quant(lo * ratio, hi * ratio)
+            err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+            if best is None:
+                best = [q, scale, zp]
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best[0] = np.where(better[:, None, :], q, best[0])
+            best[1] = np.where(better, scale, best[1])
+            best[2] = np.where(better, zp, best[2])
+        q, scale, zp = best
+    else:
+        q, scale, zp = quant(lo, hi)
+    return q.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8)
+
+
+def quantize_blocked(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,
+                     clip: str = "absmax") -> QuantizedWeight:
+    """Quantize a [K, N] weight in blocks of `block_size` along K to `bits` (4 or 8)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if clip not in CLIP_METHODS:
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    weight = np.asarray(weight, dtype=np.float32)
+    blocks = _blocks(weight, block_size)
+    k, n = weight.shape
+    if symmetric:
+        q, scale = _symmetric(blocks, bits, clip)
+        return QuantizedWeight(q.reshape(k, n), scale, None, bits, block_size)
+    q, scale, zp = _asymmetric(blocks, bits, clip)
+    return QuantizedWeight(q.reshape(k, n), scale, zp, bits, block_size)
+
+
+def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,
+                  clip: str = "absmax") -> np.ndarray:
+    """Quantize then dequantize: what the deployed model computes with, in float32."""
+    if bits >= 16:
+        return np.asarray(weight, dtype=np.float16).astype(np.float32)
+    return quantize_blocked(weight, bits, block_size, symmetric, clip).dequantize()
+
+
+def pack_uint4_last_axis(values: np.ndarray) -> np.ndarray:
+    """Pack 4-bit unsigned values two per byte along the last axis, first value in the low nibble.
+
+    This is the uint8 layout of com.microsoft.GatherBlockQuantized (bits=4) and MatMulNBits.
+    """
+    values = np.asarray(values, dtype=np.uint8)
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (values[..., 0::2] & 0x0F) | ((values[..., 1::2] & 0x0F) << 4)
+
+
+def unpack_uint4_last_axis(packed: np.ndarray, length: int) -> np.ndarray:
+    packed = np.asarray(packed, dtype=np.uint8)
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :length]

@@ -1,0 +1,116 @@
+"""The layer graph: every quantizable layer of a torch transformer, with its role and block.
+
+This is what the sensitivity passes annotate and what a plan names. Layer names are the
+qualified torch module names (``encoder.layer.0.attention.self.query``), so a plan can be read
+next to ``model.named_modules()``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+ROLE_LINEAR = "linear"  # nn.Linear: weight [out, in]
+ROLE_CONV1D = "conv1d"  # GPT-2's transformers Conv1D: weight [in, out]
+ROLE_EMBEDDING = "embedding"  # nn.Embedding: table [rows, hidden], quantized along hidden
+ROLE_LM_HEAD = "lm_head"  # output projection; often tied to the input embedding
+
+_BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    role: str
+    block: int | None  # index of the transformer block, None for embeddings and the head
+    in_features: int  # the dimension quantization blocks run along (hidden size for embeddings)
+    out_features: int  # output size (number of rows for embeddings)
+    tied_to: str | None = None  # name of the layer whose parameter this one shares
+
+    @property
+    def num_params(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass
+class LayerGraph:
+    model_type: str
+    num_blocks: int
+    layers: list[Layer] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def __getitem__(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def __contains__(self, name: str) -> bool:
+        return any(layer.name == name for layer in self.layers)
+
+    def blocks(self) -> dict[int, list[Layer]]:
+        out: dict[int, list[Layer]] = {}
+        for layer in self.layers:
+            if layer.block is not None:
+                out.setdefault(layer.block, []).append(layer)
+        return out
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name to avoid importing private paths.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _block_container(model: nn.Module) -> str | None:
+    """The qualified name of the ModuleList that holds the transformer blocks (the longest one)."""
+    best, best_len = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > best_len:
+            best, best_len = name, len(module)
+    return best
+
+
+def _block_of(name: str, container: str | None) -> int | None:
+    if not container or not name.startswith(container + "."):
+        return None
+    match = _BLOCK_INDEX.match(name[len(container) :])
+    return int(match.group(1)) if match else None
+
+
+def build_layer_graph(model: nn.Module) -> LayerGraph:
+    """Find every nn.Linear, Conv1D and nn.Embedding, with the LM head and its tie."""
+    container = _block_container(model)
+    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    param_owner: dict[int, str] = {}
+    layers: list[Layer] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            role, out_f, in_f = ROLE_EMBEDDING, module.num_embeddings, module.embedding_dim
+        elif output_embeddings is not None and module is output_embeddings and isinstance(module, nn.Linear):
+            role, out_f, in_f = ROLE_LM_HEAD, module.out_features, module.in_features
+        elif isinstance(module, nn.Linear):
+            role, out_f, in_f = ROLE_LINEAR, module.out_features, module.in_features
+        elif _is_conv1d(module):
+            role, in_f, out_f = ROLE_CONV1D, module.weight.shape[0], module.weight.shape[1]
+        else:
+            continue
+        tied_to = param_owner.get(id(module.weight))
+        param_owner.setdefault(id(module.weight), name)
+        layers.append(Layer(name, role, _block_of(name, container), int(in_f), int(out_f), tied_to))
+    num_blocks = len(model.get_submodule(container)) if container else 0
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    return LayerGraph(model_type=model_type, num_blocks=num_blocks, layers=layers)
+
+
+def weight_in_out(model: nn.Module, layer: Layer) -> torch.Tensor:
+    """The layer's weight as [in_features, out_features] (the ONNX MatMul layout).
+
+    Embedding tables come back as [hidden, rows] so that every layer's blocks run along dim 0.
+    """
+    weight = model.get_submodule(layer.name).weight.detach()
+    return weight if layer.role == ROLE_CONV1D else weight.t()

@@ -1,0 +1,119 @@
+"""The quantization plan: per layer bits, block size and symmetry, as a versioned JSON file.
+
+A plan is deterministic: the same inputs give a byte-identical file (sorted keys, no timestamps).
+Timings and measurements belong in the report, not here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CptqError
+from .layer_graph import LayerGraph
+
+PLAN_VERSION = 1
+SUPPORTED_BITS = (16, 8, 4)
+DEFAULT_BLOCK_SIZE = 32
+
+
+@dataclass
+class LayerPlan:
+    bits: int
+    block_size: int = DEFAULT_BLOCK_SIZE
+    symmetric: bool = True
+    score: float | None = None  # sensitivity score from a pass, when the plan came from one
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerPlan]
+    method: str = "uniform"
+    model: str = ""
+    clip: str = "absmax"
+    meta: dict = field(default_factory=dict)  # scores, budget, seed... never timings
+    version: int = PLAN_VERSION
+
+    def bits_of(self, name: str) -> int:
+        return self.layers[name].bits
+
+    def quantized(self) -> dict[str, LayerPlan]:
+        return {name: lp for name, lp in self.layers.items() if lp.bits < 16}
+
+    def to_json(self) -> str:
+        data = {
+            "version": self.version,
+            "model": self.model,
+            "method": self.method,
+            "clip": self.clip,
+            "meta": self.meta,
+            "layers": {name: asdict(lp) for name, lp in sorted(self.layers.items())},
+        }
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise CptqError(f"{source} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or "layers" not in data:
+            raise CptqError(f"{source} is not a cptquant plan (no 'layers' object)")
+        if data.get("version") != PLAN_VERSION:
+            raise CptqError(f"{source} has plan version {data.get('version')!r}; this cptquant reads version {PLAN_VERSION}")
+        layers = {}
+        for name, entry in data["layers"].items():
+            if not isinstance(entry, dict) or "bits" not in entry:
+                raise CptqError(f"{source}: layer {name!r} has no 'bits'")
+            unknown = set(entry) - {"bits", "block_size", "symmetric", "score"}
+            if unknown:
+                raise CptqError(f"{source}: layer {name!r} has unknown fields {sorted(unknown)}")
+            layers[name] = LayerPlan(**entry)
+        return cls(
+            layers=layers,
+            method=data.get("method", "uniform"),
+            model=data.get("model", ""),
+            clip=data.get("clip", "absmax"),
+            meta=data.get("meta", {}),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise CptqError(f"plan file not found: {path}")
+        return cls.from_json(path.read_text(), source=str(path))
+
+
+def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = True,
+                 model: str = "") -> Plan:
+    layers = {layer.name: LayerPlan(bits=bits, block_size=block_size, symmetric=symmetric) for layer in graph.layers}
+    return Plan(layers=layers, method=f"uniform-{bits}", model=model)
+
+
+def check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise CptqError(f"block size {block_size} is not a power of two >= 16")
+
+
+def validate_plan(plan: Plan, graph: LayerGraph) -> None:
+    """Every plan layer must exist in the model, with supported bits and a block size that fits it."""
+    unknown = [name for name in plan.layers if name not in graph]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise CptqError(f"plan names {len(unknown)} layer(s) not in the model: {shown}")
+    for name, lp in plan.layers.items():
+        if lp.bits not in SUPPORTED_BITS:
+            raise CptqError(f"layer {name}: bits {lp.bits} not supported (use one of 16, 8, 4)")
+        if lp.bits == 16:
+            continue
+        check_block_size(lp.block_size)
+        in_features = graph[name].in_features
+        if in_features % lp.block_size:
+            raise CptqError(
+                f"layer {name}: block size {lp.block_size} does not divide its input size {in_features}"
+            )
