@@ -54,8 +54,9 @@ def normalize_task(task: str) -> str:
     return task
 
 
-def detect_task(config: Any) -> str:
-    archs = getattr(config, "architectures", None) or []
+def detect_task(config: Any, class_name: str | None = None) -> str:
+    """The task from the model class (in memory) or the config's `architectures` (on disk)."""
+    archs = [class_name] if class_name else (getattr(config, "architectures", None) or [])
     for arch in archs:
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return TASK_CAUSAL_LM
@@ -119,7 +120,7 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
 
     try:
         model = _auto_class(task).from_pretrained(
-            source, config=config, torch_dtype=torch.float32, use_safetensors=None,
+            source, config=config, dtype=torch.float32, use_safetensors=None,
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as exc:
@@ -139,6 +140,6 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
 def wrap_model(model: Any, task: str | None = None, tokenizer: Any | None = None, name: str = "in-memory") -> LoadedModel:
     """Wrap an in-memory transformers model (tests, notebooks) like a loaded one."""
     check_supported(model.config)
-    task = normalize_task(task) if task else detect_task(model.config)
+    task = normalize_task(task) if task else detect_task(model.config, type(model).__name__)
     model.eval()
     return LoadedModel(model=model, config=model.config, tokenizer=tokenizer, task=task, source=name, display_name=name)

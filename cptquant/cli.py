@@ -1,0 +1,26 @@
+"""Command-line entry points. Thin: each command lives in cptquant/commands/."""
+
+from __future__ import annotations
+
+import typer
+
+from .commands.export import export
+
+app = typer.Typer(help="cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app.command("export")(export)
+
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+export_app.command()(export)
+
+
+def main() -> None:
+    app()
+
+
+def export_main() -> None:
+    export_app()
+
+
+if __name__ == "__main__":
+    main()

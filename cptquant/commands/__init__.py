@@ -1,0 +1,42 @@
+"""The CLI's commands, one module each; cptquant/cli.py only registers them."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+
+import typer
+
+from ..errors import CptqError
+
+
+def quiet_libraries() -> None:
+    """Library chatter (deprecations, tracer warnings) would bury our one-line messages."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore")
+    for name in ("transformers", "optimum", "torch.onnx", "sentence_transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def user_errors(fn):
+    """Turn CptqError into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        quiet_libraries()
+        try:
+            return fn(*args, **kwargs)
+        except CptqError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(2) from None
+
+    return wrapper

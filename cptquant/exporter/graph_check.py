@@ -1,0 +1,91 @@
+"""Check what ONNX Runtime really runs: every quantized weight must reach a low-bit kernel.
+
+ORT writes the graph it will execute to `optimized_model_filepath`. A quantized weight that still
+feeds a `DequantizeLinear` there is dequantized on every call (a slow path, NOTES §1), so the
+export fails and names the layer.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+from ..errors import CptqError
+from .qdq_rewrite import KERNEL_FP16, RewrittenLayer
+
+
+@dataclass
+class GraphCheck:
+    kernels: dict[str, int]  # e.g. {"MatMulNBits(bits=4)": 24, "GatherBlockQuantized(bits=8)": 1}
+    per_layer: dict[str, list[str]]  # layer -> kernels that read its weight at run time
+    unfused: list[str] = field(default_factory=list)  # quantized layers not run by a low-bit kernel
+    fp16_casts_left: list[str] = field(default_factory=list)  # FP16 weights cast at run time (not folded)
+    repaired: list[str] = field(default_factory=list)  # layers rewritten as MatMulNBits after a first check
+
+    def to_dict(self) -> dict:
+        return {"kernels": self.kernels, "unfused": self.unfused, "fp16_casts_left": self.fp16_casts_left,
+                "written_as_matmulnbits_after_check": self.repaired}
+
+    def raise_if_unfused(self) -> None:
+        if self.unfused:
+            raise CptqError(
+                f"ONNX Runtime would not run {len(self.unfused)} quantized layer(s) as low-bit kernels "
+                f"(weights dequantized on every call): {', '.join(self.unfused[:8])}"
+            )
+
+
+def _bits(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "bits"), None)
+
+
+def optimized_graph(model_path: Path) -> onnx.ModelProto:
+    """The graph the CPU EP executes, as written by ORT after all its optimizations."""
+    with tempfile.TemporaryDirectory(prefix="cptq-opt-") as tmp:
+        opt_path = Path(tmp) / "optimized.onnx"
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.optimized_model_filepath = str(opt_path)
+        options.log_severity_level = 3  # the "hardware specific optimizations" warning is expected
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                         "optimized.onnx.data")
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
+        ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return onnx.load(str(opt_path), load_external_data=False)
+
+
+def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> GraphCheck:
+    graph = optimized_graph(model_path).graph
+    owner = {init: record.name for record in rewritten.values() for init in record.new_initializers}
+
+    def layer_of(tensor: str) -> str | None:
+        # ORT renames the weights it repacks (`<name>_T`, ...): match on our own initializer names as prefixes.
+        if tensor in owner:
+            return owner[tensor]
+        for init, layer in owner.items():
+            if tensor.startswith(init):
+                return layer
+        return None
+
+    kernels: Counter = Counter()
+    per_layer: dict[str, list[str]] = {name: [] for name in rewritten}
+    slow, casts = [], []  # layers whose weight still meets a DequantizeLinear / a Cast at run time
+    for node in graph.node:
+        label = node.op_type if _bits(node) is None else f"{node.op_type}(bits={_bits(node)})"
+        layers = {layer_of(t) for t in node.input} - {None}
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            kernels[label] += 1
+        for layer in layers:
+            per_layer[layer].append(node.op_type)
+            if node.op_type == "DequantizeLinear":
+                slow.append(layer)
+            elif node.op_type == "Cast":
+                casts.append(layer)
+    missing = [name for name, record in rewritten.items()
+               if sorted(k for k in record.expected_kernels if k != KERNEL_FP16)
+               != sorted(k for k in per_layer[name] if k in ("MatMulNBits", "GatherBlockQuantized"))]
+    return GraphCheck(dict(sorted(kernels.items())), per_layer, sorted(set(slow) | set(missing)), sorted(set(casts)))

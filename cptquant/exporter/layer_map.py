@@ -1,0 +1,139 @@
+"""Map each layer of the plan to the ONNX initializer holding its weight and the nodes using it.
+
+Matching is by the exporter's scope names (node `/encoder/layer.0/attention/self/query/MatMul`
+belongs to module `encoder.layer.0.attention.self.query`, or to `model.decoder...` when the top
+module's name was dropped) and is then confirmed by comparing the weight values. A weight reached
+through a `Transpose` of an initializer (a deduplicated tied LM head) is followed too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
+
+from ..errors import CptqError
+from ..layer_graph import LayerGraph, Layer, ROLE_EMBEDDING
+
+WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
+
+
+@dataclass
+class WeightUse:
+    node: str  # name of the consuming node
+    op_type: str  # MatMul | Gemm | Gather
+    initializer: str  # the initializer holding the weight
+    via_transpose: str | None = None  # name of a Transpose node between initializer and consumer
+    layout: str = "in_out"  # how the tensor the consumer sees is laid out: in_out ([K, N]) or out_in
+
+
+@dataclass
+class LayerMapping:
+    layer: Layer
+    uses: list[WeightUse] = field(default_factory=list)
+
+
+@dataclass
+class LayerMap:
+    mapped: dict[str, LayerMapping]
+    absent: list[str]  # layers whose weight the exported graph does not use (e.g. a pooler no output needs)
+
+
+def _scope(node: onnx.NodeProto) -> str:
+    return node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
+def _matches_scope(layer_name: str, scope: str) -> bool:
+    return bool(scope) and (layer_name == scope or layer_name.endswith("." + scope))
+
+
+def _torch_weight(model: nn.Module, layer: Layer) -> np.ndarray:
+    return model.get_submodule(layer.name).weight.detach().float().cpu().numpy()
+
+
+def _expected_views(layer: Layer, weight: np.ndarray) -> dict[str, np.ndarray]:
+    """The torch weight as the consumer would see it, by layout name."""
+    if layer.role == ROLE_EMBEDDING or layer.role == "lm_head" or layer.role == "linear":
+        out_in = weight  # nn.Linear / nn.Embedding: [out, in] ([rows, hidden] for tables)
+        return {"out_in": out_in, "in_out": out_in.T}
+    return {"in_out": weight, "out_in": weight.T}  # Conv1D stores [in, out]
+
+
+def _consumer_layout(node: onnx.NodeProto) -> str:
+    if node.op_type == "Gemm":
+        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+        return "out_in" if trans_b else "in_out"
+    if node.op_type == "Gather":
+        return "out_in"  # table [rows, hidden]
+    return "in_out"
+
+
+def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph: LayerGraph,
+                    names: list[str] | None = None) -> LayerMap:
+    initializers = {init.name: init for init in model_proto.graph.initializer}
+    producers = {out: node for node in model_proto.graph.node for out in node.output}
+    cache: dict[str, np.ndarray] = {}
+
+    def array(name: str) -> np.ndarray:
+        if name not in cache:
+            cache[name] = numpy_helper.to_array(initializers[name])
+        return cache[name]
+
+    # Every (node, initializer) pair where a weight-consuming op reads a constant 2-D weight.
+    candidates: list[tuple[onnx.NodeProto, str, str | None]] = []
+    for node in model_proto.graph.node:
+        index = WEIGHT_OPS.get(node.op_type)
+        if index is None or len(node.input) <= index:
+            continue
+        source, transpose = node.input[index], None
+        producer = producers.get(source)
+        if producer is not None and producer.op_type == "Transpose" and producer.input[0] in initializers:
+            source, transpose = producer.input[0], producer.name
+        if source in initializers and len(initializers[source].dims) == 2:
+            candidates.append((node, source, transpose))
+
+    wanted = names if names is not None else graph.names()
+    mapped: dict[str, LayerMapping] = {}
+    absent: list[str] = []
+    unmapped: list[str] = []
+    for name in wanted:
+        layer = graph[name]
+        views = _expected_views(layer, _torch_weight(torch_model, layer))
+        uses = []
+        by_scope = [c for c in candidates if _matches_scope(name, _scope(c[0]))]
+        # Scope first; fall back to values alone (some exporters drop scopes) when scope finds nothing.
+        for pool in (by_scope, candidates):
+            for node, init_name, transpose in pool:
+                layout = _consumer_layout(node)
+                if transpose is not None:  # the initializer is the transpose of what the consumer sees
+                    layout = "out_in" if layout == "in_out" else "in_out"
+                expected = views[layout]
+                stored = array(init_name)
+                if stored.shape == expected.shape and np.allclose(stored, expected, rtol=0, atol=1e-6):
+                    consumer_layout = _consumer_layout(node)
+                    uses.append(WeightUse(node.name, node.op_type, init_name, transpose, consumer_layout))
+            if uses:
+                break
+        if uses:
+            mapped[name] = LayerMapping(layer, uses)
+        elif not _value_present(views, initializers, array):
+            absent.append(name)
+        else:
+            unmapped.append(name)
+    if unmapped:
+        raise CptqError(f"cannot map {len(unmapped)} layer(s) to ONNX weights: {', '.join(unmapped)}")
+    return LayerMap(mapped, absent)
+
+
+def _value_present(views, initializers, array) -> bool:
+    """Whether the weight is stored anywhere in the file (then it is used in a way we cannot rewrite)."""
+    shapes = {tuple(v.shape) for v in views.values()}
+    for name, init in initializers.items():
+        if tuple(init.dims) in shapes:
+            stored = array(name)
+            if any(stored.shape == v.shape and np.allclose(stored, v, rtol=0, atol=1e-6) for v in views.values()):
+                return True
+    return False

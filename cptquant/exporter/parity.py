@@ -1,0 +1,62 @@
+"""Parity of the exported model against torch: the check built into every export."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from ..corpus import sentences
+from ..model_loading import TASK_CAUSAL_LM, LoadedModel
+from ..runtimes.inputs import feeds_for
+
+
+@dataclass
+class Parity:
+    n_inputs: int
+    max_abs_diff: float
+    mean_cosine: float
+    min_cosine: float
+
+    def to_dict(self) -> dict:
+        return {"n_inputs": self.n_inputs, "max_abs_diff": self.max_abs_diff, "mean_cosine": self.mean_cosine,
+                "min_cosine": self.min_cosine}
+
+
+def sample_inputs(loaded: LoadedModel, n: int = 4, max_length: int = 32, seed: int = 0) -> list[np.ndarray]:
+    """A few [1, length] token-id arrays: real sentences when there is a tokenizer, random ids otherwise."""
+    if loaded.tokenizer is not None:
+        texts = sentences()[:n]
+        return [np.asarray(loaded.tokenizer(t, truncation=True, max_length=max_length)["input_ids"])[None, :]
+                for t in texts]
+    rng = np.random.default_rng(seed)
+    vocab = loaded.config.vocab_size
+    return [rng.integers(0, vocab, size=(1, 8 + 5 * i)) for i in range(n)]
+
+
+def torch_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        kwargs = {"use_cache": False} if loaded.task == TASK_CAUSAL_LM else {}
+        out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+    first = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return first.float().numpy()
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def measure_parity(loaded: LoadedModel, model_path: Path, n: int = 4) -> Parity:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    diffs, cosines = [], []
+    for ids in sample_inputs(loaded, n):
+        expected = torch_outputs(loaded, ids)
+        got = session.run(None, feeds_for(session, ids))[0]
+        diffs.append(float(np.abs(got - expected).max()))
+        cosines.append(_cosine(got, expected))
+    return Parity(len(diffs), max(diffs), float(np.mean(cosines)), min(cosines))

@@ -1,0 +1,212 @@
+"""The export flow: torch model -> layer graph -> plan -> ONNX -> QDQ rewrite -> checks -> report.
+
+Everything is written into a temporary folder beside the output and moved into place at the end,
+so a failed export leaves nothing partial behind and never touches an existing output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnxruntime as ort
+
+from .. import __version__
+from ..errors import CptqError
+from ..layer_graph import LayerGraph, build_layer_graph
+from ..model_loading import LoadedModel
+from ..plan import Plan, validate_plan
+from ..progress import Steps
+from .baselines import baseline_dir, copy_model_folder, side_files, write_fp16
+from .graph_check import check_kernels
+from .layer_map import build_layer_map
+from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
+from .parity import measure_parity
+from .qdq_rewrite import FORMAT_QDQ, rewrite_model
+
+PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
+
+
+@dataclass
+class OutputPaths:
+    folder: Path
+    model: Path
+
+    @property
+    def stem(self) -> str:
+        return self.model.name[: -len(".onnx")]
+
+    @property
+    def plan(self) -> Path:
+        return self.folder / f"{self.stem}.plan.json"
+
+    @property
+    def report(self) -> Path:
+        return self.folder / f"{self.stem}.report.json"
+
+
+@dataclass
+class ExportResult:
+    paths: OutputPaths
+    plan: Plan
+    report: dict
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_output(out: Path, force: bool) -> OutputPaths:
+    """`out/model.onnx` names the file; a path without .onnx names the folder (model.onnx inside)."""
+    out = Path(out).expanduser()
+    paths = OutputPaths(out.parent, out) if out.suffix == ".onnx" else OutputPaths(out, out / MODEL_FILE)
+    if paths.folder.exists() and not paths.folder.is_dir():
+        raise CptqError(f"output folder {paths.folder} is a file")
+    if paths.model.exists() and not force:
+        raise CptqError(f"output {paths.model} already exists (use --force to overwrite)")
+    probe = paths.folder
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CptqError(f"cannot write to {paths.folder}: permission denied")
+    return paths
+
+
+def _files_size(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def _write_report(path: Path, report: dict, other_files: list[Path]) -> None:
+    """The report states its own size too: rewrite until the size it states is the size it has."""
+    others = _files_size(other_files)
+    size = 0
+    for _ in range(8):
+        report["files"][path.name] = size
+        report["total_bytes"] = others + size
+        report["ratio_vs_fp16"] = round(report["fp16_reference_bytes"] / report["total_bytes"], 4)
+        report["ratio_vs_fp32"] = round(report["fp32_reference_bytes"] / report["total_bytes"], 4)
+        text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+        if len(text.encode()) == size:
+            break
+        size = len(text.encode())
+    path.write_text(text)
+
+
+def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
+                     progress: bool = True, fmt: str = FORMAT_QDQ) -> ExportResult:
+    paths = resolve_output(out, force)
+    paths.folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".cptq-tmp-", dir=paths.folder.parent))
+    timings: dict[str, float] = {}
+    try:
+        steps = Steps(["export ONNX (FP32)", "map layers", "plan", "quantize", "check kernels", "parity",
+                       "FP16 reference", "write"], enabled=progress)
+        with steps:
+            with steps.step(timings):
+                fp32_dir = tmp / "fp32"
+                export_onnx(loaded, fp32_dir)
+                model_proto = load_onnx(fp32_dir / MODEL_FILE)
+            with steps.step(timings):
+                graph = build_layer_graph(loaded.model)
+                layer_map = build_layer_map(model_proto, loaded.model, graph)
+                # Layers the exported graph never reads (a pooler no output needs) are not planned.
+                graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+            with steps.step(timings):
+                plan = make_plan(loaded, graph)
+                plan.model = plan.model or loaded.display_name
+                validate_plan(plan, graph)
+            out_dir = tmp / "out"
+            model_path = out_dir / paths.model.name
+            with steps.step(timings):
+                rewritten = rewrite_model(model_proto, layer_map, plan, fmt)
+                save_onnx(model_proto, model_path)
+                del model_proto
+                for side in side_files(fp32_dir):
+                    shutil.copy2(side, out_dir / side.name)
+            with steps.step(timings):
+                graph_check = check_kernels(model_path, rewritten)
+                if graph_check.unfused and fmt == FORMAT_QDQ:
+                    # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add +
+                    # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
+                    repaired = graph_check.unfused
+                    model_proto = load_onnx(fp32_dir / MODEL_FILE)
+                    rewritten = rewrite_model(model_proto, layer_map, plan, fmt, frozenset(repaired))
+                    save_onnx(model_proto, model_path)
+                    del model_proto
+                    graph_check = check_kernels(model_path, rewritten)
+                    graph_check.repaired = repaired
+                graph_check.raise_if_unfused()
+            with steps.step(timings):
+                parity = measure_parity(loaded, model_path)
+            with steps.step(timings):
+                fp16_dir = tmp / "fp16"
+                write_fp16(fp32_dir, fp16_dir)
+            with steps.step(timings):
+                plan_path = out_dir / paths.plan.name
+                plan.save(plan_path)
+                report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
+                                 timings, fmt)
+                written = sorted(p for p in out_dir.iterdir() if p.is_file())
+                for p in written:
+                    report["files"][p.name] = p.stat().st_size
+                _write_report(out_dir / paths.report.name, report, written)
+                _move_into_place(out_dir, paths, force)
+                cache = baseline_dir(paths.folder)
+                for name, src in (("fp32", fp32_dir), ("fp16", fp16_dir)):
+                    if (cache / name).exists():
+                        shutil.rmtree(cache / name)
+                    copy_model_folder(src, cache / name)
+        return ExportResult(paths, plan, report, timings)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    if force:  # an earlier export's external data file must not linger beside the new model
+        stale = paths.folder / (paths.model.name + "_data")
+        if stale.exists() and not (out_dir / stale.name).exists():
+            stale.unlink()
+    for path in out_dir.iterdir():
+        os.replace(path, paths.folder / path.name)
+
+
+def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
+            timings, fmt: str) -> dict:
+    fp32_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    fp16_bytes = _files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
+    weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
+    return {
+        "cptquant_version": __version__,
+        "onnxruntime_version": ort.__version__,
+        "onnx_opset": next(o.version for o in load_onnx_opsets(fp32_dir)),
+        "model": loaded.display_name,
+        "source": str(loaded.source),
+        "task": loaded.task,
+        "method": plan.method,
+        "clip": plan.clip,
+        "weight_format": fmt,
+        "average_bits": round(weighted_bits / total_params, 4) if total_params else None,
+        "layers": {
+            name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels,
+                   "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse}
+            for name, r in sorted(rewritten.items())
+        },
+        "layers_not_in_onnx": absent,
+        "graph_check": graph_check.to_dict(),
+        "parity_vs_torch_fp32": parity.to_dict(),
+        "fp32_reference_bytes": fp32_bytes,
+        "fp16_reference_bytes": fp16_bytes,
+        "files": {},
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def load_onnx_opsets(folder: Path):
+    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+    return [o for o in model.opset_import if o.domain in ("", "ai.onnx")]

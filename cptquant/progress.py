@@ -1,0 +1,47 @@
+"""Progress display for long work: a step list with timings, and bars for per-layer loops."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+console = Console(stderr=True)
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, disable=not enabled, transient=True)
+
+
+class Steps:
+    """A fixed list of named steps; `with steps.step(timings):` runs the next one and records its time."""
+
+    def __init__(self, names: list[str], enabled: bool = True):
+        self.names = names
+        self.index = 0
+        self.progress = progress_bar(enabled)
+        self.enabled = enabled
+        self.task = None
+
+    def __enter__(self):
+        self.progress.__enter__()
+        self.task = self.progress.add_task(self.names[0], total=len(self.names))
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    @contextlib.contextmanager
+    def step(self, timings: dict[str, float]):
+        name = self.names[self.index]
+        self.progress.update(self.task, description=name)
+        start = time.perf_counter()
+        yield
+        timings[name] = time.perf_counter() - start
+        if self.enabled:
+            console.print(f"[green]✓[/green] {name} [dim]({timings[name]:.1f}s)[/dim]")
+        self.index += 1
+        self.progress.update(self.task, advance=1)

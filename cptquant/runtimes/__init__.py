@@ -1,0 +1,1 @@
+"""Runtime adapters: run exported models on ONNX Runtime execution providers and measure them."""
