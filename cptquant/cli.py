@@ -8,6 +8,13 @@ from .commands.export import export
 
 app = typer.Typer(help="cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def _group() -> None:
+    """cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime."""
+
+
 app.command("export")(export)
 
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

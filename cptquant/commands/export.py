@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..errors import CptqError
 from ..exporter.pipeline import ExportResult, export_quantized
+from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel, load_model
@@ -86,16 +87,20 @@ def export(
     block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input."),
     clip: str = typer.Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search)."),
     asymmetric: bool = typer.Option(False, "--asymmetric", help="Unsigned weights with zero points."),
+    weight_format: str = typer.Option("qdq", "--format",
+                                      help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
 ) -> None:
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
+    if weight_format not in FORMATS:
+        raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
     make_plan = plan_factory(method, plan, bits, block_size, clip, not asymmetric)
     from ..exporter.pipeline import resolve_output
 
     resolve_output(output, force)  # fail on a bad output path before the slow work
     loaded = load_model(model, task, trust_remote_code)
-    result = export_quantized(loaded, make_plan, output, force=force, progress=progress)
+    result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format)
     print_summary(result, Console())

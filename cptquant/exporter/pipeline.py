@@ -99,8 +99,11 @@ def _write_report(path: Path, report: dict, other_files: list[Path]) -> None:
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
                      progress: bool = True, fmt: str = FORMAT_QDQ) -> ExportResult:
     paths = resolve_output(out, force)
-    paths.folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".cptq-tmp-", dir=paths.folder.parent))
+    try:
+        paths.folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".cptq-tmp-", dir=paths.folder.parent))
+    except OSError as exc:
+        raise CptqError(f"cannot write to {paths.folder}: {exc.strerror or exc}") from None
     timings: dict[str, float] = {}
     try:
         steps = Steps(["export ONNX (FP32)", "map layers", "plan", "quantize", "check kernels", "parity",

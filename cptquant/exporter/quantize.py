@@ -41,6 +41,14 @@ class QuantizedWeight:
         return q_bytes + self.scale.size * 4 + zp_bytes
 
 
+_TINY = np.finfo(np.float32).tiny
+
+
+def _safe_scale(scale: np.ndarray) -> np.ndarray:
+    """A scale of 0 (an all-zero block, or one so small the division underflows) becomes 1: q is 0 there."""
+    return np.where(scale > _TINY, scale, 1.0).astype(np.float32)
+
+
 def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
     k, n = weight.shape
     if k % block_size:
@@ -53,16 +61,15 @@ def _symmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np
     absmax = np.abs(blocks).max(axis=1)  # [K/B, N]
     if clip == "mse":
         best_err = np.full(absmax.shape, np.inf, dtype=np.float32)
-        best_scale = absmax / qmax
+        best_scale = _safe_scale(absmax / qmax)
         for ratio in _MSE_RATIOS:
-            scale = np.where(absmax > 0, ratio * absmax / qmax, 1.0).astype(np.float32)
+            scale = _safe_scale(ratio * absmax / qmax)
             q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
             err = ((q * scale[:, None, :] - blocks) ** 2).sum(axis=1)
             better = err < best_err
             best_err = np.where(better, err, best_err)
             best_scale = np.where(better, scale, best_scale)
-        scale = best_scale
-    scale = np.where(absmax > 0, absmax / qmax if clip == "absmax" else scale, 1.0).astype(np.float32)
+    scale = _safe_scale(absmax / qmax if clip == "absmax" else best_scale)
     q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
     return q, scale
 
@@ -74,7 +81,7 @@ def _asymmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, n
 
     def quant(lo_, hi_):
         span = hi_ - lo_
-        scale = np.where(span > 0, span / levels, 1.0).astype(np.float32)
+        scale = _safe_scale(span / levels)
         zp = np.clip(np.rint(-lo_ / scale), 0, levels)
         q = np.clip(np.rint(blocks / scale[:, None, :]) + zp[:, None, :], 0, levels)
         return q, scale, zp

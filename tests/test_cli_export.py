@@ -1,0 +1,154 @@
+"""cptq-export as a user runs it: a local model folder, and every bad input (one line, exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cptquant.cli import export_app
+
+from conftest import tiny_opt
+
+runner = CliRunner()
+
+
+def run_export(*args: str):
+    return runner.invoke(export_app, list(args) + ["--no-progress"])
+
+
+@pytest.fixture(scope="module")
+def opt_folder(tmp_path_factory) -> Path:
+    """A tiny OPT saved like a hub snapshot: config.json + safetensors + generation config."""
+    folder = tmp_path_factory.mktemp("hub") / "tiny-opt"
+    tiny_opt().save_pretrained(folder)
+    return folder
+
+
+def assert_user_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and fragment in lines[0], lines[0]
+
+
+def test_local_folder_exports_and_loads_in_optimum(opt_folder, tmp_path):
+    out = tmp_path / "deploy"
+    result = run_export(str(opt_folder), "--bits", "4", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert {"model.onnx", "model.plan.json", "model.report.json", "config.json", "generation_config.json"} <= {
+        p.name for p in out.iterdir()}
+    report = json.loads((out / "model.report.json").read_text())
+    assert report["task"] == "text-generation-with-past" and report["source"] == str(opt_folder)
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(out)
+    import torch
+
+    assert model.generate(torch.tensor([[2, 5, 9]]), max_new_tokens=3, min_new_tokens=3).shape == (1, 6)
+
+
+def test_existing_output_is_kept_unless_force(opt_folder, tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"precious")
+    assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", str(out)), "already exists")
+    assert out.read_bytes() == b"precious"
+    result = run_export(str(opt_folder), "--bits", "8", "-o", str(out), "--force")
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 1000
+
+
+def test_failure_leaves_nothing_behind(opt_folder, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 4},
+                                                          "no.such.layer": {"bits": 8}}}))
+    out = tmp_path / "out" / "model.onnx"
+    assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "-o", str(out)), "no.such.layer")
+    assert not out.parent.exists()
+    assert not list(tmp_path.glob(".cptq-tmp-*"))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bits", "5"], "--bits 5 is not supported"),
+    (["--bits", "4", "--block-size", "24"], "not a power of two"),
+    (["--bits", "4", "--block-size", "8"], "not a power of two"),
+    (["--bits", "4", "--block-size", "128"], "does not divide its input size 64"),
+    (["--bits", "4", "--plan", "x.json"], "only one of"),
+    (["--bits", "4", "--clip", "max"], "--clip must be one of"),
+    (["--bits", "4", "--format", "int4"], "--format must be one of"),
+    (["--method", "magic"], "unknown method 'magic'"),
+    (["--bits", "4", "--task", "translation"], "unknown task 'translation'"),
+])
+def test_bad_options(opt_folder, tmp_path, args, fragment):
+    assert_user_error(run_export(str(opt_folder), *args, "-o", str(tmp_path / "m.onnx")), fragment)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_plan_with_bad_bits(opt_folder, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 3}}}))
+    assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "-o", str(tmp_path / "m.onnx")),
+                      "bits 3 not supported")
+
+
+def test_plan_file_not_json(opt_folder, tmp_path):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{nope")
+    assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "-o", str(tmp_path / "m.onnx")),
+                      "not valid JSON")
+
+
+def test_model_not_found_offline(tmp_path):
+    assert_user_error(run_export("cptquant-test/definitely-not-a-model", "--bits", "8", "-o", str(tmp_path / "m")),
+                      "not found")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_user_error(run_export(str(tmp_path / "empty"), "--bits", "8", "-o", str(tmp_path / "m")),
+                      "has no config.json")
+
+
+def test_missing_folder(tmp_path):
+    assert_user_error(run_export(str(tmp_path / "nope"), "--bits", "8", "-o", str(tmp_path / "m")),
+                      "model folder not found")
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import T5Config
+
+    folder = tmp_path / "t5"
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(folder)
+    result = run_export(str(folder), "--bits", "8", "-o", str(tmp_path / "m"))
+    assert_user_error(result, "unsupported architecture 't5'")
+    assert "bert" in result.stderr and "opt" in result.stderr
+
+
+def test_unwritable_output(opt_folder):
+    assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", "/proc/cptq-test/model.onnx"),
+                      "cannot write to /proc/cptq-test")
+
+
+def test_output_under_a_file(opt_folder, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", str(tmp_path / "afile" / "model.onnx")),
+                      "is a file")
+
+
+def test_console_script_runs_the_embedded_default(tmp_path):
+    """The installed `cptq-export` entry point, as a new user types it (MiniLM, offline)."""
+    exe = Path(sys.executable).with_name("cptq-export")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([str(exe), "--bits", "8", "-o", str(tmp_path / "out" / "model.onnx"), "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "smaller than FP16" in proc.stdout
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "token_type_ids"}

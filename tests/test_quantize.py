@@ -1,0 +1,131 @@
+"""Properties of the blocked quantizer and of the packed layouts ORT reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from onnx import TensorProto, helper, numpy_helper
+
+from cptquant.exporter.quantize import (fake_quantize, pack_uint4_last_axis, quantize_blocked,
+                                        unpack_uint4_last_axis)
+
+BLOCKS = st.sampled_from([16, 32, 64])
+FINITE = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
+
+
+@st.composite
+def weights(draw):
+    block = draw(BLOCKS)
+    k = block * draw(st.integers(1, 3))
+    n = draw(st.integers(1, 7))  # odd and tiny output sizes
+    return draw(arrays(np.float32, (k, n), elements=FINITE)), block
+
+
+@settings(max_examples=60, deadline=None)
+@given(weights(), st.sampled_from([4, 8]), st.booleans())
+def test_absmax_error_is_at_most_half_a_step(wb, bits, symmetric):
+    weight, block = wb
+    qw = quantize_blocked(weight, bits, block, symmetric)
+    step = np.repeat(qw.scale, block, axis=0)
+    err = np.abs(qw.dequantize() - weight)
+    assert np.all(err <= step / 2 + 1e-6 * np.maximum(1.0, np.abs(weight)))
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
+    assert qw.q.min() >= lo and qw.q.max() <= hi
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights(), st.sampled_from([4, 8]))
+def test_mse_clip_never_worse_than_absmax(wb, bits):
+    weight, block = wb
+    absmax = np.mean((quantize_blocked(weight, bits, block, clip="absmax").dequantize() - weight) ** 2)
+    mse = np.mean((quantize_blocked(weight, bits, block, clip="mse").dequantize() - weight) ** 2)
+    assert mse <= absmax * (1 + 1e-5) + 1e-12
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 4), st.integers(1, 33)), elements=st.integers(0, 15)))
+def test_uint4_packing_roundtrips(values):
+    packed = pack_uint4_last_axis(values)
+    assert packed.shape[-1] == (values.shape[-1] + 1) // 2
+    assert np.array_equal(unpack_uint4_last_axis(packed, values.shape[-1]), values)
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrays(np.int8, st.tuples(st.integers(1, 5), st.integers(1, 9)), elements=st.integers(-8, 7)))
+def test_onnx_int4_tensor_roundtrips(values):
+    tensor = helper.make_tensor("w", TensorProto.INT4, values.shape, values.astype(np.int32).flatten().tolist())
+    assert np.array_equal(numpy_helper.to_array(tensor).astype(np.int8), values)
+
+
+def test_all_zero_block_stays_zero():
+    weight = np.zeros((32, 3), np.float32)
+    weight[:, 1] = np.linspace(-1, 1, 32)
+    out = fake_quantize(weight, 4, 32)
+    assert np.all(out[:, 0] == 0) and np.all(out[:, 2] == 0)
+
+
+def _run_single(node, initializers, inputs, outputs, opsets):
+    graph = helper.make_graph([node], "g", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gather_block_quantized_layout_matches_numpy(bits, symmetric):
+    """The rewriting pass's embedding layout, read back by ORT's kernel, equals our dequantization."""
+    from cptquant.exporter.qdq_rewrite import _Graph, _quantize_gather
+    from cptquant.exporter.layer_map import WeightUse
+    from cptquant.plan import LayerPlan
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(50, 64)).astype(np.float32)
+    gather = helper.make_node("Gather", ["table", "ids"], ["out"], name="/emb/Gather")
+    model = helper.make_model(
+        helper.make_graph([gather], "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [None])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 64])],
+                          [numpy_helper.from_array(table, "table")]),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    g = _Graph(model)
+    _quantize_gather(g, WeightUse("/emb/Gather", "Gather", "table", None, "out_in"),
+                     LayerPlan(bits=bits, symmetric=symmetric), "absmax", "emb")
+    g.finish()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([0, 7, 49, 7], np.int64)
+    expected = quantize_blocked(table.T, bits, 32, symmetric).dequantize().T[ids]
+    np.testing.assert_allclose(session.run(None, {"ids": ids})[0], expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_matmul_nbits_and_qdq_agree(bits, symmetric):
+    """The two ways of writing a quantized MatMul compute the same product as numpy."""
+    from cptquant.exporter.layer_map import WeightUse
+    from cptquant.exporter.qdq_rewrite import FORMAT_NBITS, FORMAT_QDQ, _Graph, _quantize_matmul
+    from cptquant.plan import LayerPlan
+
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(96, 40)).astype(np.float32)
+    x = rng.normal(size=(3, 96)).astype(np.float32)
+    expected = x @ quantize_blocked(weight, bits, 32, symmetric).dequantize()
+    for fmt in (FORMAT_QDQ, FORMAT_NBITS):
+        mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")
+        model = helper.make_model(
+            helper.make_graph([mm], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])],
+                              [numpy_helper.from_array(weight, "w")]),
+            opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        g = _Graph(model)
+        _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"), LayerPlan(bits=bits, symmetric=symmetric),
+                         "absmax", "fc", fmt)
+        g.finish()
+        onnx.checker.check_model(model)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x})[0]
+        # MatMulNBits runs with int8 activations (accuracy level 4): allow that rounding.
+        np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.05 * np.abs(expected).max())
