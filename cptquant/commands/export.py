@@ -69,8 +69,9 @@ def print_summary(result: ExportResult, console: Console) -> None:
     parity = report["parity_vs_torch_fp32"]
     kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"
     console.print(
-        f"size on disk {report['total_bytes'] / 1e6:.1f} MB — {report['ratio_vs_fp16']:.2f}× smaller than FP16 "
-        f"({report['fp16_reference_bytes'] / 1e6:.1f} MB), average {report['average_bits']} bits/weight\n"
+        f"model {report['model_bytes'] / 1e6:.1f} MB — {report['ratio_vs_fp16']:.2f}× smaller than FP16 "
+        f"({report['fp16_reference_bytes'] / 1e6:.1f} MB); folder {report['total_bytes'] / 1e6:.1f} MB; "
+        f"average {report['average_bits']} bits/weight\n"
         f"kernels in the ORT-optimized graph: {kernels}\n"
         f"parity vs torch FP32 on {parity['n_inputs']} inputs: cosine mean {parity['mean_cosine']:.5f} "
         f"(min {parity['min_cosine']:.5f}), max |diff| {parity['max_abs_diff']:.4g}"

@@ -104,8 +104,11 @@ class _Graph:
 
 def _int_tensor(name: str, values: np.ndarray, bits: int, signed: bool) -> onnx.TensorProto:
     if bits == 4:
+        # raw_data packs two values per byte (low nibble first); the int32_data field would spend a
+        # varint on every value and make the file larger than the weights it holds.
         dtype = TensorProto.INT4 if signed else TensorProto.UINT4
-        return helper.make_tensor(name, dtype, values.shape, values.astype(np.int32).flatten().tolist())
+        nibbles = (values.astype(np.int16).ravel() & 0x0F).astype(np.uint8)
+        return helper.make_tensor(name, dtype, values.shape, pack_uint4_last_axis(nibbles).tobytes(), raw=True)
     return numpy_helper.from_array(values.astype(np.int8 if signed else np.uint8), name)
 
 
