@@ -1,0 +1,144 @@
+"""`cptq analyze`: score every layer's sensitivity, allocate bits, write scores.json and a plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from typer import Argument, Option
+
+from ..errors import CptqError
+
+METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise CptqError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+
+
+def _ints(text: str, what: str) -> tuple[int, ...]:
+    values = _floats(text, what)
+    if any(v != int(v) for v in values):
+        raise CptqError(f"{what} {text!r} must be whole numbers")
+    return tuple(int(v) for v in values)
+
+
+def _plot(path: Path, result, plans: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    units = list(result.units)
+    series = dict(result.scores)
+    if result.oracle is not None:
+        series["oracle"] = result.oracle
+    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(units) * 0.25), 2.6 * len(series)), squeeze=False)
+    colours = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}
+    for ax, (method, scores) in zip(axes[:, 0], series.items()):
+        values = [scores.get(unit, 0.0) for unit in units]
+        bits = plans.get(method, {})
+        ax.bar(range(len(units)), values, color=[colours.get(bits.get(unit), "tab:gray") for unit in units])
+        title = method + (f"  (Spearman vs oracle {result.spearman[method]:.2f})" if method in result.spearman else "")
+        ax.set_title(title, fontsize=9)
+        ax.set_ylabel("score")
+        ax.set_xticks(range(len(units)))
+        ax.set_xticklabels([])
+    axes[-1, 0].set_xticklabels(units, rotation=90, fontsize=6)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    fig.legend(handles, [f"{b} bits" for b in colours], loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def analyze(
+    model: Optional[str] = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
+    method: str = Option("cmpq", "--method", "-m", help="cmpq, pmpq, tdmpq or all."),
+    validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
+    out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
+    task: Optional[str] = Option(None, "--task", help="Override the detected task."),
+    calib: Optional[str] = Option(None, "--calib", help="Text file, JSONL, or hf:NAME[:CONFIG]:SPLIT."),
+    text_field: str = Option("text", "--text-field"),
+    calib_samples: int = Option(64, "--calib-samples"),
+    seq_len: int = Option(128, "--seq-len"),
+    seed: int = Option(0, "--seed"),
+    sparsity: str = Option("0.3", "--sparsity", help="PMPQ sparsities, comma-separated (averaged)."),
+    bits: str = Option("16,8,4", "--bits", help="Bit widths to allocate."),
+    granularity: str = Option("layer", "--granularity", help="layer or block."),
+    target_bits: Optional[float] = Option(None, "--target-bits", help="Average bits per weight budget."),
+    max_size_mb: Optional[float] = Option(None, "--max-size-mb", help="Estimated size budget in MB."),
+    block_size: int = Option(32, "--block-size"),
+    clip: str = Option("absmax", "--clip"),
+    cca: str = Option("cca", "--cca", help="cca, svcca or pwcca."),
+    curvature: str = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson."),
+    progress: bool = Option(True, "--progress/--no-progress"),
+) -> None:
+    """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..layer_graph import build_layer_graph
+    from ..model_loading import load_model
+    from ..passes import AnalysisOptions, analyze as run_analysis, check_options, plan_from_scores
+
+    if method not in METHOD_CHOICES:
+        raise CptqError(f"unknown method {method!r}; use one of: {', '.join(METHOD_CHOICES)}")
+    methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
+    options = AnalysisOptions(
+        calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+        sparsity=_floats(sparsity, "--sparsity"), bit_widths=_ints(bits, "--bits"), granularity=granularity,
+        target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size, clip=clip, cca=cca,
+        curvature=curvature,
+    )
+    check_options(options, methods)  # fail before loading a model
+    if out.exists() and not out.is_dir():
+        raise CptqError(f"--out {out} exists and is not a folder")
+    loaded = load_model(model, task)
+    graph = build_layer_graph(loaded.model)
+    result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
+    plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,
+                                 non_quantizable_params=result.non_quantizable_params)
+             for m, s in result.scores.items()}
+    unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()} for m, plan in plans.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "model": loaded.display_name, "task": result.task, "granularity": result.granularity,
+        "calibration": result.calibration, "base_loss": result.base_loss, "units": result.units,
+        "scores": result.scores, "bits": unit_bits, "oracle": result.oracle, "spearman": result.spearman,
+        "cost_fpe": result.cost_fpe, "seconds": result.seconds, "notes": result.notes,
+    }
+    (out / "scores.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    for m, plan in plans.items():
+        plan.save(out / f"plan-{m}.json")
+    _plot(out / "scores.png", result, unit_bits)
+
+    console = Console()
+    table = Table(title=f"Sensitivity of {loaded.display_name} ({result.task}, {result.granularity})")
+    table.add_column("unit")
+    for m in result.scores:
+        table.add_column(f"{m} score", justify="right")
+        table.add_column("bits", justify="right")
+    if result.oracle is not None:
+        table.add_column("oracle", justify="right")
+    for unit in result.units:
+        row = [unit]
+        for m, scores in result.scores.items():
+            row += [f"{scores[unit]:.4g}", str(unit_bits[m][unit])]
+        if result.oracle is not None:
+            row.append(f"{result.oracle[unit]:.4g}")
+        table.add_row(*row)
+    console.print(table)
+    for m, cost in result.cost_fpe.items():
+        line = f"{m}: {cost:.2f} FPE"
+        if m in result.spearman:
+            line += f", Spearman vs oracle {result.spearman[m]:.3f}"
+        console.print(line)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"wrote {out / 'scores.json'}, {out / 'scores.png'} and a plan per method")

@@ -1,0 +1,215 @@
+"""Sensitivity passes (CMPQ, PMPQ, TDMPQ, the 4-bit oracle) and the bit allocator.
+
+One data flow: calibration batches -> task loss (with FP32 references, once) -> a score per
+allocation unit (layer, or block plus embeddings/head) per method -> bits per unit -> a Plan.
+Costs are given in forward-pass equivalents (FPE): seconds divided by the time of one plain
+forward pass over the same calibration set, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import CptqError
+from ..exporter.quantize import CLIP_METHODS
+from ..layer_graph import LayerGraph
+from ..plan import SUPPORTED_BITS, LayerPlan, Plan, check_block_size
+from .allocate import budget_bits, cluster_bits
+from .calibration import MIN_SAMPLES, build_calibration
+from .cmpq import CCA_VARIANTS, cmpq_scores
+from .common import GRANULARITIES, allocation_units, time_forward, unit_of
+from .oracle import oracle_scores, spearman
+from .pmpq import pmpq_scores
+from .task_loss import TaskLoss
+from .tdmpq import CURVATURES, tdmpq_scores
+
+METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
+
+
+@dataclass
+class AnalysisOptions:
+    calib: str | None = None
+    text_field: str = "text"
+    calib_samples: int = 64
+    seq_len: int = 128
+    seed: int = 0
+    sparsity: tuple[float, ...] = (0.3,)
+    bit_widths: tuple[int, ...] = (16, 8, 4)
+    granularity: str = "layer"
+    target_bits: float | None = None
+    max_size_mb: float | None = None
+    block_size: int = 32
+    clip: str = "absmax"
+    cca: str = "cca"  # or svcca / pwcca
+    curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
+
+
+@dataclass
+class AnalysisResult:
+    task: str
+    granularity: str
+    units: dict[str, list[str]]  # unit -> the layer names it covers
+    unit_params: dict[str, int]  # quantizable weights per unit (shared parameters counted once)
+    non_quantizable_params: int  # biases, norms...: stored as FP16 whatever the plan
+    scores: dict[str, dict[str, float]]  # method -> unit -> score (higher = more sensitive)
+    oracle: dict[str, float] | None = None
+    spearman: dict[str, float] = field(default_factory=dict)  # method -> rank correlation with the oracle
+    cost_fpe: dict[str, float] = field(default_factory=dict)  # method -> cost in forward-pass equivalents
+    seconds: dict[str, float] = field(default_factory=dict)  # method (and "forward", "setup") -> wall seconds
+    base_loss: float | None = None
+    calibration: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> None:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CptqError(f"unknown method {unknown[0]!r}; use one of: {', '.join(METHODS)}")
+    if not options.sparsity or any(not 0 < s < 1 for s in options.sparsity):
+        raise CptqError(f"sparsity {list(options.sparsity)} must be fractions strictly between 0 and 1")
+    if not options.bit_widths or any(b not in SUPPORTED_BITS for b in options.bit_widths):
+        raise CptqError(f"bit widths {list(options.bit_widths)} must be chosen from {', '.join(map(str, SUPPORTED_BITS))}")
+    if options.granularity not in GRANULARITIES:
+        raise CptqError(f"granularity {options.granularity!r} must be one of: {', '.join(GRANULARITIES)}")
+    if options.cca not in CCA_VARIANTS:
+        raise CptqError(f"CCA variant {options.cca!r} must be one of: {', '.join(CCA_VARIANTS)}")
+    if options.curvature not in CURVATURES:
+        raise CptqError(f"curvature {options.curvature!r} must be one of: {', '.join(CURVATURES)}")
+    if options.clip not in CLIP_METHODS:
+        raise CptqError(f"clip {options.clip!r} must be one of: {', '.join(CLIP_METHODS)}")
+    if options.target_bits is not None and options.max_size_mb is not None:
+        raise CptqError("give either a target of bits per weight or a maximum size, not both")
+    if options.max_size_mb is not None and options.max_size_mb <= 0:
+        raise CptqError(f"maximum size {options.max_size_mb} MB must be positive")
+    if options.calib_samples < MIN_SAMPLES:
+        raise CptqError(f"calibration samples {options.calib_samples} is too few; use at least {MIN_SAMPLES}")
+    check_block_size(options.block_size)
+
+
+def _param_counts(model: torch.nn.Module, graph: LayerGraph, units: dict) -> tuple[dict[str, int], int]:
+    unit_params = {unit: sum(layer.num_params for layer in layers) for unit, layers in units.items()}
+    quantizable = {id(model.get_submodule(layer.name).weight) for layers in units.values() for layer in layers}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantizable)
+    return unit_params, other
+
+
+def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, validate: bool = False,
+            progress: bool = True) -> AnalysisResult:
+    """Score every allocation unit of `loaded` (a LoadedModel) with each method; the oracle too when validating."""
+    methods = tuple(dict.fromkeys(methods))
+    check_options(options, methods)
+    model = loaded.model
+    model.eval()
+    units = allocation_units(graph, options.granularity)
+    unit_params, other_params = _param_counts(model, graph, units)
+    calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
+                              options.seed)
+    result = AnalysisResult(
+        task=loaded.task, granularity=options.granularity,
+        units={unit: [layer.name for layer in layers] for unit, layers in units.items()},
+        unit_params=unit_params, non_quantizable_params=other_params, scores={},
+        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
+                     "seq_len": calib.seq_len, "seed": options.seed},
+    )
+    for layer in graph.layers:
+        if layer.tied_to:
+            result.notes.append(f"{layer.name} shares its weight with {layer.tied_to}: scored, pruned and "
+                                f"quantized once through that parameter, and given its bits")
+    with torch.no_grad():  # warm-up (allocations, kernel selection), not timed
+        model(**calib.batches[0])
+    fpe = result.seconds["forward"] = time_forward(model, calib)
+    # Shared setup (FP32 reference outputs / MLM mask, base loss): each method that needs it pays for it in its cost.
+    start = time.perf_counter()
+    loss = TaskLoss(loaded, calib, options.seed)
+    reference_seconds = time.perf_counter() - start
+    needs_base = any(m in ("pmpq", "oracle") for m in methods) or validate
+    start = time.perf_counter()
+    result.base_loss = loss.evaluate(model) if needs_base else None
+    base_seconds = time.perf_counter() - start
+    result.seconds["setup"] = reference_seconds + base_seconds
+
+    run_order = [m for m in METHODS if m in methods or (m == "oracle" and validate)]
+    for method in run_order:
+        start = time.perf_counter()
+        if method == "cmpq":
+            scores = cmpq_scores(model, graph, calib, options.granularity, options.cca, options.seed, progress)
+            shared = 0.0
+        elif method == "pmpq":
+            scores = pmpq_scores(model, graph, calib, loss, options.sparsity, options.granularity,
+                                 result.base_loss, progress)
+            shared = reference_seconds + base_seconds
+        elif method == "tdmpq":
+            scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
+                                  options.curvature, options.seed, progress)
+            shared = reference_seconds
+        else:
+            scores = oracle_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
+                                   result.base_loss, progress)
+            shared = reference_seconds + base_seconds
+        elapsed = time.perf_counter() - start
+        result.seconds[method] = elapsed
+        result.cost_fpe[method] = (elapsed + shared) / fpe
+        if method == "oracle":
+            result.oracle = scores
+        else:
+            result.scores[method] = scores
+    if result.oracle is not None:
+        result.spearman = {m: spearman(s, result.oracle) for m, s in result.scores.items()}
+    return result
+
+
+def _significant(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, options: AnalysisOptions,
+                     model_name: str, *, non_quantizable_params: int = 0) -> Plan:
+    """A plan from one method's scores; the same inputs give a byte-identical Plan.to_json().
+
+    `scores` are per allocation unit of `options.granularity` (layer names; for blocks "block.N"
+    plus the layers outside blocks). Layer scores given with block granularity are reduced to the
+    block's most sensitive layer. `non_quantizable_params` (AnalysisResult.non_quantizable_params)
+    makes a `max_size_mb` budget count the biases and norms too.
+    """
+    check_options(options)
+    units = allocation_units(graph, options.granularity)
+    unit_scores = {}
+    for unit, layers in units.items():
+        if unit in scores:
+            unit_scores[unit] = _significant(float(scores[unit]))
+        elif all(layer.name in scores for layer in layers):
+            unit_scores[unit] = _significant(max(float(scores[layer.name]) for layer in layers))
+        else:
+            raise CptqError(f"the {method} scores have no entry for {unit!r}; were they computed at "
+                            f"{options.granularity} granularity for this model?")
+    unit_params = {unit: sum(layer.num_params for layer in layers) for unit, layers in units.items()}
+    budget = None
+    centres: list[float] = []
+    if options.target_bits is not None or options.max_size_mb is not None:
+        unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
+                                max_size_mb=options.max_size_mb, block_size=options.block_size,
+                                fixed_params=non_quantizable_params)
+        budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
+    else:
+        unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)
+    total = sum(unit_params.values())
+    average_bits = sum(unit_params[u] * unit_bits[u] for u in units) / total if total else 0.0
+    layers = {}
+    for layer in graph.layers:
+        unit = unit_of(graph, layer, options.granularity)
+        layers[layer.name] = LayerPlan(bits=unit_bits[unit], block_size=options.block_size, symmetric=True,
+                                       score=unit_scores[unit])
+    meta = {
+        "granularity": options.granularity,
+        "bit_widths": sorted(set(options.bit_widths), reverse=True),
+        "seed": options.seed,
+        "allocation": "budget-greedy" if budget else "khm",
+        "budget": budget,
+        "khm_log10_centres": [_significant(c) for c in centres],
+        "average_bits": _significant(average_bits),
+        "unit_scores": unit_scores,
+    }
+    return Plan(layers=layers, method=method, model=model_name, clip=options.clip, meta=meta)

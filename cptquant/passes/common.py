@@ -1,0 +1,97 @@
+"""What the passes share: allocation units, weight access in the quantizer's layout, exact restore."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+
+from ..exporter.quantize import fake_quantize
+from ..layer_graph import ROLE_CONV1D, Layer, LayerGraph
+
+GRANULARITIES = ("layer", "block")
+
+
+def block_unit(index: int) -> str:
+    return f"block.{index}"
+
+
+def allocation_units(graph: LayerGraph, granularity: str) -> dict[str, list[Layer]]:
+    """What gets one score and one bit width: every layer, or every block plus the layers outside blocks.
+
+    A layer tied to another (an LM head sharing the embedding's parameter) is not a unit of its
+    own: it follows its owner, since the parameter can only be stored once.
+    """
+    units: dict[str, list[Layer]] = {}
+    for layer in graph.layers:
+        if layer.tied_to is not None:
+            continue
+        if granularity == "block" and layer.block is not None:
+            units.setdefault(block_unit(layer.block), []).append(layer)
+        else:
+            units[layer.name] = [layer]
+    return units
+
+
+def unit_of(graph: LayerGraph, layer: Layer, granularity: str) -> str:
+    owner = graph[layer.tied_to] if layer.tied_to else layer
+    if granularity == "block" and owner.block is not None:
+        return block_unit(owner.block)
+    return owner.name
+
+
+def weight_param(model: torch.nn.Module, layer: Layer) -> torch.nn.Parameter:
+    return model.get_submodule(layer.name).weight
+
+
+def fitting_block_size(in_features: int, block_size: int) -> int:
+    """The requested block size, halved until it divides the layer's input size (tiny layers)."""
+    while block_size > 1 and in_features % block_size:
+        block_size //= 2
+    return block_size
+
+
+def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size: int, clip: str) -> torch.Tensor:
+    """The layer's weight after the exporter's own quantizer, in the parameter's torch layout."""
+    param = weight_param(model, layer)
+    as_kn = param.detach() if layer.role == ROLE_CONV1D else param.detach().t()
+    size = fitting_block_size(as_kn.shape[0], block_size)
+    quantized = torch.from_numpy(fake_quantize(as_kn.float().cpu().numpy(), bits, size, True, clip))
+    return (quantized if layer.role == ROLE_CONV1D else quantized.t()).to(param.dtype).contiguous()
+
+
+@contextlib.contextmanager
+def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter, torch.Tensor]):
+    """Temporarily overwrite parameters in place; the originals come back bit for bit."""
+    saved = {param: param.detach().clone() for param in new_values}
+    try:
+        with torch.no_grad():
+            for param, value in new_values.items():
+                param.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for param, value in saved.items():
+                param.copy_(value)
+
+
+@torch.no_grad()
+def time_forward(model: torch.nn.Module, calib) -> float:
+    """Seconds for one plain forward pass over the calibration set: the unit of cost (1 FPE)."""
+    start = time.perf_counter()
+    for batch in calib.batches:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    return time.perf_counter() - start
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    disable=not enabled, transient=True)
+
+
+def finite(values: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) if np.isfinite(v) else 0.0 for k, v in values.items()}

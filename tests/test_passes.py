@@ -1,0 +1,256 @@
+"""Sensitivity passes and bit allocation, on tiny randomly initialised models (offline, fast)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+from cptquant.commands.analyze import analyze as analyze_command
+from cptquant.errors import CptqError
+from cptquant.layer_graph import build_layer_graph
+from cptquant.model_loading import load_model, wrap_model
+from cptquant.passes import AnalysisOptions, analyze, plan_from_scores
+from cptquant.passes.allocate import budget_bits, cluster_bits, khm_cluster, unit_bytes
+from cptquant.passes.calibration import build_calibration
+from cptquant.passes.cmpq import cmpq_scores
+from cptquant.passes.common import allocation_units
+from cptquant.passes.pmpq import pmpq_scores
+from cptquant.passes.task_loss import TaskLoss
+
+torch.set_num_threads(1)
+FAST = dict(calib_samples=16, seq_len=32)
+
+
+def tiny_opt():
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=500, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                                num_attention_heads=4, max_position_embeddings=64))
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=500, n_embd=64, n_layer=2, n_head=4, n_positions=64))
+
+
+def rank_of(scores: dict[str, float], name: str) -> int:
+    return sorted(scores, key=scores.get, reverse=True).index(name)
+
+
+@pytest.mark.parametrize("make, layer", [(tiny_bert, "encoder.layer.1.output.dense"),
+                                         (tiny_gpt2, "transformer.h.1.attn.c_proj")])
+def test_layer_scaled_by_ten_becomes_more_sensitive(make, layer):
+    ranks = {}
+    for scale in (1, 10):
+        model = make()
+        with torch.no_grad():
+            model.get_submodule(layer).weight.mul_(scale)
+        result = analyze(wrap_model(model), build_layer_graph(model), ("pmpq", "tdmpq"), AnalysisOptions(**FAST),
+                         validate=True, progress=False)
+        ranks[scale] = {m: rank_of(s, layer) for m, s in {**result.scores, "oracle": result.oracle}.items()}
+    for method in ("pmpq", "tdmpq", "oracle"):
+        assert ranks[10][method] < ranks[1][method], (method, ranks)
+
+
+def test_methods_agree_with_oracle_on_encoder():
+    model = tiny_bert()
+    result = analyze(wrap_model(model), build_layer_graph(model), ("cmpq", "pmpq", "tdmpq"),
+                     AnalysisOptions(**FAST), validate=True, progress=False)
+    assert result.spearman["pmpq"] > 0.7 and result.spearman["tdmpq"] > 0.7, result.spearman
+    assert set(result.cost_fpe) == {"cmpq", "pmpq", "tdmpq", "oracle"}
+    assert all(cost > 0 for cost in result.cost_fpe.values())
+
+
+@pytest.mark.parametrize("variant", ["cca", "svcca", "pwcca"])
+def test_cmpq_scores_are_spread_not_saturated(variant):
+    model = tiny_opt()
+    loaded = wrap_model(model)
+    graph = build_layer_graph(model)
+    calib = build_calibration(loaded, **{"samples": 16, "seq_len": 32})
+    for granularity in ("layer", "block"):
+        scores = np.array(list(cmpq_scores(model, graph, calib, granularity, variant, progress=False).values()))
+        assert scores.min() > 0.01, scores  # correlations are not all 1
+        assert scores.max() < 0.99, scores  # nor all 0
+        if granularity == "layer":  # two blocks are too few to ask for a spread
+            assert scores.max() - scores.min() > 0.05, scores
+
+
+def test_pmpq_restores_weights_bitwise_and_prunes_tied_parameter_once():
+    model = tiny_opt()
+    loaded = wrap_model(model)
+    graph = build_layer_graph(model)
+    assert graph["lm_head"].tied_to == "model.decoder.embed_tokens"
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    calib = build_calibration(loaded, samples=8, seq_len=16)
+    scores = pmpq_scores(model, graph, calib, TaskLoss(loaded, calib), (0.2, 0.5), progress=False)
+    assert "lm_head" not in scores and "model.decoder.embed_tokens" in scores
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_khm_orders_clusters_by_centre_whatever_the_labels():
+    values = np.array([5.0, 0.1, 2.0, 0.12, 5.2, 2.1, 0.09, 4.9])
+    for seed in range(3):
+        centres, ranks = khm_cluster(values, 3, seed=seed)
+        assert list(centres) == sorted(centres, reverse=True)
+        assert set(ranks[[0, 4, 7]]) == {0} and set(ranks[[2, 5]]) == {1} and set(ranks[[1, 3, 6]]) == {2}
+    scores = {f"l{i}": float(v) for i, v in enumerate(values)}
+    bits, _ = cluster_bits(scores, (4, 16, 8))  # the order the widths are given in does not matter
+    assert bits["l0"] == bits["l4"] == 16 and bits["l2"] == 8 and bits["l1"] == 4
+
+
+def test_khm_handles_duplicates_and_ties():
+    centres, ranks = khm_cluster(np.array([1.0, 1.0, 1.0, 3.0]), 3)
+    assert list(ranks) == [1, 1, 1, 0] and list(centres) == [3.0, 1.0]
+    bits, _ = cluster_bits({"a": 0.0, "b": 0.0, "c": 0.0}, (16, 8, 4))
+    assert len(set(bits.values())) == 1
+
+
+@pytest.mark.parametrize("target", [4.0, 5.5, 8.0, 12.3, 16.0])
+def test_target_bits_budget_is_met_and_spent_on_sensitive_layers(target):
+    rng = np.random.default_rng(1)
+    scores = {f"l{i}": float(s) for i, s in enumerate(rng.lognormal(size=20))}
+    params = {f"l{i}": int(p) for i, p in enumerate(rng.integers(1000, 50000, size=20))}
+    bits = budget_bits(scores, params, (16, 8, 4), target_bits=target)
+    average = sum(params[n] * bits[n] for n in bits) / sum(params.values())
+    assert average <= target + 1e-9
+    assert average > target - 4  # the greedy does not leave a whole width unused
+    by_bits = {b: np.mean([scores[n] for n in bits if bits[n] == b]) for b in set(bits.values())}
+    # More bits go to more sensitive layers on average.
+    assert all(by_bits[hi] >= by_bits[lo] for hi in by_bits for lo in by_bits if hi > lo), by_bits
+
+
+def test_size_budget_counts_scales_and_fixed_params_and_is_never_exceeded():
+    scores = {"a": 1.0, "b": 0.5, "c": 0.01}
+    params = {"a": 4096, "b": 4096, "c": 4096}
+    fixed = 1000
+    for limit_mb in (0.0097, 0.012, 0.02, 0.03):
+        bits = budget_bits(scores, params, (16, 8, 4), max_size_mb=limit_mb, block_size=32, fixed_params=fixed)
+        size = sum(unit_bytes(params[n], bits[n], 32) for n in bits) + 2 * fixed
+        assert size <= limit_mb * 1e6
+    with pytest.raises(CptqError, match="cannot be met"):
+        budget_bits(scores, params, (16, 8, 4), max_size_mb=0.005, fixed_params=fixed)
+
+
+def test_plan_is_byte_identical_for_same_seed_and_respects_granularity():
+    model = tiny_gpt2()
+    graph = build_layer_graph(model)
+    jsons = []
+    for _ in range(2):
+        options = AnalysisOptions(granularity="block", **FAST)
+        result = analyze(wrap_model(model), graph, ("cmpq",), options, progress=False)
+        jsons.append(plan_from_scores(graph, result.scores["cmpq"], "cmpq", options, "tiny").to_json())
+    assert jsons[0] == jsons[1]
+    plan = json.loads(jsons[0])
+    for block, layers in graph.blocks().items():
+        assert len({plan["layers"][layer.name]["bits"] for layer in layers}) == 1
+    assert plan["layers"]["lm_head"]["bits"] == plan["layers"]["transformer.wte"]["bits"]  # tied
+
+
+def test_calibration_from_files_and_its_errors(tmp_path):
+    from transformers import AutoTokenizer
+
+    from cptquant.model_loading import embedded_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_path())
+    loaded = wrap_model(tiny_bert(), tokenizer=tokenizer)
+    lines = tmp_path / "calib.txt"
+    lines.write_text("\n".join(f"Sentence number {i} talks about quantization of weights." for i in range(12)))
+    calib = build_calibration(loaded, str(lines), samples=10, seq_len=16)
+    assert calib.num_samples == 10 and all(b["input_ids"].shape[1] <= 16 for b in calib.batches)
+    records = tmp_path / "calib.jsonl"
+    records.write_text("\n".join(json.dumps({"body": f"Record {i} has some text in it."}) for i in range(9)))
+    assert build_calibration(loaded, str(records), "body", samples=64, seq_len=16).num_samples == 9
+    offline = build_calibration(loaded, None, samples=16, seq_len=32)
+    assert offline.num_tokens > 16 * 16  # packed sentences fill most of each sample
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    few = tmp_path / "few.txt"
+    few.write_text("One sentence that is long enough.\nAnother sentence that is long enough.\n")
+    bad_cases = [
+        (dict(calib=str(empty)), "is empty"),
+        (dict(calib=str(few)), "at least 8"),
+        (dict(calib=str(tmp_path / "missing.txt")), "not found"),
+        (dict(calib=str(records), text_field="text"), "no text field 'text'"),
+        (dict(seq_len=4096), "above the model's 64 positions"),
+        (dict(calib="hf:only-a-name"), "hf:NAME:SPLIT"),
+    ]
+    for kwargs, message in bad_cases:
+        with pytest.raises(CptqError, match=message):
+            build_calibration(loaded, **{"samples": 16, "seq_len": 16, **kwargs})
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(sparsity=(0.0,)), "strictly between 0 and 1"),
+    (dict(sparsity=(1.5,)), "strictly between 0 and 1"),
+    (dict(bit_widths=(3, 8)), "bit widths"),
+    (dict(granularity="head"), "granularity"),
+    (dict(cca="kcca"), "CCA variant"),
+    (dict(target_bits=6.0, max_size_mb=1.0), "not both"),
+    (dict(block_size=24), "block size"),
+    (dict(calib_samples=2), "at least 8"),
+])
+def test_bad_options_raise_clear_errors(options, message):
+    model = tiny_bert()
+    with pytest.raises(CptqError, match=message):
+        analyze(wrap_model(model), build_layer_graph(model), ("cmpq",), AnalysisOptions(**options), progress=False)
+
+
+def test_unknown_method_and_unreachable_target_bits():
+    model = tiny_bert()
+    graph = build_layer_graph(model)
+    with pytest.raises(CptqError, match="unknown method 'kmeans'"):
+        analyze(wrap_model(model), graph, ("kmeans",), AnalysisOptions(), progress=False)
+    scores = {unit: 1.0 for unit in allocation_units(graph, "layer")}
+    with pytest.raises(CptqError, match=r"outside \[4, 16\]"):
+        plan_from_scores(graph, scores, "cmpq", AnalysisOptions(target_bits=2.0), "tiny")
+    with pytest.raises(CptqError, match="no entry for"):
+        plan_from_scores(graph, {}, "cmpq", AnalysisOptions(), "tiny")
+
+
+def _cli_app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("analyze")(analyze_command)
+    app.command("noop")(lambda: None)  # two commands, so "analyze" is a subcommand as in cptq
+    return app
+
+
+def test_cli_analyze_writes_scores_plot_and_plans(tmp_path):
+    folder = tmp_path / "tiny-gpt2"
+    tiny_gpt2().save_pretrained(folder)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(_cli_app(), ["analyze", str(folder), "--method", "all", "--validate",
+                                             "-o", str(out), "--calib-samples", "8", "--seq-len", "16",
+                                             "--target-bits", "6", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "scores.json").read_text())
+    assert set(report["scores"]) == {"cmpq", "pmpq", "tdmpq"} and set(report["spearman"]) == set(report["scores"])
+    assert (out / "scores.png").stat().st_size > 1000
+    assert "Spearman vs oracle" in result.output
+    plan = json.loads((out / "plan-tdmpq.json").read_text())
+    assert plan["meta"]["average_bits"] <= 6
+
+
+def test_cli_analyze_rejects_bad_input(tmp_path):
+    for args, message in [(["--method", "magic"], "unknown method 'magic'"),
+                          (["--sparsity", "0.3,1.2"], "strictly between 0 and 1"),
+                          (["--sparsity", "a,b"], "not a comma-separated list")]:
+        result = CliRunner().invoke(_cli_app(), ["analyze", *args, "-o", str(tmp_path)])
+        assert isinstance(result.exception, CptqError) and message in str(result.exception), result.output
+
+
+def test_default_model_loads_offline():
+    loaded = load_model(None)
+    assert build_layer_graph(loaded.model).num_blocks == 6
