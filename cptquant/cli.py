@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from .commands import user_errors
+from .commands.analyze import analyze
 from .commands.export import export
 
 app = typer.Typer(help="cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime.",
@@ -16,6 +18,7 @@ def _group() -> None:
 
 
 app.command("export")(export)
+app.command("analyze")(user_errors(analyze))
 
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 export_app.command()(export)

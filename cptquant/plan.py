@@ -95,6 +95,22 @@ def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_S
     return Plan(layers=layers, method=f"uniform-{bits}", model=model)
 
 
+ZERO_POINT_MODES = ("auto", "always", "never")
+
+
+def apply_zero_points(plan: Plan, mode: str) -> Plan:
+    """Choose symmetric (no zero point) or asymmetric per layer.
+
+    auto: zero points at 4 bits only. On MiniLM, asymmetric 4-bit raises the pooled-embedding cosine
+    of an all-4-bit model from 0.956 to 0.973 for 0.016 byte per weight; at 8 bits symmetric is as good.
+    """
+    if mode not in ZERO_POINT_MODES:
+        raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {mode!r}")
+    for lp in plan.layers.values():
+        lp.symmetric = mode == "never" or (mode == "auto" and lp.bits != 4)
+    return plan
+
+
 def check_block_size(block_size: int) -> None:
     if block_size < 16 or block_size & (block_size - 1):
         raise CptqError(f"block size {block_size} is not a power of two >= 16")

@@ -9,22 +9,9 @@ from typing import Optional
 from typer import Argument, Option
 
 from ..errors import CptqError
+from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
-
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise CptqError(f"{what} {text!r} is not a comma-separated list of numbers") from None
-
-
-def _ints(text: str, what: str) -> tuple[int, ...]:
-    values = _floats(text, what)
-    if any(v != int(v) for v in values):
-        raise CptqError(f"{what} {text!r} must be whole numbers")
-    return tuple(int(v) for v in values)
 
 
 def _plot(path: Path, result, plans: dict) -> None:
@@ -62,20 +49,20 @@ def analyze(
     validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
     out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
     task: Optional[str] = Option(None, "--task", help="Override the detected task."),
-    calib: Optional[str] = Option(None, "--calib", help="Text file, JSONL, or hf:NAME[:CONFIG]:SPLIT."),
-    text_field: str = Option("text", "--text-field"),
-    calib_samples: int = Option(64, "--calib-samples"),
-    seq_len: int = Option(128, "--seq-len"),
-    seed: int = Option(0, "--seed"),
-    sparsity: str = Option("0.3", "--sparsity", help="PMPQ sparsities, comma-separated (averaged)."),
-    bits: str = Option("16,8,4", "--bits", help="Bit widths to allocate."),
-    granularity: str = Option("layer", "--granularity", help="layer or block."),
-    target_bits: Optional[float] = Option(None, "--target-bits", help="Average bits per weight budget."),
-    max_size_mb: Optional[float] = Option(None, "--max-size-mb", help="Estimated size budget in MB."),
-    block_size: int = Option(32, "--block-size"),
-    clip: str = Option("absmax", "--clip"),
-    cca: str = Option("cca", "--cca", help="cca, svcca or pwcca."),
-    curvature: str = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson."),
+    calib: Optional[str] = options.CALIB,
+    text_field: str = options.TEXT_FIELD,
+    calib_samples: int = options.CALIB_SAMPLES,
+    seq_len: int = options.SEQ_LEN,
+    seed: int = options.SEED,
+    sparsity: str = options.SPARSITY,
+    bit_widths: str = options.BIT_WIDTHS,
+    granularity: str = options.GRANULARITY,
+    target_bits: Optional[float] = options.TARGET_BITS,
+    max_size_mb: Optional[float] = options.MAX_SIZE_MB,
+    block_size: int = Option(32, "--block-size", help="Quantization block along the input."),
+    clip: str = Option("absmax", "--clip", help="absmax, or mse (clip search)."),
+    cca: str = options.CCA,
+    curvature: str = options.CURVATURE,
     progress: bool = Option(True, "--progress/--no-progress"),
 ) -> None:
     """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
@@ -84,24 +71,20 @@ def analyze(
 
     from ..layer_graph import build_layer_graph
     from ..model_loading import load_model
-    from ..passes import AnalysisOptions, analyze as run_analysis, check_options, plan_from_scores
+    from ..passes import analyze as run_analysis, check_options, plan_from_scores
 
     if method not in METHOD_CHOICES:
         raise CptqError(f"unknown method {method!r}; use one of: {', '.join(METHOD_CHOICES)}")
     methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
-    options = AnalysisOptions(
-        calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-        sparsity=_floats(sparsity, "--sparsity"), bit_widths=_ints(bits, "--bits"), granularity=granularity,
-        target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size, clip=clip, cca=cca,
-        curvature=curvature,
-    )
-    check_options(options, methods)  # fail before loading a model
+    analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
+                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature)
+    check_options(analysis, methods)  # fail before loading a model
     if out.exists() and not out.is_dir():
         raise CptqError(f"--out {out} exists and is not a folder")
     loaded = load_model(model, task)
     graph = build_layer_graph(loaded.model)
-    result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
-    plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,
+    result = run_analysis(loaded, graph, methods, analysis, validate=validate, progress=progress)
+    plans = {m: plan_from_scores(graph, s, m, analysis, loaded.display_name,
                                  non_quantizable_params=result.non_quantizable_params)
              for m, s in result.scores.items()}
     unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()} for m, plan in plans.items()}

@@ -15,15 +15,25 @@ from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel, load_model
-from ..plan import DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, Plan, check_block_size, uniform_plan
-from . import user_errors
+from ..plan import (DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
+                    check_block_size, uniform_plan)
+from . import options, user_errors
 
 PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
+# TDMPQ is the default: it ranks MiniLM's layers like the measured 4-bit damage (Spearman 0.99, docs/passes.md).
+DEFAULT_METHOD = "tdmpq"
 
 
 def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optional[int], block_size: int,
-                 clip: str, symmetric: bool):
-    """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method."""
+                 clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
+                 report_extras: Optional[dict] = None):
+    """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
+
+    A sensitivity method records its cost and calibration in `report_extras` for the export report.
+    """
+    report_extras = {} if report_extras is None else report_extras
+    if zero_points not in ZERO_POINT_MODES:
+        raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {zero_points!r}")
     given = [name for name, value in (("--method", method), ("--plan", plan_file), ("--bits", bits)) if value]
     if len(given) > 1:
         raise CptqError(f"give only one of --method, --plan and --bits (got {' and '.join(given)})")
@@ -35,18 +45,33 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
             raise CptqError(f"--bits {bits} is not supported (use 16, 8 or 4)")
 
         def uniform(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-            plan = uniform_plan(graph, bits, block_size, symmetric)
+            plan = uniform_plan(graph, bits, block_size)
             plan.clip = clip
-            return plan
+            return apply_zero_points(plan, zero_points)
 
         return uniform
     if plan_file is not None:
         plan = Plan.load(plan_file)  # read now: a bad plan fails before the model is loaded
         return lambda loaded, graph: plan
-    method = method or "cmpq"
+    method = method or DEFAULT_METHOD
     if method not in PASS_METHODS:
         raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS)}")
-    raise CptqError(f"--method {method} is not yet available in this build; use --bits N or --plan FILE")
+    from ..passes import analyze, check_options, plan_from_scores
+
+    check_options(analysis, (method,))
+
+    def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
+        result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress)
+        scores = result.oracle if method == "oracle" else result.scores[method]
+        plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
+                                non_quantizable_params=result.non_quantizable_params)
+        apply_zero_points(plan, zero_points)
+        # Timings go to the report (the plan stays byte-identical for the same inputs).
+        report_extras["analysis"] = {"method": method, "cost_fpe": result.cost_fpe, "seconds": result.seconds,
+                                     "calibration": result.calibration, "notes": result.notes}
+        return plan
+
+    return from_sensitivity
 
 
 def print_summary(result: ExportResult, console: Console) -> None:
@@ -82,26 +107,44 @@ def print_summary(result: ExportResult, console: Console) -> None:
 def export(
     model: Optional[str] = typer.Argument(None, help="Hub id or local folder; omitted: the embedded MiniLM."),
     output: Path = typer.Option(Path("out/model.onnx"), "-o", "--output", help="model.onnx path, or a folder."),
-    method: Optional[str] = typer.Option(None, "--method", help="Sensitivity method: cmpq, pmpq, tdmpq, oracle."),
+    method: Optional[str] = typer.Option(None, "--method",
+                                         help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input."),
     clip: str = typer.Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search)."),
-    asymmetric: bool = typer.Option(False, "--asymmetric", help="Unsigned weights with zero points."),
+    zero_points: str = typer.Option("auto", "--zero-points",
+                                    help="Asymmetric weights with zero points: auto (at 4 bits), always, never."),
     weight_format: str = typer.Option("qdq", "--format",
                                       help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    calib: Optional[str] = options.CALIB,
+    text_field: str = options.TEXT_FIELD,
+    calib_samples: int = options.CALIB_SAMPLES,
+    seq_len: int = options.SEQ_LEN,
+    seed: int = options.SEED,
+    sparsity: str = options.SPARSITY,
+    bit_widths: str = options.BIT_WIDTHS,
+    granularity: str = options.GRANULARITY,
+    target_bits: Optional[float] = options.TARGET_BITS,
+    max_size_mb: Optional[float] = options.MAX_SIZE_MB,
+    cca: str = options.CCA,
+    curvature: str = options.CURVATURE,
 ) -> None:
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
     if weight_format not in FORMATS:
         raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
-    make_plan = plan_factory(method, plan, bits, block_size, clip, not asymmetric)
+    analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
+                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature)
+    report_extras: dict = {}
+    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
     from ..exporter.pipeline import resolve_output
 
     resolve_output(output, force)  # fail on a bad output path before the slow work
     loaded = load_model(model, task, trust_remote_code)
-    result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format)
+    result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
+                              report_extras=report_extras)
     print_summary(result, Console())

@@ -103,7 +103,8 @@ def _write_report(path: Path, report: dict, other_files: list[Path], model_file:
 
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
-                     progress: bool = True, fmt: str = FORMAT_QDQ) -> ExportResult:
+                     progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None) -> ExportResult:
+    """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report."""
     paths = resolve_output(out, force)
     try:
         paths.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +160,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan.save(plan_path)
                 report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
                                  timings, fmt)
+                report.update(report_extras or {})
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 for p in written:
                     report["files"][p.name] = p.stat().st_size

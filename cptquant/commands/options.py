@@ -1,0 +1,49 @@
+"""Options shared by `cptq analyze` and `cptq-export --method`: calibration and bit allocation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from typer import Option
+
+from ..errors import CptqError
+
+CALIB = Option(None, "--calib", help="Calibration text: a text file, JSONL (see --text-field), or hf:NAME[:CONFIG]:SPLIT.")
+TEXT_FIELD = Option("text", "--text-field", help="JSONL field holding the text.")
+CALIB_SAMPLES = Option(64, "--calib-samples", help="Calibration samples.")
+SEQ_LEN = Option(128, "--seq-len", help="Tokens per calibration sample.")
+SEED = Option(0, "--seed", help="Seed for sampling and clustering; the same seed gives the same plan.")
+SPARSITY = Option("0.3", "--sparsity", help="PMPQ pruning sparsities, comma-separated (averaged).")
+BIT_WIDTHS = Option("16,8,4", "--bit-widths", help="Bit widths to allocate, comma-separated.")
+GRANULARITY = Option("layer", "--granularity", help="Allocate bits per layer or per block.")
+TARGET_BITS = Option(None, "--target-bits", help="Budget: average bits per weight, embeddings and head included.")
+MAX_SIZE_MB = Option(None, "--max-size-mb", help="Budget: estimated model size in MB.")
+CCA = Option("cca", "--cca", help="CMPQ variant: cca, svcca or pwcca.")
+CURVATURE = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson.")
+
+
+def floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise CptqError(f"{what} {text!r} is not a comma-separated list of numbers") from None
+
+
+def ints(text: str, what: str) -> tuple[int, ...]:
+    values = floats(text, what)
+    if any(v != int(v) for v in values):
+        raise CptqError(f"{what} {text!r} must be whole numbers")
+    return tuple(int(v) for v in values)
+
+
+def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, seq_len: int, seed: int,
+                     sparsity: str, bit_widths: str, granularity: str, target_bits: Optional[float],
+                     max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str):
+    from ..passes import AnalysisOptions
+
+    return AnalysisOptions(
+        calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+        sparsity=floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
+        granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
+        clip=clip, cca=cca, curvature=curvature,
+    )
