@@ -5,10 +5,12 @@ from __future__ import annotations
 import typer
 
 from .commands.export import export
+from .commands.verify import verify
 
 app = typer.Typer(help="cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 app.command("export")(export)
+app.command("verify")(verify)
 
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 export_app.command()(export)
