@@ -286,3 +286,68 @@ def test_percent_thresholds_accept_both_spellings():
     assert parse_fraction("0.02", "--x") == pytest.approx(0.02)
     with pytest.raises(CptqError, match="--x must be a number or a percentage"):
         parse_fraction("2 percent", "--x")
+
+
+# ---------------------------------------------------------------- classification and masked LM
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over the offline corpus, with BERT's special tokens (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from cptquant.corpus import sentences
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(sentences(), trainers.WordLevelTrainer(vocab_size=1000, special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _tiny_bert_config(**extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
+                      num_attention_heads=4, max_position_embeddings=128, **extra)
+
+
+def test_classification_accuracy_from_labelled_eval_file(tmp_path):
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(_tiny_bert_config(num_labels=2, id2label={0: "neg", 1: "pos"},
+                                                            label2id={"neg": 0, "pos": 1}))
+    out = _export(wrap_model(model, tokenizer=_word_tokenizer()), 8, tmp_path / "cls8")
+    texts = ["The file is opened for reading.", "Return a new list of the items.", "This raises an error."] * 4
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("\n".join(json.dumps({"text": t, "label": ["neg", "pos", 1][i % 3]})
+                                   for i, t in enumerate(texts)) + "\n")
+    result = _verify(out, "--ep", "cpu", "--eval", eval_file, "--max-accuracy-drop", "100%", "--min-speedup", "0")
+    assert result.exit_code == 0, result.output
+    quality = json.loads((out / "verify" / "report.json").read_text())["eps"]["cpu"]["quality"]
+    assert quality["n_examples"] == 12 and quality["settings"]["labels"] is True
+    accuracies = {name: v["accuracy"] for name, v in quality["variants"].items()}
+    assert all(a * 12 == pytest.approx(round(a * 12), abs=1e-4) for a in accuracies.values())  # k of 12 right
+    assert quality["vs_fp32"]["accuracy_drop"] == pytest.approx(accuracies["fp32"] - accuracies["quantized"])
+    assert "PASS [cpu] accuracy drop vs fp32" in result.stdout
+    eval_file.write_text('{"text": "no label here"}\n{"label": 1}\n')
+    result = _verify(out, "--ep", "cpu", "--eval", eval_file)
+    assert result.exit_code == 2 and "eval.jsonl:2: expected a JSON object with a \"text\" key" in result.stderr
+
+
+def test_masked_lm_agreement_on_masked_positions(tmp_path):
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(_tiny_bert_config())
+    out = _export(wrap_model(model, tokenizer=_word_tokenizer()), 4, tmp_path / "mlm4")
+    result = _verify(out, "--ep", "cpu", "--baseline", "fp16", "--max-accuracy-drop", "0", "--min-speedup", "0")
+    quality = json.loads((out / "verify" / "report.json").read_text())["eps"]["cpu"]["quality"]
+    assert quality["n_examples"] >= 64  # at least one masked token in each of the 64 quick sentences
+    assert 0.0 <= quality["vs_fp16"]["top1_agreement"] <= 1.0
+    drop = quality["vs_fp16"]["accuracy_drop"]
+    assert result.exit_code == (0 if drop <= 0 else 1), result.output
+    assert ("PASS" if drop <= 0 else "FAIL") + " [cpu] accuracy drop vs fp16" in result.stdout
