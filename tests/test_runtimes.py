@@ -137,6 +137,8 @@ def test_verify_passes_writes_reports_and_junit(tiny_opt, tmp_path):
     assert set(cpu["speed"]["variants"]) == {"quantized", "fp32", "fp16"}
     assert cpu["speed"]["variants"]["quantized"]["latency"]["decode_per_token"]["p50_ms"] > 0
     assert cpu["speed"]["vs_fp16"]["smaller_on_disk_by"] > 1
+    for figures in cpu["speed"]["variants"].values():  # Linux: measured in a fresh process per variant
+        assert figures["peak_rss_bytes"] > figures["rss_growth_bytes"] > 0
     assert "CPUExecutionProvider" in cpu["device"] and ort.__version__ in cpu["device"]
     assert "## Checks" in (tmp_path / "reports" / "report.md").read_text()
     suite = ET.parse(junit).getroot().find("testsuite")

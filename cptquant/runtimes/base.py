@@ -3,12 +3,7 @@
 An adapter owns one ONNX Runtime execution provider: whether it can run here, how to open a
 session on it, and how to run one forward pass with the inputs and outputs where that provider
 wants them (host memory for CPU, device memory through IO binding for CUDA).
-
-Peak memory: Linux lets a process reset its resident-set high-water mark (`echo 5 >
-/proc/self/clear_refs`), so `PeakRss` resets it, lets the caller open a session and run it, and
-reads `VmHWM` back. The figure is the process's peak during that span minus its resident size at
-the start: what opening and running that one model cost in host memory, without a subprocess per
-variant. Where the reset is refused (not Linux, restricted /proc) the figure is None.
+Peak memory is measured in a fresh process per variant: see memory.py.
 """
 
 from __future__ import annotations
@@ -40,9 +35,8 @@ class RuntimeAdapter:
     def providers(self) -> list:
         return [self.provider]
 
-    def session(self, model_path: Path | bytes) -> ort.InferenceSession:
-        source = model_path if isinstance(model_path, bytes) else str(model_path)
-        return ort.InferenceSession(source, sess_options=self.session_options(),
+    def session(self, model_path: Path) -> ort.InferenceSession:
+        return ort.InferenceSession(str(model_path), sess_options=self.session_options(),
                                     providers=self.providers())
 
     def device_name(self) -> str:
@@ -95,35 +89,6 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-class PeakRss:
-    """`with PeakRss() as peak: ...` then `peak.bytes`: peak resident growth during the block, or None."""
-
-    def __enter__(self):
-        self.bytes: int | None = None
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self._start_kb = _status_kb("VmRSS")
-        except OSError:
-            self._start_kb = None
-        return self
-
-    def __exit__(self, *exc):
-        peak_kb = _status_kb("VmHWM")
-        if self._start_kb is not None and peak_kb is not None:
-            self.bytes = max(0, peak_kb - self._start_kb) * 1024
-        return False
 
 
 def model_bytes(model_path: Path) -> int:

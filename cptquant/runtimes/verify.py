@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -27,10 +26,10 @@ from .. import __version__
 from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
-from .base import PeakRss, RuntimeAdapter, model_bytes, timed
+from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
-from .inputs import feeds_for
+from .memory import measure_peak_rss
 from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from .speed import SpeedSettings, measure_latency, speedups
 
@@ -218,37 +217,22 @@ def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], di
 # ---------------------------------------------------------------- measuring
 
 
-def _warm_up_model() -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
-
-    weight = numpy_helper.from_array(np.ones((8, 8), dtype=np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "warm_up",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weight])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
-
-
 def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) -> tuple[dict, dict]:
-    """Open each variant and run one forward at batch 1 / sequence 16, measuring the host memory that
-    costs (see base.PeakRss). Returns sessions and per-variant {bytes_on_disk, peak_rss_bytes, open_s}."""
+    """Open each variant; per variant {bytes_on_disk, open_s, peak_rss_bytes, rss_growth_bytes}.
+    Memory comes from a fresh process per variant (memory.py), so the order of opening does not bias it."""
     sessions, facts = {}, {}
     length = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
-    ids = np.random.default_rng(0).integers(4, int(config.vocab_size), size=(1, length), dtype=np.int64)
-    # ORT's one-time process set-up (allocators, thread pools, kernel registries) must not be billed
-    # to whichever variant happens to open first: pay it once with a throwaway session.
-    # A tiny model, not a variant: reopening a variant would reuse its freed weight memory.
-    warm = adapter.session(_warm_up_model())
-    adapter.run(warm, {"x": np.ones((1, 8), dtype=np.float32)})
-    del warm
     for name, path in variants.items():
-        with PeakRss() as peak:
-            try:
-                open_s = timed(lambda: sessions.__setitem__(name, adapter.session(path)))
-            except Exception as exc:  # ORT rejects a model it cannot load with many exception types
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise CptqError(f"onnxruntime cannot load {path} on {adapter.name}: {first}") from None
-            adapter.run(sessions[name], feeds_for(sessions[name], ids))
-        facts[name] = {"bytes_on_disk": model_bytes(path), "peak_rss_bytes": peak.bytes, "open_s": round(open_s, 3)}
+        try:
+            open_s = timed(lambda: sessions.__setitem__(name, adapter.session(path)))
+        except Exception as exc:  # ORT rejects a model it cannot load with many exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CptqError(f"onnxruntime cannot load {path} on {adapter.name}: {first}") from None
+        try:
+            memory = measure_peak_rss(adapter, path, int(config.vocab_size), length)
+        except (RuntimeError, OSError) as exc:
+            raise CptqError(str(exc)) from None
+        facts[name] = {"bytes_on_disk": model_bytes(path), "open_s": round(open_s, 3), **memory}
     return sessions, facts
 
 
@@ -270,8 +254,8 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
         speed[f"vs_{base}"] = {
             **speedups(latency, CANDIDATE, base),
             "smaller_on_disk_by": round(ref["bytes_on_disk"] / cand["bytes_on_disk"], 4),
-            "peak_rss_ratio": (round(cand["peak_rss_bytes"] / ref["peak_rss_bytes"], 4)
-                               if cand["peak_rss_bytes"] and ref["peak_rss_bytes"] else None),
+            **{f"{key}_ratio": (round(cand[key] / ref[key], 4) if cand[key] and ref[key] else None)
+               for key in ("peak_rss_bytes", "rss_growth_bytes")},
         }
     return {"device": adapter.device_name(), "onnxruntime": ort.__version__, "quality": quality.to_dict(),
             "speed": speed}
@@ -407,9 +391,10 @@ def _markdown(report: dict) -> str:
         lines.append("")
         for n in names:
             v = speed["variants"][n]
-            rss = f"{v['peak_rss_bytes'] / 1e6:.1f} MB" if v["peak_rss_bytes"] is not None else "n/a"
+            rss = (f"peak RSS {v['peak_rss_bytes'] / 1e6:.1f} MB (+{v['rss_growth_bytes'] / 1e6:.1f} MB for the model)"
+                   if v["peak_rss_bytes"] is not None else "peak RSS n/a")
             extra = f", {v['latency']['tokens_per_s']} tokens/s" if "tokens_per_s" in v["latency"] else ""
-            lines.append(f"- {n}: {v['bytes_on_disk'] / 1e6:.2f} MB on disk, peak RSS growth {rss}{extra}")
+            lines.append(f"- {n}: {v['bytes_on_disk'] / 1e6:.2f} MB on disk, {rss}{extra}")
         lines.append("")
     lines += ["## Checks", ""] + [f"- {c['line']}" for c in report["checks"]] + [""]
     return "\n".join(lines)
