@@ -129,6 +129,8 @@ def test_verify_passes_writes_reports_and_junit(tiny_opt, tmp_path):
                      "--report-dir", tmp_path / "reports")
     assert result.exit_code == 0, result.output
     assert "PASS [cpu] perplexity increase vs fp32" in result.stdout
+    if not HAS_CUDA:  # --ep auto: the missing EP is one line, not an error
+        assert "CUDA skipped: this onnxruntime build has no CUDAExecutionProvider" in result.stderr
     report = json.loads((tmp_path / "reports" / "report.json").read_text())
     assert report["passed"] is True
     cpu = report["eps"]["cpu"]
@@ -259,6 +261,18 @@ def test_bad_folder_exits_2_with_one_line(kind, message, tiny_opt, tmp_path):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_external_data_inside_the_folder_is_accepted(tiny_opt, tmp_path):
+    from cptquant.runtimes.verify import check_model_file
+
+    folder = _copy_output(tiny_opt[1], tmp_path / "out")
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    check_model_file(folder / "model.onnx")
+    session = CpuAdapter().session(folder / "model.onnx")
+    assert "logits" in CpuAdapter().run(session, feeds_for(session, np.ones((1, 4), dtype=np.int64)))
 
 
 def test_not_a_folder_and_in_memory_source_without_cache(tiny_opt, tmp_path):

@@ -253,7 +253,9 @@ class QualitySettings:
 
     @classmethod
     def for_mode(cls, quick: bool) -> "QualitySettings":
-        return cls(n_texts=64, lm_tokens=512) if quick else cls(n_texts=400)
+        if quick:
+            return cls(n_texts=64, lm_tokens=512, lm_window=128, lm_stride=64)
+        return cls(n_texts=400, lm_tokens=2048, lm_window=256, lm_stride=128)
 
 
 @dataclass
