@@ -178,6 +178,14 @@ def test_missing_baselines_are_rebuilt_from_the_source(tiny_bert4, tmp_path):
     result = _verify(moved, "--ep", "cpu", "--min-cosine", "0", "--min-speedup", "0")
     assert result.exit_code == 0, result.output
     assert (baseline_dir(moved) / "fp16" / "model.onnx").is_file()
+    gone = _copy_output(tiny_bert4, tmp_path / "gone")
+    report = json.loads((gone / "model.report.json").read_text())
+    report["source"] = str(tmp_path / "deleted-model-folder")
+    (gone / "model.report.json").write_text(json.dumps(report))
+    result = _verify(gone, "--ep", "cpu")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: baseline cache {baseline_dir(gone)} is missing and cannot be rebuilt from "
+                                     f"{report['source']}: model folder not found: {report['source']}")
 
 
 def test_short_verification_reports_cpu_figures_against_both_baselines(tiny_bert4):
@@ -201,7 +209,20 @@ def test_cuda_is_skipped_cleanly_without_a_gpu(tiny_opt):
     assert result.stderr.strip() == f"error: --ep cuda is not available here: {why}"
 
 
-@pytest.mark.skipif(not HAS_CUDA or not CudaAdapter().available()[0], reason="needs onnxruntime-gpu and a GPU")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA or not CudaAdapter().available()[0], reason="needs onnxruntime-gpu and a GPU")
+
+
+@needs_gpu
+def test_verify_on_cuda_measures_every_variant(tiny_opt, tmp_path):
+    result = _verify(tiny_opt[1], "--ep", "cuda", "--max-ppl-increase", "5%", "--min-speedup", "0",
+                     "--report-dir", tmp_path)
+    assert result.exit_code == 0, result.output
+    cuda = json.loads((tmp_path / "report.json").read_text())["eps"]["cuda"]
+    assert "CUDAExecutionProvider" in cuda["device"]
+    assert cuda["speed"]["variants"]["quantized"]["latency"]["decode_per_token"]["p50_ms"] > 0
+
+
+@needs_gpu
 def test_cuda_matches_cpu_on_the_fp32_baseline(tiny_opt):
     _, out = tiny_opt
     ids = np.random.default_rng(3).integers(4, 1000, size=(1, 24))

@@ -177,7 +177,10 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
 
             if progress:
                 console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
-            loaded = load_model(source, out.task)
+            try:
+                loaded = load_model(source, out.task)
+            except CptqError as exc:
+                raise CptqError(f"baseline cache {cache} is missing and cannot be rebuilt from {source}: {exc}") from None
         tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
         try:
             export_onnx(loaded, tmp / "fp32")
