@@ -12,6 +12,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cptquant.cli import app
@@ -103,6 +105,17 @@ def test_sliding_window_perplexity_matches_torch_by_hand(tiny_opt, window, strid
     scores = score_tokens(adapter, session, ids, window, stride)
     assert len(scores.nll) == count
     assert scores.perplexity == pytest.approx(expected, rel=1e-4)
+
+
+@given(n=st.integers(2, 300), window=st.integers(2, 64), stride_fraction=st.floats(0.01, 1.0))
+def test_window_spans_score_each_token_at_most_once(n, window, stride_fraction):
+    stride = max(1, int(window * stride_fraction))
+    scored = [j for _, end, first in window_spans(n, window, stride) for j in range(first, end)]
+    assert scored == sorted(set(scored)) and all(1 <= j < n for j in scored)
+    for begin, end, first in window_spans(n, window, stride):
+        assert begin < first < end <= begin + window
+    if stride < window:  # overlapping windows leave no token without context
+        assert scored == list(range(1, n))
 
 
 def test_kv_cache_decoding_matches_full_forward_greedy(tiny_opt):

@@ -277,77 +277,114 @@ def _round(x: float) -> float:
     return float(round(float(x), 6))
 
 
+def _causal_lm(ctx: "_Context") -> Quality:
+    s = ctx.settings
+    window = min(s.lm_window, ctx.max_positions)
+    stride = min(s.lm_stride, window)
+    ids = token_stream(ctx.encoder, ctx.eval_set.texts, s.lm_tokens)
+    if len(ids) < 2:
+        raise CptqError("the evaluation text is too short for perplexity (fewer than 2 tokens)")
+    raw = ctx.run_all(lambda session: score_tokens(ctx.adapter, session, ids, window, stride))
+    quality = Quality(TASK_CAUSAL_LM, int(len(raw[ctx.candidate].nll)),
+                      settings={"tokens": int(len(ids)), "window": window, "stride": stride})
+    quality.variants = {n: {"perplexity": _round(scores.perplexity)} for n, scores in raw.items()}
+    cand = raw[ctx.candidate]
+    for base in ctx.baselines:
+        quality.vs[base] = {"ppl_increase": _round(cand.perplexity / raw[base].perplexity - 1.0),
+                            "top1_agreement": _round(np.mean(cand.top1 == raw[base].top1))}
+    return quality
+
+
+def _features(ctx: "_Context") -> Quality:
+    raw = ctx.run_all(lambda session: mean_pooled(ctx.adapter, session, ctx.encoder, ctx.eval_set.texts, ctx.max_length))
+    quality = Quality(TASK_FEATURES, len(ctx.eval_set.texts), settings={"max_length": ctx.max_length})
+    quality.variants = {n: {} for n in raw}
+    cand = raw[ctx.candidate]
+    for base in ctx.baselines:
+        cos = _cosines(cand, raw[base])
+        same_nn = nearest_neighbours(cand) == nearest_neighbours(raw[base])
+        quality.vs[base] = {"mean_cosine": _round(cos.mean()), "min_cosine": _round(cos.min()),
+                            "nn_agreement": _round(same_nn.mean())}
+    return quality
+
+
+def _classification(ctx: "_Context") -> Quality:
+    raw = ctx.run_all(lambda session: class_logits(ctx.adapter, session, ctx.encoder, ctx.eval_set.texts,
+                                                   ctx.max_length).argmax(axis=-1))
+    labels = _label_ids(ctx.eval_set.labels, ctx.config) if ctx.eval_set.labels is not None else None
+    quality = Quality(TASK_CLASSIFICATION, len(ctx.eval_set.texts),
+                      settings={"max_length": ctx.max_length, "labels": labels is not None})
+    quality.variants = {n: ({"accuracy": _round(np.mean(p == labels))} if labels is not None else {})
+                        for n, p in raw.items()}
+    for base in ctx.baselines:
+        agreement = float(np.mean(raw[ctx.candidate] == raw[base]))
+        # Without labels the baseline's predictions are the labels: the drop is the disagreement.
+        drop = (quality.variants[base]["accuracy"] - quality.variants[ctx.candidate]["accuracy"]
+                if labels is not None else 1.0 - agreement)
+        quality.vs[base] = {"accuracy_drop": _round(drop), "agreement": _round(agreement)}
+    return quality
+
+
+def _masked_lm(ctx: "_Context") -> Quality:
+    batches = masked_batches(ctx.encoder, ctx.eval_set.texts, ctx.max_length)
+    original = np.concatenate([b.original[b.positions] for b in batches])
+    raw = ctx.run_all(lambda session: masked_top1(ctx.adapter, session, batches))
+    quality = Quality(TASK_MASKED_LM, int(len(original)), settings={"max_length": ctx.max_length, "mask_rate": 0.15})
+    quality.variants = {n: {"accuracy": _round(np.mean(p == original))} for n, p in raw.items()}
+    for base in ctx.baselines:
+        quality.vs[base] = {
+            "accuracy_drop": _round(quality.variants[base]["accuracy"] - quality.variants[ctx.candidate]["accuracy"]),
+            "top1_agreement": _round(np.mean(raw[ctx.candidate] == raw[base]))}
+    return quality
+
+
+@dataclass
+class _Context:
+    adapter: RuntimeAdapter
+    sessions: dict
+    encoder: TextEncoder
+    config: object
+    settings: QualitySettings
+    eval_set: EvalSet
+    candidate: str
+    progress: bool
+
+    @property
+    def baselines(self) -> list[str]:
+        return [name for name in self.sessions if name != self.candidate]
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or self.settings.max_length)
+
+    @property
+    def max_length(self) -> int:
+        return min(self.settings.max_length, self.max_positions)
+
+    def run_all(self, measure) -> dict:
+        """measure(session) for every variant, behind one progress bar."""
+        out = {}
+        with progress_bar(self.progress) as bar:
+            job = bar.add_task(f"quality on {self.adapter.name}", total=len(self.sessions))
+            for name, session in self.sessions.items():
+                out[name] = measure(session)
+                bar.advance(job)
+        return out
+
+
+_BY_TASK = {TASK_CAUSAL_LM: _causal_lm, TASK_FEATURES: _features, TASK_CLASSIFICATION: _classification,
+            TASK_MASKED_LM: _masked_lm}
+
+
 def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict, encoder: TextEncoder, config,
                     settings: QualitySettings, eval_set: EvalSet | None = None, candidate: str = "quantized",
                     progress: bool = True) -> Quality:
     """Run every session in `sessions` (name -> InferenceSession) on the same inputs; compare
     `candidate` against every other entry."""
+    if task not in _BY_TASK:
+        raise CptqError(f"no quality measure for task {task!r}")
     eval_set = eval_set or EvalSet(evaluation_texts(settings.n_texts))
-    max_positions = int(getattr(config, "max_position_embeddings", 0) or settings.max_length)
-    max_length = min(settings.max_length, max_positions)
-    baselines = [name for name in sessions if name != candidate]
-    raw: dict[str, object] = {}
-    with progress_bar(progress) as bar:
-        job = bar.add_task(f"quality on {adapter.name}", total=len(sessions))
-        if task == TASK_CAUSAL_LM:
-            window = min(settings.lm_window, max_positions)
-            stride = min(settings.lm_stride, window)
-            ids = token_stream(encoder, eval_set.texts, settings.lm_tokens)
-            if len(ids) < 2:
-                raise CptqError("the evaluation text is too short for perplexity (fewer than 2 tokens)")
-            for name, session in sessions.items():
-                raw[name] = score_tokens(adapter, session, ids, window, stride)
-                bar.advance(job)
-            quality = Quality(task, int(len(raw[candidate].nll)),
-                              settings={"tokens": int(len(ids)), "window": window, "stride": stride})
-            quality.variants = {n: {"perplexity": _round(s.perplexity)} for n, s in raw.items()}
-            for base in baselines:
-                cand, ref = raw[candidate], raw[base]
-                quality.vs[base] = {"ppl_increase": _round(cand.perplexity / ref.perplexity - 1.0),
-                                    "top1_agreement": _round(np.mean(cand.top1 == ref.top1))}
-            return quality
-        if task == TASK_FEATURES:
-            for name, session in sessions.items():
-                raw[name] = mean_pooled(adapter, session, encoder, eval_set.texts, max_length)
-                bar.advance(job)
-            quality = Quality(task, len(eval_set.texts), settings={"max_length": max_length})
-            quality.variants = {n: {} for n in raw}
-            for base in baselines:
-                cos = _cosines(raw[candidate], raw[base])
-                same_nn = nearest_neighbours(raw[candidate]) == nearest_neighbours(raw[base])
-                quality.vs[base] = {"mean_cosine": _round(cos.mean()), "min_cosine": _round(cos.min()),
-                                    "nn_agreement": _round(same_nn.mean())}
-            return quality
-        if task == TASK_CLASSIFICATION:
-            for name, session in sessions.items():
-                raw[name] = class_logits(adapter, session, encoder, eval_set.texts, max_length).argmax(axis=-1)
-                bar.advance(job)
-            quality = Quality(task, len(eval_set.texts), settings={"max_length": max_length,
-                                                                   "labels": eval_set.labels is not None})
-            labels = _label_ids(eval_set.labels, config) if eval_set.labels is not None else None
-            quality.variants = {n: ({"accuracy": _round(np.mean(p == labels))} if labels is not None else {})
-                                for n, p in raw.items()}
-            for base in baselines:
-                agreement = float(np.mean(raw[candidate] == raw[base]))
-                # Without labels the baseline's predictions are the labels: the drop is the disagreement.
-                drop = (quality.variants[base]["accuracy"] - quality.variants[candidate]["accuracy"]
-                        if labels is not None else 1.0 - agreement)
-                quality.vs[base] = {"accuracy_drop": _round(drop), "agreement": _round(agreement)}
-            return quality
-        if task == TASK_MASKED_LM:
-            batches = masked_batches(encoder, eval_set.texts, max_length)
-            original = np.concatenate([b.original[b.positions] for b in batches])
-            for name, session in sessions.items():
-                raw[name] = masked_top1(adapter, session, batches)
-                bar.advance(job)
-            quality = Quality(task, int(len(original)), settings={"max_length": max_length, "mask_rate": 0.15})
-            quality.variants = {n: {"accuracy": _round(np.mean(p == original))} for n, p in raw.items()}
-            for base in baselines:
-                quality.vs[base] = {
-                    "accuracy_drop": _round(quality.variants[base]["accuracy"] - quality.variants[candidate]["accuracy"]),
-                    "top1_agreement": _round(np.mean(raw[candidate] == raw[base]))}
-            return quality
-    raise CptqError(f"no quality measure for task {task!r}")
+    return _BY_TASK[task](_Context(adapter, sessions, encoder, config, settings, eval_set, candidate, progress))
 
 
 def _label_ids(labels: list, config) -> np.ndarray:
