@@ -26,7 +26,7 @@ PROVIDER = "CUDAExecutionProvider"
 def _probe(device_id: int) -> tuple[bool, str]:
     """onnxruntime-gpu lists the CUDA EP even on a machine without a GPU; only a session tells."""
     if PROVIDER not in ort.get_available_providers():
-        return False, ("CUDA skipped: this onnxruntime build has no CUDAExecutionProvider "
+        return False, ("this onnxruntime build has no CUDAExecutionProvider "
                        f"(installed: onnxruntime {ort.__version__}; install onnxruntime-gpu for CUDA)")
     node = helper.make_node("Identity", ["x"], ["y"])
     graph = helper.make_graph([node], "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -39,9 +39,9 @@ def _probe(device_id: int) -> tuple[bool, str]:
                                        providers=[(PROVIDER, {"device_id": device_id})])
     except Exception as exc:  # a missing CUDA/cuDNN library raises here on some releases
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"CUDA skipped: onnxruntime-gpu could not start on GPU {device_id} ({first})"
+        return False, f"onnxruntime-gpu could not start on GPU {device_id} ({first})"
     if PROVIDER not in session.get_providers():
-        return False, (f"CUDA skipped: onnxruntime-gpu is installed but GPU {device_id} is not usable "
+        return False, (f"onnxruntime-gpu is installed but GPU {device_id} is not usable "
                        "(no GPU, or CUDA/cuDNN libraries not found)")
     return True, ""
 

@@ -211,7 +211,7 @@ def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], di
         if ok:
             adapters.append(adapter)
         elif ep.strip() == "auto":
-            skipped[name] = why
+            skipped[name] = f"{name.upper()} skipped: {why}"
         else:
             raise CptqError(f"--ep {name} is not available here: {why}")
     return adapters, skipped
