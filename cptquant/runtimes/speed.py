@@ -77,7 +77,7 @@ def encoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, ma
     return out
 
 
-def _decode_step_feeds(adapter: RuntimeAdapter, session, token: int, total_len: int, presents: dict) -> dict:
+def _decode_step_feeds(session, token: int, total_len: int, presents: dict) -> dict:
     feeds = {}
     for arg in session.get_inputs():
         dtype = _NP_TYPES.get(arg.type, np.int64)
@@ -109,7 +109,7 @@ def greedy_decode(adapter: RuntimeAdapter, session, prompt: np.ndarray, new_toke
     for _ in range(new_tokens - 1):
         total_len += 1
         presents = {_past_name(k): v for k, v in outputs.items() if k.startswith("present")}
-        feeds = _decode_step_feeds(adapter, session, generated[-1], total_len, presents)
+        feeds = _decode_step_feeds(session, generated[-1], total_len, presents)
 
         def step():
             outputs.update(adapter.run_bound(session, feeds))
