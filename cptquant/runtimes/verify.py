@@ -370,8 +370,8 @@ def _markdown(report: dict) -> str:
              f"{'quick' if report['quick'] else 'full'} run, cptquant {report['cptquant_version']}, "
              f"onnxruntime {report['onnxruntime_version']}. "
              f"Result: **{'PASS' if report['passed'] else 'FAIL'}**.", ""]
-    for ep, why in report["skipped_eps"].items():
-        lines += [f"- {ep}: {why}", ""]
+    for why in report["skipped_eps"].values():
+        lines += [f"- {why}", ""]
     for ep, measured in report["eps"].items():
         quality, speed = measured["quality"], measured["speed"]
         lines += [f"## {ep}: {measured['device']}", "", "### Quality", ""]
@@ -394,7 +394,7 @@ def _markdown(report: dict) -> str:
         lines.append("")
         for n in names:
             v = speed["variants"][n]
-            rss = (f"peak RSS {v['peak_rss_bytes'] / 1e6:.1f} MB (+{v['rss_growth_bytes'] / 1e6:.1f} MB for the model)"
+            rss = (f"peak RSS {v['peak_rss_bytes'] / 1e6:.1f} MB (+{v['rss_growth_bytes'] / 1e6:.1f} MB to open and run it)"
                    if v["peak_rss_bytes"] is not None else "peak RSS n/a")
             extra = f", {v['latency']['tokens_per_s']} tokens/s" if "tokens_per_s" in v["latency"] else ""
             lines.append(f"- {n}: {v['bytes_on_disk'] / 1e6:.2f} MB on disk, {rss}{extra}")
