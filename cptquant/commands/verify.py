@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from ..errors import CptqError
 from ..runtimes.quality import load_eval_file
 from ..runtimes.verify import Thresholds, parse_fraction, parse_number, verify_output, write_junit, write_reports
 from . import user_errors
@@ -42,9 +43,12 @@ def verify(
     )
     eval_set = load_eval_file(eval_file) if eval_file is not None else None
     result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)
-    json_path, md_path = write_reports(result, report_dir or Path(out_dir) / "verify")
-    if junit is not None:
-        write_junit(result, junit)
+    try:
+        json_path, md_path = write_reports(result, report_dir or Path(out_dir) / "verify")
+        if junit is not None:
+            write_junit(result, junit)
+    except OSError as exc:
+        raise CptqError(f"cannot write the reports: {exc.strerror or exc} ({exc.filename})") from None
     for check in result.checks:
         print(check.line())
     print(f"reports: {json_path}, {md_path}" + (f", {junit}" if junit else ""))
