@@ -7,6 +7,7 @@ import typer
 from .commands import user_errors
 from .commands.analyze import analyze
 from .commands.export import export
+from .commands.verify import verify
 
 app = typer.Typer(help="cptquant: sensitivity-guided mixed-precision ONNX export for ONNX Runtime.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -19,6 +20,7 @@ def _group() -> None:
 
 app.command("export")(export)
 app.command("analyze")(user_errors(analyze))
+app.command("verify")(verify)
 
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 export_app.command()(export)

@@ -1,0 +1,56 @@
+"""`cptq verify OUT_DIR`: quality and speed of an export against its FP32/FP16 baselines, as a CI gate.
+
+Exit 0 when every threshold holds, 1 when one fails (each failure named with its measured value),
+2 on bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import CptqError
+from ..runtimes.quality import load_eval_file
+from ..runtimes.verify import Thresholds, parse_fraction, parse_number, verify_output, write_junit, write_reports
+from . import user_errors
+
+
+@user_errors
+def verify(
+    out_dir: Path = typer.Argument(..., help="Output folder of cptq-export (model.onnx, model.report.json, …)."),
+    baseline: str = typer.Option("fp32", "--baseline", help="Baseline the thresholds compare with: fp32 or fp16."),
+    ep: str = typer.Option("auto", "--ep", help="Execution providers: auto (all available), cpu, cuda or cpu,cuda."),
+    max_ppl_increase: str = typer.Option("2%", "--max-ppl-increase", help="Causal LM: largest relative perplexity rise."),
+    max_accuracy_drop: str = typer.Option("1%", "--max-accuracy-drop",
+                                          help="Classification / masked LM: largest accuracy drop (points)."),
+    min_cosine: str = typer.Option("0.99", "--min-cosine", help="Feature extraction: smallest mean cosine."),
+    min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean p50 speed-up."),
+    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file of the checks here."),
+    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where report.json/.md go (OUT_DIR/verify)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer texts, runs and shapes: a smoke test."),
+    threads: int = typer.Option(2, "--threads", help="CPU EP intra-op threads."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+) -> None:
+    """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
+    thresholds = Thresholds(
+        max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
+        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop"),
+        min_cosine=parse_number(min_cosine, "--min-cosine", -1.0, 1.0),
+        min_speedup=parse_number(min_speedup, "--min-speedup"),
+    )
+    eval_set = load_eval_file(eval_file) if eval_file is not None else None
+    result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)
+    try:
+        json_path, md_path = write_reports(result, report_dir or Path(out_dir) / "verify")
+        if junit is not None:
+            write_junit(result, junit)
+    except OSError as exc:
+        raise CptqError(f"cannot write the reports: {exc.strerror or exc} ({exc.filename})") from None
+    for check in result.checks:
+        print(check.line())
+    print(f"reports: {json_path}, {md_path}" + (f", {junit}" if junit else ""))
+    if not result.passed:
+        raise typer.Exit(1)
