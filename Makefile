@@ -22,7 +22,7 @@ install: $(STAMP)
 
 # Mixed-precision MiniLM (embedded, real pretrained weights) into out/.
 demo: $(STAMP)
-	$(BIN)/cptq-export --method cmpq -o $(OUT)/model.onnx --force
+	$(BIN)/cptq-export --method tdmpq --max-size-mb 16 -o $(OUT)/model.onnx --force
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

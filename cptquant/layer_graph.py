@@ -40,6 +40,9 @@ class LayerGraph:
     model_type: str
     num_blocks: int
     layers: list[Layer] = field(default_factory=list)
+    # Bytes of the exported file that no plan changes (graph, biases, norms); set by the exporter
+    # from the FP32 export so that size budgets count them exactly. None until then.
+    fixed_bytes: int | None = None
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]

@@ -152,3 +152,28 @@ def test_console_script_runs_the_embedded_default(tmp_path):
 
     session = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"), providers=["CPUExecutionProvider"])
     assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+@pytest.mark.parametrize("method", ["tdmpq", "pmpq", "cmpq"])
+def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method):
+    out = tmp_path / method
+    budget_mb = 0.36  # between all-4-bit and all-8-bit for this tiny OPT, so the allocator must choose
+    result = run_export(str(opt_folder), "--method", method, "--max-size-mb", str(budget_mb), "--calib-samples", "8",
+                        "--seq-len", "32", "-o", str(out), "--no-verify")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "model.report.json").read_text())
+    plan = json.loads((out / "model.plan.json").read_text())
+    assert plan["method"] == method and plan["meta"]["budget"]["max_size_mb"] == budget_mb
+    assert report["model_bytes"] <= budget_mb * 1e6, report["model_bytes"]
+    assert len({entry["bits"] for entry in report["layers"].values()}) >= 2  # a real trade-off was made
+    assert report["analysis"]["method"] == method and report["analysis"]["cost_fpe"][method] > 0
+
+
+def test_same_seed_same_plan_bytes(opt_folder, tmp_path):
+    plans = []
+    for name in ("a", "b"):
+        result = run_export(str(opt_folder), "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32",
+                            "-o", str(tmp_path / name), "--no-verify")
+        assert result.exit_code == 0, result.output
+        plans.append((tmp_path / name / "model.plan.json").read_bytes())
+    assert plans[0] == plans[1]

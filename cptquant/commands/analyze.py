@@ -63,6 +63,7 @@ def analyze(
     clip: str = Option("absmax", "--clip", help="absmax, or mse (clip search)."),
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
+    zero_points: str = options.ZERO_POINTS,
     progress: bool = Option(True, "--progress/--no-progress"),
 ) -> None:
     """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
@@ -77,7 +78,8 @@ def analyze(
         raise CptqError(f"unknown method {method!r}; use one of: {', '.join(METHOD_CHOICES)}")
     methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
-                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature)
+                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
+                                        zero_points)
     check_options(analysis, methods)  # fail before loading a model
     if out.exists() and not out.is_dir():
         raise CptqError(f"--out {out} exists and is not a folder")

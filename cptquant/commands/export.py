@@ -65,7 +65,6 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         scores = result.oracle if method == "oracle" else result.scores[method]
         plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
                                 non_quantizable_params=result.non_quantizable_params)
-        apply_zero_points(plan, zero_points)
         # Timings go to the report (the plan stays byte-identical for the same inputs).
         report_extras["analysis"] = {"method": method, "cost_fpe": result.cost_fpe, "seconds": result.seconds,
                                      "calibration": result.calibration, "notes": result.notes}
@@ -101,6 +100,18 @@ def print_summary(result: ExportResult, console: Console) -> None:
         f"parity vs torch FP32 on {parity['n_inputs']} inputs: cosine mean {parity['mean_cosine']:.5f} "
         f"(min {parity['min_cosine']:.5f}), max |diff| {parity['max_abs_diff']:.4g}"
     )
+    verification = report.get("verification")
+    if verification and "error" in verification:
+        console.print(f"[yellow]verification skipped: {verification['error']}[/yellow]")
+    elif verification:
+        quality = ", ".join(f"{k} {v:g}" for k, v in verification["quality"]["vs_fp32"].items())
+        speed = verification["speed"]
+        console.print(
+            f"vs FP32 on {verification['quality']['n_examples']} held-out texts: {quality}\n"
+            f"CPU latency speed-up (p50, {verification['device']}): "
+            f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
+            f"— `cptq verify {result.paths.folder}` measures more shapes and gates on thresholds"
+        )
 
 
 @user_errors
@@ -113,14 +124,15 @@ def export(
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input."),
     clip: str = typer.Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search)."),
-    zero_points: str = typer.Option("auto", "--zero-points",
-                                    help="Asymmetric weights with zero points: auto (at 4 bits), always, never."),
+    zero_points: str = options.ZERO_POINTS,
     weight_format: str = typer.Option("qdq", "--format",
                                       help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Measure quality and CPU latency against FP32/FP16 at the end (a few seconds)."),
     calib: Optional[str] = options.CALIB,
     text_field: str = options.TEXT_FIELD,
     calib_samples: int = options.CALIB_SAMPLES,
@@ -138,7 +150,8 @@ def export(
     if weight_format not in FORMATS:
         raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
-                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature)
+                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
+                                        zero_points)
     report_extras: dict = {}
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
     from ..exporter.pipeline import resolve_output
@@ -146,5 +159,5 @@ def export(
     resolve_output(output, force)  # fail on a bad output path before the slow work
     loaded = load_model(model, task, trust_remote_code)
     result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                              report_extras=report_extras)
+                              report_extras=report_extras, verify=verify)
     print_summary(result, Console())

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -103,8 +104,12 @@ def _write_report(path: Path, report: dict, other_files: list[Path], model_file:
 
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
-                     progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None) -> ExportResult:
-    """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report."""
+                     progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
+                     verify: bool = False) -> ExportResult:
+    """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
+
+    With `verify`, a short CPU verification against the FP32/FP16 baselines joins the report too.
+    """
     paths = resolve_output(out, force)
     try:
         paths.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +119,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     timings: dict[str, float] = {}
     try:
         steps = Steps(["export ONNX (FP32)", "map layers", "plan", "quantize", "check kernels", "parity",
-                       "FP16 reference", "write"], enabled=progress)
+                       "FP16 reference", "write"] + (["verify on CPU"] if verify else []), enabled=progress)
         with steps:
             with steps.step(timings):
                 fp32_dir = tmp / "fp32"
@@ -125,6 +130,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 layer_map = build_layer_map(model_proto, loaded.model, graph)
                 # Layers the exported graph never reads (a pooler no output needs) are not planned.
                 graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+                graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -171,9 +177,30 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     if (cache / name).exists():
                         shutil.rmtree(cache / name)
                     copy_model_folder(src, cache / name)
+            if verify:
+                with steps.step(timings):
+                    report["verification"] = _short_verification(paths.folder, loaded)
+                _write_report(paths.report, report, [paths.folder / p.name for p in written], paths.model.name)
         return ExportResult(paths, plan, report, timings)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
+    """Bytes of the FP32 export that are not quantizable weights: what every plan keeps."""
+    sizes = {init.name: int(np.prod(init.dims)) for init in model_proto.graph.initializer}
+    weights = {use.initializer for mapping in layer_map.mapped.values() for use in mapping.uses}
+    model_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    return model_bytes - 4 * sum(sizes[name] for name in weights)
+
+
+def _short_verification(folder: Path, loaded: LoadedModel) -> dict:
+    from ..runtimes.verify import short_verification  # runtimes import the exporter: import late
+
+    try:
+        return short_verification(folder, loaded, quick=True)
+    except CptqError as exc:  # the export itself is sound; say why there are no figures
+        return {"error": str(exc)}
 
 
 def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:

@@ -16,8 +16,8 @@ import torch
 from ..errors import CptqError
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
-from ..plan import SUPPORTED_BITS, LayerPlan, Plan, check_block_size
-from .allocate import budget_bits, cluster_bits
+from ..plan import SUPPORTED_BITS, ZERO_POINT_MODES, LayerPlan, Plan, apply_zero_points, check_block_size
+from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
 from .calibration import MIN_SAMPLES, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
 from .common import GRANULARITIES, allocation_units, time_forward, unit_of
@@ -45,6 +45,7 @@ class AnalysisOptions:
     clip: str = "absmax"
     cca: str = "cca"  # or svcca / pwcca
     curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
+    zero_points: str = "auto"  # asymmetric weights: auto (at 4 bits), always, never
 
 
 @dataclass
@@ -78,6 +79,8 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
         raise CptqError(f"CCA variant {options.cca!r} must be one of: {', '.join(CCA_VARIANTS)}")
     if options.curvature not in CURVATURES:
         raise CptqError(f"curvature {options.curvature!r} must be one of: {', '.join(CURVATURES)}")
+    if options.zero_points not in ZERO_POINT_MODES:
+        raise CptqError(f"zero points {options.zero_points!r} must be one of: {', '.join(ZERO_POINT_MODES)}")
     if options.clip not in CLIP_METHODS:
         raise CptqError(f"clip {options.clip!r} must be one of: {', '.join(CLIP_METHODS)}")
     if options.target_bits is not None and options.max_size_mb is not None:
@@ -185,13 +188,20 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         else:
             raise CptqError(f"the {method} scores have no entry for {unit!r}; were they computed at "
                             f"{options.granularity} granularity for this model?")
-    unit_params = {unit: sum(layer.num_params for layer in layers) for unit, layers in units.items()}
+    # Weights per unit as the exported file stores them: a tied LM head is a second, transposed copy
+    # of the embedding in the ONNX file, quantized with its owner's bits, so it counts with that unit.
+    unit_params = dict.fromkeys(units, 0)
+    for layer in graph.layers:
+        unit_params[unit_of(graph, layer, options.granularity)] += layer.num_params
+    # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
+    fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
+                   else FIXED_PARAM_BYTES * non_quantizable_params)
     budget = None
     centres: list[float] = []
     if options.target_bits is not None or options.max_size_mb is not None:
         unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
                                 max_size_mb=options.max_size_mb, block_size=options.block_size,
-                                fixed_params=non_quantizable_params)
+                                fixed_bytes=fixed_bytes, zero_points=options.zero_points)
         budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
     else:
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)
@@ -212,4 +222,5 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         "average_bits": _significant(average_bits),
         "unit_scores": unit_scores,
     }
-    return Plan(layers=layers, method=method, model=model_name, clip=options.clip, meta=meta)
+    plan = Plan(layers=layers, method=method, model=model_name, clip=options.clip, meta=meta)
+    return apply_zero_points(plan, options.zero_points)

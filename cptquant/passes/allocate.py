@@ -25,6 +25,8 @@ KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
 SCALE_BYTES = 4  # one float32 scale per quantization block
 FP16_BYTES = 2
+FIXED_PARAM_BYTES = 4  # biases and norms stay FP32 in the export
+NODE_BYTES = 256  # the DequantizeLinear/MatMulNBits node and initializer names a quantized layer adds
 
 
 def khm_cluster(values: np.ndarray, k: int, p: float = KHM_P, seed: int = 0,
@@ -72,10 +74,13 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
     return bits, [float(c) for c in centres]
 
 
-def unit_bytes(params: int, bits: int, block_size: int) -> float:
+def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto") -> float:
+    """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points."""
     if bits >= 16:
         return FP16_BYTES * params
-    return params * bits / 8 + SCALE_BYTES * math.ceil(params / block_size)
+    blocks = math.ceil(params / block_size)
+    asymmetric = zero_points == "always" or (zero_points == "auto" and bits == 4)
+    return params * bits / 8 + SCALE_BYTES * blocks + (blocks * bits / 8 if asymmetric else 0) + NODE_BYTES
 
 
 def predicted_damage(score: float, bits: int) -> float:
@@ -84,8 +89,11 @@ def predicted_damage(score: float, bits: int) -> float:
 
 def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tuple[int, ...], *,
                 target_bits: float | None = None, max_size_mb: float | None = None, block_size: int = 32,
-                fixed_params: int = 0) -> dict[str, int]:
-    """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes)."""
+                fixed_bytes: float = 0, zero_points: str = "auto") -> dict[str, int]:
+    """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes).
+
+    `fixed_bytes`: what the file holds whatever the plan (graph, biases, norms), counted in a size budget.
+    """
     widths = sorted(set(bit_widths))
     names = list(scores)
     if target_bits is not None:
@@ -100,15 +108,15 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
         unit = "bits"
     else:
         def cost(name: str, bits: int) -> float:
-            return unit_bytes(params[name], bits, block_size)
+            return unit_bytes(params[name], bits, block_size, zero_points)
 
-        budget = max_size_mb * MB - FP16_BYTES * fixed_params
+        budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"
     chosen = {name: widths[0] for name in names}
     spent = sum(cost(n, chosen[n]) for n in names)
     if spent > budget * (1 + 1e-12):
         needed = (spent / sum(params.values()) if unit == "bits"
-                  else (spent + FP16_BYTES * fixed_params) / MB)
+                  else (spent + fixed_bytes) / MB)
         what = f"{needed:.3f} bits per weight" if unit == "bits" else f"{needed:.3f} MB"
         raise CptqError(f"the budget cannot be met: even every layer at {widths[0]} bits needs {what}")
     while True:
