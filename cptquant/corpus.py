@@ -54,6 +54,28 @@ def sentences(min_words: int = 6, max_words: int = 40) -> list[str]:
     return out
 
 
+EVALUATION_SIZE = 450  # sentences held out for evaluation; calibration never sees them
+
+
+def _shuffled() -> list[str]:
+    pool = sentences()
+    random.Random(0).shuffle(pool)
+    return pool
+
+
+def evaluation_sentences(n: int | None = None) -> list[str]:
+    """Held-out sentences for quality measurements, disjoint from `calibration_sentences()`."""
+    held_out = _shuffled()[-EVALUATION_SIZE:]
+    if n is not None and n > len(held_out):
+        raise ValueError(f"the offline corpus holds out {len(held_out)} evaluation sentences; asked for {n}")
+    return held_out if n is None else held_out[:n]
+
+
+def calibration_sentences() -> list[str]:
+    """Sentences for calibration: everything not held out for evaluation."""
+    return _shuffled()[:-EVALUATION_SIZE]
+
+
 def split_corpus(n_calib: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint calibration and evaluation sentences, shuffled with `seed`."""
     pool = sentences()

@@ -254,3 +254,14 @@ def test_cli_analyze_rejects_bad_input(tmp_path):
 def test_default_model_loads_offline():
     loaded = load_model(None)
     assert build_layer_graph(loaded.model).num_blocks == 6
+
+
+def test_offline_calibration_never_sees_evaluation_text():
+    from cptquant.corpus import evaluation_sentences
+    from cptquant.passes.calibration import load_texts
+
+    calibration, _ = load_texts(None, seq_len=128)
+    joined = " ".join(calibration)
+    held_out = evaluation_sentences()
+    assert len(held_out) >= 400
+    assert not any(sentence in joined for sentence in held_out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..corpus import sentences
+from ..corpus import calibration_sentences
 from ..errors import CptqError
 
 MIN_SAMPLES = 8
@@ -93,7 +93,7 @@ def _texts_from_hub(spec: str, text_field: str) -> list[str]:
 def _offline_corpus_texts(seq_len: int) -> list[str]:
     """Consecutive corpus sentences packed into samples of about `seq_len` tokens (words * 1.3)."""
     samples, current, words = [], [], 0
-    for sentence in sentences():
+    for sentence in calibration_sentences():  # never the held-out evaluation sentences
         current.append(sentence)
         words += len(sentence.split())
         if words * 1.3 >= seq_len:

@@ -19,22 +19,22 @@ from pathlib import Path
 
 import numpy as np
 
-from ..corpus import split_corpus
+from ..corpus import evaluation_sentences
 from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM
 from ..progress import progress_bar
 from .base import RuntimeAdapter
 from .inputs import feeds_for
 
-# Calibration draws from the front of split_corpus(seed=0); evaluation skips this many sentences,
-# which is more than any calibration set we use, so evaluation text is never calibration text.
-CALIBRATION_RESERVED = 256
 BATCH = 8
 
 
 def evaluation_texts(n: int) -> list[str]:
     """The held-out evaluation text. The one place to swap in another source (e.g. corpus.lm_splits())."""
-    return split_corpus(CALIBRATION_RESERVED, n, seed=0)[1]
+    try:
+        return evaluation_sentences(n)
+    except ValueError as exc:
+        raise CptqError(str(exc)) from None
 
 
 @dataclass
