@@ -103,6 +103,20 @@ def _write_report(path: Path, report: dict, other_files: list[Path], model_file:
     path.write_text(text)
 
 
+def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
+    """The layer graph as the FP32 export realises it, with its layer map.
+
+    Layers the exported graph never reads (a pooler no output needs) are dropped, and the graph
+    learns the bytes every plan keeps (graph, biases, norms) so that size budgets are exact.
+    """
+    model_proto = model_proto if model_proto is not None else load_onnx(fp32_dir / MODEL_FILE)
+    graph = build_layer_graph(loaded.model)
+    layer_map = build_layer_map(model_proto, loaded.model, graph)
+    graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+    graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
+    return graph, layer_map
+
+
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
                      progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
                      verify: bool = False) -> ExportResult:
@@ -126,11 +140,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 export_onnx(loaded, fp32_dir)
                 model_proto = load_onnx(fp32_dir / MODEL_FILE)
             with steps.step(timings):
-                graph = build_layer_graph(loaded.model)
-                layer_map = build_layer_map(model_proto, loaded.model, graph)
-                # Layers the exported graph never reads (a pooler no output needs) are not planned.
-                graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
-                graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
+                graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name

@@ -1,0 +1,142 @@
+"""docs/benchmarks.md and docs/pareto.png from the results of one run."""
+
+from __future__ import annotations
+
+import platform
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..model_loading import TASK_CAUSAL_LM
+from .anchors import FP16, FP32, ORT_INT8
+from .run import ModelResult, Variant
+
+
+def machine() -> str:
+    from ..runtimes.cpu import _cpu_model
+
+    import os
+
+    return (f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"onnxruntime {ort.__version__}, CPU execution provider with 2 intra-op threads")
+
+
+def _quality_columns(task: str) -> list[str]:
+    return ["perplexity", "Δ ppl vs FP32", "top-1 agree"] if task == TASK_CAUSAL_LM else [
+        "mean cos", "min cos", "NN agree"]
+
+
+def _quality_cells(task: str, v: Variant) -> list[str]:
+    q = v.quality
+    if not q:
+        return ["–"] * 3
+    if task == TASK_CAUSAL_LM:
+        inc = q.get("ppl_increase")
+        return [f"{q['perplexity']:.3f}", "0" if v.name == FP32 else f"{100 * inc:+.2f} %",
+                "1" if v.name == FP32 else f"{q['top1_agreement']:.3f}"]
+    if v.name == FP32:
+        return ["1", "1", "1"]
+    return [f"{q['mean_cosine']:.4f}", f"{q['min_cosine']:.4f}", f"{q['nn_agreement']:.3f}"]
+
+
+def _p50(v: Variant, key: str) -> float:
+    return v.latency[key]["p50_ms"]
+
+
+def model_section(result: ModelResult) -> str:
+    spec, task = result.spec, result.task
+    by_name = {v.name: v for v in result.variants}
+    fp16 = by_name[FP16].model_bytes
+    keys = result.latency_keys
+    lines = [f"## {spec.title}", ""]
+    if result.quality_settings:
+        lines.append(f"Quality against FP32 on held-out text ({', '.join(f'{k} {v}' for k, v in result.quality_settings.items())}). "
+                     "Latency: median (p50) of interleaved runs at batch 1; ratios are FP32 time / variant time "
+                     "and ORT-int8 time / variant time, measured in the same run.")
+    else:
+        lines.append("Random weights: cost and speed only (quality would mean nothing). Latency: median of "
+                     "interleaved runs at batch 1.")
+    lines.append("")
+    header = ["variant", "avg bits", "MB on disk", "× under FP16"] + (_quality_columns(task) if result.quality_settings else [])
+    for key in keys:
+        header += [f"{key} ms", "vs FP32", "vs int8"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for v in result.variants:
+        row = [v.name, "–" if v.average_bits is None else f"{v.average_bits:.2f}", f"{v.model_bytes / 1e6:.2f}",
+               f"{fp16 / v.model_bytes:.2f}"]
+        if result.quality_settings:
+            row += _quality_cells(task, v)
+        for key in keys:
+            row += [f"{_p50(v, key):.2f}", f"{_p50(by_name[FP32], key) / _p50(v, key):.2f}",
+                    f"{_p50(by_name[ORT_INT8], key) / _p50(v, key):.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Sensitivity analysis (forward-pass equivalents: seconds / the seconds of one forward pass over "
+              f"the same calibration set, {result.forward_s:.2f} s here; Spearman: rank correlation with the "
+              "measured 4-bit damage of each layer):", "",
+              "| method | cost (FPE) | Spearman vs oracle |", "|---|---|---|"]
+    for method, cost in result.cost_fpe.items():
+        rho = result.spearman.get(method)
+        lines.append(f"| {method} | {cost:.2f} | {'–' if rho is None else f'{rho:.3f}'} |")
+    lines += ["", f"_{spec.key}: {result.seconds / 60:.1f} minutes for this section._", ""]
+    return "\n".join(lines)
+
+
+def pareto_plot(results: list[ModelResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_quality = [r for r in results if r.quality_settings]
+    fig, axes = plt.subplots(1, max(1, len(with_quality)), figsize=(6.5 * max(1, len(with_quality)), 4.6),
+                             squeeze=False)
+    for ax, result in zip(axes[0], with_quality):
+        causal = result.task == TASK_CAUSAL_LM
+
+        def y(v: Variant) -> float:
+            if v.name == FP32:
+                return 0.0
+            return 100 * v.quality["ppl_increase"] if causal else 1 - v.quality["mean_cosine"]
+
+        families: dict[str, list[Variant]] = {}
+        for v in result.variants:
+            families.setdefault(v.family, []).append(v)
+        for family, members in families.items():
+            if family == "anchor":
+                for v in members:
+                    ax.scatter(v.model_bytes / 1e6, max(y(v), 1e-6), marker="s", s=40, label=v.name, zorder=3)
+                continue
+            members = sorted(members, key=lambda v: v.model_bytes)
+            ax.plot([v.model_bytes / 1e6 for v in members], [max(y(v), 1e-6) for v in members], marker="o",
+                    label=f"cptq {family}" if family != "uniform" else "cptq uniform 8/4", linestyle="-"
+                    if family != "uniform" else ":")
+        ax.set_xlabel("MB on disk (model.onnx)")
+        ax.set_ylabel("perplexity increase vs FP32 (%)" if causal else "1 − mean cosine vs FP32")
+        ax.set_yscale("log")
+        ax.set_title(result.spec.title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(results: list[ModelResult], path: Path, goals: str, command: str, minutes: float) -> None:
+    parts = [
+        "# Benchmarks", "",
+        f"Produced by `{command}` on {date.today().isoformat()} in {minutes:.0f} minutes; every figure below comes "
+        "from that one run. Machine: " + machine() + ".", "",
+        "Sizes are `model.onnx` (+ external data) bytes; FP16 is the same optimum export converted with ORT's "
+        "float16 converter (FP32 inputs and outputs kept). ORT int8 dynamic is `quantize_dynamic(per_channel=True)`; "
+        "ORT int4 RTN is `MatMulNBitsQuantizer(block_size=32, is_symmetric=True)`; both run on the same FP32 export.",
+        "", "![size against quality](pareto.png)", "", goals, "",
+    ]
+    parts += [model_section(r) for r in results]
+    path.write_text("\n".join(parts))
+
+
+def geomean(values: list[float]) -> float:
+    return float(np.exp(np.mean(np.log(values)))) if values else float("nan")

@@ -1,0 +1,138 @@
+"""One model's benchmark: anchors, sensitivity analysis once, plans at several budgets, exports,
+then quality and interleaved latency of every variant in the same run."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..exporter.pipeline import export_quantized, exported_layer_graph
+from ..model_loading import TASK_CAUSAL_LM, LoadedModel
+from ..passes import AnalysisOptions, analyze, plan_from_scores
+from ..plan import apply_zero_points, uniform_plan
+from ..runtimes.base import model_bytes
+from ..runtimes.cpu import CpuAdapter
+from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
+from ..runtimes.speed import SpeedSettings, measure_latency
+from .anchors import FP16, FP32, ORT_INT4, ORT_INT8, build_anchors
+
+ANCHORS = (FP32, FP16, ORT_INT8, ORT_INT4)
+
+
+@dataclass
+class ModelSpec:
+    key: str
+    title: str
+    load: Callable[[], LoadedModel]
+    methods: tuple[str, ...]  # sensitivity methods whose plans are exported
+    target_bits: tuple[float, ...]  # budgets (average bits per weight), besides the default clustering
+    size_goal_mb: float | None = None  # one more budget, as a file size (the issue's goal for MiniLM)
+    granularity: str = "layer"
+    calib_samples: int = 64
+    seq_len: int = 128
+    calib: str | None = None  # calibration text file; None: the offline corpus
+    eval_set: Callable[[], EvalSet] | None = None
+    measure_quality: bool = True  # False for random weights: cost and speed only
+    validate: bool = True  # run the 4-bit oracle: Spearman, and oracle-ranked plans
+    export_methods: tuple[str, ...] | None = None  # methods whose plans are exported (None: all, oracle too)
+    uniform_bits: tuple[int, ...] = (8, 4)  # uniform plans through the same exporter, for reference
+
+
+@dataclass
+class Variant:
+    name: str
+    family: str  # "anchor" or the method that ranked the layers
+    path: Path
+    model_bytes: int
+    average_bits: float | None = None
+    budget: str = ""
+    quality: dict = field(default_factory=dict)
+    latency: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelResult:
+    spec: ModelSpec
+    task: str
+    variants: list[Variant]
+    spearman: dict[str, float]
+    cost_fpe: dict[str, float]
+    forward_s: float
+    seconds: float
+    quality_settings: dict = field(default_factory=dict)
+    latency_keys: list[str] = field(default_factory=list)
+
+
+def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name: str):
+    """(method, budget label, plan) for every method at the default clustering and at each budget."""
+    rankings = dict(result.scores)
+    if result.oracle is not None:
+        rankings["oracle"] = result.oracle
+    budgets = [("KHM", {})] + [(f"{b:g} bits", {"target_bits": b}) for b in spec.target_bits]
+    if spec.size_goal_mb:
+        budgets.append((f"≤{spec.size_goal_mb:g} MB", {"max_size_mb": spec.size_goal_mb}))
+    for method, scores in rankings.items():
+        if spec.export_methods is not None and method not in spec.export_methods:
+            continue
+        for label, budget in budgets:
+            if method == "oracle" and not budget:
+                continue  # the oracle ranks; KHM on its raw damages adds nothing to compare
+            opts = AnalysisOptions(**{**options.__dict__, **budget})
+            yield method, label, plan_from_scores(graph, scores, method, opts, model_name,
+                                                  non_quantizable_params=result.non_quantizable_params)
+
+
+def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> ModelResult:
+    start = time.perf_counter()
+    loaded = spec.load()
+    log(f"[{spec.key}] anchors")
+    anchors = build_anchors(loaded, root / "anchors")
+    variants = [Variant(name, "anchor", path, model_bytes(path)) for name, path in anchors.items()]
+
+    graph, _ = exported_layer_graph(loaded, anchors[FP32].parent)
+    options = AnalysisOptions(calib=spec.calib, calib_samples=spec.calib_samples, seq_len=spec.seq_len,
+                              granularity=spec.granularity)
+    log(f"[{spec.key}] sensitivity: {', '.join(spec.methods)}" + (" + oracle" if spec.validate else ""))
+    result = analyze(loaded, graph, spec.methods, options, validate=spec.validate, progress=progress)
+
+    plans = [("uniform", f"{bits} bits", apply_zero_points(uniform_plan(graph, bits), "auto"))
+             for bits in spec.uniform_bits]
+    plans += list(_plans(spec, graph, result, options, loaded.display_name))
+    for method, label, plan in plans:
+        name = f"cptq {method} {label}"
+        log(f"[{spec.key}] export {name}")
+        out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}"
+        exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False)
+        variants.append(Variant(name, method, exported.paths.model, exported.report["model_bytes"],
+                                exported.report["average_bits"], label))
+
+    adapter = CpuAdapter(threads=2)
+    config = loaded.config
+    sessions = {v.name: adapter.session(v.path) for v in variants}
+    model_result = ModelResult(spec, loaded.task, variants, result.spearman, result.cost_fpe,
+                               result.seconds["forward"], 0.0)
+    if spec.measure_quality:
+        log(f"[{spec.key}] quality of {len(variants)} variants")
+        settings = QualitySettings.for_mode(False)
+        encoder = TextEncoder(anchors[FP32].parent, config)
+        eval_set = spec.eval_set() if spec.eval_set else None
+        # FP32 is the reference: every other variant is compared with it on the same inputs.
+        quality = measure_quality(loaded.task, adapter, sessions, encoder, config, settings, eval_set,
+                                  candidate=FP32, progress=progress).to_dict()
+        model_result.quality_settings = {"n_examples": quality["n_examples"], **quality["settings"]}
+        for v in variants:
+            v.quality = dict(quality["variants"].get(v.name, {}))
+            if v.name != FP32:
+                v.quality.update(quality[f"vs_{v.name}"])
+    log(f"[{spec.key}] latency of {len(variants)} variants (interleaved)")
+    speed = SpeedSettings.for_mode(False)
+    if loaded.task != TASK_CAUSAL_LM:
+        speed.encoder_shapes = ((1, 16), (1, 128))
+    latency = measure_latency(loaded.task, adapter, sessions, config, speed, progress)
+    for v in variants:
+        v.latency = latency[v.name]
+    model_result.latency_keys = [k for k, stats in latency[FP32].items() if isinstance(stats, dict)]
+    model_result.seconds = time.perf_counter() - start
+    return model_result
