@@ -20,7 +20,7 @@ from ..plan import (DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, ZERO_POINT_MODES, Plan, 
 from . import options, user_errors
 
 PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
-# TDMPQ is the default: it ranks MiniLM's layers like the measured 4-bit damage (Spearman 0.99, docs/passes.md).
+# TDMPQ is the default: it ranks MiniLM's layers like the measured 4-bit damage (Spearman 0.99, docs/benchmarks.md).
 DEFAULT_METHOD = "tdmpq"
 
 
