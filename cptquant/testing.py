@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ def tiny_tokenizer(model_type: str = "opt"):
 # --- Tiny in-memory models ----------------------------------------------------------------------
 
 
-def _seeded(build: Callable[[], Any], seed: int):
+def seeded_model(build: Callable[[], Any], seed: int):
     """Build a model with torch's RNG seeded, leaving the caller's global RNG state untouched."""
     import torch
 
@@ -151,7 +152,7 @@ def tiny_opt(seed: int = 0):
         num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS, max_position_embeddings=TINY_MAX_POSITIONS,
         pad_token_id=PAD_ID, bos_token_id=EOS_ID, eos_token_id=EOS_ID, dropout=0.0, attention_dropout=0.0,
     )
-    return _seeded(lambda: OPTForCausalLM(config), seed)
+    return seeded_model(lambda: OPTForCausalLM(config), seed)
 
 
 def tiny_gpt2(seed: int = 0):
@@ -163,7 +164,7 @@ def tiny_gpt2(seed: int = 0):
         n_positions=TINY_MAX_POSITIONS, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )
-    return _seeded(lambda: GPT2LMHeadModel(config), seed)
+    return seeded_model(lambda: GPT2LMHeadModel(config), seed)
 
 
 def tiny_llama(seed: int = 0):
@@ -176,7 +177,7 @@ def tiny_llama(seed: int = 0):
         num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_HEADS // 2, max_position_embeddings=TINY_MAX_POSITIONS,
         bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
     )
-    return _seeded(lambda: LlamaForCausalLM(config), seed)
+    return seeded_model(lambda: LlamaForCausalLM(config), seed)
 
 
 def tiny_bert(seed: int = 0, task: str = "feature-extraction"):
@@ -197,7 +198,7 @@ def tiny_bert(seed: int = 0, task: str = "feature-extraction"):
         num_attention_heads=TINY_HEADS, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
     )
-    return _seeded(lambda: classes[task](config), seed)
+    return seeded_model(lambda: classes[task](config), seed)
 
 
 TINY_BUILDERS: dict[str, Callable[..., Any]] = {"opt": tiny_opt, "gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
@@ -219,23 +220,31 @@ def save_tiny_model(model, folder: str | Path, tokenizer: bool = True) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _sample_recipe(name: str):
+def sample_recipe(name: str):
+    """The module samples/<name>.py of this source checkout, imported by path (samples/ is not an
+    installed package)."""
     path = Path(__file__).resolve().parents[1] / "samples" / f"{name}.py"
     if not path.is_file():
         raise CptqError(f"the sample recipe {path} is missing; sample models need a source checkout of cptquant")
-    spec = importlib.util.spec_from_file_location(f"cptquant_samples_{name}", path)
+    module_name = f"cptquant_samples_{name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
     return module
 
 
 def ensure_tiny_lm(force: bool = False) -> Path:
     """Folder of the trained tiny OPT language model (samples/train_tiny_lm.py); trained on first
     use (about 10 minutes on 2 cores) and cached under `cache_root()`."""
-    return _sample_recipe("train_tiny_lm").ensure_tiny_lm(force=force)
+    return sample_recipe("train_tiny_lm").ensure_tiny_lm(force=force)
 
 
 def ensure_opt125m_random(force: bool = False) -> Path:
     """Folder of the OPT-125M-shaped model with seeded random weights (samples/random_models.py),
     cached under `cache_root()`."""
-    return _sample_recipe("random_models").ensure_opt125m_random(force=force)
+    return sample_recipe("random_models").ensure_opt125m_random(force=force)

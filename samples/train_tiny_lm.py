@@ -159,7 +159,7 @@ def train(
     if steps is not None:
         recipe = dataclasses.replace(recipe, steps=steps, warmup_steps=min(recipe.warmup_steps, max(1, steps // 10)))
     out_dir = Path(out_dir)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     splits = lm_splits()
     train_docs, eval_docs = splits.train, splits.evaluation
@@ -217,6 +217,9 @@ def train(
         "unigram_eval_perplexity": math.exp(unigram_nll),
         "eval_history": metrics["eval_history"],
         "wall_time_s": round(wall, 1),
+        # CPU seconds of this process: with `threads` free cores, wall ~= cpu / threads. Shows
+        # whether a long wall time came from sharing the cores.
+        "cpu_time_s": round(time.process_time() - cpu_started, 1),
         "threads": recipe.threads,
         "torch": torch.__version__,
     }
