@@ -6,10 +6,17 @@ English prose, present on every machine that runs Python, and stable for a given
 
 from __future__ import annotations
 
+import ast
+import functools
+import hashlib
 import importlib
 import inspect
+import os
 import random
 import re
+import sysconfig
+from pathlib import Path
+from typing import NamedTuple
 
 # Modules with long, prose-like docstrings. Order matters for determinism.
 _MODULES = (
@@ -83,3 +90,111 @@ def split_corpus(n_calib: int, n_eval: int, seed: int = 0) -> tuple[list[str], l
     if n_calib + n_eval > len(pool):
         raise ValueError(f"the offline corpus has {len(pool)} sentences; asked for {n_calib + n_eval}")
     return pool[:n_calib], pool[n_calib : n_calib + n_eval]
+
+
+# --- Long-form documents for training and evaluating a small language model -------------------
+#
+# The sentences above are too few (~1150) to train a language model. The documents below use
+# everything prose-like that a Python installation ships: the language reference topics in
+# `pydoc_data` and every docstring in the pure-Python standard library. Docstrings are read with
+# `ast` from the source files instead of importing the modules, so building the corpus has no side
+# effects (no `antigravity`, no Tk) and does not depend on which optional C extensions exist.
+
+# Folders of the standard library whose text is tests, generated tables or tools, not prose.
+_SKIPPED_STDLIB_DIRS = frozenset(
+    {"__pycache__", "site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo",
+     "lib2to3", "distutils", "encodings", "ensurepip", "tkinter"}
+)
+_MIN_DOCUMENT_CHARS = 200
+
+
+def _stdlib_source_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Sorting in place fixes os.walk's traversal order.
+        dirnames[:] = sorted(d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS and not d.startswith(("test", "config-")))
+        files.extend(Path(dirpath) / name for name in sorted(filenames) if name.endswith(".py"))
+    return files
+
+
+def _file_docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    return [doc for node in ast.walk(tree) if isinstance(node, nodes) and (doc := ast.get_docstring(node))]
+
+
+@functools.lru_cache(maxsize=1)
+def _documents() -> tuple[str, ...]:
+    import pydoc_data.topics
+
+    seen: set[str] = set()
+    out: list[str] = []
+
+    def add(parts: list[str]) -> None:
+        # A docstring repeated in many places (overrides, aliases) is kept once, where first seen.
+        fresh = []
+        for part in parts:
+            part = part.strip()
+            if part and part not in seen:
+                seen.add(part)
+                fresh.append(part)
+        text = "\n\n".join(fresh)
+        if len(text) >= _MIN_DOCUMENT_CHARS:
+            out.append(text)
+
+    for key in sorted(pydoc_data.topics.topics):
+        add([pydoc_data.topics.topics[key]])
+    for path in _stdlib_source_files():
+        add(_file_docstrings(path))
+    return tuple(out)
+
+
+def documents() -> list[str]:
+    """Offline English documents in a stable order: each pydoc topic, then the docstrings of each
+    standard-library source file joined into one document. Deduplicated; about 1.9 MB of text on
+    Python 3.11. Depends only on the Python version (see `corpus_hash`)."""
+    return list(_documents())
+
+
+def corpus_hash(docs: list[str] | None = None) -> str:
+    """SHA-256 of the documents (default: `documents()`), to tie trained artefacts to their text."""
+    digest = hashlib.sha256()
+    for doc in _documents() if docs is None else docs:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _document_bucket(doc: str) -> float:
+    """A stable number in [0, 1) from the text alone, so a document's split never depends on
+    which other documents exist or on their order."""
+    return int.from_bytes(hashlib.sha256(doc.encode("utf-8")).digest()[:8], "big") / 2.0**64
+
+
+class LMSplits(NamedTuple):
+    train: list[str]
+    calibration: list[str]
+    evaluation: list[str]
+
+
+def lm_splits(calibration_fraction: float = 0.1, evaluation_fraction: float = 0.1) -> LMSplits:
+    """Disjoint train / calibration / evaluation documents, assigned by document hash.
+
+    Evaluation is disjoint from calibration (quantization must not be scored on the text it was
+    calibrated on) and from training (perplexity must not be scored on memorised text)."""
+    if calibration_fraction < 0 or evaluation_fraction < 0 or calibration_fraction + evaluation_fraction >= 1:
+        raise ValueError("calibration and evaluation fractions must be >= 0 and sum to less than 1")
+    splits = LMSplits([], [], [])
+    for doc in _documents():
+        bucket = _document_bucket(doc)
+        if bucket < evaluation_fraction:
+            splits.evaluation.append(doc)
+        elif bucket < evaluation_fraction + calibration_fraction:
+            splits.calibration.append(doc)
+        else:
+            splits.train.append(doc)
+    return splits
