@@ -10,7 +10,7 @@ import ast
 import functools
 import hashlib
 import importlib
-import inspect
+import importlib.util
 import os
 import random
 import re
@@ -32,17 +32,14 @@ _WORDY = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
 
 
 def _docstrings() -> list[str]:
+    """Docstrings of the modules above, read from their source with `ast` (see `_file_docstrings`):
+    inspecting live module objects made the corpus depend on what the process had imported before."""
     texts: list[str] = []
     for module_name in _MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
+        spec = importlib.util.find_spec(module_name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
-        objects = [module] + [obj for _, obj in sorted(vars(module).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and getattr(obj, "__module__", module_name).startswith(module_name.split(".")[0]):
-                texts.append(doc)
+        texts.extend(_file_docstrings(Path(spec.origin)))
     return texts
 
 
@@ -81,15 +78,6 @@ def evaluation_sentences(n: int | None = None) -> list[str]:
 def calibration_sentences() -> list[str]:
     """Sentences for calibration: everything not held out for evaluation."""
     return _shuffled()[:-EVALUATION_SIZE]
-
-
-def split_corpus(n_calib: int, n_eval: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint calibration and evaluation sentences, shuffled with `seed`."""
-    pool = sentences()
-    random.Random(seed).shuffle(pool)
-    if n_calib + n_eval > len(pool):
-        raise ValueError(f"the offline corpus has {len(pool)} sentences; asked for {n_calib + n_eval}")
-    return pool[:n_calib], pool[n_calib : n_calib + n_eval]
 
 
 # --- Long-form documents for training and evaluating a small language model -------------------

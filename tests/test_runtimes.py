@@ -41,11 +41,9 @@ def _export(loaded, bits: int, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_opt(tmp_path_factory):
     """A 2-layer OPT (random weights) exported at 8 bits; the torch model is kept for hand computations."""
-    from transformers import OPTConfig, OPTForCausalLM
+    from cptquant.testing import tiny_opt as build_tiny_opt
 
-    torch.manual_seed(0)
-    model = OPTForCausalLM(OPTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64))
+    model = build_tiny_opt()
     out = _export(wrap_model(model), 8, tmp_path_factory.mktemp("opt") / "opt8")
     return model, out
 
@@ -53,11 +51,9 @@ def tiny_opt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_bert_source(tmp_path_factory) -> Path:
     """A 2-layer BERT saved as a model folder, so exports of it have a real `source` to rebuild from."""
-    from transformers import BertConfig, BertModel
+    from cptquant.testing import tiny_bert
 
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, intermediate_size=128,
-                                 num_attention_heads=4, max_position_embeddings=128))
+    model = tiny_bert()
     folder = tmp_path_factory.mktemp("bert-src") / "tiny-bert"
     model.save_pretrained(folder)
     return folder
