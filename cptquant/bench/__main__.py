@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_libraries()
     start = time.perf_counter()
+    load_before = os.getloadavg()[0]
     results = []
     for spec in specs(args.quick):
         root = CACHE / spec.key
@@ -146,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     plot = "pareto-quick.png" if args.quick else "pareto.png"
     command = "make bench-quick" if args.quick else "make bench"
     pareto_plot(results, args.out / plot)
-    write_markdown(results, args.out / name, goals(results), command, (time.perf_counter() - start) / 60)
+    load = (f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: above "
+            "0.5 means other work shared the 2 cores, which slows absolute latencies; ratios come from "
+            "interleaved runs.")
+    write_markdown(results, args.out / name, goals(results), command, (time.perf_counter() - start) / 60, load)
     if plot != "pareto.png":
         text = (args.out / name).read_text().replace("(pareto.png)", f"({plot})")
         (args.out / name).write_text(text)

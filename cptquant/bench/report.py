@@ -124,11 +124,12 @@ def pareto_plot(results: list[ModelResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_markdown(results: list[ModelResult], path: Path, goals: str, command: str, minutes: float) -> None:
+def write_markdown(results: list[ModelResult], path: Path, goals: str, command: str, minutes: float,
+                   load: str = "") -> None:
     parts = [
         "# Benchmarks", "",
         f"Produced by `{command}` on {date.today().isoformat()} in {minutes:.0f} minutes; every figure below comes "
-        "from that one run. Machine: " + machine() + ".", "",
+        "from that one run. Machine: " + machine() + ". " + load, "",
         "Sizes are `model.onnx` (+ external data) bytes; FP16 is the same optimum export converted with ORT's "
         "float16 converter (FP32 inputs and outputs kept). ORT int8 dynamic is `quantize_dynamic(per_channel=True)`; "
         "ORT int4 RTN is `MatMulNBitsQuantizer(block_size=32, is_symmetric=True)`; both run on the same FP32 export.",
