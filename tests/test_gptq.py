@@ -51,10 +51,22 @@ def test_identity_hessian_is_round_to_nearest(bits, symmetric, clip):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_with_diagonal_hessian_is_round_to_nearest(symmetric):
+    # No cross terms: nothing to compensate, so any order gives RTN; checks the codes go back in place.
+    _, w = _correlated_layer(k=96, n=40)
+    diag = np.random.default_rng(3).uniform(0.1, 10.0, 96)
+    gptq = gptq_quantize(w, np.diag(diag), 4, 32, symmetric, act_order=True)
+    rtn = quantize_blocked(w, 4, 32, symmetric)
+    assert np.array_equal(gptq.q, rtn.q) and np.array_equal(gptq.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("clip", ["absmax", "mse"])
-def test_gptq_beats_round_to_nearest_on_correlated_inputs(symmetric, clip):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(symmetric, clip, act_order):
     x, w = _correlated_layer()
-    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric, clip)
+    x *= np.random.default_rng(1).uniform(0.2, 3.0, x.shape[1]).astype(np.float32)  # uneven input scales
+    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric, clip, act_order=act_order)
     rtn = quantize_blocked(w, 4, 32, symmetric, clip)
     assert _output_error(x, w, gptq) < 0.8 * _output_error(x, w, rtn)
 
@@ -87,10 +99,11 @@ def test_block_size_must_divide_k_and_hessian_must_match():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_dead_input_is_zeroed_and_the_rest_still_compensated(symmetric):
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_input_is_zeroed_and_the_rest_still_compensated(symmetric, act_order):
     x, w = _correlated_layer()
     x[:, [3, 70]] = 0.0  # inputs that never fire: zero rows and columns in H
-    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric)
+    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric, act_order=act_order)
     dq = gptq.dequantize()
     assert np.isfinite(dq).all()
     assert (dq[[3, 70]] == 0).all()

@@ -7,7 +7,9 @@ the error of each row is pushed onto the rows not yet quantized through the inve
 the layer's inputs (H = E[x xᵀ]), which minimises ‖X Wq − X W‖ greedily instead of ‖Wq − W‖.
 
 Each block's scale and zero point are chosen when quantization reaches its first row, from the
-block's weights as updated by the errors of the earlier rows (group-wise GPTQ).
+block's weights as updated by the errors of the earlier rows (group-wise GPTQ). With `act_order`
+the rows go by decreasing input energy H_ii instead, and every block's scale is fixed up front
+from the original weights ("static groups"), which keeps the contiguous-block storage.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01) -> tuple[n
 
 
 def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_size: int = 32,
-                  symmetric: bool = True, clip: str = "absmax", damp: float = 0.01) -> QuantizedWeight:
+                  symmetric: bool = True, clip: str = "absmax", damp: float = 0.01,
+                  act_order: bool = False) -> QuantizedWeight:
     """Quantize a [K, N] weight with GPTQ given the [K, K] Hessian of its inputs; blocks run along K.
 
     `damp` adds damp·mean(diag H) to the diagonal. With H = identity this is round-to-nearest.
+    `act_order` quantizes rows by decreasing H_ii (the most active inputs first); the blocks then
+    take their scales from the original weights up front ("static groups"), so the storage stays
+    contiguous blocks along K.
     """
     check_options(bits, clip)
     weight = np.array(weight_kn, dtype=np.float32)  # a copy: updated in place with the errors
@@ -63,13 +69,21 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
         raise ValueError(f"block size {block_size} does not divide the input size {k}")
     if np.shape(hessian) != (k, k):
         raise ValueError(f"hessian shape {np.shape(hessian)} does not match the weight's K={k}")
-    upper64, dead = inverse_hessian_cholesky(hessian, damp)
-    upper = upper64.astype(np.float32)
-    weight[dead] = 0.0
+    diag = np.diag(hessian)
+    weight[diag <= 0] = 0.0  # dead inputs: the row never contributes
+    num_blocks = k // block_size
+    scales = np.empty((num_blocks, n), dtype=np.float32)
+    zero_points = None if symmetric else np.empty((num_blocks, n), dtype=np.uint8)
+    order = np.arange(k)
+    if act_order:
+        order = np.argsort(-diag, kind="stable")
+        scales[:], zp = block_params(weight.reshape(num_blocks, block_size, n), bits, symmetric, clip)
+        if zp is not None:
+            zero_points[:] = zp
+    upper = inverse_hessian_cholesky(np.asarray(hessian)[np.ix_(order, order)], damp)[0].astype(np.float32)
+    weight = weight[order]  # row j is input order[j]; identity order without act_order
 
     codes = np.empty((k, n), dtype=np.int8 if symmetric else np.uint8)
-    scales = np.empty((k // block_size, n), dtype=np.float32)
-    zero_points = None if symmetric else np.empty((k // block_size, n), dtype=np.uint8)
     lazy = max(1, LAZY_ROWS // block_size) * block_size
     for start in range(0, k, lazy):
         stop = min(start + lazy, k)
@@ -77,16 +91,18 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
         u = upper[start:stop, start:stop]
         errors = np.empty((stop - start, n), dtype=np.float32)
         for i in range(stop - start):
-            if (start + i) % block_size == 0:
-                group = (start + i) // block_size
+            group = order[start + i] // block_size
+            if not act_order and (start + i) % block_size == 0:
+                # The block starts here: its scale comes from its rows as updated so far.
                 scale, zp = block_params(rows[None, i : i + block_size], bits, symmetric, clip)
                 scales[group] = scale[0]
-                zp_float = np.float32(0.0)
                 if zp is not None:
                     zero_points[group] = zp[0]
-                    zp_float = zp[0].astype(np.float32)
+            scale = scales[group : group + 1]
+            zp = None if symmetric else zero_points[group : group + 1]
             q = block_codes(rows[None, i : i + 1], scale, zp, bits)[0, 0]
-            codes[start + i] = q
+            codes[order[start + i]] = q
+            zp_float = np.float32(0.0) if zp is None else zp[0].astype(np.float32)
             dequantized = (q.astype(np.float32) - zp_float) * scale[0]  # as QuantizedWeight.dequantize
             errors[i] = (rows[i] - dequantized) / u[i, i]
             rows[i + 1 :] -= np.outer(u[i, i + 1 :], errors[i])
