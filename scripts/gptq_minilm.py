@@ -4,6 +4,16 @@ Fake-quantized weights are copied into the model; quality = mean cosine of mask-
 embeddings vs FP32 over 400 held-out evaluation sentences. Calibration is the default
 `build_calibration(loaded)` (disjoint calibration sentences). Run from the repository root:
     python scripts/gptq_minilm.py [--clip absmax|mse] [--bits 4] [--symmetric] [--damp 0.01] [--samples 64] [--act-order]
+
+Measured (2 shared CPU cores; all 37 Linear layers incl. the pooler at 4-bit asymmetric, blocks of 32):
+    word embeddings FP32 / RTN 4-bit asym
+    RTN absmax                      0.97493 / 0.97378
+    RTN mse                         0.97642 / 0.97529
+    GPTQ absmax                     0.98671 / 0.98556
+    GPTQ mse                        0.98672 / 0.98571
+    GPTQ absmax act_order           0.98856 / 0.98754
+    GPTQ mse act_order              0.98881 / 0.98782   (damp 0.1: 0.98785 / 0.98693)
+Hessians (one forward over 64 samples, 8175 tokens) 16-22 s; GPTQ of the 37 layers 6-16 s.
 """
 
 from __future__ import annotations
