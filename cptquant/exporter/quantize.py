@@ -56,70 +56,92 @@ def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
     return weight.reshape(k // block_size, block_size, n)
 
 
-def _symmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray]:
+def _symmetric_codes(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    return np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+
+
+def _asymmetric_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
+    return np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 2**bits - 1)
+
+
+def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
     absmax = np.abs(blocks).max(axis=1)  # [K/B, N]
-    if clip == "mse":
-        best_err = np.full(absmax.shape, np.inf, dtype=np.float32)
-        best_scale = _safe_scale(absmax / qmax)
-        for ratio in _MSE_RATIOS:
-            scale = _safe_scale(ratio * absmax / qmax)
-            q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
-            err = ((q * scale[:, None, :] - blocks) ** 2).sum(axis=1)
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best_scale = np.where(better, scale, best_scale)
-    scale = _safe_scale(absmax / qmax if clip == "absmax" else best_scale)
-    q = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
-    return q, scale
+    if clip != "mse":
+        return _safe_scale(absmax / qmax)
+    best_err = np.full(absmax.shape, np.inf, dtype=np.float32)
+    best_scale = _safe_scale(absmax / qmax)
+    for ratio in _MSE_RATIOS:
+        scale = _safe_scale(ratio * absmax / qmax)
+        err = ((_symmetric_codes(blocks, scale, bits) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+    return _safe_scale(best_scale)
 
 
-def _asymmetric(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray]:
     levels = 2**bits - 1
     lo = np.minimum(blocks.min(axis=1), 0.0)  # keep 0 exactly representable
     hi = np.maximum(blocks.max(axis=1), 0.0)
 
-    def quant(lo_, hi_):
-        span = hi_ - lo_
-        scale = _safe_scale(span / levels)
-        zp = np.clip(np.rint(-lo_ / scale), 0, levels)
-        q = np.clip(np.rint(blocks / scale[:, None, :]) + zp[:, None, :], 0, levels)
-        return q, scale, zp
+    def params(lo_, hi_):
+        scale = _safe_scale((hi_ - lo_) / levels)
+        return scale, np.clip(np.rint(-lo_ / scale), 0, levels)
 
-    if clip == "mse":
-        best = None
-        best_err = np.full(lo.shape, np.inf, dtype=np.float32)
-        for ratio in _MSE_RATIOS:
-            q, scale, zp = quant(lo * ratio, hi * ratio)
-            err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
-            if best is None:
-                best = [q, scale, zp]
-            better = err < best_err
-            best_err = np.where(better, err, best_err)
-            best[0] = np.where(better[:, None, :], q, best[0])
-            best[1] = np.where(better, scale, best[1])
-            best[2] = np.where(better, zp, best[2])
-        q, scale, zp = best
-    else:
-        q, scale, zp = quant(lo, hi)
-    return q.astype(np.uint8), scale.astype(np.float32), zp.astype(np.uint8)
+    if clip != "mse":
+        return params(lo, hi)
+    best_scale = best_zp = None
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    for ratio in _MSE_RATIOS:
+        scale, zp = params(lo * ratio, hi * ratio)
+        q = _asymmetric_codes(blocks, scale, zp, bits)
+        err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+        if best_scale is None:
+            best_scale, best_zp = scale, zp
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zp = np.where(better, zp, best_zp)
+    return best_scale, best_zp
 
 
-def quantize_blocked(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,
-                     clip: str = "absmax") -> QuantizedWeight:
-    """Quantize a [K, N] weight in blocks of `block_size` along K to `bits` (4 or 8)."""
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block scale and zero point (None when symmetric) of float32 `blocks` [num_blocks, block, N].
+
+    Shared by round-to-nearest and GPTQ (which calls it on each block's error-updated weights).
+    """
+    if symmetric:
+        return _symmetric_scale(blocks, bits, clip).astype(np.float32), None
+    scale, zp = _asymmetric_params(blocks, bits, clip)
+    return scale.astype(np.float32), zp.astype(np.uint8)
+
+
+def block_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, bits: int) -> np.ndarray:
+    """Integer codes of `blocks` [num_blocks, rows, N] under per-block `scale`/`zero_point` [num_blocks, N]:
+    int8 when symmetric, uint8 when asymmetric (the `QuantizedWeight` conventions)."""
+    if zero_point is None:
+        return _symmetric_codes(blocks, scale, bits).astype(np.int8)
+    return _asymmetric_codes(blocks, scale, zero_point.astype(np.float32), bits).astype(np.uint8)
+
+
+def check_options(bits: int, clip: str) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if clip not in CLIP_METHODS:
         raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+
+
+def quantize_blocked(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,
+                     clip: str = "absmax") -> QuantizedWeight:
+    """Quantize a [K, N] weight in blocks of `block_size` along K to `bits` (4 or 8), round-to-nearest."""
+    check_options(bits, clip)
     weight = np.asarray(weight, dtype=np.float32)
     blocks = _blocks(weight, block_size)
-    k, n = weight.shape
-    if symmetric:
-        q, scale = _symmetric(blocks, bits, clip)
-        return QuantizedWeight(q.reshape(k, n), scale, None, bits, block_size)
-    q, scale, zp = _asymmetric(blocks, bits, clip)
-    return QuantizedWeight(q.reshape(k, n), scale, zp, bits, block_size)
+    scale, zero_point = block_params(blocks, bits, symmetric, clip)
+    q = block_codes(blocks, scale, zero_point, bits)
+    return QuantizedWeight(q.reshape(weight.shape), scale, zero_point, bits, block_size)
 
 
 def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,

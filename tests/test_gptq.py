@@ -1,0 +1,170 @@
+"""GPTQ: same storage as round-to-nearest, lower output error on correlated inputs, and its Hessians."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cptquant.exporter.gptq import gptq_quantize, inverse_hessian_cholesky
+from cptquant.exporter.quantize import quantize_blocked
+from cptquant.layer_graph import ROLE_EMBEDDING, build_layer_graph
+from cptquant.model_loading import TASK_FEATURES, LoadedModel
+from cptquant.passes.calibration import CalibrationSet, build_calibration
+from cptquant.passes.hessian import collect_hessians
+
+
+def _correlated_layer(k=128, n=48, tokens=2048, seed=0):
+    """Inputs X = Z A with strongly correlated features, a weight W [K, N] and H = XᵀX / tokens."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((tokens, k))
+    a = rng.standard_normal((k, k)) / np.sqrt(k) + 0.5 * np.eye(k)
+    x = (z @ a).astype(np.float32)
+    w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+    return x, w
+
+
+def _hessian(x):
+    x64 = x.astype(np.float64)
+    return x64.T @ x64 / len(x)
+
+
+def _output_error(x, w, quantized):
+    return float(np.linalg.norm(x @ quantized.dequantize() - x @ w))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["absmax", "mse"])
+def test_identity_hessian_is_round_to_nearest(bits, symmetric, clip):
+    _, w = _correlated_layer(k=96, n=40)
+    w[:32, :5] = 0.0  # an all-zero block keeps its safe scale of 1
+    gptq = gptq_quantize(w, np.eye(96), bits, 32, symmetric, clip)
+    rtn = quantize_blocked(w, bits, 32, symmetric, clip)
+    assert gptq.q.dtype == rtn.q.dtype
+    assert np.array_equal(gptq.q, rtn.q)
+    assert np.array_equal(gptq.scale, rtn.scale)
+    if symmetric:
+        assert gptq.zero_point is None
+    else:
+        assert np.array_equal(gptq.zero_point, rtn.zero_point)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_act_order_with_diagonal_hessian_is_round_to_nearest(symmetric):
+    # No cross terms: nothing to compensate, so any order gives RTN; checks the codes go back in place.
+    _, w = _correlated_layer(k=96, n=40)
+    diag = np.random.default_rng(3).uniform(0.1, 10.0, 96)
+    gptq = gptq_quantize(w, np.diag(diag), 4, 32, symmetric, act_order=True)
+    rtn = quantize_blocked(w, 4, 32, symmetric)
+    assert np.array_equal(gptq.q, rtn.q) and np.array_equal(gptq.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("clip", ["absmax", "mse"])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_round_to_nearest_on_correlated_inputs(symmetric, clip, act_order):
+    x, w = _correlated_layer()
+    x *= np.random.default_rng(1).uniform(0.2, 3.0, x.shape[1]).astype(np.float32)  # uneven input scales
+    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric, clip, act_order=act_order)
+    rtn = quantize_blocked(w, 4, 32, symmetric, clip)
+    assert _output_error(x, w, gptq) < 0.8 * _output_error(x, w, rtn)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_storage_layout(bits, symmetric):
+    x, w = _correlated_layer(k=160, n=24)
+    qw = gptq_quantize(w, _hessian(x), bits, 32, symmetric)
+    assert qw.q.shape == (160, 24) and qw.scale.shape == (5, 24)
+    assert qw.bits == bits and qw.block_size == 32 and qw.symmetric == symmetric
+    assert qw.scale.dtype == np.float32 and (qw.scale > 0).all()
+    if symmetric:
+        assert qw.q.dtype == np.int8
+        assert qw.q.min() >= -(2 ** (bits - 1)) and qw.q.max() <= 2 ** (bits - 1) - 1
+    else:
+        assert qw.q.dtype == np.uint8 and qw.zero_point.dtype == np.uint8
+        assert qw.zero_point.shape == (5, 24)
+        assert qw.q.max() <= 2**bits - 1 and qw.zero_point.max() <= 2**bits - 1
+    dq = qw.dequantize()
+    assert dq.shape == w.shape and dq.dtype == np.float32 and np.isfinite(dq).all()
+
+
+def test_block_size_must_divide_k_and_hessian_must_match():
+    x, w = _correlated_layer(k=96, n=8)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, _hessian(x), 4, 64)
+    with pytest.raises(ValueError):
+        gptq_quantize(w, np.eye(64), 4, 32)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_dead_input_is_zeroed_and_the_rest_still_compensated(symmetric, act_order):
+    x, w = _correlated_layer()
+    x[:, [3, 70]] = 0.0  # inputs that never fire: zero rows and columns in H
+    gptq = gptq_quantize(w, _hessian(x), 4, 32, symmetric, act_order=act_order)
+    dq = gptq.dequantize()
+    assert np.isfinite(dq).all()
+    assert (dq[[3, 70]] == 0).all()
+    assert _output_error(x, w, gptq) < 0.8 * _output_error(x, w, quantize_blocked(w, 4, 32, symmetric))
+
+
+def test_inverse_hessian_cholesky_is_upper_factor_of_dampened_inverse():
+    x, _ = _correlated_layer(k=64)
+    h = _hessian(x)
+    upper, dead = inverse_hessian_cholesky(h, damp=0.01)
+    dampened = h + 0.01 * np.mean(np.diag(h)) * np.eye(64)
+    assert not dead.any()
+    assert np.array_equal(upper, np.triu(upper)) and (np.diag(upper) > 0).all()
+    np.testing.assert_allclose(upper.T @ upper @ dampened, np.eye(64), atol=1e-8)
+
+
+def _tiny_bert_loaded():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    model = BertModel(config).eval()
+    return LoadedModel(model, config, None, TASK_FEATURES, "tiny-bert", "tiny-bert")
+
+
+def test_hessians_are_symmetric_psd_for_every_linear_and_skip_embeddings():
+    loaded = _tiny_bert_loaded()
+    graph = build_layer_graph(loaded.model)
+    calib = build_calibration(loaded, samples=16, seq_len=32)
+    hessians = collect_hessians(loaded, graph, calib, graph.names(), progress=False)
+    linear = [layer for layer in graph.layers if layer.role != ROLE_EMBEDDING]
+    assert set(hessians) == {layer.name for layer in linear}
+    for layer in linear:
+        h = hessians[layer.name]
+        assert h.shape == (layer.in_features, layer.in_features) and h.dtype == np.float64
+        np.testing.assert_allclose(h, h.T, rtol=1e-6, atol=1e-9)
+        assert np.linalg.eigvalsh(h).min() > -1e-6 * np.abs(h).max()
+        assert np.trace(h) > 0
+    # query, key and value read the same input
+    np.testing.assert_array_equal(hessians["encoder.layer.0.attention.self.query"],
+                                  hessians["encoder.layer.0.attention.self.value"])
+
+
+def test_hessians_ignore_padded_tokens():
+    loaded = _tiny_bert_loaded()
+    graph = build_layer_graph(loaded.model)
+    names = [layer.name for layer in graph.layers if layer.role != ROLE_EMBEDDING]
+    gen = torch.Generator().manual_seed(1)
+    lengths = [7, 20, 12, 3]
+    rows = [torch.randint(1, 1000, (length,), generator=gen) for length in lengths]
+    padded_ids = torch.zeros((len(rows), max(lengths)), dtype=torch.long)
+    padded_mask = torch.zeros_like(padded_ids)
+    for i, row in enumerate(rows):
+        padded_ids[i, : len(row)] = row
+        padded_mask[i, : len(row)] = 1
+    padded = CalibrationSet([{"input_ids": padded_ids, "attention_mask": padded_mask}], "test", 20)
+    unpadded = CalibrationSet([{"input_ids": row[None], "attention_mask": torch.ones_like(row[None])} for row in rows],
+                              "test", 20)
+    with_padding = collect_hessians(loaded, graph, padded, names, progress=False)
+    without = collect_hessians(loaded, graph, unpadded, names, progress=False)
+    for name in names:
+        scale = np.abs(without[name]).max()
+        np.testing.assert_allclose(with_padding[name], without[name], atol=1e-5 * scale, err_msg=name)
