@@ -100,13 +100,19 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
     plans = [("uniform", f"{bits} bits", apply_zero_points(uniform_plan(graph, bits), "auto"))
              for bits in spec.uniform_bits]
     plans += list(_plans(spec, graph, result, options, loaded.display_name))
-    for method, label, plan in plans:
-        name = f"cptq {method} {label}"
+    # GPTQ codes for every cptq variant; one round-to-nearest twin of the first tdmpq budget shows what GPTQ adds.
+    runs = [(method, label, plan, "gptq") for method, label, plan in plans]
+    ablation = next(((m, l, p) for m, l, p in plans if m == "tdmpq" and l != "KHM"), None)
+    if ablation:
+        runs.append((*ablation, "rtn"))
+    for method, label, plan, algorithm in runs:
+        name = f"cptq {method} {label}" + (" (RTN)" if algorithm == "rtn" else "")
         log(f"[{spec.key}] export {name}")
-        out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}"
-        exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False)
-        variants.append(Variant(name, method, exported.paths.model, exported.report["model_bytes"],
-                                exported.report["average_bits"], label))
+        out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}"
+        exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False,
+                                    algorithm=algorithm, calibration=options)
+        variants.append(Variant(name, method if algorithm == "gptq" else f"{method} (RTN)", exported.paths.model,
+                                exported.report["model_bytes"], exported.report["average_bits"], label))
 
     adapter = CpuAdapter(threads=2)
     config = loaded.config

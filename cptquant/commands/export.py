@@ -12,6 +12,7 @@ from rich.table import Table
 from ..errors import CptqError
 from ..exporter.pipeline import ExportResult, export_quantized
 from ..exporter.qdq_rewrite import FORMATS
+from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel, load_model
@@ -125,6 +126,8 @@ def export(
     block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input."),
     clip: str = typer.Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search)."),
     zero_points: str = options.ZERO_POINTS,
+    algorithm: str = typer.Option("gptq", "--algorithm",
+                                  help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
     weight_format: str = typer.Option("qdq", "--format",
                                       help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
@@ -147,6 +150,8 @@ def export(
     curvature: str = options.CURVATURE,
 ) -> None:
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
+    if algorithm not in ALGORITHMS:
+        raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     if weight_format not in FORMATS:
         raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
@@ -159,5 +164,5 @@ def export(
     resolve_output(output, force)  # fail on a bad output path before the slow work
     loaded = load_model(model, task, trust_remote_code)
     result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                              report_extras=report_extras, verify=verify)
+                              report_extras=report_extras, verify=verify, algorithm=algorithm, calibration=analysis)
     print_summary(result, Console())

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..errors import CptqError
-from ..layer_graph import LayerGraph, build_layer_graph
+from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import LoadedModel
 from ..plan import Plan, validate_plan
 from ..progress import Steps
@@ -31,6 +31,7 @@ from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
 from .qdq_rewrite import FORMAT_QDQ, rewrite_model
+from .weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 
@@ -119,11 +120,15 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
                      progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
-                     verify: bool = False) -> ExportResult:
+                     verify: bool = False, algorithm: str = "rtn", calibration=None) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
+    `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians collected on
+    `calibration` (AnalysisOptions: the calibration text and sizes; the offline corpus when None).
     With `verify`, a short CPU verification against the FP32/FP16 baselines joins the report too.
     """
+    if algorithm not in ALGORITHMS:
+        raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     paths = resolve_output(out, force)
     try:
         paths.folder.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +137,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
         raise CptqError(f"cannot write to {paths.folder}: {exc.strerror or exc}") from None
     timings: dict[str, float] = {}
     try:
-        steps = Steps(["export ONNX (FP32)", "map layers", "plan", "quantize", "check kernels", "parity",
+        steps = Steps(["export ONNX (FP32)", "map layers", "plan",
+                       "quantize" + (" (GPTQ: calibration + Hessians)" if algorithm == "gptq" else ""),
+                       "check kernels", "parity",
                        "FP16 reference", "write"] + (["verify on CPU"] if verify else []), enabled=progress)
         with steps:
             with steps.step(timings):
@@ -147,8 +154,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 validate_plan(plan, graph)
             out_dir = tmp / "out"
             model_path = out_dir / paths.model.name
+            quantizer = _weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
             with steps.step(timings):
-                rewritten = rewrite_model(model_proto, layer_map, plan, fmt)
+                rewritten = rewrite_model(model_proto, layer_map, plan, fmt, quantizer=quantizer)
                 save_onnx(model_proto, model_path)
                 del model_proto
                 for side in side_files(fp32_dir):
@@ -160,7 +168,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
                     repaired = graph_check.unfused
                     model_proto = load_onnx(fp32_dir / MODEL_FILE)
-                    rewritten = rewrite_model(model_proto, layer_map, plan, fmt, frozenset(repaired))
+                    rewritten = rewrite_model(model_proto, layer_map, plan, fmt, frozenset(repaired), quantizer)
                     save_onnx(model_proto, model_path)
                     del model_proto
                     graph_check = check_kernels(model_path, rewritten)
@@ -204,6 +212,26 @@ def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
     return model_bytes - 4 * sum(sizes[name] for name in weights)
 
 
+def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration,
+                      progress: bool):
+    if algorithm == "rtn":
+        return RoundToNearest()
+    from ..passes import AnalysisOptions
+    from ..passes.calibration import build_calibration
+    from ..passes.hessian import collect_hessians
+
+    options = calibration or AnalysisOptions()
+    wanted = [name for name, lp in plan.layers.items()
+              if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
+
+    def hessians(names: list[str]) -> dict:
+        calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples,
+                                  options.seq_len, options.seed)
+        return collect_hessians(loaded, graph, calib, names, progress=progress)
+
+    return Gptq(hessians, wanted)
+
+
 def _short_verification(folder: Path, loaded: LoadedModel) -> dict:
     from ..runtimes.verify import short_verification  # runtimes import the exporter: import late
 
@@ -239,9 +267,10 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
         "method": plan.method,
         "clip": plan.clip,
         "weight_format": fmt,
+        "algorithm": sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
         "average_bits": round(weighted_bits / total_params, 4) if total_params else None,
         "layers": {
-            name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels,
+            name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels, "algorithm": r.algorithm,
                    "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse}
             for name, r in sorted(rewritten.items())
         },

@@ -21,6 +21,7 @@ from ..errors import CptqError
 from ..plan import LayerPlan, Plan
 from .layer_map import LayerMap, WeightUse
 from .quantize import QuantizedWeight, pack_uint4_last_axis, quantize_blocked
+from .weight_quantizers import RoundToNearest
 
 MS_DOMAIN = "com.microsoft"
 KERNEL_MATMUL_NBITS = "MatMulNBits"
@@ -38,6 +39,7 @@ class RewrittenLayer:
     bytes_after: int  # bytes of what replaced it (integers, scales, zero points)
     new_initializers: list[str] = field(default_factory=list)
     mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
+    algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
 
 
 class _Graph:
@@ -159,13 +161,15 @@ FORMATS = (FORMAT_QDQ, FORMAT_NBITS)
 NBITS_ACCURACY_LEVEL = 4
 
 
-def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str, fmt: str) -> tuple[int, float]:
+def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str, fmt: str,
+                     quantizer=None, layer: str = "") -> tuple[int, float]:
     weight = _weight_seen_by_consumer(g, use)
     if use.op_type == "Gemm":
         consumer, weight_kn = _gemm_to_matmul(g, use, weight)
     else:
         consumer, weight_kn = g.node(use.node), weight
-    qw = quantize_blocked(weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
+    quantizer = quantizer or RoundToNearest()
+    qw = quantizer(layer or base, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
     if fmt == FORMAT_NBITS:
         _write_matmul_nbits(g, consumer, qw, base)
         return qw.nbytes(), _mse(qw, weight_kn)
@@ -257,12 +261,15 @@ def _mse(qw: QuantizedWeight, weight_kn: np.ndarray) -> float:
 
 
 def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: str = FORMAT_QDQ,
-                  nbits_layers: frozenset[str] = frozenset()) -> dict[str, RewrittenLayer]:
+                  nbits_layers: frozenset[str] = frozenset(), quantizer=None) -> dict[str, RewrittenLayer]:
     """Apply `plan` to `model` in place; returns what was done to each layer.
 
     `fmt` chooses how 4/8-bit MatMul weights are written; layers in `nbits_layers` get MatMulNBits
     whatever `fmt` says (used where another ORT fusion would pre-empt DQ -> MatMul, see pipeline).
+    `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding
+    tables are always round-to-nearest.
     """
+    quantizer = quantizer or RoundToNearest()
     g = _Graph(model)
     done: dict[str, RewrittenLayer] = {}
     for name, mapping in layer_map.mapped.items():
@@ -288,7 +295,8 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
                 record.expected_kernels.append(KERNEL_GATHER_BQ)
             else:
                 layer_fmt = FORMAT_NBITS if name in nbits_layers else fmt
-                nbytes, mse = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt)
+                nbytes, mse = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt, quantizer, name)
+                record.algorithm = quantizer.algorithm_for(name, lp.bits)
                 record.bytes_after += nbytes
                 errors.append(mse)
                 record.expected_kernels.append(KERNEL_MATMUL_NBITS)
