@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -147,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     plot = "pareto-quick.png" if args.quick else "pareto.png"
     command = "make bench-quick" if args.quick else "make bench"
     pareto_plot(results, args.out / plot)
-    load = (f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: above "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    load = (f"Code at commit {commit or 'unknown'}. " f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: above "
             "0.5 means other work shared the 2 cores, which slows absolute latencies; ratios come from "
             "interleaved runs.")
     write_markdown(results, args.out / name, goals(results), command, (time.perf_counter() - start) / 60, load)
