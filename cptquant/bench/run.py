@@ -37,7 +37,9 @@ class ModelSpec:
     measure_quality: bool = True  # False for random weights: cost and speed only
     validate: bool = True  # run the 4-bit oracle: Spearman, and oracle-ranked plans
     export_methods: tuple[str, ...] | None = None  # methods whose plans are exported (None: all, oracle too)
-    uniform_bits: tuple[int, ...] = (8, 4)  # uniform plans through the same exporter, for reference
+    # Uniform plans (bits, block size) through the same exporter, for reference. 4 bits in blocks of 16 spends
+    # about the bytes of a 4.5-bit mixed plan on finer scales instead: uniform int4 "at equal size".
+    uniform: tuple[tuple[int, int], ...] = ((8, 32), (4, 32), (4, 16))
 
 
 @dataclass
@@ -97,8 +99,9 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
     log(f"[{spec.key}] sensitivity: {', '.join(spec.methods)}" + (" + oracle" if spec.validate else ""))
     result = analyze(loaded, graph, spec.methods, options, validate=spec.validate, progress=progress)
 
-    plans = [("uniform", f"{bits} bits", apply_zero_points(uniform_plan(graph, bits), "auto"))
-             for bits in spec.uniform_bits]
+    plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""),
+              apply_zero_points(uniform_plan(graph, bits, block), "auto"))
+             for bits, block in spec.uniform]
     plans += list(_plans(spec, graph, result, options, loaded.display_name))
     # GPTQ codes for every cptq variant; one round-to-nearest twin of the first tdmpq budget shows what GPTQ adds.
     runs = [(method, label, plan, "gptq") for method, label, plan in plans]
@@ -131,7 +134,9 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
         for v in variants:
             v.quality = dict(quality["variants"].get(v.name, {}))
             if v.name != FP32:
-                v.quality.update(quality[f"vs_{v.name}"])
+                v.quality.update(quality[f"vs_{v.name}"])  # symmetric measures: cosine, agreement
+            if "perplexity" in v.quality:  # relative to FP32 (measure_quality's was FP32 relative to v)
+                v.quality["ppl_increase"] = v.quality["perplexity"] / quality["variants"][FP32]["perplexity"] - 1
     log(f"[{spec.key}] latency of {len(variants)} variants (interleaved)")
     speed = SpeedSettings.for_mode(False)
     if loaded.task != TASK_CAUSAL_LM:
