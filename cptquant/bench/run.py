@@ -125,6 +125,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
     if spec.measure_quality:
         log(f"[{spec.key}] quality of {len(variants)} variants")
         settings = QualitySettings.for_mode(False)
+        settings.lm_tokens = 16384  # 4-bit damage to a small LM is a few tenths of a percent: measure it on enough text
         encoder = TextEncoder(anchors[FP32].parent, config)
         eval_set = spec.eval_set() if spec.eval_set else None
         # FP32 is the reference: every other variant is compared with it on the same inputs.
