@@ -96,26 +96,33 @@ def pareto_plot(results: list[ModelResult], path: Path) -> None:
     for ax, result in zip(axes[0], with_quality):
         causal = result.task == TASK_CAUSAL_LM
 
+        floor = 1e-6  # log axis for cosine: FP16's 1 − cos (~1e-8) is drawn at this floor and labelled so
+
         def y(v: Variant) -> float:
-            if v.name == FP32:
-                return 0.0
-            return 100 * v.quality["ppl_increase"] if causal else 1 - v.quality["mean_cosine"]
+            if causal:
+                return 100 * v.quality["ppl_increase"]  # linear axis: a quantized LM may even gain a little
+            return max(1 - v.quality["mean_cosine"], floor)
 
         families: dict[str, list[Variant]] = {}
         for v in result.variants:
-            families.setdefault(v.family, []).append(v)
+            if v.name != FP32:  # the reference itself: zero by definition
+                families.setdefault(v.family, []).append(v)
         for family, members in families.items():
             if family == "anchor":
                 for v in members:
-                    ax.scatter(v.model_bytes / 1e6, max(y(v), 1e-6), marker="s", s=40, label=v.name, zorder=3)
+                    label = v.name + (" (at floor)" if not causal and y(v) <= floor else "")
+                    ax.scatter(v.model_bytes / 1e6, y(v), marker="s", s=40, label=label, zorder=3)
                 continue
             members = sorted(members, key=lambda v: v.model_bytes)
-            ax.plot([v.model_bytes / 1e6 for v in members], [max(y(v), 1e-6) for v in members], marker="o",
+            ax.plot([v.model_bytes / 1e6 for v in members], [y(v) for v in members], marker="o",
                     label=f"cptq {family}" if family != "uniform" else "cptq uniform 8/4", linestyle="-"
                     if family != "uniform" else ":")
         ax.set_xlabel("MB on disk (model.onnx)")
         ax.set_ylabel("perplexity increase vs FP32 (%)" if causal else "1 − mean cosine vs FP32")
-        ax.set_yscale("log")
+        if not causal:
+            ax.set_yscale("log")
+        else:
+            ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_title(result.spec.title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
