@@ -16,7 +16,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import CptqError
-from ..layer_graph import LayerGraph, Layer, ROLE_EMBEDDING
+from ..layer_graph import ROLE_CONV1D, Layer, LayerGraph
 
 WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
 
@@ -56,10 +56,9 @@ def _torch_weight(model: nn.Module, layer: Layer) -> np.ndarray:
 
 def _expected_views(layer: Layer, weight: np.ndarray) -> dict[str, np.ndarray]:
     """The torch weight as the consumer would see it, by layout name."""
-    if layer.role == ROLE_EMBEDDING or layer.role == "lm_head" or layer.role == "linear":
-        out_in = weight  # nn.Linear / nn.Embedding: [out, in] ([rows, hidden] for tables)
-        return {"out_in": out_in, "in_out": out_in.T}
-    return {"in_out": weight, "out_in": weight.T}  # Conv1D stores [in, out]
+    if layer.role == ROLE_CONV1D:
+        return {"in_out": weight, "out_in": weight.T}  # Conv1D stores [in, out]
+    return {"out_in": weight, "in_out": weight.T}  # nn.Linear / nn.Embedding: [out, in] ([rows, hidden] for tables)
 
 
 def _consumer_layout(node: onnx.NodeProto) -> str:
