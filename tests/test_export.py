@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -16,7 +15,7 @@ from cptquant.exporter.pipeline import export_quantized
 from cptquant.exporter.quantize import fake_quantize
 from cptquant.layer_graph import build_layer_graph, weight_in_out
 from cptquant.model_loading import wrap_model
-from cptquant.plan import LayerPlan, Plan, uniform_plan
+from cptquant.plan import Plan, uniform_plan
 from cptquant.runtimes.inputs import feeds_for
 
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_opt

@@ -9,7 +9,7 @@ import pytest
 import torch
 import typer
 from typer.testing import CliRunner
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
 from cptquant.commands.analyze import analyze as analyze_command
 from cptquant.errors import CptqError

@@ -86,7 +86,7 @@ def goals(results: list[ModelResult]) -> str:
             lines.append(f"- MiniLM smaller and better than ORT int8 dynamic: {mark(better)}.")
         tiny = [v for v in _ours(r) if v.model_bytes <= 11.3e6]
         best_tiny = max(tiny, key=lambda v: v.quality["mean_cosine"]) if tiny else None
-        lines.append(f"- Stretch, MiniLM ≤ 11.3 MB at cosine ≥ 0.99: " + (
+        lines.append("- Stretch, MiniLM ≤ 11.3 MB at cosine ≥ 0.99: " + (
             f"{mark(best_tiny.quality['mean_cosine'] >= 0.99)} — {best_tiny.name}, {best_tiny.model_bytes / 1e6:.2f} MB, "
             f"cosine {best_tiny.quality['mean_cosine']:.4f}." if best_tiny else "**not met** — no variant that small."))
         mixed = names.get("cptq tdmpq ≤16 MB")
