@@ -69,7 +69,7 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _block_container(model: nn.Module) -> str | None:
+def block_container(model: nn.Module) -> str | None:
     """The qualified name of the ModuleList that holds the transformer blocks (the longest one)."""
     best, best_len = None, 0
     for name, module in model.named_modules():
@@ -87,7 +87,7 @@ def _block_of(name: str, container: str | None) -> int | None:
 
 def build_layer_graph(model: nn.Module) -> LayerGraph:
     """Find every nn.Linear, Conv1D and nn.Embedding, with the LM head and its tie."""
-    container = _block_container(model)
+    container = block_container(model)
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     param_owner: dict[int, str] = {}
     layers: list[Layer] = []

@@ -264,3 +264,27 @@ def test_offline_calibration_never_sees_evaluation_text():
     assert len(held_out) >= 400 and not set(pool) & set(held_out)
     # The packed calibration samples are consecutive sentences of the calibration pool, nothing else.
     assert " ".join(pool).startswith(" ".join(calibration))
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_bert, tiny_gpt2])
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_block_replay_gives_the_scores_of_full_passes(make, granularity):
+    from cptquant.passes.block_replay import BlockReplay
+    from cptquant.passes.oracle import oracle_scores
+
+    model = make()
+    model.eval()
+    loaded, graph = wrap_model(model), build_layer_graph(model)
+    calib = build_calibration(loaded, samples=8, seq_len=16)
+    loss = TaskLoss(loaded, calib)
+    full = BlockReplay(model, graph, loss, granularity, budget_bytes=0)  # keeps nothing: full passes
+    assert full.kept == [] and set(full.unit_start.values()) == {-1}
+    for budget in (None, 1):  # everything kept; then only the last block (the thinnest spacing)
+        per_block = sum(b["input_ids"].numel() for b in loss.inputs) * model.config.hidden_size * 4
+        replay = BlockReplay(model, graph, loss, granularity, budget_bytes=None if budget is None else per_block)
+        assert replay.base_loss == full.base_loss
+        if budget is None:
+            assert replay.kept == list(range(graph.num_blocks)) and max(replay.unit_start.values()) >= 0
+        for method in (pmpq_scores, oracle_scores):
+            assert method(model, graph, calib, loss, granularity=granularity, replay=replay, progress=False) == \
+                method(model, graph, calib, loss, granularity=granularity, replay=full, progress=False)

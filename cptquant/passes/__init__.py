@@ -21,6 +21,7 @@ from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
 from .calibration import MIN_SAMPLES, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
 from .common import GRANULARITIES, allocation_units, time_forward, unit_of
+from .block_replay import BlockReplay
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
 from .task_loss import TaskLoss
@@ -130,7 +131,9 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     reference_seconds = time.perf_counter() - start
     needs_base = any(m in ("pmpq", "oracle") for m in methods) or validate
     start = time.perf_counter()
-    result.base_loss = loss.evaluate(model) if needs_base else None
+    # The unchanged pass: base loss, and the block outputs PMPQ and the oracle replay.
+    replay = BlockReplay(model, graph, loss, options.granularity) if needs_base else None
+    result.base_loss = replay.base_loss if replay else None
     base_seconds = time.perf_counter() - start
     result.seconds["setup"] = reference_seconds + base_seconds
 
@@ -142,7 +145,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
             shared = 0.0
         elif method == "pmpq":
             scores = pmpq_scores(model, graph, calib, loss, options.sparsity, options.granularity,
-                                 result.base_loss, progress)
+                                 replay, progress)
             shared = reference_seconds + base_seconds
         elif method == "tdmpq":
             scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
@@ -150,7 +153,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
             shared = reference_seconds
         else:
             scores = oracle_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
-                                   result.base_loss, progress)
+                                   replay, progress)
             shared = reference_seconds + base_seconds
         elapsed = time.perf_counter() - start
         result.seconds[method] = elapsed

@@ -13,6 +13,7 @@ from scipy.stats import spearmanr
 
 from ..layer_graph import LayerGraph
 from .calibration import CalibrationSet
+from .block_replay import BlockReplay
 from .common import allocation_units, progress_bar, quantized_weight, replaced_weights, weight_param
 from .task_loss import TaskLoss
 
@@ -21,9 +22,9 @@ ORACLE_BITS = 4
 
 def oracle_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
                   granularity: str = "layer", block_size: int = 32, clip: str = "absmax",
-                  base_loss: float | None = None, progress: bool = True) -> dict[str, float]:
+                  replay: BlockReplay | None = None, progress: bool = True) -> dict[str, float]:
     units = allocation_units(graph, granularity)
-    base = loss.evaluate(model) if base_loss is None else base_loss
+    replay = replay or BlockReplay(model, graph, loss, granularity)
     scores = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("Oracle layers", total=len(units))
@@ -33,7 +34,7 @@ def oracle_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
                 param = weight_param(model, layer)
                 quantized.setdefault(param, quantized_weight(model, layer, ORACLE_BITS, block_size, clip))
             with replaced_weights(model, quantized):
-                scores[unit] = loss.evaluate(model) - base
+                scores[unit] = replay.evaluate_unit(unit) - replay.base_loss
             bar.advance(task)
     return scores
 

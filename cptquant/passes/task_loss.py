@@ -54,7 +54,9 @@ class TaskLoss:
             self.targets.append(labels)
 
     def _output(self, model, batch) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
+        extra = {"use_cache": False} if self.task == TASK_CAUSAL_LM else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if self.task == TASK_CLASSIFICATION:
             return out.logits
         if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
@@ -65,8 +67,10 @@ class TaskLoss:
         batch = self.inputs[index]
         output = self._output(model, batch)
         if self.task == TASK_CAUSAL_LM:
-            labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
-            return F.cross_entropy(output[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100)
+            # Labels shifted left (last position ignored) instead of slicing the logits: no copy of them.
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).roll(-1, dims=1)
+            labels[:, -1] = -100
+            return F.cross_entropy(output.flatten(0, 1), labels.flatten(), ignore_index=-100)
         if self.task == TASK_MASKED_LM:
             return F.cross_entropy(output.flatten(0, 1), self.targets[index].flatten(), ignore_index=-100)
         if self.task == TASK_CLASSIFICATION:
