@@ -28,11 +28,12 @@ class QuantizedWeight:
         return self.zero_point is None
 
     def dequantize(self) -> np.ndarray:
-        scale = np.repeat(self.scale, self.block_size, axis=0)
-        q = self.q.astype(np.float32)
+        k, n = self.q.shape
+        q = self.q.astype(np.float32).reshape(k // self.block_size, self.block_size, n)
         if self.zero_point is not None:
-            q = q - np.repeat(self.zero_point, self.block_size, axis=0).astype(np.float32)
-        return (q * scale).astype(np.float32)
+            q -= self.zero_point.astype(np.float32)[:, None, :]
+        q *= self.scale[:, None, :]  # broadcast per block: no repeated copy of the scales
+        return q.reshape(k, n)
 
     def nbytes(self) -> int:
         """Bytes this weight takes in the ONNX file: packed integers, scales and zero points."""

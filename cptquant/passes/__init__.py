@@ -127,7 +127,10 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     fpe = result.seconds["forward"] = time_forward(model, calib)
     # Shared setup (FP32 reference outputs / MLM mask, base loss): each method that needs it pays for it in its cost.
     start = time.perf_counter()
-    loss = TaskLoss(loaded, calib, options.seed)
+    # TDMPQ's Gauss-Newton curvature reads the model's own output; only the other passes (and
+    # Hutchinson's true Hessian) need the FP32 references of a reference-based loss.
+    needs_references = any(m in ("pmpq", "oracle") for m in methods) or validate or options.curvature == "hutchinson"
+    loss = TaskLoss(loaded, calib, options.seed, references=needs_references)
     reference_seconds = time.perf_counter() - start
     needs_base = any(m in ("pmpq", "oracle") for m in methods) or validate
     start = time.perf_counter()
@@ -150,7 +153,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
         elif method == "tdmpq":
             scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
                                   options.curvature, options.seed, progress)
-            shared = reference_seconds
+            shared = reference_seconds if options.curvature == "hutchinson" else 0.0
         else:
             scores = oracle_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
                                    replay, progress)

@@ -79,14 +79,20 @@ def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter
 
 
 @torch.no_grad()
-def time_forward(model: torch.nn.Module, calib) -> float:
-    """Seconds for one plain forward pass over the calibration set: the unit of cost (1 FPE)."""
+def time_forward(model: torch.nn.Module, calib, repeats: int = 3) -> float:
+    """Seconds for one plain forward pass over the calibration set: the unit of cost (1 FPE).
+
+    The median of `repeats` passes: one pass slowed by another process would make every cost look small.
+    """
     # Without a KV cache, as the task loss runs it: building one would make the unit slower than it is.
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    start = time.perf_counter()
-    for batch in calib.batches:
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-    return time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in calib.batches:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def progress_bar(enabled: bool):
