@@ -120,10 +120,29 @@ def goals(results: list[ModelResult]) -> str:
             ratio = fp32.latency["decode_per_token"]["p50_ms"] / v.latency["decode_per_token"]["p50_ms"]
             lines.append(f"- OPT-125M decode per token ≥ 2.5× faster than FP32 ({v.name}): {mark(ratio >= 2.5)} — "
                          f"{ratio:.2f}×.")
-        costs = r.cost_fpe
-        lines.append(f"- Cost on OPT-125M (block granularity): CMPQ {costs.get('cmpq', float('nan')):.2f} FPE (goal ≤ 2), "
-                     f"TDMPQ {costs.get('tdmpq', float('nan')):.2f} (≤ 4), PMPQ {costs.get('pmpq', float('nan')):.2f} "
-                     f"(≤ blocks + 2 = 14).")
+    for r in results:
+        costs, nan = r.cost_fpe, float("nan")
+        if not costs:
+            continue
+        cmpq, tdmpq, pmpq = costs.get("cmpq", nan), costs.get("tdmpq", nan), costs.get("pmpq", nan)
+        line = (f"- {r.spec.key} cost ({r.spec.granularity} granularity): CMPQ {cmpq:.2f} FPE (goal ≤ 2: "
+                f"{mark(cmpq <= 2)}), TDMPQ {tdmpq:.2f} (≤ 4: {mark(tdmpq <= 4)})")
+        if r.spec.granularity == "block":
+            blocks = r.num_blocks
+            line += f", PMPQ {pmpq:.2f} (≤ blocks + 2 = {blocks + 2}: {mark(pmpq <= blocks + 2)})"
+        lines.append(line + ".")
+    for r in results:
+        if r.spearman:
+            method, rho = max(r.spearman.items(), key=lambda item: item[1])
+            lines.append(f"- {r.spec.key}: best method's Spearman vs the oracle ≥ 0.8: {mark(rho >= 0.8)} — {method} "
+                         f"{rho:.3f} (" + ", ".join(f"{m} {v:.3f}" for m, v in r.spearman.items()) + ").")
+        if r.pass_memory:
+            within = all(m["within_goal"] for m in r.pass_memory.values())
+            lines.append(f"- {r.spec.key}: every pass's peak memory ≤ 2× the FP32 model + one batch of activations: "
+                         f"{mark(within)} — " + ", ".join(
+                             f"{m} {v['peak_bytes'] / 1e6:.0f} MB above the loaded model "
+                             f"(allowed {(v['model_bytes'] + v['activation_bytes']) / 1e6:.0f})"
+                             for m, v in r.pass_memory.items()) + ".")
     return "\n".join(lines)
 
 

@@ -76,10 +76,16 @@ def model_section(result: ModelResult) -> str:
     lines += ["", "Sensitivity analysis (forward-pass equivalents: seconds / the seconds of one forward pass over "
               f"the same calibration set, {result.forward_s:.2f} s here; Spearman: rank correlation with the "
               "measured 4-bit damage of each layer):", "",
-              "| method | cost (FPE) | Spearman vs oracle |", "|---|---|---|"]
+              "| method | cost (FPE) | Spearman vs oracle | peak memory of the pass | ≤ 2× model + 1 batch |",
+              "|---|---|---|---|---|"]
     for method, cost in result.cost_fpe.items():
         rho = result.spearman.get(method)
-        lines.append(f"| {method} | {cost:.2f} | {'–' if rho is None else f'{rho:.3f}'} |")
+        memory = result.pass_memory.get(method)
+        cells = ["–", "–"] if memory is None else [
+            f"{memory['peak_bytes'] / 1e6:.0f} MB above the loaded model ({memory['peak_over_model']:.2f}× its "
+            f"{memory['model_bytes'] / 1e6:.0f} MB; one batch of activations: {memory['activation_bytes'] / 1e6:.0f} MB)",
+            "yes" if memory["within_goal"] else "**no**"]
+        lines.append(f"| {method} | {cost:.2f} | {'–' if rho is None else f'{rho:.3f}'} | " + " | ".join(cells) + " |")
     lines += ["", f"_{spec.key}: {result.seconds / 60:.1f} minutes for this section._", ""]
     return "\n".join(lines)
 

@@ -16,6 +16,7 @@ from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from ..runtimes.speed import SpeedSettings, measure_latency
+from .pass_memory import measure as measure_pass_memory
 from .anchors import FP16, FP32, ORT_INT4, ORT_INT8, build_anchors
 
 ANCHORS = (FP32, FP16, ORT_INT8, ORT_INT4)
@@ -65,6 +66,8 @@ class ModelResult:
     seconds: float
     quality_settings: dict = field(default_factory=dict)
     latency_keys: list[str] = field(default_factory=list)
+    pass_memory: dict[str, dict] = field(default_factory=dict)  # method -> bench.pass_memory result
+    num_blocks: int = 0
 
 
 def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name: str):
@@ -98,6 +101,13 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
                               granularity=spec.granularity)
     log(f"[{spec.key}] sensitivity: {', '.join(spec.methods)}" + (" + oracle" if spec.validate else ""))
     result = analyze(loaded, graph, spec.methods, options, validate=spec.validate, progress=progress)
+    log(f"[{spec.key}] peak memory of each pass (a fresh process each)")
+    pass_memory = {}
+    for method in spec.methods:
+        measured = measure_pass_memory(loaded.source, method, spec.granularity, spec.calib_samples, spec.seq_len,
+                                       spec.calib)
+        if measured is not None:
+            pass_memory[method] = measured
 
     plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""),
               apply_zero_points(uniform_plan(graph, bits, block), "auto"))
@@ -121,7 +131,8 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
     config = loaded.config
     sessions = {v.name: adapter.session(v.path) for v in variants}
     model_result = ModelResult(spec, loaded.task, variants, result.spearman, result.cost_fpe,
-                               result.seconds["forward"], 0.0)
+                               result.seconds["forward"], 0.0, pass_memory=pass_memory,
+                               num_blocks=graph.num_blocks)
     if spec.measure_quality:
         log(f"[{spec.key}] quality of {len(variants)} variants")
         settings = QualitySettings.for_mode(False)

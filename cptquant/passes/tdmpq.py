@@ -58,6 +58,11 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
     for p in model.parameters():
         p.requires_grad_(p in errors)
     reducer = _GradientReducer(targets, errors, first, second) if curvature == "fisher" else None
+    # Sparse embedding gradients: a dense one is a second copy of the (often largest) table.
+    sparse_before = {m: m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    if reducer is not None:
+        for module in sparse_before:
+            module.sparse = True
     # Hutchinson differentiates twice; only the math attention kernel has a double backward on CPU.
     kernel = sdpa_kernel(SDPBackend.MATH) if curvature == "hutchinson" else contextlib.nullcontext()
     curvature_weight = 0.0
@@ -82,6 +87,8 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
     finally:
         if reducer is not None:
             reducer.close()
+        for module, sparse in sparse_before.items():
+            module.sparse = sparse
         for p, flag in saved_flags.items():
             p.requires_grad_(flag)
             p.grad = None
@@ -107,11 +114,16 @@ class _GradientReducer:
 
     def _hook(self, param, error, first, second):
         def reduce(p):
-            product = p.grad * error
+            grad = p.grad
+            if grad.is_sparse:  # an embedding's gradient: only the rows of the batch's tokens
+                grad = grad.coalesce()
+                product = grad.values().mul_(error[grad.indices()[0]]).flatten()
+            else:
+                product = grad.mul_(error).flatten()  # in place: no second model-sized tensor
             if self.term == "first":
                 first[param] += self.weight * float(product.sum())
             else:
-                second[param] += self.weight * float(product.square().sum())
+                second[param] += self.weight * float(torch.dot(product, product))
             p.grad = None
         return reduce
 
