@@ -15,13 +15,20 @@ import torch
 
 from ..errors import CptqError
 from ..exporter.quantize import CLIP_METHODS
-from ..layer_graph import LayerGraph
-from ..plan import SUPPORTED_BITS, ZERO_POINT_MODES, LayerPlan, Plan, apply_zero_points, check_block_size
+from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..plan import (
+    SUPPORTED_BITS,
+    ZERO_POINT_MODES,
+    LayerPlan,
+    Plan,
+    apply_zero_points,
+    check_block_size,
+)
 from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
+from .block_replay import BlockReplay
 from .calibration import MIN_SAMPLES, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
 from .common import GRANULARITIES, allocation_units, time_forward, unit_of
-from .block_replay import BlockReplay
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
 from .task_loss import TaskLoss
@@ -197,8 +204,12 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     # Weights per unit as the exported file stores them: a tied LM head is a second, transposed copy
     # of the embedding in the ONNX file, quantized with its owner's bits, so it counts with that unit.
     unit_params = dict.fromkeys(units, 0)
+    table_params = dict.fromkeys(units, 0)  # embedding tables: stored with FP16 scales
     for layer in graph.layers:
-        unit_params[unit_of(graph, layer, options.granularity)] += layer.num_params
+        unit = unit_of(graph, layer, options.granularity)
+        unit_params[unit] += layer.num_params
+        if layer.role == ROLE_EMBEDDING:
+            table_params[unit] += layer.num_params
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)
@@ -207,7 +218,8 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     if options.target_bits is not None or options.max_size_mb is not None:
         unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
                                 max_size_mb=options.max_size_mb, block_size=options.block_size,
-                                fixed_bytes=fixed_bytes, zero_points=options.zero_points)
+                                fixed_bytes=fixed_bytes, zero_points=options.zero_points,
+                                table_params=table_params)
         budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
     else:
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)

@@ -23,7 +23,8 @@ from ..errors import CptqError
 
 KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
-SCALE_BYTES = 4  # one float32 scale per quantization block
+SCALE_BYTES = 4  # one float32 scale per quantization block of a MatMul weight
+TABLE_SCALE_BYTES = 2  # embedding tables (GatherBlockQuantized) keep their scales in FP16
 FP16_BYTES = 2
 FIXED_PARAM_BYTES = 4  # biases and norms stay FP32 in the export
 NODE_BYTES = 256  # the DequantizeLinear/MatMulNBits node and initializer names a quantized layer adds
@@ -74,13 +75,19 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
     return bits, [float(c) for c in centres]
 
 
-def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto") -> float:
-    """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points."""
+def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto", table_params: int = 0) -> float:
+    """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points.
+
+    `table_params` of them are embedding tables, whose scales are FP16.
+    """
     if bits >= 16:
         return FP16_BYTES * params
-    blocks = math.ceil(params / block_size)
+    matmul_blocks = math.ceil((params - table_params) / block_size)
+    table_blocks = math.ceil(table_params / block_size)
+    blocks = matmul_blocks + table_blocks
     asymmetric = zero_points == "always" or (zero_points == "auto" and bits == 4)
-    return params * bits / 8 + SCALE_BYTES * blocks + (blocks * bits / 8 if asymmetric else 0) + NODE_BYTES
+    return (params * bits / 8 + SCALE_BYTES * matmul_blocks + TABLE_SCALE_BYTES * table_blocks
+            + (blocks * bits / 8 if asymmetric else 0) + NODE_BYTES)
 
 
 def predicted_damage(score: float, bits: int) -> float:
@@ -89,11 +96,14 @@ def predicted_damage(score: float, bits: int) -> float:
 
 def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tuple[int, ...], *,
                 target_bits: float | None = None, max_size_mb: float | None = None, block_size: int = 32,
-                fixed_bytes: float = 0, zero_points: str = "auto") -> dict[str, int]:
+                fixed_bytes: float = 0, zero_points: str = "auto",
+                table_params: dict[str, int] | None = None) -> dict[str, int]:
     """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes).
 
     `fixed_bytes`: what the file holds whatever the plan (graph, biases, norms), counted in a size budget.
+    `table_params`: per unit, how many of its weights are embedding tables (FP16 scales).
     """
+    table_params = table_params or {}
     widths = sorted(set(bit_widths))
     names = list(scores)
     if target_bits is not None:
@@ -108,7 +118,7 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
         unit = "bits"
     else:
         def cost(name: str, bits: int) -> float:
-            return unit_bytes(params[name], bits, block_size, zero_points)
+            return unit_bytes(params[name], bits, block_size, zero_points, table_params.get(name, 0))
 
         budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"
