@@ -136,3 +136,17 @@ def test_matmul_nbits_and_qdq_agree(bits, symmetric):
         got = session.run(None, {"x": x})[0]
         # MatMulNBits runs with int8 activations (accuracy level 4): allow that rounding.
         np.testing.assert_allclose(got, expected, rtol=0.02, atol=0.05 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_torch_fake_quantize_equals_the_exporters(bits):
+    import torch
+
+    from cptquant.passes.common import fake_quantize_symmetric_torch
+
+    rng = np.random.default_rng(1)
+    weight = rng.normal(size=(128, 48)).astype(np.float32)
+    weight[:32, 0] = 0.0  # an all-zero block: scale 1, codes 0
+    weight[40, 3] = 2.5 * np.abs(weight[32:64, 3]).max()  # an outlier sets its block's scale
+    expected = fake_quantize(weight, bits, 32, True, "absmax")
+    assert np.array_equal(fake_quantize_symmetric_torch(torch.from_numpy(weight), bits, 32).numpy(), expected)

@@ -51,7 +51,7 @@ def specs(quick: bool) -> list[ModelSpec]:
     opt125m = ModelSpec(
         key="opt-125m-random", title="OPT-125M shape, random weights: sensitivity cost and decode speed",
         load=lambda: load_model(str(ensure_opt125m_random())), methods=("cmpq", "pmpq", "tdmpq"),
-        target_bits=(4.5,), granularity="block", calib_samples=16, measure_quality=False, validate=False,
+        target_bits=(4.5,), granularity="block", calib_samples=32, measure_quality=False, validate=False,
         export_methods=("tdmpq",), uniform=((4, 32),))
     return [minilm, tiny_lm, opt125m]
 

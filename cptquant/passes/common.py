@@ -54,12 +54,27 @@ def fitting_block_size(in_features: int, block_size: int) -> int:
     return block_size
 
 
+def fake_quantize_symmetric_torch(weight_kn: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """exporter.quantize.fake_quantize(symmetric, absmax) in torch, value for value (the same float32
+    operations, round half to even), without numpy's temporaries: 4x faster on OPT's embedding table."""
+    k, n = weight_kn.shape
+    blocks = weight_kn.reshape(k // block_size, block_size, n)
+    qmax = 2 ** (bits - 1) - 1
+    scale = blocks.abs().amax(1) / qmax
+    scale = torch.where(scale > torch.finfo(torch.float32).tiny, scale, torch.ones_like(scale))
+    codes = torch.clamp(torch.round(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    return (codes * scale[:, None, :]).reshape(k, n)
+
+
 def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size: int, clip: str) -> torch.Tensor:
     """The layer's weight after the exporter's own quantizer, in the parameter's torch layout."""
     param = weight_param(model, layer)
     as_kn = param.detach() if layer.role == ROLE_CONV1D else param.detach().t()
     size = fitting_block_size(as_kn.shape[0], block_size)
-    quantized = torch.from_numpy(fake_quantize(as_kn.float().cpu().numpy(), bits, size, True, clip))
+    if clip == "absmax":
+        quantized = fake_quantize_symmetric_torch(as_kn.float(), bits, size)
+    else:
+        quantized = torch.from_numpy(fake_quantize(as_kn.float().cpu().numpy(), bits, size, True, clip))
     return (quantized if layer.role == ROLE_CONV1D else quantized.t()).to(param.dtype).contiguous()
 
 

@@ -14,7 +14,7 @@ Two choices that differ from the textbook recipe, both measured (docs/ARCHITECTU
 - F is the Gauss-Newton diagonal, from a backward pass on labels drawn from the model's own
   prediction (task_loss.TaskLoss.curvature_objective), not the square of the batch gradient: that
   "empirical Fisher" underestimates the curvature by about the number of tokens per batch. For
-  language models it is estimated on every other batch, which keeps the pass within 4 forward
+  language models it is estimated on every 4th batch, which keeps the pass within 4 forward
   passes; losses measured against the FP32 outputs have g = 0 and spend their one backward on it.
 """
 
@@ -32,6 +32,9 @@ from .task_loss import TaskLoss
 
 CURVATURES = ("fisher", "hutchinson")
 PROBE_BITS = 4  # the error that matters most for allocation: the cheapest width
+# Language models: the Gauss-Newton backward runs on every 4th batch (and the first), the gradient on all:
+# a diagonal summed over a layer's weights needs few samples, and each extra backward costs 2 FPE / batches.
+LM_CURVATURE_EVERY = 4
 
 
 def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
@@ -76,7 +79,7 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
                     _hutchinson_step(loss.loss_of(output, index), targets, errors, first, second, weight, gen)
                     curvature_weight += weight
                 else:
-                    with_curvature = zero_gradient or index % 2 == 0
+                    with_curvature = zero_gradient or index % LM_CURVATURE_EVERY == 0
                     if not zero_gradient:
                         reducer.backward(loss.loss_of(output, index), weight, "first", retain_graph=with_curvature)
                     if with_curvature:
