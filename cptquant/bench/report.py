@@ -102,7 +102,7 @@ def pareto_plot(results: list[ModelResult], path: Path) -> None:
     for ax, result in zip(axes[0], with_quality):
         causal = result.task == TASK_CAUSAL_LM
 
-        floor = 1e-6  # log axis for cosine: FP16's 1 − cos (~1e-8) is drawn at this floor and labelled so
+        floor = 1e-9  # log axis for cosine: a variant with 1 − cos of 0 is drawn at this floor and labelled so
 
         def y(v: Variant) -> float:
             if causal:
