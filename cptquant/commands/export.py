@@ -128,8 +128,11 @@ def export(
     zero_points: str = options.ZERO_POINTS,
     algorithm: str = typer.Option("gptq", "--algorithm",
                                   help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
-    weight_format: str = typer.Option("qdq", "--format",
-                                      help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
+    weight_format: str = typer.Option(
+        "qdq", "--format",
+        help="qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
+             "dynamic: int8 DynamicQuantizeMatMul (activations quantized at run time; fastest for encoders on CPU, "
+             "4-bit layers stay 4-bit on disk)."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
