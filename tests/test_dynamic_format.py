@@ -148,3 +148,17 @@ def test_cli_dynamic_format_with_gptq_codes(tmp_path):
     assert {entry["algorithm"] for entry in matmuls.values()} == {"gptq"}
     assert all(entry["kernels"] == ["DynamicQuantizeMatMul"] for entry in matmuls.values())
     assert report["graph_check"]["unfused"] == []
+
+
+@pytest.mark.parametrize("build", ["tiny_opt", "tiny_gpt2"])
+def test_decoders_export_in_dynamic_format(build, tmp_path):
+    """Gemm layers (OPT's fc1/fc2, GPT-2's Conv1D) and the tied LM head also become DynamicQuantizeMatMul."""
+    import cptquant.testing
+
+    loaded = wrap_model(getattr(cptquant.testing, build)())
+    result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False,
+                              fmt=FORMAT_DYNAMIC)
+    check = result.report["graph_check"]
+    assert check["unfused"] == []
+    assert check["kernels"]["DynamicQuantizeMatMul"] == check["expected_kernels"]["DynamicQuantizeMatMul"] >= 8
+    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.95
