@@ -46,6 +46,7 @@ class RewrittenLayer:
     new_initializers: list[str] = field(default_factory=list)
     derived_tensors: list[str] = field(default_factory=list)  # computed from those initializers (folded by ORT)
     mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
+    outlier_channels: int = 0  # input channels kept out of the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
 
 
@@ -73,8 +74,10 @@ class _Graph:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
 
-    def add_initializer(self, tensor: onnx.TensorProto) -> str:
-        self.created.append(tensor.name)
+    def add_initializer(self, tensor: onnx.TensorProto, owned: bool = True) -> str:
+        """`owned`: the layer's quantized weight, which the graph check follows to its kernel."""
+        if owned:
+            self.created.append(tensor.name)
         self.graph.initializer.append(tensor)
         self.initializers[tensor.name] = tensor
         return tensor.name
@@ -180,8 +183,11 @@ NBITS_ACCURACY_LEVEL = 4
 
 
 def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str, fmt: str,
-                     quantizer=None, layer: str = "") -> tuple[int, float, int]:
-    """Returns the bytes written, the weight's mean squared error and the block size used."""
+                     quantizer=None, layer: str = "", outliers: np.ndarray | None = None) -> tuple[int, float, int]:
+    """Returns the bytes written, the weight's mean squared error and the block size used.
+
+    `outliers` (input channels, `--format dynamic` only) are kept out of the int8 product.
+    """
     weight = _weight_seen_by_consumer(g, use)
     if use.op_type == "Gemm":
         consumer, weight_kn = _gemm_to_matmul(g, use, weight)
@@ -189,7 +195,7 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
         consumer, weight_kn = g.node(use.node), weight
     quantizer = quantizer or RoundToNearest()
     if fmt == FORMAT_DYNAMIC:
-        return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base)
+        return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base, outliers)
     qw = quantizer(layer or base, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
     if fmt == FORMAT_NBITS:
         _write_matmul_nbits(g, consumer, qw, base)
@@ -207,7 +213,7 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
 
 
 def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp: LayerPlan, clip: str, base: str,
-                   quantizer, layer: str) -> tuple[int, float, int]:
+                   quantizer, layer: str, outliers: np.ndarray | None = None) -> tuple[int, float, int]:
     """MatMul(A, W) -> DynamicQuantizeMatMul(A, W_int8, column scales[, bias]).
 
     8 bits: symmetric int8 per output column (one block of K), what ORT's quantize_dynamic writes.
@@ -215,15 +221,20 @@ def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp:
     with Cast/Sub/Mul/Round/Cast/Reshape, which ORT constant-folds at session start (it does not fold
     DequantizeLinear, hence plain ops). The effective weight is the 4-bit one rounded once more to
     the column's int8 grid; its error is what `mse` reports.
+    Outlier input channels, if any, are zeroed in the int8 weight and split off (`_split_outliers`).
     """
     k, n = weight_kn.shape
+    source = weight_kn
+    if outliers is not None and len(outliers):
+        source = weight_kn.copy()
+        source[outliers] = 0
     if lp.bits == 8:
-        qw = quantizer(layer, weight_kn, 8, k, True, clip)
+        qw = quantizer(layer, source, 8, k, True, clip)
         q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q8"), qw.q, 8, True))
         column_scale, effective = qw.scale.reshape(n), qw.dequantize()
         nbytes = qw.nbytes()
     else:
-        qw = quantizer(layer, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
+        qw = quantizer(layer, source, lp.bits, lp.block_size, lp.symmetric, clip)
         q_name, column_scale, effective = _int8_from_blocks(g, qw, base)
         nbytes = qw.nbytes() + column_scale.nbytes
     s_name = g.add_initializer(numpy_helper.from_array(column_scale, g.unique(f"{base}.weight_scale")))
@@ -233,7 +244,42 @@ def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp:
     g.graph.node.remove(matmul)
     g.graph.node.insert(index, node)
     _absorb_bias(g, g.node(node.name), n)
+    if source is not weight_kn:
+        rows = weight_kn[outliers].astype(np.float16)
+        nbytes += _split_outliers(g, g.node(node.name), k, outliers, rows, base)
+        effective[outliers] = rows.astype(np.float32)
     return nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size
+
+
+def _split_outliers(g: _Graph, node: onnx.NodeProto, k: int, channels: np.ndarray, rows: np.ndarray,
+                    base: str) -> int:
+    """Y = DQMM(X * mask) + Gather(X, channels) @ rows: LLM.int8()-style decomposition.
+
+    The kernel quantizes its whole input with one scale; without the few outlier channels that scale
+    is several times finer for all the others. The outlier rows (FP16 on disk, cast at session start)
+    run as a small float MatMul. Returns the bytes added.
+    """
+    x, out = node.input[0], node.output[0]
+    mask = np.ones(k, np.uint8)
+    mask[channels] = 0
+    added = [g.add_initializer(numpy_helper.from_array(mask, g.unique(f"{base}.outlier_mask")), owned=False),
+             g.add_initializer(numpy_helper.from_array(channels.astype(np.int64), g.unique(f"{base}.outlier_channels")),
+                               owned=False),
+             g.add_initializer(numpy_helper.from_array(rows, g.unique(f"{base}.outlier_rows_fp16")), owned=False)]
+    mask_f, rows_f = g.unique(f"{base}.outlier_mask_f"), g.unique(f"{base}.outlier_rows")
+    g.prelude += [helper.make_node("Cast", [added[0]], [mask_f], name=g.unique(f"{base}.CastMask"), to=TensorProto.FLOAT),
+                  helper.make_node("Cast", [added[2]], [rows_f], name=g.unique(f"{base}.CastRows"), to=TensorProto.FLOAT)]
+    inliers, y_in = g.unique(f"{base}.inliers"), g.unique(f"{base}.y_int8")
+    x_out, y_out = g.unique(f"{base}.outliers"), g.unique(f"{base}.y_outliers")
+    node.input[0], node.output[0] = inliers, y_in
+    index = list(g.graph.node).index(node)
+    g.graph.node.insert(index, helper.make_node("Mul", [x, mask_f], [inliers], name=g.unique(f"{base}.MaskOutliers")))
+    after = [helper.make_node("Gather", [x, added[1]], [x_out], name=g.unique(f"{base}.GatherOutliers"), axis=-1),
+             helper.make_node("MatMul", [x_out, rows_f], [y_out], name=g.unique(f"{base}.MatMulOutliers")),
+             helper.make_node("Add", [y_in, y_out], [out], name=g.unique(f"{base}.AddOutliers"))]
+    for offset, extra in enumerate(after, start=index + 2):
+        g.graph.node.insert(offset, extra)
+    return sum(numpy_helper.to_array(g.initializers[name]).nbytes for name in added)
 
 
 def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, np.ndarray, np.ndarray]:
@@ -379,14 +425,17 @@ def _mse(qw: QuantizedWeight, weight_kn: np.ndarray) -> float:
 
 
 def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: str = FORMAT_QDQ,
-                  nbits_layers: frozenset[str] = frozenset(), quantizer=None) -> dict[str, RewrittenLayer]:
+                  nbits_layers: frozenset[str] = frozenset(), quantizer=None,
+                  outliers: dict[str, np.ndarray] | None = None) -> dict[str, RewrittenLayer]:
     """Apply `plan` to `model` in place; returns what was done to each layer.
 
     `fmt` chooses how 4/8-bit MatMul weights are written; layers in `nbits_layers` get MatMulNBits
     whatever `fmt` says (used where another ORT fusion would pre-empt DQ -> MatMul, see pipeline).
     `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding
-    tables are always round-to-nearest.
+    tables are always round-to-nearest. `outliers` (layer -> input channels) are split off the
+    int8 product of `--format dynamic` layers.
     """
+    outliers = outliers or {}
     quantizer = quantizer or RoundToNearest()
     g = _Graph(model)
     done: dict[str, RewrittenLayer] = {}
@@ -413,8 +462,10 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
                 record.expected_kernels.append(KERNEL_GATHER_BQ)
             else:
                 layer_fmt = FORMAT_NBITS if name in nbits_layers else fmt
+                channels = outliers.get(name) if layer_fmt == FORMAT_DYNAMIC else None
                 nbytes, mse, record.block_size = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt, quantizer,
-                                                                  name)
+                                                                  name, channels)
+                record.outlier_channels = 0 if channels is None else len(channels)
                 record.algorithm = quantizer.algorithm_for(name, lp.bits)
                 record.bytes_after += nbytes
                 errors.append(mse)
