@@ -1,7 +1,7 @@
 """`python -m cptquant.bench.dynamic --out DIR`: MiniLM in `--format qdq` against `--format dynamic`.
 
 The same plans (TDMPQ at a size budget, uniform 8 and 4 bits; GPTQ codes at 4 bits) exported in
-both formats, next to FP32 and ORT's own `quantize_dynamic(per_channel=True)` of the same FP32
+both formats (dynamic with and without the outlier-channel split), next to FP32 and ORT's own `quantize_dynamic(per_channel=True)` of the same FP32
 export: size on disk, quality against FP32 (mean cosine and nearest-neighbour agreement of pooled
 embeddings, 400 held-out sentences), and p50 latency at batch 1, sequence 16 and 128, 2 threads,
 all variants interleaved. The timing is repeated `--rounds` times (the load average is recorded
@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from ..exporter.onnx_export import MODEL_FILE
-from ..exporter.pipeline import export_quantized, exported_layer_graph
+from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, exported_layer_graph
 from ..exporter.qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import load_model
 from ..passes import AnalysisOptions, analyze, plan_from_scores
@@ -28,6 +28,9 @@ from ..runtimes.speed import SpeedSettings, encoder_latency
 from .anchors import FP32, ORT_INT8
 
 SHAPES = ((1, 16), (1, 128))
+# (label, format, outlier ratio)
+FORMATS = (("qdq", FORMAT_QDQ, 0.0), ("dynamic", FORMAT_DYNAMIC, DEFAULT_OUTLIER_RATIO),
+           ("dynamic, no split", FORMAT_DYNAMIC, 0.0))
 
 
 def anchors(loaded, root: Path) -> dict[str, Path]:
@@ -67,14 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     paths = anchors(loaded, args.out / "anchors")
     reports = {}
     for label, plan in plans(loaded, paths[FP32].parent, args.max_size_mb).items():
-        for fmt in (FORMAT_QDQ, FORMAT_DYNAMIC):
-            name = f"cptq {label} ({fmt})"
-            out = args.out / "cptq" / f"{label.replace(' ', '').replace('≤', 'max')}-{fmt}"
+        for fmt_label, fmt, ratio in FORMATS:
+            name = f"cptq {label} ({fmt_label})"
+            out = args.out / "cptq" / f"{label}-{fmt_label}".replace(" ", "").replace("≤", "max").replace(",", "-")
             result = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False,
-                                      fmt=fmt, algorithm="gptq")
+                                      fmt=fmt, algorithm="gptq", outlier_ratio=ratio)
             paths[name] = result.paths.model
             reports[name] = {"kernels": result.report["graph_check"]["kernels"],
-                             "average_bits": result.report["average_bits"]}
+                             "average_bits": result.report["average_bits"],
+                             "outlier_channels": sum(e.get("outlier_channels", 0)
+                                                     for e in result.report["layers"].values())}
 
     adapter = CpuAdapter(threads=2)
     sessions = {name: adapter.session(path) for name, path in paths.items()}
