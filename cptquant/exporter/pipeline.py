@@ -33,10 +33,9 @@ from .qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ, rewrite_model
 from .weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
-# --format dynamic, --outlier-ratio R: an input channel whose calibration peak is above R times the layer's
-# median channel peak stays out of the int8 product. MiniLM's FFN inputs have 1-4 such channels (peaks ~28
-# against a median of ~1.9). Off by default: at R = 6 it brings MiniLM's quality back to ORT int8 dynamic's,
-# but its extra small ops cost 8-12 % of the latency, which takes the format below int8 dynamic's speed.
+# --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
+# median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
+# MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9).
 DEFAULT_OUTLIER_RATIO = 0.0
 SUGGESTED_OUTLIER_RATIO = 6.0
 
@@ -133,7 +132,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     `calibration` (AnalysisOptions: the calibration text and sizes; the offline corpus when None).
     With `verify`, a short CPU verification against the FP32/FP16 baselines joins the report too.
     With `fmt` dynamic and `outlier_ratio` > 0, outlier input channels (measured on the same
-    calibration text) are split off each layer's int8 product.
+    calibration text) are scaled down before each layer's int8 product.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
@@ -164,9 +163,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             model_path = out_dir / paths.model.name
             quantizer = _weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
             with steps.step(timings):
-                outliers = (_outlier_channels(loaded, graph, plan, calibration, outlier_ratio, progress)
-                            if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                rewritten = rewrite_model(model_proto, layer_map, plan, fmt, quantizer=quantizer, outliers=outliers)
+                smoothing = (_input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
+                             if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
+                rewritten = rewrite_model(model_proto, layer_map, plan, fmt, quantizer=quantizer, smoothing=smoothing)
                 save_onnx(model_proto, model_path)
                 del model_proto
                 for side in side_files(fp32_dir):
@@ -179,7 +178,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     repaired = graph_check.unfused
                     model_proto = load_onnx(fp32_dir / MODEL_FILE)
                     rewritten = rewrite_model(model_proto, layer_map, plan, fmt, frozenset(repaired), quantizer,
-                                              outliers)
+                                              smoothing)
                     save_onnx(model_proto, model_path)
                     del model_proto
                     graph_check = check_kernels(model_path, rewritten)
@@ -245,9 +244,10 @@ def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, pl
     return Gptq(hessians, wanted)
 
 
-def _outlier_channels(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration, ratio: float,
-                      progress: bool) -> dict[str, np.ndarray]:
-    """Input channels of each 4/8-bit MatMul layer whose calibration peak exceeds `ratio` x the median peak."""
+def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration, ratio: float,
+                     progress: bool) -> dict[str, np.ndarray]:
+    """Per-input-channel factors s of each 4/8-bit MatMul layer: sqrt(peak / median peak) where the peak
+    exceeds `ratio` x the median (SmoothQuant's alpha = 0.5, against the median channel), else 1."""
     from ..passes import AnalysisOptions
     from ..passes.calibration import build_calibration
     from ..passes.hessian import collect_input_absmax
@@ -259,8 +259,12 @@ def _outlier_channels(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibr
     calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
                               options.seed)
     peaks = collect_input_absmax(loaded, graph, calib, names, progress=progress)
-    channels = {name: np.flatnonzero(peak > ratio * np.median(peak)) for name, peak in peaks.items()}
-    return {name: found for name, found in channels.items() if len(found)}
+    factors = {}
+    for name, peak in peaks.items():
+        median = np.median(peak)
+        if median > 0 and (peak > ratio * median).any():
+            factors[name] = np.where(peak > ratio * median, np.sqrt(peak / median), 1).astype(np.float32)
+    return factors
 
 
 def _short_verification(folder: Path, loaded: LoadedModel) -> dict:

@@ -46,7 +46,7 @@ class RewrittenLayer:
     new_initializers: list[str] = field(default_factory=list)
     derived_tensors: list[str] = field(default_factory=list)  # computed from those initializers (folded by ORT)
     mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
-    outlier_channels: int = 0  # input channels kept out of the int8 product (--format dynamic)
+    outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
 
 
@@ -183,10 +183,10 @@ NBITS_ACCURACY_LEVEL = 4
 
 
 def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str, fmt: str,
-                     quantizer=None, layer: str = "", outliers: np.ndarray | None = None) -> tuple[int, float, int]:
+                     quantizer=None, layer: str = "", smoothing: np.ndarray | None = None) -> tuple[int, float, int]:
     """Returns the bytes written, the weight's mean squared error and the block size used.
 
-    `outliers` (input channels, `--format dynamic` only) are kept out of the int8 product.
+    `smoothing` (per input channel, `--format dynamic` only): see `_write_dynamic`.
     """
     weight = _weight_seen_by_consumer(g, use)
     if use.op_type == "Gemm":
@@ -195,7 +195,7 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
         consumer, weight_kn = g.node(use.node), weight
     quantizer = quantizer or RoundToNearest()
     if fmt == FORMAT_DYNAMIC:
-        return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base, outliers)
+        return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base, smoothing)
     qw = quantizer(layer or base, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
     if fmt == FORMAT_NBITS:
         _write_matmul_nbits(g, consumer, qw, base)
@@ -213,7 +213,7 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
 
 
 def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp: LayerPlan, clip: str, base: str,
-                   quantizer, layer: str, outliers: np.ndarray | None = None) -> tuple[int, float, int]:
+                   quantizer, layer: str, smoothing: np.ndarray | None = None) -> tuple[int, float, int]:
     """MatMul(A, W) -> DynamicQuantizeMatMul(A, W_int8, column scales[, bias]).
 
     8 bits: symmetric int8 per output column (one block of K), what ORT's quantize_dynamic writes.
@@ -221,20 +221,19 @@ def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp:
     with Cast/Sub/Mul/Round/Cast/Reshape, which ORT constant-folds at session start (it does not fold
     DequantizeLinear, hence plain ops). The effective weight is the 4-bit one rounded once more to
     the column's int8 grid; its error is what `mse` reports.
-    Outlier input channels, if any, are zeroed in the int8 weight and split off (`_split_outliers`).
+    `smoothing` s [K] (SmoothQuant-style): X W = (X / s)(s W). Channels with s > 1 peak far above the
+    rest; scaled down, they no longer set the one activation scale the kernel uses per call, at the
+    price of one Mul and coarser weight rows for those channels.
     """
     k, n = weight_kn.shape
-    source = weight_kn
-    if outliers is not None and len(outliers):
-        source = weight_kn.copy()
-        source[outliers] = 0
+    source = weight_kn if smoothing is None else weight_kn * smoothing[:, None]
     if lp.bits == 8:
         qw = quantizer(layer, source, 8, k, True, clip)
         q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q8"), qw.q, 8, True))
         column_scale, effective = qw.scale.reshape(n), qw.dequantize()
         nbytes = qw.nbytes()
     else:
-        qw = quantizer(layer, source, lp.bits, lp.block_size, lp.symmetric, clip)
+        qw = quantizer(layer, source, lp.bits, lp.block_size, lp.symmetric, clip, input_scale=smoothing)
         q_name, column_scale, effective = _int8_from_blocks(g, qw, base)
         nbytes = qw.nbytes() + column_scale.nbytes
     s_name = g.add_initializer(numpy_helper.from_array(column_scale, g.unique(f"{base}.weight_scale")))
@@ -244,42 +243,21 @@ def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp:
     g.graph.node.remove(matmul)
     g.graph.node.insert(index, node)
     _absorb_bias(g, g.node(node.name), n)
-    if source is not weight_kn:
-        rows = weight_kn[outliers].astype(np.float16)
-        nbytes += _split_outliers(g, g.node(node.name), k, outliers, rows, base)
-        effective[outliers] = rows.astype(np.float32)
+    if smoothing is not None:
+        nbytes += _smooth_input(g, g.node(node.name), smoothing, base)
+        effective = effective / smoothing[:, None]
     return nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size
 
 
-def _split_outliers(g: _Graph, node: onnx.NodeProto, k: int, channels: np.ndarray, rows: np.ndarray,
-                    base: str) -> int:
-    """Y = DQMM(X * mask) + Gather(X, channels) @ rows: LLM.int8()-style decomposition.
-
-    The kernel quantizes its whole input with one scale; without the few outlier channels that scale
-    is several times finer for all the others. The outlier rows (FP16 on disk, cast at session start)
-    run as a small float MatMul. Returns the bytes added.
-    """
-    x, out = node.input[0], node.output[0]
-    mask = np.ones(k, np.uint8)
-    mask[channels] = 0
-    added = [g.add_initializer(numpy_helper.from_array(mask, g.unique(f"{base}.outlier_mask")), owned=False),
-             g.add_initializer(numpy_helper.from_array(channels.astype(np.int64), g.unique(f"{base}.outlier_channels")),
-                               owned=False),
-             g.add_initializer(numpy_helper.from_array(rows, g.unique(f"{base}.outlier_rows_fp16")), owned=False)]
-    mask_f, rows_f = g.unique(f"{base}.outlier_mask_f"), g.unique(f"{base}.outlier_rows")
-    g.prelude += [helper.make_node("Cast", [added[0]], [mask_f], name=g.unique(f"{base}.CastMask"), to=TensorProto.FLOAT),
-                  helper.make_node("Cast", [added[2]], [rows_f], name=g.unique(f"{base}.CastRows"), to=TensorProto.FLOAT)]
-    inliers, y_in = g.unique(f"{base}.inliers"), g.unique(f"{base}.y_int8")
-    x_out, y_out = g.unique(f"{base}.outliers"), g.unique(f"{base}.y_outliers")
-    node.input[0], node.output[0] = inliers, y_in
-    index = list(g.graph.node).index(node)
-    g.graph.node.insert(index, helper.make_node("Mul", [x, mask_f], [inliers], name=g.unique(f"{base}.MaskOutliers")))
-    after = [helper.make_node("Gather", [x, added[1]], [x_out], name=g.unique(f"{base}.GatherOutliers"), axis=-1),
-             helper.make_node("MatMul", [x_out, rows_f], [y_out], name=g.unique(f"{base}.MatMulOutliers")),
-             helper.make_node("Add", [y_in, y_out], [out], name=g.unique(f"{base}.AddOutliers"))]
-    for offset, extra in enumerate(after, start=index + 2):
-        g.graph.node.insert(offset, extra)
-    return sum(numpy_helper.to_array(g.initializers[name]).nbytes for name in added)
+def _smooth_input(g: _Graph, node: onnx.NodeProto, smoothing: np.ndarray, base: str) -> int:
+    """Insert Mul(X, 1 / s) before the kernel; returns the bytes added."""
+    inverse = (1 / smoothing).astype(np.float32)
+    name = g.add_initializer(numpy_helper.from_array(inverse, g.unique(f"{base}.input_smoothing")), owned=False)
+    scaled = g.unique(f"{base}.input_smoothed")
+    mul = helper.make_node("Mul", [node.input[0], name], [scaled], name=g.unique(f"{base}.SmoothInput"))
+    node.input[0] = scaled
+    g.graph.node.insert(list(g.graph.node).index(node), mul)
+    return inverse.nbytes
 
 
 def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, np.ndarray, np.ndarray]:
@@ -426,16 +404,16 @@ def _mse(qw: QuantizedWeight, weight_kn: np.ndarray) -> float:
 
 def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: str = FORMAT_QDQ,
                   nbits_layers: frozenset[str] = frozenset(), quantizer=None,
-                  outliers: dict[str, np.ndarray] | None = None) -> dict[str, RewrittenLayer]:
+                  smoothing: dict[str, np.ndarray] | None = None) -> dict[str, RewrittenLayer]:
     """Apply `plan` to `model` in place; returns what was done to each layer.
 
     `fmt` chooses how 4/8-bit MatMul weights are written; layers in `nbits_layers` get MatMulNBits
     whatever `fmt` says (used where another ORT fusion would pre-empt DQ -> MatMul, see pipeline).
     `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding
-    tables are always round-to-nearest. `outliers` (layer -> input channels) are split off the
-    int8 product of `--format dynamic` layers.
+    tables are always round-to-nearest. `smoothing` (layer -> per-input-channel factors) scales
+    outlier channels down before the int8 product of `--format dynamic` layers.
     """
-    outliers = outliers or {}
+    smoothing = smoothing or {}
     quantizer = quantizer or RoundToNearest()
     g = _Graph(model)
     done: dict[str, RewrittenLayer] = {}
@@ -462,10 +440,10 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
                 record.expected_kernels.append(KERNEL_GATHER_BQ)
             else:
                 layer_fmt = FORMAT_NBITS if name in nbits_layers else fmt
-                channels = outliers.get(name) if layer_fmt == FORMAT_DYNAMIC else None
+                factors = smoothing.get(name) if layer_fmt == FORMAT_DYNAMIC else None
                 nbytes, mse, record.block_size = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt, quantizer,
-                                                                  name, channels)
-                record.outlier_channels = 0 if channels is None else len(channels)
+                                                                  name, factors)
+                record.outlier_channels = 0 if factors is None else int((factors > 1).sum())
                 record.algorithm = quantizer.algorithm_for(name, lp.bits)
                 record.bytes_after += nbytes
                 errors.append(mse)
