@@ -136,8 +136,7 @@ def export(
     outlier_ratio: float = typer.Option(
         DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
-             "are scaled down before the int8 product (weights scaled up to match); 0: off; 6 suits BERT-like "
-             "encoders."),
+             "are scaled down before the int8 product (weights scaled up to match); 0: off."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
