@@ -36,7 +36,7 @@ PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
 # MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9). At 6 the one extra Mul per
-# such layer cost MiniLM ~3 % of latency and won back most of the quality that per-tensor activations lose.
+# such layer cost MiniLM 1-3 % of latency and won back most of the quality that per-tensor activations lose.
 DEFAULT_OUTLIER_RATIO = 6.0
 
 
