@@ -81,6 +81,7 @@ def test_failure_leaves_nothing_behind(opt_folder, tmp_path):
     (["--bits", "4", "--plan", "x.json"], "only one of"),
     (["--bits", "4", "--clip", "max"], "--clip must be one of"),
     (["--bits", "4", "--format", "int4"], "--format must be one of"),
+    (["--bits", "8", "--format", "dynamic", "--outlier-ratio", "0.5"], "--outlier-ratio must be 0 (off) or above 1"),
     (["--method", "magic"], "unknown method 'magic'"),
     (["--bits", "4", "--task", "translation"], "unknown task 'translation'"),
 ])

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import CptqError
-from ..exporter.pipeline import ExportResult, export_quantized
+from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult, export_quantized
 from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
@@ -128,8 +128,15 @@ def export(
     zero_points: str = options.ZERO_POINTS,
     algorithm: str = typer.Option("gptq", "--algorithm",
                                   help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
-    weight_format: str = typer.Option("qdq", "--format",
-                                      help="qdq: standard DequantizeLinear that ORT fuses; nbits: MatMulNBits directly."),
+    weight_format: str = typer.Option(
+        "qdq", "--format",
+        help="qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
+             "dynamic: int8 DynamicQuantizeMatMul (activations quantized at run time; fastest for encoders on CPU, "
+             "4-bit layers stay 4-bit on disk)."),
+    outlier_ratio: float = typer.Option(
+        DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
+        help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
+             "are scaled down before the int8 product (weights scaled up to match); 0: off."),
     task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
@@ -154,6 +161,8 @@ def export(
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     if weight_format not in FORMATS:
         raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
+    if outlier_ratio < 0 or 0 < outlier_ratio <= 1:
+        raise CptqError(f"--outlier-ratio must be 0 (off) or above 1, not {outlier_ratio:g}")
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points)
@@ -164,5 +173,6 @@ def export(
     resolve_output(output, force)  # fail on a bad output path before the slow work
     loaded = load_model(model, task, trust_remote_code)
     result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                              report_extras=report_extras, verify=verify, algorithm=algorithm, calibration=analysis)
+                              report_extras=report_extras, verify=verify, algorithm=algorithm, calibration=analysis,
+                              outlier_ratio=outlier_ratio)
     print_summary(result, Console())

@@ -1,8 +1,9 @@
 """Check what ONNX Runtime really runs: every quantized weight must reach a low-bit kernel.
 
 ORT writes the graph it will execute to `optimized_model_filepath`. A quantized weight that still
-feeds a `DequantizeLinear` there is dequantized on every call (a slow path, NOTES §1), so the
-export fails and names the layer.
+feeds a `DequantizeLinear` there is dequantized on every call (a slow path, NOTES §1), as is a
+4-bit weight whose expansion to int8 (`--format dynamic`) was not constant-folded: any node other
+than the layer's low-bit kernel reading its tensors fails the export, naming the layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import CptqError
-from .qdq_rewrite import KERNEL_FP16, RewrittenLayer
+from .qdq_rewrite import KERNEL_FP16, LOW_BIT_KERNELS, RewrittenLayer
 
 
 @dataclass
@@ -26,10 +27,11 @@ class GraphCheck:
     unfused: list[str] = field(default_factory=list)  # quantized layers not run by a low-bit kernel
     fp16_casts_left: list[str] = field(default_factory=list)  # FP16 weights cast at run time (not folded)
     repaired: list[str] = field(default_factory=list)  # layers rewritten as MatMulNBits after a first check
+    expected_kernels: dict[str, int] = field(default_factory=dict)  # kernel -> uses the rewrite planned for it
 
     def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "unfused": self.unfused, "fp16_casts_left": self.fp16_casts_left,
-                "written_as_matmulnbits_after_check": self.repaired}
+        return {"kernels": self.kernels, "expected_kernels": self.expected_kernels, "unfused": self.unfused,
+                "fp16_casts_left": self.fp16_casts_left, "written_as_matmulnbits_after_check": self.repaired}
 
     def raise_if_unfused(self) -> None:
         if self.unfused:
@@ -60,7 +62,8 @@ def optimized_graph(model_path: Path) -> onnx.ModelProto:
 
 def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> GraphCheck:
     graph = optimized_graph(model_path).graph
-    owner = {init: record.name for record in rewritten.values() for init in record.new_initializers}
+    owner = {init: record.name for record in rewritten.values()
+             for init in record.new_initializers + record.derived_tensors}
 
     def layer_of(tensor: str) -> str | None:
         # ORT renames the weights it repacks (`<name>_T`, ...): match on our own initializer names as prefixes.
@@ -73,19 +76,22 @@ def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> Gra
 
     kernels: Counter = Counter()
     per_layer: dict[str, list[str]] = {name: [] for name in rewritten}
-    slow, casts = [], []  # layers whose weight still meets a DequantizeLinear / a Cast at run time
+    slow, casts = [], []  # layers whose weight is still dequantized / expanded / cast at run time
     for node in graph.node:
         label = node.op_type if _bits(node) is None else f"{node.op_type}(bits={_bits(node)})"
         layers = {layer_of(t) for t in node.input} - {None}
-        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+        if node.op_type in LOW_BIT_KERNELS:
             kernels[label] += 1
         for layer in layers:
             per_layer[layer].append(node.op_type)
-            if node.op_type == "DequantizeLinear":
-                slow.append(layer)
-            elif node.op_type == "Cast":
-                casts.append(layer)
+            if rewritten[layer].bits == 16:
+                if node.op_type == "Cast":
+                    casts.append(layer)
+            elif node.op_type not in LOW_BIT_KERNELS:
+                slow.append(layer)  # DequantizeLinear, or an int4 -> int8 expansion that was not folded
     missing = [name for name, record in rewritten.items()
                if sorted(k for k in record.expected_kernels if k != KERNEL_FP16)
-               != sorted(k for k in per_layer[name] if k in ("MatMulNBits", "GatherBlockQuantized"))]
-    return GraphCheck(dict(sorted(kernels.items())), per_layer, sorted(set(slow) | set(missing)), sorted(set(casts)))
+               != sorted(k for k in per_layer[name] if k in LOW_BIT_KERNELS)]
+    expected = Counter(k for record in rewritten.values() for k in record.expected_kernels)
+    return GraphCheck(dict(sorted(kernels.items())), per_layer, sorted(set(slow) | set(missing)), sorted(set(casts)),
+                      expected_kernels=dict(sorted(expected.items())))

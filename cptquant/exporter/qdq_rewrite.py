@@ -7,6 +7,10 @@
 - 4/8-bit embedding tables become `com.microsoft.GatherBlockQuantized`: a DQ -> Gather would
   dequantize the whole table on every call.
 - 16-bit weights are stored as FP16 with a `Cast` that ORT folds away at session start.
+- `--format dynamic` writes 4/8-bit MatMul weights for `com.microsoft.DynamicQuantizeMatMul` (int8
+  weight per output column, activations quantized at run time): ORT's fastest CPU kernel for
+  encoders once a call has more than a few rows. 4-bit weights stay 4-bit on disk and are expanded
+  to int8 by constant-foldable ops that ORT folds at session start.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ from .weight_quantizers import RoundToNearest
 MS_DOMAIN = "com.microsoft"
 KERNEL_MATMUL_NBITS = "MatMulNBits"
 KERNEL_GATHER_BQ = "GatherBlockQuantized"
+KERNEL_DYNAMIC = "DynamicQuantizeMatMul"
 KERNEL_FP16 = "fp16"
+LOW_BIT_KERNELS = (KERNEL_MATMUL_NBITS, KERNEL_GATHER_BQ, KERNEL_DYNAMIC)
 
 
 @dataclass
@@ -39,7 +45,9 @@ class RewrittenLayer:
     bytes_fp32: int  # bytes of the weight as exported (every stored copy)
     bytes_after: int  # bytes of what replaced it (integers, scales, zero points)
     new_initializers: list[str] = field(default_factory=list)
+    derived_tensors: list[str] = field(default_factory=list)  # computed from those initializers (folded by ORT)
     mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
+    outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
 
 
@@ -54,6 +62,8 @@ class _Graph:
             o for n in self.graph.node for o in n.output}
         self.prelude: list[onnx.NodeProto] = []  # nodes that depend on initializers only
         self.created: list[str] = []  # initializers this pass added, in order
+        self.derived: list[str] = []  # prelude outputs computed from them, in order
+        self.shapes: dict[tuple, str] = {}  # one int64 shape initializer per distinct shape
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -65,11 +75,21 @@ class _Graph:
     def array(self, name: str) -> np.ndarray:
         return numpy_helper.to_array(self.initializers[name])
 
-    def add_initializer(self, tensor: onnx.TensorProto) -> str:
-        self.created.append(tensor.name)
+    def add_initializer(self, tensor: onnx.TensorProto, owned: bool = True) -> str:
+        """`owned`: the layer's quantized weight, which the graph check follows to its kernel."""
+        if owned:
+            self.created.append(tensor.name)
         self.graph.initializer.append(tensor)
         self.initializers[tensor.name] = tensor
         return tensor.name
+
+    def shape(self, dims: tuple[int, ...]) -> str:
+        if dims not in self.shapes:
+            name = self.unique("cptq.shape_" + "x".join(map(str, dims)))
+            self.graph.initializer.append(numpy_helper.from_array(np.array(dims, np.int64), name))
+            self.initializers[name] = self.graph.initializer[-1]
+            self.shapes[dims] = name
+        return self.shapes[dims]
 
     def node(self, name: str) -> onnx.NodeProto:
         for node in self.graph.node:
@@ -81,14 +101,14 @@ class _Graph:
         return [n for n in self.graph.node if tensor in n.input] + [n for n in self.prelude if tensor in n.input]
 
     def drop_unused(self) -> None:
-        """Remove Transposes and initializers that nothing reads any more."""
+        """Remove Transposes, Identities and initializers that nothing reads any more."""
         graph_outputs = {o.name for o in self.graph.output}
         changed = True
         while changed:
             changed = False
             used = {i for n in list(self.graph.node) + self.prelude for i in n.input} | graph_outputs
             for node in list(self.graph.node):
-                if node.op_type == "Transpose" and not any(o in used for o in node.output):
+                if node.op_type in ("Transpose", "Identity") and not any(o in used for o in node.output):
                     self.graph.node.remove(node)
                     changed = True
         used = {i for n in list(self.graph.node) + self.prelude for i in n.input} | graph_outputs
@@ -157,23 +177,30 @@ def _rewire(node: onnx.NodeProto, old: str, new: str) -> None:
 
 FORMAT_QDQ = "qdq"  # standard DequantizeLinear -> MatMul; ORT fuses it into MatMulNBits
 FORMAT_NBITS = "nbits"  # com.microsoft.MatMulNBits written directly
-FORMATS = (FORMAT_QDQ, FORMAT_NBITS)
+FORMAT_DYNAMIC = "dynamic"  # com.microsoft.DynamicQuantizeMatMul: int8 per-column weights, dynamic activations
+FORMATS = (FORMAT_QDQ, FORMAT_NBITS, FORMAT_DYNAMIC)
 # MatMulNBits accuracy level 4 = int8 activations inside the kernel; the level ORT's own DQ->MatMul fusion uses.
 NBITS_ACCURACY_LEVEL = 4
 
 
 def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str, fmt: str,
-                     quantizer=None, layer: str = "") -> tuple[int, float]:
+                     quantizer=None, layer: str = "", smoothing: np.ndarray | None = None) -> tuple[int, float, int]:
+    """Returns the bytes written, the weight's mean squared error and the block size used.
+
+    `smoothing` (per input channel, `--format dynamic` only): see `_write_dynamic`.
+    """
     weight = _weight_seen_by_consumer(g, use)
     if use.op_type == "Gemm":
         consumer, weight_kn = _gemm_to_matmul(g, use, weight)
     else:
         consumer, weight_kn = g.node(use.node), weight
     quantizer = quantizer or RoundToNearest()
+    if fmt == FORMAT_DYNAMIC:
+        return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base, smoothing)
     qw = quantizer(layer or base, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
     if fmt == FORMAT_NBITS:
         _write_matmul_nbits(g, consumer, qw, base)
-        return qw.nbytes(), _mse(qw, weight_kn)
+        return qw.nbytes(), _mse(qw, weight_kn), qw.block_size
     q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{lp.bits}"), qw.q, lp.bits, qw.symmetric))
     s_name = g.add_initializer(numpy_helper.from_array(qw.scale, g.unique(f"{base}.weight_scale")))
     inputs = [q_name, s_name]
@@ -183,7 +210,122 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
     g.prelude.append(helper.make_node("DequantizeLinear", inputs, [dq_out], name=g.unique(f"{base}.DequantizeLinear"),
                                       axis=0, block_size=lp.block_size))
     consumer.input[1] = dq_out
-    return qw.nbytes(), _mse(qw, weight_kn)
+    return qw.nbytes(), _mse(qw, weight_kn), qw.block_size
+
+
+def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp: LayerPlan, clip: str, base: str,
+                   quantizer, layer: str, smoothing: np.ndarray | None = None) -> tuple[int, float, int]:
+    """MatMul(A, W) -> DynamicQuantizeMatMul(A, W_int8, column scales[, bias]).
+
+    8 bits: symmetric int8 per output column (one block of K), what ORT's quantize_dynamic writes.
+    4 bits: the planned blocked codes stay on disk; the int8 per-column weight is computed from them
+    with Cast/Sub/Mul/Round/Cast/Reshape, which ORT constant-folds at session start (it does not fold
+    DequantizeLinear, hence plain ops). The effective weight is the 4-bit one rounded once more to
+    the column's int8 grid; its error is what `mse` reports.
+    `smoothing` s [K] (SmoothQuant-style): X W = (X / s)(s W). Channels with s > 1 peak far above the
+    rest; scaled down, they no longer set the one activation scale the kernel uses per call, at the
+    price of one Mul and coarser weight rows for those channels.
+    """
+    k, n = weight_kn.shape
+    source = weight_kn if smoothing is None else weight_kn * smoothing[:, None]
+    if lp.bits == 8:
+        qw = quantizer(layer, source, 8, k, True, clip)
+        q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q8"), qw.q, 8, True))
+        column_scale, effective = qw.scale.reshape(n), qw.dequantize()
+        nbytes = qw.nbytes()
+    else:
+        qw = quantizer(layer, source, lp.bits, lp.block_size, lp.symmetric, clip, input_scale=smoothing)
+        q_name, column_scale, effective = _int8_from_blocks(g, qw, base)
+        nbytes = qw.nbytes() + column_scale.nbytes
+    s_name = g.add_initializer(numpy_helper.from_array(column_scale, g.unique(f"{base}.weight_scale")))
+    node = helper.make_node(KERNEL_DYNAMIC, [matmul.input[0], q_name, s_name], list(matmul.output),
+                            name=g.unique(matmul.name + "DynamicQuantize"), domain=MS_DOMAIN)
+    index = list(g.graph.node).index(matmul)
+    g.graph.node.remove(matmul)
+    g.graph.node.insert(index, node)
+    _absorb_bias(g, g.node(node.name), n)
+    if smoothing is not None:
+        nbytes += _smooth_input(g, g.node(node.name), smoothing, base)
+        effective = effective / smoothing[:, None]
+    return nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size
+
+
+def _smooth_input(g: _Graph, node: onnx.NodeProto, smoothing: np.ndarray, base: str) -> int:
+    """Insert Mul(X, 1 / s) before the kernel; returns the bytes added."""
+    inverse = (1 / smoothing).astype(np.float32)
+    name = g.add_initializer(numpy_helper.from_array(inverse, g.unique(f"{base}.input_smoothing")), owned=False)
+    scaled = g.unique(f"{base}.input_smoothed")
+    mul = helper.make_node("Mul", [node.input[0], name], [scaled], name=g.unique(f"{base}.SmoothInput"))
+    node.input[0] = scaled
+    g.graph.node.insert(list(g.graph.node).index(node), mul)
+    return inverse.nbytes
+
+
+def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """Write blocked low-bit codes and the prelude that expands them to an int8 [K, N] per-column weight.
+
+    int8 = Round((q - zp) * ratio), ratio = block scale / column scale, column scale = max|W_q| / 127.
+    Returns the int8 tensor's name, the column scales and the effective float weight.
+    """
+    k, n = qw.q.shape
+    blocks = k // qw.block_size
+    column_scale = np.abs(qw.dequantize()).max(axis=0) / np.float32(127)
+    column_scale = np.where(column_scale > 0, column_scale, 1).astype(np.float32)
+    ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N]
+    codes = qw.q.reshape(blocks, qw.block_size, n)
+    q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{qw.bits}"), codes, qw.bits, qw.symmetric))
+    r_name = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n), g.unique(f"{base}.weight_ratio")))
+    prelude = _Prelude(g, f"{base}.weight_int8")
+    values = prelude.add("Cast", [q_name], to=TensorProto.FLOAT)
+    expected = codes.astype(np.float32)
+    if not qw.symmetric:
+        zp = qw.zero_point.reshape(blocks, 1, n)
+        zp_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_zp"), zp, qw.bits, False))
+        values = prelude.add("Sub", [values, prelude.add("Cast", [zp_name], to=TensorProto.FLOAT)])
+        expected = expected - zp.astype(np.float32)
+    values = prelude.add("Mul", [values, r_name])
+    values = prelude.add("Cast", [prelude.add("Round", [values])], to=TensorProto.INT8)
+    values = prelude.add("Reshape", [values, g.shape((k, n))])
+    int8 = np.rint(expected * ratio[:, None, :]).reshape(k, n)  # what ORT computes, in the same float32 steps
+    return values, column_scale, int8 * column_scale
+
+
+class _Prelude:
+    """Appends initializer-only nodes to the graph's prelude; their outputs are the layer's derived tensors."""
+
+    def __init__(self, g: _Graph, base: str):
+        self.g, self.base = g, base
+
+    def add(self, op: str, inputs: list[str], **attrs) -> str:
+        out = self.g.unique(self.base)
+        self.g.prelude.append(helper.make_node(op, inputs, [out], name=self.g.unique(f"{self.base}.{op}"), **attrs))
+        self.g.derived.append(out)
+        return out
+
+
+def _absorb_bias(g: _Graph, node: onnx.NodeProto, n: int) -> None:
+    """Move a following `Add(bias[N])` into the kernel's bias input, as ORT's own fusion does."""
+    out = node.output[0]
+    consumers = g.consumers(out)
+    if len(consumers) != 1 or consumers[0].op_type != "Add" or out in {o.name for o in g.graph.output}:
+        return
+    add = consumers[0]
+    bias = [_through_identity(g, i) for i in add.input if i != out]
+    if len(bias) != 1 or bias[0] not in g.initializers:
+        return
+    if list(g.initializers[bias[0]].dims) != [n] or g.initializers[bias[0]].data_type != TensorProto.FLOAT:
+        return
+    node.input.extend(["", bias[0]])  # no zero point: symmetric weights
+    node.output[0] = add.output[0]
+    g.graph.node.remove(add)
+
+
+def _through_identity(g: _Graph, tensor: str) -> str:
+    """The initializer behind an `Identity` (the exporter deduplicates equal biases that way), else `tensor`."""
+    producer = next((n for n in g.graph.node if tensor in n.output), None)
+    if producer is not None and producer.op_type == "Identity" and producer.input[0] in g.initializers:
+        return producer.input[0]
+    return tensor
 
 
 def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, base: str) -> None:
@@ -269,14 +411,17 @@ def _mse(qw: QuantizedWeight, weight_kn: np.ndarray) -> float:
 
 
 def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: str = FORMAT_QDQ,
-                  nbits_layers: frozenset[str] = frozenset(), quantizer=None) -> dict[str, RewrittenLayer]:
+                  nbits_layers: frozenset[str] = frozenset(), quantizer=None,
+                  smoothing: dict[str, np.ndarray] | None = None) -> dict[str, RewrittenLayer]:
     """Apply `plan` to `model` in place; returns what was done to each layer.
 
     `fmt` chooses how 4/8-bit MatMul weights are written; layers in `nbits_layers` get MatMulNBits
     whatever `fmt` says (used where another ORT fusion would pre-empt DQ -> MatMul, see pipeline).
     `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding
-    tables are always round-to-nearest.
+    tables are always round-to-nearest. `smoothing` (layer -> per-input-channel factors) scales
+    outlier channels down before the int8 product of `--format dynamic` layers.
     """
+    smoothing = smoothing or {}
     quantizer = quantizer or RoundToNearest()
     g = _Graph(model)
     done: dict[str, RewrittenLayer] = {}
@@ -285,7 +430,7 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
         if lp is None:
             continue
         record = RewrittenLayer(name, lp.bits, lp.block_size if lp.bits < 16 else None, [], 0, 0)
-        first_created = len(g.created)
+        first_created, first_derived = len(g.created), len(g.derived)
         seen_inits: set[str] = set()
         errors = []
         for i, use in enumerate(mapping.uses):
@@ -303,13 +448,17 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
                 record.expected_kernels.append(KERNEL_GATHER_BQ)
             else:
                 layer_fmt = FORMAT_NBITS if name in nbits_layers else fmt
-                nbytes, mse = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt, quantizer, name)
+                factors = smoothing.get(name) if layer_fmt == FORMAT_DYNAMIC else None
+                nbytes, mse, record.block_size = _quantize_matmul(g, use, lp, plan.clip, base, layer_fmt, quantizer,
+                                                                  name, factors)
+                record.outlier_channels = 0 if factors is None else int((factors > 1).sum())
                 record.algorithm = quantizer.algorithm_for(name, lp.bits)
                 record.bytes_after += nbytes
                 errors.append(mse)
-                record.expected_kernels.append(KERNEL_MATMUL_NBITS)
+                record.expected_kernels.append(KERNEL_DYNAMIC if layer_fmt == FORMAT_DYNAMIC else KERNEL_MATMUL_NBITS)
         record.mse = float(np.mean(errors)) if errors else 0.0
         record.new_initializers = g.created[first_created:]
+        record.derived_tensors = g.derived[first_derived:]
         done[name] = record
     g.finish()
     if any(node.domain == MS_DOMAIN for node in model.graph.node):

@@ -23,7 +23,8 @@ class RoundToNearest:
     name = "rtn"
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
-                 clip: str) -> QuantizedWeight:
+                 clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
+        """`input_scale` s: `weight_kn` is diag(s) W, to be fed X / s (dynamic-format smoothing)."""
         return quantize_blocked(weight_kn, bits, block_size, symmetric, clip)
 
     def algorithm_for(self, layer: str, bits: int) -> str:
@@ -53,11 +54,14 @@ class Gptq(RoundToNearest):
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
 
-    def __call__(self, layer, weight_kn, bits, block_size, symmetric, clip) -> QuantizedWeight:
+    def __call__(self, layer, weight_kn, bits, block_size, symmetric, clip, input_scale=None) -> QuantizedWeight:
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
-        key = (layer, bits, block_size, symmetric, clip, weight_kn.shape)
+        if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
+            hessian = hessian / np.outer(input_scale, input_scale)
+        scale_key = None if input_scale is None else input_scale.tobytes()
+        key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
         if key not in self._done:
             self._done[key] = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
         return self._done[key]

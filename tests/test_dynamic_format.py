@@ -1,0 +1,193 @@
+"""`--format dynamic`: int8 DynamicQuantizeMatMul for 8-bit layers, and for 4-bit layers stored as 4-bit codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from cptquant.exporter.graph_check import optimized_graph
+from cptquant.exporter.layer_map import WeightUse
+from cptquant.exporter.pipeline import export_quantized
+from cptquant.exporter.qdq_rewrite import FORMAT_DYNAMIC, _Graph, _quantize_matmul
+from cptquant.exporter.quantize import quantize_blocked
+from cptquant.model_loading import wrap_model
+from cptquant.plan import LayerPlan, Plan, uniform_plan
+from cptquant.runtimes.inputs import feeds_for
+from cptquant.testing import tiny_bert
+
+K, N = 96, 40
+
+
+def _one_matmul(weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["mm" if bias is not None else "y"], name="/fc/MatMul")]
+    inits = [numpy_helper.from_array(weight, "w")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["b", "mm"], ["y"], name="/fc/Add"))
+        inits.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+
+
+def _effective_weight(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
+    """What the format computes with: per-column int8 of the weight (8 bits) or of its blocked 4-bit version."""
+    source = weight if bits == 8 else quantize_blocked(weight, bits, 32, symmetric).dequantize()
+    return quantize_blocked(source, 8, K, True).dequantize()
+
+
+@pytest.mark.parametrize("bits, symmetric", [(8, True), (4, True), (4, False)])
+def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric):
+    rng = np.random.default_rng(2)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    bias = rng.normal(size=N).astype(np.float32)
+    x = rng.normal(size=(5, K)).astype(np.float32)
+    model = _one_matmul(weight, bias)
+    g = _Graph(model)
+    nbytes, mse, block = _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"),
+                                          LayerPlan(bits=bits, symmetric=symmetric), "absmax", "fc", FORMAT_DYNAMIC)
+    g.finish()
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node if n.domain] == ["DynamicQuantizeMatMul"]
+    assert not any(n.op_type == "Add" for n in model.graph.node)  # the bias moved into the kernel
+    assert block == (K if bits == 8 else 32)
+    expected = x @ _effective_weight(weight, bits, symmetric) + bias
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x})[0]
+    # Activations are quantized to uint8 per tensor at run time: allow that rounding.
+    np.testing.assert_allclose(got, expected, atol=0.03 * np.abs(expected).max())
+    assert mse > 0
+
+
+# At 4 bits the weight's own rounding dominates the error (and the scaled-up rows coarsen their blocks).
+@pytest.mark.parametrize("bits, symmetric, gain", [(8, True, 0.5), (4, False, 0.8)])
+def test_outlier_channels_are_scaled_down_before_the_int8_product(bits, symmetric, gain):
+    """Two input channels 40x larger than the rest: X W = (X / s)(s W) with s = sqrt(40) there; the error falls."""
+    rng = np.random.default_rng(3)
+    weight = rng.normal(size=(K, N)).astype(np.float32)
+    x = rng.normal(size=(6, K)).astype(np.float32)
+    x[:, [3, 50]] *= 40
+    smoothing = np.ones(K, np.float32)
+    smoothing[[3, 50]] = np.sqrt(40)
+    errors = {}
+    for factors in (None, smoothing):
+        model = _one_matmul(weight, None)
+        g = _Graph(model)
+        _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"), LayerPlan(bits=bits, symmetric=symmetric),
+                         "absmax", "fc", FORMAT_DYNAMIC, smoothing=factors)
+        g.finish()
+        onnx.checker.check_model(model)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        errors[factors is None] = np.abs(session.run(None, {"x": x})[0] - x @ weight).max()
+        if factors is not None:
+            assert [n.op_type for n in model.graph.node][-2:] == ["Mul", "DynamicQuantizeMatMul"]
+            assert not any(name.startswith("fc.input_smoothing") for name in g.created)  # not the layer's weight
+    assert errors[False] < gain * errors[True], errors
+
+
+def _mixed_plan(loaded, graph) -> Plan:
+    plan = uniform_plan(graph, 8)
+    for i, layer in enumerate(layer for layer in graph.layers if layer.block is not None):
+        plan.layers[layer.name].bits = (4, 8, 16)[i % 3]
+    return plan
+
+
+@pytest.fixture(scope="module")
+def bert_dynamic(tmp_path_factory):
+    loaded = wrap_model(tiny_bert())
+    out = tmp_path_factory.mktemp("bert-dyn") / "model.onnx"
+    # A low outlier ratio: random weights have no real outlier channels, and the split path must be exercised.
+    return loaded, export_quantized(loaded, _mixed_plan, out, progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5)
+
+
+def test_tiny_bert_runs_dynamic_quantize_matmul_for_4_and_8_bit_layers(bert_dynamic):
+    _, result = bert_dynamic
+    layers = result.report["layers"]
+    low_bit = [name for name, entry in layers.items() if entry["bits"] in (4, 8) and "embeddings" not in name]
+    assert {layers[name]["bits"] for name in low_bit} == {4, 8}
+    assert all(layers[name]["kernels"] == ["DynamicQuantizeMatMul"] for name in low_bit)
+    check = result.report["graph_check"]
+    assert check["unfused"] == [] and check["fp16_casts_left"] == []
+    assert check["kernels"]["DynamicQuantizeMatMul"] == len(low_bit)
+    assert check["expected_kernels"]["DynamicQuantizeMatMul"] == len(low_bit)
+    assert check["expected_kernels"]["GatherBlockQuantized"] == 3 and check["expected_kernels"]["fp16"] >= 1
+    assert any(layers[name].get("outlier_channels", 0) > 0 for name in low_bit)
+
+    optimized = optimized_graph(result.paths.model).graph
+    ops = [n.op_type for n in optimized.node]
+    assert "DequantizeLinear" not in ops and "MatMulNBits" not in ops and "Round" not in ops
+    weights = {init.name: init for init in optimized.initializer}
+    for node in optimized.node:
+        if node.op_type == "DynamicQuantizeMatMul":  # the int4 -> int8 expansion was folded into an initializer
+            assert weights[node.input[1]].data_type == TensorProto.INT8
+
+
+def test_tiny_bert_dynamic_outputs_match_torch(bert_dynamic):
+    loaded, result = bert_dynamic
+    ids = np.random.default_rng(0).integers(5, 900, size=(2, 24))
+    mask = np.ones_like(ids)
+    mask[1, 16:] = 0
+    with torch.no_grad():
+        ref = loaded.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    session = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])
+    got = session.run(None, feeds_for(session, ids, mask))[0]
+    real = mask.astype(bool)
+    a, b = got[real], ref.numpy()[real]
+    cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+    assert cos.min() > 0.98, cos.min()
+    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.99
+
+
+def test_dynamic_4_bit_layers_are_4_bit_on_disk(bert_dynamic):
+    _, result = bert_dynamic
+    model = onnx.load(str(result.paths.model))
+    stored = {init.name: init for init in model.graph.initializer}
+    for name, entry in result.report["layers"].items():
+        if entry["bits"] != 4 or "embeddings" in name:
+            continue
+        params = entry["bytes_fp32"] // 4
+        codes = stored[f"{name}.weight_q4"]
+        assert codes.data_type in (TensorProto.INT4, TensorProto.UINT4)
+        assert len(codes.raw_data) == params // 2  # two codes per byte, no int8 copy in the file
+        assert not any(init.data_type == TensorProto.INT8 and init.name.startswith(name) for init in stored.values())
+        if not entry.get("outlier_channels"):  # split-off rows are FP16: only plain layers have this bound
+            assert entry["bytes_after"] < 0.75 * params
+
+
+def test_cli_dynamic_format_with_gptq_codes(tmp_path):
+    """`cptq-export --format dynamic`: GPTQ chooses the 4-bit codes, which the int8 expansion then reads."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cptquant.cli import export_app
+    from cptquant.testing import save_tiny_model
+
+    folder = save_tiny_model(tiny_bert(), tmp_path / "bert")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(export_app, [str(folder), "--bits", "4", "--format", "dynamic", "--calib-samples", "8",
+                                             "--seq-len", "32", "-o", str(out), "--no-verify", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "model.report.json").read_text())
+    assert report["weight_format"] == "dynamic"
+    matmuls = {name: entry for name, entry in report["layers"].items() if "embeddings" not in name}
+    assert {entry["algorithm"] for entry in matmuls.values()} == {"gptq"}
+    assert all(entry["kernels"] == ["DynamicQuantizeMatMul"] for entry in matmuls.values())
+    assert report["graph_check"]["unfused"] == []
+
+
+@pytest.mark.parametrize("build", ["tiny_opt", "tiny_gpt2"])
+def test_decoders_export_in_dynamic_format(build, tmp_path):
+    """Gemm layers (OPT's fc1/fc2, GPT-2's Conv1D) and the tied LM head also become DynamicQuantizeMatMul."""
+    import cptquant.testing
+
+    loaded = wrap_model(getattr(cptquant.testing, build)())
+    result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False,
+                              fmt=FORMAT_DYNAMIC)
+    check = result.report["graph_check"]
+    assert check["unfused"] == []
+    assert check["kernels"]["DynamicQuantizeMatMul"] == check["expected_kernels"]["DynamicQuantizeMatMul"] >= 8
+    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.95
