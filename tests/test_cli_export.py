@@ -155,12 +155,13 @@ def test_console_script_runs_the_embedded_default(tmp_path):
     assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "token_type_ids"}
 
 
-@pytest.mark.parametrize("method", ["tdmpq", "pmpq", "cmpq"])
-def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method):
+@pytest.mark.parametrize("method, weight_format", [("tdmpq", "qdq"), ("pmpq", "qdq"), ("cmpq", "qdq"),
+                                                   ("tdmpq", "dynamic")])
+def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method, weight_format):
     out = tmp_path / method
     budget_mb = 0.36  # between all-4-bit and all-8-bit for this tiny OPT, so the allocator must choose
     result = run_export(str(opt_folder), "--method", method, "--max-size-mb", str(budget_mb), "--calib-samples", "8",
-                        "--seq-len", "32", "-o", str(out), "--no-verify")
+                        "--seq-len", "32", "-o", str(out), "--no-verify", "--format", weight_format)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "model.report.json").read_text())
     plan = json.loads((out / "model.plan.json").read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..exporter.pipeline import export_quantized, exported_layer_graph
+from ..exporter.qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..plan import apply_zero_points, uniform_plan
@@ -41,6 +42,9 @@ class ModelSpec:
     # Uniform plans (bits, block size) through the same exporter, for reference. 4 bits in blocks of 16 spends
     # about the bytes of a 4.5-bit mixed plan on finer scales instead: uniform int4 "at equal size".
     uniform: tuple[tuple[int, int], ...] = ((8, 32), (4, 32), (4, 16))
+    # Variants (method, budget label) also exported in `--format dynamic` (DynamicQuantizeMatMul); a size budget
+    # is re-planned with that format's byte count.
+    dynamic: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -114,17 +118,25 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
              for bits, block in spec.uniform]
     plans += list(_plans(spec, graph, result, options, loaded.display_name))
     # GPTQ codes for every cptq variant; one round-to-nearest twin of the first tdmpq budget shows what GPTQ adds.
-    runs = [(method, label, plan, "gptq") for method, label, plan in plans]
+    runs = [(method, label, plan, "gptq", FORMAT_QDQ) for method, label, plan in plans]
     ablation = next(((m, l, p) for m, l, p in plans if m == "tdmpq" and l != "KHM"), None)
     if ablation:
-        runs.append((*ablation, "rtn"))
-    for method, label, plan, algorithm in runs:
-        name = f"cptq {method} {label}" + (" (RTN)" if algorithm == "rtn" else "")
+        runs.append((*ablation, "rtn", FORMAT_QDQ))
+    dynamic_options = AnalysisOptions(**{**options.__dict__, "weight_format": FORMAT_DYNAMIC})
+    dynamic_plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""), plan)
+                     for (bits, block), (_, _, plan) in zip(spec.uniform, plans)]
+    dynamic_plans += list(_plans(spec, graph, result, dynamic_options, loaded.display_name))
+    runs += [(m, l, p, "gptq", FORMAT_DYNAMIC) for m, l, p in dynamic_plans if (m, l) in spec.dynamic]
+    for method, label, plan, algorithm, fmt in runs:
+        family = method if algorithm == "gptq" else f"{method} (RTN)"
+        family += " (dynamic)" if fmt == FORMAT_DYNAMIC else ""
+        name = f"cptq {method} {label}" + (" (RTN)" if algorithm == "rtn" else "") + (
+            " (dynamic)" if fmt == FORMAT_DYNAMIC else "")
         log(f"[{spec.key}] export {name}")
-        out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}"
+        out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}-{fmt}"
         exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False,
-                                    algorithm=algorithm, calibration=options)
-        variants.append(Variant(name, method if algorithm == "gptq" else f"{method} (RTN)", exported.paths.model,
+                                    algorithm=algorithm, calibration=options, fmt=fmt)
+        variants.append(Variant(name, family, exported.paths.model,
                                 exported.report["model_bytes"], exported.report["average_bits"], label))
 
     adapter = CpuAdapter(threads=2)

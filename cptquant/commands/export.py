@@ -166,6 +166,7 @@ def export(
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points)
+    analysis.weight_format = weight_format  # a size budget counts the bytes of this format
     report_extras: dict = {}
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
     from ..exporter.pipeline import resolve_output

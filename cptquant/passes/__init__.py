@@ -54,6 +54,7 @@ class AnalysisOptions:
     cca: str = "cca"  # or svcca / pwcca
     curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
     zero_points: str = "auto"  # asymmetric weights: auto (at 4 bits), always, never
+    weight_format: str = "qdq"  # the export's --format: what a size budget counts differs for "dynamic"
 
 
 @dataclass
@@ -205,11 +206,15 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     # of the embedding in the ONNX file, quantized with its owner's bits, so it counts with that unit.
     unit_params = dict.fromkeys(units, 0)
     table_params = dict.fromkeys(units, 0)  # embedding tables: stored with FP16 scales
+    columns, inputs = dict.fromkeys(units, 0), dict.fromkeys(units, 0)  # MatMul shapes, for --format dynamic
     for layer in graph.layers:
         unit = unit_of(graph, layer, options.granularity)
         unit_params[unit] += layer.num_params
         if layer.role == ROLE_EMBEDDING:
             table_params[unit] += layer.num_params
+        else:
+            columns[unit] += layer.out_features
+            inputs[unit] += layer.in_features
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)
@@ -219,7 +224,8 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
                                 max_size_mb=options.max_size_mb, block_size=options.block_size,
                                 fixed_bytes=fixed_bytes, zero_points=options.zero_points,
-                                table_params=table_params)
+                                table_params=table_params, weight_format=options.weight_format,
+                                columns=columns, inputs=inputs)
         budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
     else:
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)

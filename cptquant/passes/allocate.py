@@ -75,19 +75,33 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
     return bits, [float(c) for c in centres]
 
 
-def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto", table_params: int = 0) -> float:
+def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto", table_params: int = 0,
+               weight_format: str = "qdq", columns: int = 0, inputs: int = 0) -> float:
     """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points.
 
-    `table_params` of them are embedding tables, whose scales are FP16.
+    `table_params` of them are embedding tables, whose scales are FP16. `--format dynamic` stores the
+    MatMul weights' `columns` (output columns, summed over the unit's MatMul layers) with one float32
+    scale each, 8-bit ones without block scales; `inputs` bounds its outlier scaling (one float32 per
+    input channel where it applies: counted everywhere, so the budget holds whatever calibration shows).
     """
     if bits >= 16:
         return FP16_BYTES * params
-    matmul_blocks = math.ceil((params - table_params) / block_size)
+    matmul_params = params - table_params
+    matmul_blocks = math.ceil(matmul_params / block_size)
     table_blocks = math.ceil(table_params / block_size)
-    blocks = matmul_blocks + table_blocks
     asymmetric = zero_points == "always" or (zero_points == "auto" and bits == 4)
-    return (params * bits / 8 + SCALE_BYTES * matmul_blocks + TABLE_SCALE_BYTES * table_blocks
-            + (blocks * bits / 8 if asymmetric else 0) + NODE_BYTES)
+    table = table_params * bits / 8 + TABLE_SCALE_BYTES * table_blocks + (table_blocks * bits / 8 if asymmetric else 0)
+    if weight_format == "dynamic":
+        if bits == 8:  # symmetric int8 per output column
+            matmul = matmul_params + SCALE_BYTES * columns
+        else:  # the blocked codes on disk, plus the int8 column scales they are folded with
+            matmul = (matmul_params * bits / 8 + SCALE_BYTES * matmul_blocks
+                      + (matmul_blocks * bits / 8 if asymmetric else 0) + SCALE_BYTES * columns)
+        matmul += SCALE_BYTES * inputs
+    else:
+        matmul = (matmul_params * bits / 8 + SCALE_BYTES * matmul_blocks
+                  + (matmul_blocks * bits / 8 if asymmetric else 0))
+    return table + matmul + NODE_BYTES
 
 
 def predicted_damage(score: float, bits: int) -> float:
@@ -97,13 +111,14 @@ def predicted_damage(score: float, bits: int) -> float:
 def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tuple[int, ...], *,
                 target_bits: float | None = None, max_size_mb: float | None = None, block_size: int = 32,
                 fixed_bytes: float = 0, zero_points: str = "auto",
-                table_params: dict[str, int] | None = None) -> dict[str, int]:
+                table_params: dict[str, int] | None = None, weight_format: str = "qdq",
+                columns: dict[str, int] | None = None, inputs: dict[str, int] | None = None) -> dict[str, int]:
     """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes).
 
     `fixed_bytes`: what the file holds whatever the plan (graph, biases, norms), counted in a size budget.
-    `table_params`: per unit, how many of its weights are embedding tables (FP16 scales).
+    `table_params`, `columns`, `inputs`: per unit, see `unit_bytes`.
     """
-    table_params = table_params or {}
+    table_params, columns, inputs = table_params or {}, columns or {}, inputs or {}
     widths = sorted(set(bit_widths))
     names = list(scores)
     if target_bits is not None:
@@ -118,7 +133,8 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
         unit = "bits"
     else:
         def cost(name: str, bits: int) -> float:
-            return unit_bytes(params[name], bits, block_size, zero_points, table_params.get(name, 0))
+            return unit_bytes(params[name], bits, block_size, zero_points, table_params.get(name, 0), weight_format,
+                              columns.get(name, 0), inputs.get(name, 0))
 
         budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"
