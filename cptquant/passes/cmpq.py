@@ -8,7 +8,7 @@ Unlike the reference code (sklearn CCA on mean-pooled states, more dimensions th
 every correlation saturates near 1), we use every real token (padding masked out), reduce each
 side to its top principal components (k <= min(64, tokens/4)) and add a ridge to the
 covariances. Everything comes from one forward pass with hooks that accumulate covariance
-matrices; wide activations (> 256 features) are first mapped through a fixed seeded Gaussian
+matrices; wide activations (> 128 features) are first mapped through a fixed seeded Gaussian
 projection so the accumulators stay small.
 """
 
@@ -21,10 +21,10 @@ import torch
 
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph
 from .calibration import CalibrationSet
-from .common import allocation_units, block_unit, progress_bar
+from .common import allocation_units, block_unit, forward_options, progress_bar
 
 CCA_VARIANTS = ("cca", "svcca", "pwcca")
-PROJECTION_DIM = 256  # wider activations are sketched down to this many features
+PROJECTION_DIM = 128  # wider activations are sketched down to this many features (2x the components kept)
 MAX_COMPONENTS = 64
 SVCCA_VARIANCE = 0.99
 RIDGE = 0.05  # added to each retained eigenvalue, as a fraction of their mean
@@ -153,11 +153,12 @@ def cmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet
             task = bar.add_task("CMPQ forward", total=len(calib.batches))
             per_batch = max(1, MAX_TOKENS // len(calib.batches))
             gen = torch.Generator().manual_seed(seed)
+            no_cache = forward_options(model)
             for batch in calib.batches:
                 real = batch["attention_mask"].reshape(-1).nonzero().squeeze(1)
                 chosen = real[torch.randperm(len(real), generator=gen)[:per_batch]].sort().values
                 current[:] = [chosen, batch["attention_mask"]]
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache)
                 bar.advance(task)
     finally:
         for handle in handles:

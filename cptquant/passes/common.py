@@ -93,6 +93,11 @@ def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter
                 param.copy_(value)
 
 
+def forward_options(model: torch.nn.Module) -> dict:
+    """Keyword arguments for a plain scoring forward pass: no KV cache where the model would build one."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.no_grad()
 def time_forward(model: torch.nn.Module, calib, repeats: int = 3) -> float:
     """Seconds for one plain forward pass over the calibration set: the unit of cost (1 FPE).
@@ -100,7 +105,7 @@ def time_forward(model: torch.nn.Module, calib, repeats: int = 3) -> float:
     The median of `repeats` passes: one pass slowed by another process would make every cost look small.
     """
     # Without a KV cache, as the task loss runs it: building one would make the unit slower than it is.
-    extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    extra = forward_options(model)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
