@@ -38,6 +38,24 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+def _hooked_forward(model, calib: CalibrationSet, handles: list, mask_in_flight: list, label: str, progress: bool,
+                    after_batch=None) -> None:
+    """One no-grad pass over the calibration set for hooks that read the batch's mask; removes the hooks."""
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), progress_bar(progress) as bar:
+            task = bar.add_task(label, total=len(calib.batches))
+            for batch in calib.batches:
+                mask_in_flight[:] = [batch["attention_mask"]]
+                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                if after_batch is not None:
+                    after_batch()
+                bar.advance(task)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect_hessians(loaded, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
                      progress: bool = True) -> dict[str, np.ndarray]:
     """Hessians [K, K] (float64, normalised by the number of real tokens) keyed by layer name.
@@ -46,7 +64,6 @@ def collect_hessians(loaded, graph: LayerGraph, calib: CalibrationSet, layer_nam
     any Linear (its input is the final hidden state, not the embedding's token ids).
     """
     model = loaded.model
-    device = next(model.parameters()).device
     accumulators: dict[str, _HessianAccumulator] = {}
     mask_in_flight: list[torch.Tensor] = []
     # q/k/v (and gate/up) read the same tensor: its xᵀx is computed once per call chain. Holding a
@@ -73,17 +90,8 @@ def collect_hessians(loaded, graph: LayerGraph, calib: CalibrationSet, layer_nam
             continue
         acc = accumulators[name] = _HessianAccumulator()
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(acc), with_kwargs=True))
-    try:
-        with torch.no_grad(), progress_bar(progress) as bar:
-            task = bar.add_task("Hessians forward", total=len(calib.batches))
-            for batch in calib.batches:
-                mask_in_flight[:] = [batch["attention_mask"]]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                last.update(x=None, gram=None)
-                bar.advance(task)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _hooked_forward(model, calib, handles, mask_in_flight, "Hessians forward", progress,
+                    after_batch=lambda: last.update(x=None, gram=None))
     missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
     if missing:
         raise CptqError(f"no calibration input reached these layers, so GPTQ has no Hessian: {', '.join(missing)}")
@@ -98,7 +106,6 @@ def collect_input_absmax(loaded, graph: LayerGraph, calib: CalibrationSet, layer
     far above the rest (BERT's FFN inputs: 28 against a median of 1.9 on MiniLM) set that scale.
     """
     model = loaded.model
-    device = next(model.parameters()).device
     absmax: dict[str, torch.Tensor] = {}
     mask_in_flight: list[torch.Tensor] = []
 
@@ -114,14 +121,5 @@ def collect_input_absmax(loaded, graph: LayerGraph, calib: CalibrationSet, layer
     names = [name for name in layer_names if graph[name].role != ROLE_EMBEDDING]
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name), with_kwargs=True)
                for name in names]
-    try:
-        with torch.no_grad(), progress_bar(progress) as bar:
-            task = bar.add_task("activation ranges forward", total=len(calib.batches))
-            for batch in calib.batches:
-                mask_in_flight[:] = [batch["attention_mask"]]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
-                bar.advance(task)
-    finally:
-        for handle in handles:
-            handle.remove()
+    _hooked_forward(model, calib, handles, mask_in_flight, "activation ranges forward", progress)
     return {name: peak.cpu().numpy() for name, peak in absmax.items()}
