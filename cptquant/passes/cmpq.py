@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..layer_graph import ROLE_EMBEDDING, LayerGraph, block_container
 from .calibration import CalibrationSet
 from .common import allocation_units, block_unit, forward_options, progress_bar
 
@@ -139,7 +139,8 @@ def cmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet
 
         handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
-    blocks_container = _blocks_module(model, graph)
+    container = block_container(model) if graph.num_blocks else None
+    blocks_container = model.get_submodule(container) if container else None
     needs_block0 = any(layers[0].role == ROLE_EMBEDDING for layers in units.values())
     for unit, layers in units.items():
         if unit.startswith("block."):
@@ -167,12 +168,3 @@ def cmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet
     for key, acc in accumulators.items():
         by_key[key] = canonical_score(*acc.covariances(), acc.n, variant) if acc.n else 0.0
     return {unit: by_key.get(unit, by_key.get(block_unit(0), 0.0)) for unit in units}
-
-
-def _blocks_module(model: torch.nn.Module, graph: LayerGraph):
-    """The ModuleList of transformer blocks (the one the layer graph numbered)."""
-    best = None
-    for _name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == graph.num_blocks and graph.num_blocks:
-            best = best or module
-    return best

@@ -79,18 +79,25 @@ def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size
 
 
 @contextlib.contextmanager
-def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter, torch.Tensor]):
-    """Temporarily overwrite parameters in place; the originals come back bit for bit."""
-    saved = {param: param.detach().clone() for param in new_values}
+def restored_afterwards(params):
+    """Whatever happens to `params` inside comes undone: the originals come back bit for bit."""
+    saved = {param: param.detach().clone() for param in params}
     try:
-        with torch.no_grad():
-            for param, value in new_values.items():
-                param.copy_(value)
         yield
     finally:
         with torch.no_grad():
             for param, value in saved.items():
                 param.copy_(value)
+
+
+@contextlib.contextmanager
+def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter, torch.Tensor]):
+    """Temporarily overwrite parameters in place; the originals come back bit for bit."""
+    with restored_afterwards(new_values):
+        with torch.no_grad():
+            for param, value in new_values.items():
+                param.copy_(value)
+        yield
 
 
 def forward_options(model: torch.nn.Module) -> dict:

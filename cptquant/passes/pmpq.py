@@ -9,14 +9,13 @@ the embedding's name, and the head follows it.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
 from ..layer_graph import LayerGraph
 from .calibration import CalibrationSet
 from .block_replay import BlockReplay
-from .common import allocation_units, progress_bar, weight_param
+from .common import allocation_units, progress_bar, restored_afterwards, weight_param
 from .task_loss import TaskLoss
 
 
@@ -44,20 +43,6 @@ def prune_smallest_(weight: torch.Tensor, sparsity: float) -> None:
     flat[at_threshold] = 0
 
 
-@contextlib.contextmanager
-def pruned_in_place(params, sparsity: float):
-    """Prune each parameter in place for the duration; the originals come back bit for bit."""
-    saved = {param: param.detach().clone() for param in params}
-    try:
-        for param in params:
-            prune_smallest_(param.data, sparsity)
-        yield
-    finally:
-        with torch.no_grad():
-            for param, value in saved.items():
-                param.copy_(value)
-
-
 def pmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
                 sparsities: tuple[float, ...] = (0.3,), granularity: str = "layer",
                 replay: BlockReplay | None = None, progress: bool = True) -> dict[str, float]:
@@ -70,7 +55,9 @@ def pmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet
             increases = []
             for sparsity in sparsities:
                 params = list({weight_param(model, layer): None for layer in layers})  # dedup shared parameters
-                with pruned_in_place(params, sparsity):
+                with restored_afterwards(params):
+                    for param in params:
+                        prune_smallest_(param.data, sparsity)
                     increases.append(replay.evaluate_unit(unit) - replay.base_loss)
                 bar.advance(task)
             scores[unit] = sum(increases) / len(increases)
