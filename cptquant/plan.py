@@ -11,11 +11,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import CptqError
-from .layer_graph import LayerGraph
+from .layer_graph import ROLE_EMBEDDING, LayerGraph
 
 PLAN_VERSION = 1
 SUPPORTED_BITS = (16, 8, 4)
 DEFAULT_BLOCK_SIZE = 32
+HOT_ROW_BITS = 8
 
 
 @dataclass
@@ -24,6 +25,9 @@ class LayerPlan:
     block_size: int = DEFAULT_BLOCK_SIZE
     symmetric: bool = True
     score: float | None = None  # sensitivity score from a pass, when the plan came from one
+    # Embedding tables at 4 bits: these rows (token ids) are stored at 8 bits instead, in a second table.
+    # Ignored at other widths. See passes/hot_rows.py.
+    hot_rows: list[int] | None = None
 
 
 @dataclass
@@ -48,7 +52,7 @@ class Plan:
             "method": self.method,
             "clip": self.clip,
             "meta": self.meta,
-            "layers": {name: asdict(lp) for name, lp in sorted(self.layers.items())},
+            "layers": {name: _layer_json(lp) for name, lp in sorted(self.layers.items())},
         }
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -69,9 +73,11 @@ class Plan:
         for name, entry in data["layers"].items():
             if not isinstance(entry, dict) or "bits" not in entry:
                 raise CptqError(f"{source}: layer {name!r} has no 'bits'")
-            unknown = set(entry) - {"bits", "block_size", "symmetric", "score"}
+            unknown = set(entry) - {"bits", "block_size", "symmetric", "score", "hot_rows"}
             if unknown:
                 raise CptqError(f"{source}: layer {name!r} has unknown fields {sorted(unknown)}")
+            if "hot_rows" in entry:
+                entry = {**entry, "hot_rows": parse_rows(entry["hot_rows"], f"{source}: layer {name!r} hot_rows")}
             layers[name] = LayerPlan(**entry)
         return cls(
             layers=layers,
@@ -87,6 +93,47 @@ class Plan:
         if not path.is_file():
             raise CptqError(f"plan file not found: {path}")
         return cls.from_json(path.read_text(), source=str(path))
+
+
+def _layer_json(lp: LayerPlan) -> dict:
+    entry = asdict(lp)
+    if lp.hot_rows is None:
+        del entry["hot_rows"]  # plans without hot rows stay as they were
+    else:
+        entry["hot_rows"] = format_rows(lp.hot_rows)
+    return entry
+
+
+def format_rows(rows: list[int]) -> str:
+    """Sorted row numbers as ranges, "0-3,17,101-102": a vocabulary's worth stays one readable line."""
+    parts, rows = [], sorted(set(rows))
+    i = 0
+    while i < len(rows):
+        j = i
+        while j + 1 < len(rows) and rows[j + 1] == rows[j] + 1:
+            j += 1
+        parts.append(str(rows[i]) if i == j else f"{rows[i]}-{rows[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def parse_rows(value, what: str) -> list[int]:
+    """`format_rows` back to a sorted list; a JSON list of ints is accepted too."""
+    try:
+        if isinstance(value, list):
+            rows = [int(v) for v in value]
+        elif isinstance(value, str):
+            rows = []
+            for part in filter(None, value.split(",")):
+                first, _, last = part.partition("-")
+                rows.extend(range(int(first), int(last or first) + 1))
+        else:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise CptqError(f"{what} must be ranges like \"0-3,17\" or a list of row numbers") from None
+    if any(r < 0 for r in rows):
+        raise CptqError(f"{what} has a negative row number")
+    return sorted(set(rows))
 
 
 def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = True,
@@ -128,6 +175,12 @@ def validate_plan(plan: Plan, graph: LayerGraph) -> None:
         if lp.bits == 16:
             continue
         check_block_size(lp.block_size)
+        if lp.hot_rows and lp.bits == 4:
+            if graph[name].role != ROLE_EMBEDDING:
+                raise CptqError(f"layer {name}: hot_rows apply to embedding tables only")
+            rows = graph[name].out_features
+            if max(lp.hot_rows) >= rows:
+                raise CptqError(f"layer {name}: hot row {max(lp.hot_rows)} is outside the table's {rows} rows")
         in_features = graph[name].in_features
         if in_features % lp.block_size:
             raise CptqError(

@@ -52,7 +52,7 @@ def plans(loaded, fp32_dir: Path, max_size_mb: float) -> dict:
     options = AnalysisOptions(max_size_mb=max_size_mb)
     result = analyze(loaded, graph, ("tdmpq",), options, progress=False)
     tdmpq = plan_from_scores(graph, result.scores["tdmpq"], "tdmpq", options, loaded.display_name,
-                             non_quantizable_params=result.non_quantizable_params)
+                             non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
     return {f"tdmpq ≤{max_size_mb:g} MB": tdmpq,
             "uniform 8 bits": apply_zero_points(uniform_plan(graph, 8), "auto"),
             "uniform 4 bits": apply_zero_points(uniform_plan(graph, 4), "auto")}

@@ -12,6 +12,7 @@ from ..exporter.pipeline import export_quantized, exported_layer_graph
 from ..exporter.qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
+from ..passes.hot_rows import with_hot_rows
 from ..plan import apply_zero_points, uniform_plan
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
@@ -90,7 +91,8 @@ def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name:
                 continue  # the oracle ranks; KHM on its raw damages adds nothing to compare
             opts = AnalysisOptions(**{**options.__dict__, **budget})
             yield method, label, plan_from_scores(graph, scores, method, opts, model_name,
-                                                  non_quantizable_params=result.non_quantizable_params)
+                                                  non_quantizable_params=result.non_quantizable_params,
+                                                  hot_rows=result.hot_rows)
 
 
 def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> ModelResult:
@@ -114,8 +116,8 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
             pass_memory[method] = measured
 
     plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""),
-              apply_zero_points(uniform_plan(graph, bits, block), "auto"))
-             for bits, block in spec.uniform]
+              with_hot_rows(apply_zero_points(uniform_plan(graph, bits, block), "auto"), result.hot_rows))
+             for bits, block in spec.uniform]  # as `cptq-export --bits`: hot rows at 4 bits
     plans += list(_plans(spec, graph, result, options, loaded.display_name))
     # GPTQ codes for every cptq variant; one round-to-nearest twin of the first tdmpq budget shows what GPTQ adds.
     runs = [(method, label, plan, "gptq", FORMAT_QDQ) for method, label, plan in plans]

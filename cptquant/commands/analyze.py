@@ -64,6 +64,7 @@ def analyze(
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
     zero_points: str = options.ZERO_POINTS,
+    hot_rows: bool = options.HOT_ROWS,
     progress: bool = Option(True, "--progress/--no-progress"),
 ) -> None:
     """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
@@ -79,7 +80,7 @@ def analyze(
     methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
-                                        zero_points)
+                                        zero_points, hot_rows)
     check_options(analysis, methods)  # fail before loading a model
     if out.exists() and not out.is_dir():
         raise CptqError(f"--out {out} exists and is not a folder")
@@ -87,7 +88,7 @@ def analyze(
     graph = build_layer_graph(loaded.model)
     result = run_analysis(loaded, graph, methods, analysis, validate=validate, progress=progress)
     plans = {m: plan_from_scores(graph, s, m, analysis, loaded.display_name,
-                                 non_quantizable_params=result.non_quantizable_params)
+                                 non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
              for m, s in result.scores.items()}
     unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()} for m, plan in plans.items()}
 

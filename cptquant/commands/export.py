@@ -48,7 +48,12 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         def uniform(loaded: LoadedModel, graph: LayerGraph) -> Plan:
             plan = uniform_plan(graph, bits, block_size)
             plan.clip = clip
-            return apply_zero_points(plan, zero_points)
+            plan = apply_zero_points(plan, zero_points)
+            if bits == 4 and analysis is not None and analysis.hot_rows:
+                from ..passes.hot_rows import calibration_hot_rows, with_hot_rows
+
+                plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
+            return plan
 
         return uniform
     if plan_file is not None:
@@ -65,7 +70,7 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress)
         scores = result.oracle if method == "oracle" else result.scores[method]
         plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
-                                non_quantizable_params=result.non_quantizable_params)
+                                non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
         # Timings go to the report (the plan stays byte-identical for the same inputs).
         report_extras["analysis"] = {"method": method, "cost_fpe": result.cost_fpe, "seconds": result.seconds,
                                      "calibration": result.calibration, "notes": result.notes}
@@ -155,6 +160,7 @@ def export(
     max_size_mb: Optional[float] = options.MAX_SIZE_MB,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
+    hot_rows: bool = options.HOT_ROWS,
 ) -> None:
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
     if algorithm not in ALGORITHMS:
@@ -165,7 +171,7 @@ def export(
         raise CptqError(f"--outlier-ratio must be 0 (off) or above 1, not {outlier_ratio:g}")
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
-                                        zero_points)
+                                        zero_points, hot_rows)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
     report_extras: dict = {}
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)

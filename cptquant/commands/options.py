@@ -20,6 +20,9 @@ TARGET_BITS = Option(None, "--target-bits", help="Budget: average bits per weigh
 MAX_SIZE_MB = Option(None, "--max-size-mb", help="Budget: estimated model size in MB.")
 CCA = Option("cca", "--cca", help="CMPQ variant: cca, svcca or pwcca.")
 ZERO_POINTS = Option("auto", "--zero-points", help="Asymmetric weights with zero points: auto (at 4 bits), always, never.")
+HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
+                  help="A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits "
+                       "(at most 1/8 of the table).")
 CURVATURE = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson.")
 
 
@@ -40,12 +43,12 @@ def ints(text: str, what: str) -> tuple[int, ...]:
 def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, seq_len: int, seed: int,
                      sparsity: str, bit_widths: str, granularity: str, target_bits: Optional[float],
                      max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str,
-                     zero_points: str = "auto"):
+                     zero_points: str = "auto", hot_rows: bool = True):
     from ..passes import AnalysisOptions
 
     return AnalysisOptions(
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
         sparsity=floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
-        clip=clip, cca=cca, curvature=curvature, zero_points=zero_points,
+        clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
     )

@@ -307,7 +307,8 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
         "layers": {
             name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels, "algorithm": r.algorithm,
                    "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse,
-                   **({"outlier_channels": r.outlier_channels} if r.outlier_channels else {})}
+                   **({"outlier_channels": r.outlier_channels} if r.outlier_channels else {}),
+                   **({"hot_rows": r.hot_rows} if r.hot_rows else {})}
             for name, r in sorted(rewritten.items())
         },
         "layers_not_in_onnx": absent,

@@ -5,7 +5,8 @@
 - `Gemm` (nn.Linear / Conv1D on 2-D input) is first rewritten as `MatMul` + `Add`, since the
   fusion only matches MatMul.
 - 4/8-bit embedding tables become `com.microsoft.GatherBlockQuantized`: a DQ -> Gather would
-  dequantize the whole table on every call.
+  dequantize the whole table on every call. A 4-bit table's hot rows (the plan's `hot_rows`) go
+  to a second, 8-bit table, chosen per token by a slot table (passes/hot_rows.py).
 - 16-bit weights are stored as FP16 with a `Cast` that ORT folds away at session start.
 - `--format dynamic` writes 4/8-bit MatMul weights for `com.microsoft.DynamicQuantizeMatMul` (int8
   weight per output column, activations quantized at run time): ORT's fastest CPU kernel for
@@ -23,9 +24,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import CptqError
-from ..plan import LayerPlan, Plan
+from ..plan import HOT_ROW_BITS, LayerPlan, Plan
 from .layer_map import LayerMap, WeightUse
-from .quantize import QuantizedWeight, pack_uint4_last_axis, quantize_blocked
+from .quantize import QuantizedWeight, hot_slot_dtype, pack_uint4_last_axis, quantize_blocked
 from .weight_quantizers import RoundToNearest
 
 MS_DOMAIN = "com.microsoft"
@@ -49,6 +50,7 @@ class RewrittenLayer:
     mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
     outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
+    hot_rows: int = 0  # rows of a 4-bit embedding table stored at 8 bits
 
 
 class _Graph:
@@ -354,43 +356,108 @@ def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, 
     g.graph.node.insert(index, node)
 
 
-def _quantize_gather(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str) -> tuple[int, float]:
+def _quantize_gather(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str) -> tuple[int, float, int]:
+    """An embedding Gather becomes GatherBlockQuantized: (bytes written, weight MSE, low-bit lookups).
+
+    With hot rows (a 4-bit table), those rows go to an 8-bit table of their own and a slot table
+    sends each token id to its row in one table or the other: two lookups and a Where.
+    """
     gather = g.node(use.node)
     axis = next((a.i for a in gather.attribute if a.name == "axis"), 0)
     if axis != 0:
         raise CptqError(f"node {gather.name}: embedding Gather on axis {axis} is not supported")
     table = _weight_seen_by_consumer(g, use)  # [rows, hidden]
-    qw = quantize_blocked(table.T, lp.bits, lp.block_size, lp.symmetric, clip)  # blocks along hidden
-    q = qw.q.T  # [rows, hidden]
-    scale = np.ascontiguousarray(qw.scale.T)  # [rows, hidden / block]
-    offset = 2 ** (lp.bits - 1)
-    # uint8 storage; with no zero point the kernel assumes 2^(bits-1), i.e. symmetric.
-    data = (q.astype(np.int16) + offset).astype(np.uint8) if qw.symmetric else q.astype(np.uint8)
-    if lp.bits == 4:
-        data = pack_uint4_last_axis(data)
-    # FP16 scales: a table's scales are 1/8 of its 4-bit bytes in float32 (0.7 MB of MiniLM's 7.5 MB); the
-    # kernel then returns FP16 rows, and one Cast of the gathered [batch, seq, hidden] restores float32.
-    inputs = [
-        g.add_initializer(numpy_helper.from_array(data, g.unique(f"{base}.weight_q{lp.bits}"))),
-        gather.input[1],
-        g.add_initializer(numpy_helper.from_array(scale.astype(np.float16), g.unique(f"{base}.weight_scale_fp16"))),
-    ]
-    if not qw.symmetric:
-        zp = np.ascontiguousarray(qw.zero_point.T)
-        if lp.bits == 4:
-            zp = pack_uint4_last_axis(zp)
-        inputs.append(g.add_initializer(numpy_helper.from_array(zp, g.unique(f"{base}.weight_zp"))))
-    half_rows = g.unique(f"{base}.gathered_fp16")
-    node = helper.make_node(KERNEL_GATHER_BQ, inputs, [half_rows], name=g.unique(gather.name + "BlockQuantized"),
-                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=lp.block_size, bits=lp.bits)
+    ids = gather.input[1]
+    hot = np.asarray(lp.hot_rows if lp.bits == 4 and lp.hot_rows else [], dtype=np.int64)
+    if not hot.size:
+        node, half_rows, nbytes, sq_error = _block_quantized_lookup(g, table, ids, lp.bits, lp.block_size,
+                                                                   lp.symmetric, clip, base, gather.name)
+        nodes = [node]
+    else:
+        nodes, half_rows, nbytes, sq_error = _hot_row_lookup(g, table, ids, hot, lp, clip, base, gather.name)
+    # The lookups return FP16 rows (the scales are FP16); one Cast of the gathered [batch, seq, hidden]
+    # restores float32.
     cast = helper.make_node("Cast", [half_rows], list(gather.output), name=g.unique(gather.name + "Cast"),
                             to=TensorProto.FLOAT)
     index = list(g.graph.node).index(gather)
     g.graph.node.remove(gather)
-    g.graph.node.insert(index, cast)
-    g.graph.node.insert(index, node)
-    qw16 = dataclasses.replace(qw, scale=qw.scale.astype(np.float16).astype(np.float32))  # what the file holds
-    return qw.nbytes() - 2 * qw.scale.size, _mse(qw16, table.T)
+    for node in reversed(nodes + [cast]):
+        g.graph.node.insert(index, node)
+    return nbytes, sq_error / table.size, 1 if not hot.size else 2
+
+
+def _block_quantized_lookup(g: _Graph, table: np.ndarray, ids: str, bits: int, block_size: int, symmetric: bool,
+                            clip: str, base: str, name: str) -> tuple[onnx.NodeProto, str, int, float]:
+    """A GatherBlockQuantized node over `table` [rows, hidden] (not yet in the graph): (node, its FP16
+    output, bytes written, summed squared error of the weights as stored)."""
+    qw = quantize_blocked(table.T, bits, block_size, symmetric, clip)  # blocks along hidden
+    q = qw.q.T  # [rows, hidden]
+    scale = np.ascontiguousarray(qw.scale.T)  # [rows, hidden / block]
+    offset = 2 ** (bits - 1)
+    # uint8 storage; with no zero point the kernel assumes 2^(bits-1), i.e. symmetric.
+    data = (q.astype(np.int16) + offset).astype(np.uint8) if qw.symmetric else q.astype(np.uint8)
+    if bits == 4:
+        data = pack_uint4_last_axis(data)
+    # FP16 scales: a table's scales are 1/8 of its 4-bit bytes in float32 (0.7 MB of MiniLM's 7.5 MB).
+    inputs = [
+        g.add_initializer(numpy_helper.from_array(data, g.unique(f"{base}.weight_q{bits}"))),
+        ids,
+        g.add_initializer(numpy_helper.from_array(scale.astype(np.float16), g.unique(f"{base}.weight_scale_fp16"))),
+    ]
+    if not qw.symmetric:
+        zp = np.ascontiguousarray(qw.zero_point.T)
+        if bits == 4:
+            zp = pack_uint4_last_axis(zp)
+        inputs.append(g.add_initializer(numpy_helper.from_array(zp, g.unique(f"{base}.weight_zp"))))
+    half_rows = g.unique(f"{base}.gathered_fp16")
+    node = helper.make_node(KERNEL_GATHER_BQ, inputs, [half_rows], name=g.unique(name + "BlockQuantized"),
+                            domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
+    stored = dataclasses.replace(qw, scale=qw.scale.astype(np.float16).astype(np.float32))  # what the file holds
+    sq_error = float(np.sum((stored.dequantize() - table.T.astype(np.float32)) ** 2))
+    return node, half_rows, qw.nbytes() - 2 * qw.scale.size, sq_error
+
+
+def _hot_row_lookup(g: _Graph, table: np.ndarray, ids: str, hot: np.ndarray, lp: LayerPlan, clip: str, base: str,
+                    name: str) -> tuple[list[onnx.NodeProto], str, int, float]:
+    """Hot rows at 8 bits, the others at the plan's 4: slot[id] is the row in the cold table (>= 0) or
+    -1 - the row in the hot table. Both tables are looked up for every token (clamped indices) and a
+    Where keeps the right one: a few integer ops on [batch, seq] and one select on the output."""
+    rows = table.shape[0]
+    is_hot = np.zeros(rows, dtype=bool)
+    is_hot[hot] = True
+    cold = np.flatnonzero(~is_hot)
+    slot = np.empty(rows, dtype=hot_slot_dtype(rows))
+    slot[cold] = np.arange(cold.size)
+    slot[hot] = -1 - np.arange(hot.size)
+    # Index tables are not weights: unowned, so the graph check does not expect a low-bit kernel on them.
+    slot_name = g.add_initializer(numpy_helper.from_array(slot, g.unique(f"{base}.hot_slot")), owned=False)
+    zero = g.add_initializer(numpy_helper.from_array(np.array(0, np.int32), g.unique(f"{base}.zero")), owned=False)
+    minus_one = g.add_initializer(numpy_helper.from_array(np.array(-1, np.int32), g.unique(f"{base}.minus_one")),
+                                  owned=False)
+    last_axis = g.add_initializer(numpy_helper.from_array(np.array([-1], np.int64), g.unique(f"{base}.last_axis")),
+                                  owned=False)
+    out = {k: g.unique(f"{base}.{k}") for k in ("slot", "slot32", "is_hot", "hot_slot", "hot_index", "cold_index",
+                                                "is_hot_3d", "rows_fp16")}
+    nodes = [
+        helper.make_node("Gather", [slot_name, ids], [out["slot"]], name=g.unique(f"{name}HotSlot"), axis=0),
+        helper.make_node("Cast", [out["slot"]], [out["slot32"]], name=g.unique(f"{name}HotSlotCast"),
+                         to=TensorProto.INT32),
+        helper.make_node("Less", [out["slot32"], zero], [out["is_hot"]], name=g.unique(f"{name}IsHot")),
+        helper.make_node("Sub", [minus_one, out["slot32"]], [out["hot_slot"]], name=g.unique(f"{name}HotRow")),
+        helper.make_node("Max", [out["hot_slot"], zero], [out["hot_index"]], name=g.unique(f"{name}HotIndex")),
+        helper.make_node("Max", [out["slot32"], zero], [out["cold_index"]], name=g.unique(f"{name}ColdIndex")),
+    ]
+    hot_node, hot_rows_fp16, hot_bytes, hot_error = _block_quantized_lookup(
+        g, table[hot], out["hot_index"], HOT_ROW_BITS, lp.block_size, True, clip, f"{base}.hot", name + "Hot")
+    cold_node, cold_rows_fp16, cold_bytes, cold_error = _block_quantized_lookup(
+        g, table[cold], out["cold_index"], lp.bits, lp.block_size, lp.symmetric, clip, f"{base}.cold", name + "Cold")
+    nodes += [
+        hot_node, cold_node,
+        helper.make_node("Unsqueeze", [out["is_hot"], last_axis], [out["is_hot_3d"]], name=g.unique(f"{name}IsHot3d")),
+        helper.make_node("Where", [out["is_hot_3d"], hot_rows_fp16, cold_rows_fp16], [out["rows_fp16"]],
+                         name=g.unique(f"{name}HotOrCold")),
+    ]
+    return nodes, out["rows_fp16"], hot_bytes + cold_bytes + slot.nbytes, hot_error + cold_error
 
 
 def _to_fp16(g: _Graph, use: WeightUse, base: str) -> int:
@@ -442,10 +509,11 @@ def rewrite_model(model: onnx.ModelProto, layer_map: LayerMap, plan: Plan, fmt: 
                 record.bytes_after += _to_fp16(g, use, base)
                 record.expected_kernels.append(KERNEL_FP16)
             elif use.op_type == "Gather":
-                nbytes, mse = _quantize_gather(g, use, lp, plan.clip, base)
+                nbytes, mse, lookups = _quantize_gather(g, use, lp, plan.clip, base)
                 record.bytes_after += nbytes
                 errors.append(mse)
-                record.expected_kernels.append(KERNEL_GATHER_BQ)
+                record.expected_kernels += [KERNEL_GATHER_BQ] * lookups
+                record.hot_rows = len(lp.hot_rows) if lookups == 2 else 0
             else:
                 layer_fmt = FORMAT_NBITS if name in nbits_layers else fmt
                 factors = smoothing.get(name) if layer_fmt == FORMAT_DYNAMIC else None

@@ -153,6 +153,11 @@ def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric
     return quantize_blocked(weight, bits, block_size, symmetric, clip).dequantize()
 
 
+def hot_slot_dtype(table_rows: int) -> np.dtype:
+    """Storage of a hot-row table's slot table (one entry per token id, in [-rows, rows))."""
+    return np.dtype(np.int16 if table_rows <= np.iinfo(np.int16).max else np.int32)
+
+
 def pack_uint4_last_axis(values: np.ndarray) -> np.ndarray:
     """Pack 4-bit unsigned values two per byte along the last axis, first value in the low nibble.
 

@@ -24,11 +24,12 @@ from ..plan import (
     apply_zero_points,
     check_block_size,
 )
-from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
+from .allocate import FIXED_PARAM_BYTES, HotRows, budget_bits, cluster_bits
 from .block_replay import BlockReplay
 from .calibration import MIN_SAMPLES, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
 from .common import GRANULARITIES, allocation_units, time_forward, unit_of
+from .hot_rows import hot_rows, with_hot_rows
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
 from .task_loss import TaskLoss
@@ -55,6 +56,7 @@ class AnalysisOptions:
     curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
     zero_points: str = "auto"  # asymmetric weights: auto (at 4 bits), always, never
     weight_format: str = "qdq"  # the export's --format: what a size budget counts differs for "dynamic"
+    hot_rows: bool = True  # a 4-bit token embedding keeps the calibration text's tokens at 8 bits (hot_rows.py)
 
 
 @dataclass
@@ -72,6 +74,7 @@ class AnalysisResult:
     base_loss: float | None = None
     calibration: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    hot_rows: dict[str, list[int]] = field(default_factory=dict)  # table -> rows kept at 8 bits when at 4
 
 
 def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> None:
@@ -126,6 +129,8 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
         calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
                      "seq_len": calib.seq_len, "seed": options.seed},
     )
+    if options.hot_rows and 4 in options.bit_widths:
+        result.hot_rows = hot_rows(model, graph, calib, tokenized=loaded.tokenizer is not None)
     for layer in graph.layers:
         if layer.tied_to:
             result.notes.append(f"{layer.name} shares its weight with {layer.tied_to}: scored, pruned and "
@@ -160,11 +165,11 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
             shared = reference_seconds + base_seconds
         elif method == "tdmpq":
             scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
-                                  options.curvature, options.seed, progress)
+                                  options.curvature, options.seed, progress, result.hot_rows)
             shared = reference_seconds if options.curvature == "hutchinson" else 0.0
         else:
             scores = oracle_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
-                                   replay, progress)
+                                   replay, progress, result.hot_rows)
             shared = reference_seconds + base_seconds
         elapsed = time.perf_counter() - start
         result.seconds[method] = elapsed
@@ -183,14 +188,17 @@ def _significant(value: float) -> float:
 
 
 def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, options: AnalysisOptions,
-                     model_name: str, *, non_quantizable_params: int = 0) -> Plan:
+                     model_name: str, *, non_quantizable_params: int = 0,
+                     hot_rows: dict[str, list[int]] | None = None) -> Plan:
     """A plan from one method's scores; the same inputs give a byte-identical Plan.to_json().
 
     `scores` are per allocation unit of `options.granularity` (layer names; for blocks "block.N"
     plus the layers outside blocks). Layer scores given with block granularity are reduced to the
     block's most sensitive layer. `non_quantizable_params` (AnalysisResult.non_quantizable_params)
-    makes a `max_size_mb` budget count the biases and norms too.
+    makes a `max_size_mb` budget count the biases and norms too. `hot_rows` (AnalysisResult.hot_rows)
+    go into the plan of each table that ends at 4 bits, and a budget counts their 8-bit bytes.
     """
+    hot_rows = hot_rows or {}
     check_options(options)
     units = allocation_units(graph, options.granularity)
     unit_scores = {}
@@ -207,11 +215,14 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     unit_params = dict.fromkeys(units, 0)
     table_params = dict.fromkeys(units, 0)  # embedding tables: stored with FP16 scales
     columns, inputs = dict.fromkeys(units, 0), dict.fromkeys(units, 0)  # MatMul shapes, for --format dynamic
+    hot = {unit: HotRows() for unit in units}
     for layer in graph.layers:
         unit = unit_of(graph, layer, options.granularity)
         unit_params[unit] += layer.num_params
         if layer.role == ROLE_EMBEDDING:
             table_params[unit] += layer.num_params
+            if layer.name in hot_rows:
+                hot[unit].add(len(hot_rows[layer.name]), layer.in_features, layer.out_features)
         else:
             columns[unit] += layer.out_features
             inputs[unit] += layer.in_features
@@ -225,7 +236,7 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
                                 max_size_mb=options.max_size_mb, block_size=options.block_size,
                                 fixed_bytes=fixed_bytes, zero_points=options.zero_points,
                                 table_params=table_params, weight_format=options.weight_format,
-                                columns=columns, inputs=inputs)
+                                columns=columns, inputs=inputs, hot=hot)
         budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
     else:
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)
@@ -247,4 +258,4 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         "unit_scores": unit_scores,
     }
     plan = Plan(layers=layers, method=method, model=model_name, clip=options.clip, meta=meta)
-    return apply_zero_points(plan, options.zero_points)
+    return with_hot_rows(apply_zero_points(plan, options.zero_points), hot_rows)

@@ -16,10 +16,13 @@ It never exceeds the budget; if the cheapest plan already does, that is an error
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import CptqError
+from ..exporter.quantize import hot_slot_dtype
+from ..plan import HOT_ROW_BITS
 
 KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
@@ -75,14 +78,27 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
     return bits, [float(c) for c in centres]
 
 
+@dataclass
+class HotRows:
+    """A unit's embedding rows kept at 8 bits when its table is at 4 (passes/hot_rows.py)."""
+
+    params: int = 0  # weights in the hot rows
+    slot_bytes: int = 0  # the table that sends each token id to its row in the hot or the cold table
+
+    def add(self, rows: int, hidden: int, table_rows: int) -> None:
+        self.params += rows * hidden
+        self.slot_bytes += table_rows * hot_slot_dtype(table_rows).itemsize
+
+
 def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto", table_params: int = 0,
-               weight_format: str = "qdq", columns: int = 0, inputs: int = 0) -> float:
+               weight_format: str = "qdq", columns: int = 0, inputs: int = 0, hot: HotRows | None = None) -> float:
     """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points.
 
     `table_params` of them are embedding tables, whose scales are FP16. `--format dynamic` stores the
     MatMul weights' `columns` (output columns, summed over the unit's MatMul layers) with one float32
     scale each, 8-bit ones without block scales; `inputs` bounds its outlier scaling (one float32 per
     input channel where it applies: counted everywhere, so the budget holds whatever calibration shows).
+    `hot`: at 4 bits, that many table weights are stored at 8 bits (symmetric, FP16 scales) instead.
     """
     if bits >= 16:
         return FP16_BYTES * params
@@ -91,6 +107,10 @@ def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto
     table_blocks = math.ceil(table_params / block_size)
     asymmetric = zero_points == "always" or (zero_points == "auto" and bits == 4)
     table = table_params * bits / 8 + TABLE_SCALE_BYTES * table_blocks + (table_blocks * bits / 8 if asymmetric else 0)
+    if hot is not None and hot.params and bits == 4:
+        hot_blocks = math.ceil(hot.params / block_size)
+        table += (hot.params * (HOT_ROW_BITS - bits) / 8 - (hot_blocks * bits / 8 if asymmetric else 0)
+                  + hot.slot_bytes + NODE_BYTES)
     if weight_format == "dynamic":
         if bits == 8:  # symmetric int8 per output column
             matmul = matmul_params + SCALE_BYTES * columns
@@ -112,13 +132,14 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
                 target_bits: float | None = None, max_size_mb: float | None = None, block_size: int = 32,
                 fixed_bytes: float = 0, zero_points: str = "auto",
                 table_params: dict[str, int] | None = None, weight_format: str = "qdq",
-                columns: dict[str, int] | None = None, inputs: dict[str, int] | None = None) -> dict[str, int]:
+                columns: dict[str, int] | None = None, inputs: dict[str, int] | None = None,
+                hot: dict[str, HotRows] | None = None) -> dict[str, int]:
     """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes).
 
     `fixed_bytes`: what the file holds whatever the plan (graph, biases, norms), counted in a size budget.
-    `table_params`, `columns`, `inputs`: per unit, see `unit_bytes`.
+    `table_params`, `columns`, `inputs`, `hot`: per unit, see `unit_bytes`.
     """
-    table_params, columns, inputs = table_params or {}, columns or {}, inputs or {}
+    table_params, columns, inputs, hot = table_params or {}, columns or {}, inputs or {}, hot or {}
     widths = sorted(set(bit_widths))
     names = list(scores)
     if target_bits is not None:
@@ -134,7 +155,7 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
     else:
         def cost(name: str, bits: int) -> float:
             return unit_bytes(params[name], bits, block_size, zero_points, table_params.get(name, 0), weight_format,
-                              columns.get(name, 0), inputs.get(name, 0))
+                              columns.get(name, 0), inputs.get(name, 0), hot.get(name))
 
         budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"

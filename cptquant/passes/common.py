@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from ..exporter.quantize import fake_quantize
-from ..layer_graph import ROLE_CONV1D, Layer, LayerGraph
+from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
+from ..plan import HOT_ROW_BITS
 
 GRANULARITIES = ("layer", "block")
 
@@ -66,8 +67,12 @@ def fake_quantize_symmetric_torch(weight_kn: torch.Tensor, bits: int, block_size
     return (codes * scale[:, None, :]).reshape(k, n)
 
 
-def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size: int, clip: str) -> torch.Tensor:
-    """The layer's weight after the exporter's own quantizer, in the parameter's torch layout."""
+def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size: int, clip: str,
+                     hot_rows: list[int] | None = None) -> torch.Tensor:
+    """The layer's weight after the exporter's own quantizer, in the parameter's torch layout.
+
+    `hot_rows` of a 4-bit embedding table are quantized at 8 bits, as the exporter stores them.
+    """
     param = weight_param(model, layer)
     as_kn = param.detach() if layer.role == ROLE_CONV1D else param.detach().t()
     size = fitting_block_size(as_kn.shape[0], block_size)
@@ -75,7 +80,12 @@ def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size
         quantized = fake_quantize_symmetric_torch(as_kn.float(), bits, size)
     else:
         quantized = torch.from_numpy(fake_quantize(as_kn.float().cpu().numpy(), bits, size, True, clip))
-    return (quantized if layer.role == ROLE_CONV1D else quantized.t()).to(param.dtype).contiguous()
+    quantized = (quantized if layer.role == ROLE_CONV1D else quantized.t()).to(param.dtype).contiguous()
+    if hot_rows and bits == 4 and layer.role == ROLE_EMBEDDING:
+        rows = torch.as_tensor(hot_rows, dtype=torch.long)
+        hot = fake_quantize_symmetric_torch(param.detach()[rows].float().t(), HOT_ROW_BITS, size)
+        quantized[rows] = hot.t().to(param.dtype)
+    return quantized
 
 
 @contextlib.contextmanager

@@ -22,8 +22,10 @@ ORACLE_BITS = 4
 
 def oracle_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
                   granularity: str = "layer", block_size: int = 32, clip: str = "absmax",
-                  replay: BlockReplay | None = None, progress: bool = True) -> dict[str, float]:
+                  replay: BlockReplay | None = None, progress: bool = True,
+                  hot_rows: dict[str, list[int]] | None = None) -> dict[str, float]:
     units = allocation_units(graph, granularity)
+    hot_rows = hot_rows or {}
     replay = replay or BlockReplay(model, graph, loss, granularity)
     scores = {}
     with progress_bar(progress) as bar:
@@ -32,7 +34,8 @@ def oracle_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
             quantized = {}
             for layer in layers:
                 param = weight_param(model, layer)
-                quantized.setdefault(param, quantized_weight(model, layer, ORACLE_BITS, block_size, clip))
+                quantized.setdefault(param, quantized_weight(model, layer, ORACLE_BITS, block_size, clip,
+                                                                hot_rows.get(layer.name)))
             with replaced_weights(model, quantized):
                 scores[unit] = replay.evaluate_unit(unit) - replay.base_loss
             bar.advance(task)

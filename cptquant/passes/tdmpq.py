@@ -42,8 +42,11 @@ LM_CURVATURE_EVERY = 4
 
 def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
                  granularity: str = "layer", block_size: int = 32, clip: str = "absmax",
-                 curvature: str = "fisher", seed: int = 0, progress: bool = True) -> dict[str, float]:
+                 curvature: str = "fisher", seed: int = 0, progress: bool = True,
+                 hot_rows: dict[str, list[int]] | None = None) -> dict[str, float]:
+    """`hot_rows`: embedding rows the export keeps at 8 bits (passes/hot_rows.py), whose δ is the 8-bit error."""
     units = allocation_units(graph, granularity)
+    hot_rows = hot_rows or {}
     # parameter -> its 4-bit error δ, kept in bfloat16: a score needs 3 significant digits, and
     # half the memory keeps the pass within 2x the model (no gradient or curvature buffers either).
     errors: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -51,7 +54,7 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
         for layer in layers:
             param = weight_param(model, layer)
             if param not in errors:
-                quantized = quantized_weight(model, layer, PROBE_BITS, block_size, clip)
+                quantized = quantized_weight(model, layer, PROBE_BITS, block_size, clip, hot_rows.get(layer.name))
                 errors[param] = (quantized - param.detach()).to(torch.bfloat16)
                 del quantized
     targets = list(errors)

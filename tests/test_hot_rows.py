@@ -1,0 +1,145 @@
+"""Hot rows: a 4-bit token embedding keeps the calibration text's tokens at 8 bits (passes/hot_rows.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from cptquant.errors import CptqError
+from cptquant.exporter.pipeline import export_quantized
+from cptquant.layer_graph import build_layer_graph
+from cptquant.model_loading import load_model
+from cptquant.passes import AnalysisOptions, plan_from_scores
+from cptquant.passes.allocate import NODE_BYTES, HotRows, unit_bytes
+from cptquant.passes.calibration import build_calibration
+from cptquant.passes.common import quantized_weight, replaced_weights, weight_param
+from cptquant.passes.hot_rows import MAX_HOT_FRACTION, hot_rows, input_embedding
+from cptquant.plan import Plan, format_rows, parse_rows, uniform_plan
+from cptquant.runtimes.inputs import feeds_for
+from cptquant.testing import save_tiny_model, tiny_bert, tiny_opt
+
+TABLE = "embeddings.word_embeddings"
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    return load_model(str(save_tiny_model(tiny_bert(), tmp_path_factory.mktemp("bert") / "model")))
+
+
+@pytest.fixture(scope="module")
+def calib(bert):
+    return build_calibration(bert, samples=16, seq_len=32)
+
+
+def test_rows_are_written_as_ranges_and_read_back():
+    assert format_rows([9, 1, 2, 3, 5, 3]) == "1-3,5,9"
+    assert parse_rows("1-3,5,9", "x") == [1, 2, 3, 5, 9]
+    assert parse_rows([5, 1], "x") == [1, 5]
+    for bad in ("1-x", 7, "-3"):
+        with pytest.raises(CptqError):
+            parse_rows(bad, "x")
+
+
+def test_plan_json_round_trip_keeps_hot_rows_and_leaves_other_plans_unchanged(bert):
+    graph = build_layer_graph(bert.model)
+    plain = uniform_plan(graph, 4)
+    assert "hot_rows" not in plain.to_json()
+    plan = uniform_plan(graph, 4)
+    plan.layers[TABLE].hot_rows = [0, 1, 2, 7]
+    text = plan.to_json()
+    assert '"hot_rows": "0-2,7"' in text
+    assert Plan.from_json(text).layers[TABLE].hot_rows == [0, 1, 2, 7]
+
+
+def test_hot_rows_are_the_most_frequent_calibration_tokens(bert, calib):
+    graph = build_layer_graph(bert.model)
+    rows = hot_rows(bert.model, graph, calib)
+    assert list(rows) == [TABLE]
+    counts = Counter()
+    for batch in calib.batches:
+        counts.update(batch["input_ids"][batch["attention_mask"].bool()].tolist())
+    cap = int(graph[TABLE].out_features * MAX_HOT_FRACTION)
+    hot = set(rows[TABLE])
+    assert len(hot) == min(cap, len(counts)) and hot <= set(counts)
+    assert min(counts[t] for t in hot) >= max((c for t, c in counts.items() if t not in hot), default=0)
+    assert hot_rows(bert.model, graph, calib, tokenized=False) == {}
+
+
+def test_tied_tables_get_no_hot_rows():
+    model = tiny_opt()  # OPT ties the LM head to the token embedding
+    assert input_embedding(model, build_layer_graph(model)) is None
+
+
+def test_plan_from_scores_gives_hot_rows_to_4_bit_tables_and_counts_their_bytes(bert):
+    graph = build_layer_graph(bert.model)
+    scores = {layer.name: 1.0 for layer in graph.layers}
+    options = AnalysisOptions(target_bits=4.0)
+    plan = plan_from_scores(graph, scores, "tdmpq", options, "tiny", hot_rows={TABLE: [3, 4]})
+    assert plan.layers[TABLE].bits == 4 and plan.layers[TABLE].hot_rows == [3, 4]
+    eight = plan_from_scores(graph, scores, "tdmpq", AnalysisOptions(target_bits=8.0), "tiny", hot_rows={TABLE: [3]})
+    assert eight.layers[TABLE].hot_rows is None  # an 8-bit table has no use for them
+    table = graph[TABLE]
+    hot = HotRows()
+    hot.add(2, table.in_features, table.out_features)
+    with_hot = unit_bytes(table.num_params, 4, 32, "auto", table.num_params, hot=hot)
+    without = unit_bytes(table.num_params, 4, 32, "auto", table.num_params)
+    assert with_hot > without
+
+
+def test_export_stores_hot_rows_at_8_bits_as_the_passes_model_them(bert, calib, tmp_path):
+    graph = build_layer_graph(bert.model)
+    rows = hot_rows(bert.model, graph, calib)[TABLE]
+
+    def plan_of(_loaded, g) -> Plan:
+        plan = uniform_plan(g, 16)
+        plan.layers[TABLE].bits = 4
+        plan.layers[TABLE].hot_rows = rows  # symmetric: the passes' torch quantizer is symmetric too
+        return plan
+
+    result = export_quantized(bert, plan_of, tmp_path / "out", progress=False)
+    entry = result.report["layers"][TABLE]
+    assert entry["kernels"] == ["GatherBlockQuantized", "GatherBlockQuantized"] and entry["hot_rows"] == len(rows)
+    assert result.report["graph_check"]["kernels"] == {"GatherBlockQuantized(bits=4)": 1,
+                                                       "GatherBlockQuantized(bits=8)": 1}
+    table = graph[TABLE]
+    hot = HotRows()
+    hot.add(len(rows), table.in_features, table.out_features)
+    # The allocator's byte count is what the file holds (names and nodes aside).
+    predicted = unit_bytes(table.num_params, 4, 32, "never", table.num_params, hot=hot) - 2 * NODE_BYTES
+    assert entry["bytes_after"] == pytest.approx(predicted, abs=8)
+
+    session = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])
+    ids = np.array([rows[:12] + [r for r in range(1000) if r not in rows][:12]], dtype=np.int64)  # hot and cold
+    onnx_out = session.run(["last_hidden_state"], feeds_for(session, ids))[0]
+    layer = graph[TABLE]
+    param = weight_param(bert.model, layer)
+    torch_ids = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.ones_like(torch.from_numpy(ids))}
+    outputs = {}
+    for name, hot_list in (("hot", rows), ("all 4-bit", None)):
+        with torch.no_grad(), replaced_weights(bert.model, {param: quantized_weight(bert.model, layer, 4, 32,
+                                                                                     "absmax", hot_list)}):
+            outputs[name] = bert.model(**torch_ids).last_hidden_state.numpy()
+    error_hot = np.abs(onnx_out - outputs["hot"]).max()
+    error_all4 = np.abs(onnx_out - outputs["all 4-bit"]).max()
+    assert error_hot < 1e-2 and error_hot < error_all4 / 10
+
+
+def test_cli_uniform_4_bits_has_hot_rows_unless_turned_off(bert, tmp_path):
+    from typer.testing import CliRunner
+
+    from cptquant.cli import export_app
+
+    folder = str(bert.source)
+    plans = {}
+    for flag in ("--hot-rows", "--no-hot-rows"):
+        out = tmp_path / flag.strip("-")
+        result = CliRunner().invoke(export_app, [folder, "--bits", "4", "--algorithm", "rtn", "--no-verify",
+                                                 "--no-progress", flag, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        plans[flag] = Plan.load(out / "model.plan.json")
+    assert plans["--hot-rows"].layers[TABLE].hot_rows  # the tiny tokenizer's calibration tokens
+    assert all(lp.hot_rows is None for lp in plans["--no-hot-rows"].layers.values())
