@@ -67,7 +67,7 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
     check_options(analysis, (method,))
 
     def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-        result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress)
+        result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress, forward_repeats=1)
         scores = result.oracle if method == "oracle" else result.scores[method]
         plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
                                 non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)

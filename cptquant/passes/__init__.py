@@ -112,8 +112,12 @@ def _param_counts(model: torch.nn.Module, graph: LayerGraph, units: dict) -> tup
 
 
 def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, validate: bool = False,
-            progress: bool = True) -> AnalysisResult:
-    """Score every allocation unit of `loaded` (a LoadedModel) with each method; the oracle too when validating."""
+            progress: bool = True, forward_repeats: int = 3) -> AnalysisResult:
+    """Score every allocation unit of `loaded` (a LoadedModel) with each method; the oracle too when validating.
+
+    The FPE unit is the median of `forward_repeats` plain forward passes: 3 where costs are compared
+    (analyze, bench), 1 in an export, which only reports its cost.
+    """
     methods = tuple(dict.fromkeys(methods))
     check_options(options, methods)
     model = loaded.model
@@ -137,7 +141,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
                                 f"quantized once through that parameter, and given its bits")
     with torch.no_grad():  # warm-up (allocations, kernel selection), not timed
         model(**calib.batches[0])
-    fpe = result.seconds["forward"] = time_forward(model, calib)
+    fpe = result.seconds["forward"] = time_forward(model, calib, forward_repeats)
     # Shared setup (FP32 reference outputs / MLM mask, base loss): each method that needs it pays for it in its cost.
     start = time.perf_counter()
     # TDMPQ's Gauss-Newton curvature reads the model's own output; only the other passes (and
