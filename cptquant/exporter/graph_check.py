@@ -66,12 +66,11 @@ def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> Gra
              for init in record.new_initializers + record.derived_tensors}
 
     def layer_of(tensor: str) -> str | None:
-        # ORT renames the weights it repacks (`<name>_T`, ...): match on our own initializer names as prefixes.
-        if tensor in owner:
-            return owner[tensor]
-        for init, layer in owner.items():
-            if tensor.startswith(init):
-                return layer
+        # ORT renames the weights it repacks (`<name>_T`, ...): the longest of our own initializer names that
+        # starts the tensor's name owns it (one dictionary lookup per prefix length, not a scan of every name).
+        for end in range(len(tensor), 0, -1):
+            if tensor[:end] in owner:
+                return owner[tensor[:end]]
         return None
 
     kernels: Counter = Counter()

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 
 from .. import __version__
@@ -153,6 +152,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 fp32_dir = tmp / "fp32"
                 export_onnx(loaded, fp32_dir)
                 model_proto = load_onnx(fp32_dir / MODEL_FILE)
+                opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
                 graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
             with steps.step(timings):
@@ -193,7 +193,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
                 report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
-                                 timings, fmt)
+                                 timings, fmt, opset)
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
                 report.update(report_extras or {})
@@ -287,7 +287,7 @@ def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:
 
 
 def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
-            timings, fmt: str) -> dict:
+            timings, fmt: str, opset: int) -> dict:
     fp32_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     fp16_bytes = _files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
@@ -295,7 +295,7 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
     return {
         "cptquant_version": __version__,
         "onnxruntime_version": ort.__version__,
-        "onnx_opset": next(o.version for o in load_onnx_opsets(fp32_dir)),
+        "onnx_opset": opset,
         "model": loaded.display_name,
         "source": str(loaded.source),
         "task": loaded.task,
@@ -319,8 +319,3 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
         "files": {},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-
-
-def load_onnx_opsets(folder: Path):
-    model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
-    return [o for o in model.opset_import if o.domain in ("", "ai.onnx")]
