@@ -197,6 +197,23 @@ def test_missing_baselines_are_rebuilt_from_the_source(tiny_bert4, tmp_path):
                                      f"{report['source']}: model folder not found: {report['source']}")
 
 
+def test_a_stale_baseline_cache_from_another_model_is_rebuilt_or_refused(tiny_opt, tiny_bert4, tmp_path):
+    """An output folder copied beside the cache of another model of the same folder name: never compared with it."""
+    bert = _copy_output(tiny_bert4, tmp_path / "out")
+    shutil.copytree(baseline_dir(tiny_opt[1]), baseline_dir(bert))  # the OPT's baselines where BERT's belong
+    result = _verify(bert, "--ep", "cpu", "--min-cosine", "0", "--min-speedup", "0")
+    assert result.exit_code == 0, result.output  # rebuilt from the report's source folder
+    inputs = {i.name for i in onnx.load(str(baseline_dir(bert) / "fp16" / "model.onnx")).graph.input}
+    assert inputs == {i.name for i in onnx.load(str(bert / "model.onnx")).graph.input}
+    opt = _copy_output(tiny_opt[1], tmp_path / "elsewhere" / "out")  # came from memory: cannot be rebuilt
+    shutil.copytree(baseline_dir(tiny_bert4), baseline_dir(opt))
+    result = _verify(opt, "--ep", "cpu")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: baseline cache {baseline_dir(opt)} does not match this "
+                                                   "export (inputs input_ids, attention_mask, token_type_ids instead of")
+
+
 def test_short_verification_reports_cpu_figures_against_both_baselines(tiny_bert4):
     figures = short_verification(tiny_bert4)
     assert figures["ep"] == "cpu"

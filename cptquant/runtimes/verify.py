@@ -82,6 +82,7 @@ class OutputFolder:
     report: dict
     config: Any
     task: str
+    signature: tuple = ()  # (input names, output names) of model.onnx
 
 
 def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
@@ -111,8 +112,9 @@ def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
                             f"(tensor {tensor.name!r} needs bytes up to {end}, the file has {target.stat().st_size})")
 
 
-def check_model_file(model_path: Path) -> None:
-    """The model file parses as ONNX and its external data is safe and complete."""
+def check_model_file(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The model file parses as ONNX and its external data is safe and complete.
+    Returns its graph's input and output names (what a baseline must share with the candidate)."""
     if not model_path.is_file():
         raise CptqError(f"{model_path} not found")
     try:
@@ -123,6 +125,7 @@ def check_model_file(model_path: Path) -> None:
     if not model.graph.node:
         raise CptqError(f"{model_path} is not a valid ONNX model (its graph has no nodes)")
     check_external_data(model, model_path)
+    return tuple(i.name for i in model.graph.input), tuple(o.name for o in model.graph.output)
 
 
 def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
@@ -145,7 +148,7 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
     else:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         task = loaded.task
-    check_model_file(model_path)
+    signature = check_model_file(model_path)
     if loaded is not None:
         config = loaded.config
     else:
@@ -157,7 +160,7 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
             config = AutoConfig.from_pretrained(str(folder))
         except Exception as exc:
             raise CptqError(f"{folder}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
-    return OutputFolder(folder, model_path, report, config, task)
+    return OutputFolder(folder, model_path, report, config, task, signature)
 
 
 def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> dict[str, Path]:
@@ -167,34 +170,64 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
 
     cache = baseline_dir(out.folder)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
-    if not paths["fp32"].is_file():
-        if loaded is None:
-            source = out.report.get("source")
-            if not source or source == "in-memory":
-                raise CptqError(f"baseline cache {cache} is missing and cannot be rebuilt: the model came from "
-                                f"memory, not a folder or hub id; export again to recreate it")
-            from ..model_loading import load_model
+    # A cache left by another model that had an output folder of the same name (or a folder copied next
+    # to one) would be compared with silently, or fail mid-run: it must take the same inputs and outputs.
+    stale = {name: _stale_reason(path, out) for name, path in paths.items() if path.is_file()}
+    fresh = {name for name, why in stale.items() if why is None}  # checked already and kept
+    problem = ("is missing" if not paths["fp32"].is_file()
+               else f"does not match this export ({stale['fp32']})" if stale.get("fp32") else None)
+    try:
+        if problem:
+            if loaded is None:
+                source = out.report.get("source")
+                if not source or source == "in-memory":
+                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt: the model came from "
+                                    f"memory, not a folder or hub id; export again to recreate it")
+                from ..model_loading import load_model
 
-            if progress:
-                console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                if progress:
+                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                try:
+                    loaded = load_model(source, out.task)
+                except CptqError as exc:
+                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
+                        from None
+            tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
             try:
-                loaded = load_model(source, out.task)
-            except CptqError as exc:
-                raise CptqError(f"baseline cache {cache} is missing and cannot be rebuilt from {source}: {exc}") from None
-        tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
-        try:
-            export_onnx(loaded, tmp / "fp32")
-            (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
-            if (cache / "fp32").exists():
-                shutil.rmtree(cache / "fp32")
-            shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not paths["fp16"].is_file():
-        write_fp16(cache / "fp32", cache / "fp16")
-    for path in paths.values():
-        check_model_file(path)
+                export_onnx(loaded, tmp / "fp32")
+                (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
+                for name in BASELINES:  # the FP16 baseline is made from the FP32 one: both go
+                    fresh.discard(name)
+                    if (cache / name).exists():
+                        shutil.rmtree(cache / name)
+                shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif stale.get("fp16"):
+            shutil.rmtree(cache / "fp16")
+        if not paths["fp16"].is_file():
+            write_fp16(cache / "fp32", cache / "fp16")
+    except OSError as exc:
+        raise CptqError(f"cannot write the baseline cache {cache}: {exc.strerror or exc}") from None
+    for name, path in paths.items():
+        why = None if name in fresh else _stale_reason(path, out)
+        if why:
+            raise CptqError(f"the {name} baseline {path} does not match {out.model} ({why})")
     return paths
+
+
+def _stale_reason(path: Path, out: OutputFolder) -> str | None:
+    """Why the baseline at `path` is not one of this export's model, or None when its inputs and outputs match."""
+    inputs, outputs = check_model_file(path)
+    if not out.signature or (set(inputs), set(outputs)) == (set(out.signature[0]), set(out.signature[1])):
+        return None
+    if set(inputs) != set(out.signature[0]):
+        return f"inputs {_names(inputs)} instead of {_names(out.signature[0])}"
+    return f"outputs {_names(outputs)} instead of {_names(out.signature[1])}"
+
+
+def _names(names, keep: int = 4) -> str:
+    return ", ".join(names[:keep]) + (f" … ({len(names)} in all)" if len(names) > keep else "")
 
 
 def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], dict[str, str]]:
