@@ -45,6 +45,10 @@ def test_local_folder_exports_and_loads_in_optimum(opt_folder, tmp_path):
         p.name for p in out.iterdir()}
     report = json.loads((out / "model.report.json").read_text())
     assert report["task"] == "text-generation-with-past" and report["source"] == str(opt_folder)
+    verification = report["verification"]  # the short CPU verification runs by default
+    assert verification["ep"] == "cpu" and set(verification["speed"]["variants"]) == {"quantized", "fp32", "fp16"}
+    scored = verification["quality"]["n_examples"]
+    assert f"vs FP32 on {scored} tokens of held-out text: ppl_increase" in " ".join(result.stdout.split())
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = ORTModelForCausalLM.from_pretrained(out)
@@ -177,6 +181,8 @@ def test_same_seed_same_plan_bytes(opt_folder, tmp_path):
         result = run_export(str(opt_folder), "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32",
                             "-o", str(tmp_path / name), "--no-verify")
         assert result.exit_code == 0, result.output
+        assert "verification" not in json.loads((tmp_path / name / "model.report.json").read_text())  # --no-verify
+        assert "vs FP32 on" not in result.stdout
         plans.append((tmp_path / name / "model.plan.json").read_bytes())
     assert plans[0] == plans[1]
 
