@@ -333,7 +333,11 @@ def test_not_a_folder_and_in_memory_source_without_cache(tiny_opt, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--max-ppl-increase", "two"], "--max-ppl-increase must be a number or a percentage like 2% (got 'two')"),
     (["--max-accuracy-drop", "-1%"], "--max-accuracy-drop must be a non-negative finite number (got '-1%')"),
+    (["--max-accuracy-drop", "150%"], "--max-accuracy-drop must be at most 100% (got '150%')"),
     (["--min-cosine", "1.5"], "--min-cosine must lie between -1 and 1 (got '1.5')"),
+    (["--min-cosine", "2"], "--min-cosine must lie between -1 and 1 (got '2')"),
+    (["--max-ppl-increase", "abc"], "--max-ppl-increase must be a number or a percentage like 2% (got 'abc')"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
     (["--min-speedup", "fast"], "--min-speedup must be a number (got 'fast')"),
     (["--baseline", "int8"], "--baseline must be fp16 or fp32 (got 'int8')"),
     (["--ep", "tpu"], "--ep must be auto or a comma list of cpu, cuda (got 'tpu')"),

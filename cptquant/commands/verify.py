@@ -37,7 +37,7 @@ def verify(
     """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
     thresholds = Thresholds(
         max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
-        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop"),
+        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop", high=1.0),  # of 100 points
         min_cosine=parse_number(min_cosine, "--min-cosine", -1.0, 1.0),
         min_speedup=parse_number(min_speedup, "--min-speedup"),
     )

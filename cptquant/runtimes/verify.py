@@ -50,8 +50,8 @@ class Thresholds:
     min_speedup: float = 1.0  # geometric mean of baseline p50 / candidate p50
 
 
-def parse_fraction(text: str, option: str) -> float:
-    """'2%' or '0.02' -> 0.02. One clear error for anything else."""
+def parse_fraction(text: str, option: str, high: float = math.inf) -> float:
+    """'2%' or '0.02' -> 0.02. One clear error for anything else (or above `high`)."""
     raw = str(text).strip()
     try:
         value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
@@ -59,6 +59,8 @@ def parse_fraction(text: str, option: str) -> float:
         raise CptqError(f"{option} must be a number or a percentage like 2% (got {text!r})") from None
     if not math.isfinite(value) or value < 0:
         raise CptqError(f"{option} must be a non-negative finite number (got {text!r})")
+    if value > high:
+        raise CptqError(f"{option} must be at most {high * 100:g}% (got {text!r})")
     return value
 
 
@@ -362,6 +364,8 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
     thresholds = thresholds or Thresholds()
+    if threads < 1:
+        raise CptqError(f"--threads must be at least 1 (got {threads})")
     adapters, skipped = select_adapters(ep, threads)  # before the slow work: a bad --ep fails at once
     out = inspect_output_folder(folder, loaded)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
