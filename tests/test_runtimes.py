@@ -151,7 +151,13 @@ def test_verify_passes_writes_reports_and_junit(tiny_opt, tmp_path):
     for figures in cpu["speed"]["variants"].values():  # Linux: measured in a fresh process per variant
         assert figures["peak_rss_bytes"] > figures["rss_growth_bytes"] > 0
     assert "CPUExecutionProvider" in cpu["device"] and ort.__version__ in cpu["device"]
-    assert "## Checks" in (tmp_path / "reports" / "report.md").read_text()
+    for base in ("fp32", "fp16"):  # every speed figure also as a ratio to each baseline
+        vs = cpu["speed"][f"vs_{base}"]
+        assert set(vs["latency_speedup"]) == set(vs["p90_speedup"]) == {"prefill_b1_s16", "decode_per_token"}
+        assert vs["tokens_per_s_ratio"] > 0 and vs["peak_rss_bytes_ratio"] > 0
+    markdown = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Checks" in markdown
+    assert "- quantized vs fp16: " in markdown and "smaller on disk, peak RSS" in markdown and "tokens/s" in markdown
     suite = ET.parse(junit).getroot().find("testsuite")
     cases = suite.findall("testcase")
     assert suite.get("failures") == "0" and len(cases) == int(suite.get("tests"))

@@ -418,7 +418,7 @@ def _markdown(report: dict) -> str:
         for key, figures in quality.items():
             if key.startswith("vs_"):
                 lines.append(f"- quantized {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
-        lines += ["", "### Speed (p50 / p90 ms; variants interleaved)", ""]
+        lines += ["", "### Speed (p50 / p90 ms, speed-ups p50 / p90; variants interleaved)", ""]
         names = list(speed["variants"])
         keys = [k for k, v in speed["variants"][names[0]]["latency"].items() if isinstance(v, dict)]
         lines.append("| figure | " + " | ".join(names) + " | speed-up vs " + " | speed-up vs ".join(names[1:]) + " |")
@@ -426,7 +426,8 @@ def _markdown(report: dict) -> str:
         for key in keys:
             cells = [f"{speed['variants'][n]['latency'][key]['p50_ms']:.3f} / {speed['variants'][n]['latency'][key]['p90_ms']:.3f}"
                      for n in names]
-            ratios = [f"{speed[f'vs_{n}']['latency_speedup'][key]:.3f}×" for n in names[1:]]
+            ratios = [f"{speed[f'vs_{n}']['latency_speedup'][key]:.3f}× / {speed[f'vs_{n}']['p90_speedup'][key]:.3f}×"
+                      for n in names[1:]]
             lines.append(f"| {key} | " + " | ".join(cells + ratios) + " |")
         lines.append("")
         for n in names:
@@ -435,6 +436,14 @@ def _markdown(report: dict) -> str:
                    if v["peak_rss_bytes"] is not None else "peak RSS n/a")
             extra = f", {v['latency']['tokens_per_s']} tokens/s" if "tokens_per_s" in v["latency"] else ""
             lines.append(f"- {n}: {v['bytes_on_disk'] / 1e6:.2f} MB on disk, {rss}{extra}")
+        for n in names[1:]:
+            vs = speed[f"vs_{n}"]
+            ratios = [f"{vs['smaller_on_disk_by']:.2f}× smaller on disk"]
+            ratios += [f"{label} {vs[key]:.3f}×" for key, label in (("peak_rss_bytes_ratio", "peak RSS"),
+                                                                   ("rss_growth_bytes_ratio", "RSS growth"),
+                                                                   ("tokens_per_s_ratio", "tokens/s"))
+                       if vs.get(key) is not None]
+            lines.append(f"- quantized vs {n}: " + ", ".join(ratios))
         lines.append("")
     lines += ["## Checks", ""] + [f"- {c['line']}" for c in report["checks"]] + [""]
     return "\n".join(lines)
