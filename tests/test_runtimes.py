@@ -178,6 +178,10 @@ def test_verify_fails_all_4bit_under_tight_cosine(tiny_bert4, tmp_path):
     failures = [case.find("failure") for case in ET.parse(junit).getroot().iter("testcase")
                 if case.find("failure") is not None]
     assert len(failures) == 1 and "mean cosine vs fp32" in failures[0].get("message")
+    for case in ET.parse(junit).getroot().iter("testcase"):  # only the attributes the JUnit schemas know
+        assert set(case.attrib) <= {"name", "classname", "time"}
+    outputs = [case.findtext("system-out") for case in ET.parse(junit).getroot().iter("testcase")]
+    assert f"FAIL [cpu] mean cosine vs fp32: {cosine:.4g} < 1" in outputs
 
 
 def test_speed_threshold_failure_names_the_measured_value(tiny_bert4):
