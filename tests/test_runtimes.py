@@ -245,6 +245,30 @@ def test_cuda_is_skipped_cleanly_without_a_gpu(tiny_opt):
     assert result.stderr.strip() == f"error: --ep cuda is not available here: {why}"
 
 
+def test_cuda_probe_without_a_usable_gpu_is_one_line(monkeypatch, capfd):
+    """onnxruntime-gpu installed but no GPU (or no CUDA libraries): ORT falls back to the CPU and logs about
+    it on its own; the probe must leave only its reason, which `--ep auto` prints as the one skip line."""
+    from cptquant.runtimes import cuda
+    from cptquant.runtimes.verify import select_adapters
+
+    if HAS_CUDA and CudaAdapter().available()[0]:
+        pytest.skip("a usable GPU is here")
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real(), "CUDAExecutionProvider"])
+    cuda._probe.cache_clear()
+    try:
+        capfd.readouterr()
+        adapters, skipped = select_adapters("auto")
+        ok, why = CudaAdapter().available()
+        captured = capfd.readouterr()
+    finally:
+        cuda._probe.cache_clear()
+    assert not ok and why.startswith(("onnxruntime-gpu is installed but GPU 0 is not usable",
+                                      "onnxruntime-gpu could not start on GPU 0"))
+    assert [a.name for a in adapters] == ["cpu"] and skipped == {"cuda": f"CUDA skipped: {why}"}
+    assert captured.err == "" and captured.out == ""  # nothing from ORT's logger or warnings
+
+
 needs_gpu = pytest.mark.skipif(not HAS_CUDA or not CudaAdapter().available()[0], reason="needs onnxruntime-gpu and a GPU")
 
 
