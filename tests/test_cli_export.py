@@ -203,3 +203,20 @@ def test_gptq_beats_round_to_nearest_at_4_bits(tmp_path):
         layer_algorithms = {entry["algorithm"] for name, entry in report["layers"].items() if "embed" not in name}
         assert layer_algorithms == {algorithm}
     assert cosines["gptq"] > cosines["rtn"], cosines
+
+
+def test_an_export_under_its_own_file_name_is_verified(opt_folder, tmp_path):
+    """`-o deploy/tiny.onnx` writes tiny.onnx and tiny.report.json: the export's verification and
+    `cptq verify` (given the folder or the .onnx file) find them, not only model.onnx."""
+    from cptquant.cli import app
+
+    out = tmp_path / "deploy" / "tiny.onnx"
+    result = run_export(str(opt_folder), "--bits", "8", "--algorithm", "rtn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    verification = json.loads((out.parent / "tiny.report.json").read_text())["verification"]
+    assert "error" not in verification and verification["ep"] == "cpu", verification
+    for target in (out.parent, out):
+        result = runner.invoke(app, ["verify", str(target), "--quick", "--no-progress", "--ep", "cpu",
+                                     "--min-speedup", "0"])
+        assert result.exit_code == 0, result.output
+        assert (out.parent / "verify" / "report.json").is_file()

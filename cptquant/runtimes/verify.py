@@ -130,12 +130,30 @@ def check_model_file(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]
     return tuple(i.name for i in model.graph.input), tuple(o.name for o in model.graph.output)
 
 
+def _export_files(folder: Path) -> tuple[Path, Path]:
+    """(model, report) of the export in `folder`: model.onnx and model.report.json, or else the one
+    NAME.onnx with a NAME.report.json beside it (what `cptq-export -o folder/NAME.onnx` writes)."""
+    default = (folder / MODEL_FILE, folder / REPORT_FILE)
+    if default[0].exists() or default[1].exists():
+        return default
+    pairs = [(folder / (r.name[: -len(".report.json")] + ".onnx"), r) for r in sorted(folder.glob("*.report.json"))]
+    pairs = [pair for pair in pairs if pair[0].is_file()]
+    if len(pairs) > 1:
+        raise CptqError(f"{folder} holds several exports ({', '.join(m.name for m, _ in pairs)}); "
+                        "give the .onnx file of the one to verify")
+    return pairs[0] if pairs else default
+
+
 def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
+    """`folder` is an export's output folder, or the .onnx file of an export in it."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if folder.suffix == ".onnx" and folder.is_file():
+        model_path, folder = folder, folder.parent
+        report_path = folder / (model_path.name[: -len(".onnx")] + ".report.json")
+    elif not folder.is_dir():
         raise CptqError(f"{folder} is not a folder; give the output folder of cptq-export")
-    report_path = folder / REPORT_FILE
-    model_path = folder / MODEL_FILE
+    else:
+        model_path, report_path = _export_files(folder)
     if loaded is None:  # during an export the report is written after this check
         if not report_path.is_file() or not model_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
