@@ -45,6 +45,10 @@ def test_local_folder_exports_and_loads_in_optimum(opt_folder, tmp_path):
         p.name for p in out.iterdir()}
     report = json.loads((out / "model.report.json").read_text())
     assert report["task"] == "text-generation-with-past" and report["source"] == str(opt_folder)
+    verification = report["verification"]  # the short CPU verification runs by default
+    assert verification["ep"] == "cpu" and set(verification["speed"]["variants"]) == {"quantized", "fp32", "fp16"}
+    scored = verification["quality"]["n_examples"]
+    assert f"vs FP32 on {scored} tokens of held-out text: ppl_increase" in " ".join(result.stdout.split())
     from optimum.onnxruntime import ORTModelForCausalLM
 
     model = ORTModelForCausalLM.from_pretrained(out)
@@ -177,6 +181,8 @@ def test_same_seed_same_plan_bytes(opt_folder, tmp_path):
         result = run_export(str(opt_folder), "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32",
                             "-o", str(tmp_path / name), "--no-verify")
         assert result.exit_code == 0, result.output
+        assert "verification" not in json.loads((tmp_path / name / "model.report.json").read_text())  # --no-verify
+        assert "vs FP32 on" not in result.stdout
         plans.append((tmp_path / name / "model.plan.json").read_bytes())
     assert plans[0] == plans[1]
 
@@ -197,3 +203,20 @@ def test_gptq_beats_round_to_nearest_at_4_bits(tmp_path):
         layer_algorithms = {entry["algorithm"] for name, entry in report["layers"].items() if "embed" not in name}
         assert layer_algorithms == {algorithm}
     assert cosines["gptq"] > cosines["rtn"], cosines
+
+
+def test_an_export_under_its_own_file_name_is_verified(opt_folder, tmp_path):
+    """`-o deploy/tiny.onnx` writes tiny.onnx and tiny.report.json: the export's verification and
+    `cptq verify` (given the folder or the .onnx file) find them, not only model.onnx."""
+    from cptquant.cli import app
+
+    out = tmp_path / "deploy" / "tiny.onnx"
+    result = run_export(str(opt_folder), "--bits", "8", "--algorithm", "rtn", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    verification = json.loads((out.parent / "tiny.report.json").read_text())["verification"]
+    assert "error" not in verification and verification["ep"] == "cpu", verification
+    for target in (out.parent, out):
+        result = runner.invoke(app, ["verify", str(target), "--quick", "--no-progress", "--ep", "cpu",
+                                     "--min-speedup", "0"])
+        assert result.exit_code == 0, result.output
+        assert (out.parent / "verify" / "report.json").is_file()

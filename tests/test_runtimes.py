@@ -151,7 +151,13 @@ def test_verify_passes_writes_reports_and_junit(tiny_opt, tmp_path):
     for figures in cpu["speed"]["variants"].values():  # Linux: measured in a fresh process per variant
         assert figures["peak_rss_bytes"] > figures["rss_growth_bytes"] > 0
     assert "CPUExecutionProvider" in cpu["device"] and ort.__version__ in cpu["device"]
-    assert "## Checks" in (tmp_path / "reports" / "report.md").read_text()
+    for base in ("fp32", "fp16"):  # every speed figure also as a ratio to each baseline
+        vs = cpu["speed"][f"vs_{base}"]
+        assert set(vs["latency_speedup"]) == set(vs["p90_speedup"]) == {"prefill_b1_s16", "decode_per_token"}
+        assert vs["tokens_per_s_ratio"] > 0 and vs["peak_rss_bytes_ratio"] > 0
+    markdown = (tmp_path / "reports" / "report.md").read_text()
+    assert "## Checks" in markdown
+    assert "- quantized vs fp16: " in markdown and "smaller on disk, peak RSS" in markdown and "tokens/s" in markdown
     suite = ET.parse(junit).getroot().find("testsuite")
     cases = suite.findall("testcase")
     assert suite.get("failures") == "0" and len(cases) == int(suite.get("tests"))
@@ -172,6 +178,10 @@ def test_verify_fails_all_4bit_under_tight_cosine(tiny_bert4, tmp_path):
     failures = [case.find("failure") for case in ET.parse(junit).getroot().iter("testcase")
                 if case.find("failure") is not None]
     assert len(failures) == 1 and "mean cosine vs fp32" in failures[0].get("message")
+    for case in ET.parse(junit).getroot().iter("testcase"):  # only the attributes the JUnit schemas know
+        assert set(case.attrib) <= {"name", "classname", "time"}
+    outputs = [case.findtext("system-out") for case in ET.parse(junit).getroot().iter("testcase")]
+    assert f"FAIL [cpu] mean cosine vs fp32: {cosine:.4g} < 1" in outputs
 
 
 def test_speed_threshold_failure_names_the_measured_value(tiny_bert4):
@@ -197,6 +207,23 @@ def test_missing_baselines_are_rebuilt_from_the_source(tiny_bert4, tmp_path):
                                      f"{report['source']}: model folder not found: {report['source']}")
 
 
+def test_a_stale_baseline_cache_from_another_model_is_rebuilt_or_refused(tiny_opt, tiny_bert4, tmp_path):
+    """An output folder copied beside the cache of another model of the same folder name: never compared with it."""
+    bert = _copy_output(tiny_bert4, tmp_path / "out")
+    shutil.copytree(baseline_dir(tiny_opt[1]), baseline_dir(bert))  # the OPT's baselines where BERT's belong
+    result = _verify(bert, "--ep", "cpu", "--min-cosine", "0", "--min-speedup", "0")
+    assert result.exit_code == 0, result.output  # rebuilt from the report's source folder
+    inputs = {i.name for i in onnx.load(str(baseline_dir(bert) / "fp16" / "model.onnx")).graph.input}
+    assert inputs == {i.name for i in onnx.load(str(bert / "model.onnx")).graph.input}
+    opt = _copy_output(tiny_opt[1], tmp_path / "elsewhere" / "out")  # came from memory: cannot be rebuilt
+    shutil.copytree(baseline_dir(tiny_bert4), baseline_dir(opt))
+    result = _verify(opt, "--ep", "cpu")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: baseline cache {baseline_dir(opt)} does not match this "
+                                                   "export (inputs input_ids, attention_mask, token_type_ids instead of")
+
+
 def test_short_verification_reports_cpu_figures_against_both_baselines(tiny_bert4):
     figures = short_verification(tiny_bert4)
     assert figures["ep"] == "cpu"
@@ -216,6 +243,30 @@ def test_cuda_is_skipped_cleanly_without_a_gpu(tiny_opt):
     result = _verify(tiny_opt[1], "--ep", "cuda")
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: --ep cuda is not available here: {why}"
+
+
+def test_cuda_probe_without_a_usable_gpu_is_one_line(monkeypatch, capfd):
+    """onnxruntime-gpu installed but no GPU (or no CUDA libraries): ORT falls back to the CPU and logs about
+    it on its own; the probe must leave only its reason, which `--ep auto` prints as the one skip line."""
+    from cptquant.runtimes import cuda
+    from cptquant.runtimes.verify import select_adapters
+
+    if HAS_CUDA and CudaAdapter().available()[0]:
+        pytest.skip("a usable GPU is here")
+    real = ort.get_available_providers
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [*real(), "CUDAExecutionProvider"])
+    cuda._probe.cache_clear()
+    try:
+        capfd.readouterr()
+        adapters, skipped = select_adapters("auto")
+        ok, why = CudaAdapter().available()
+        captured = capfd.readouterr()
+    finally:
+        cuda._probe.cache_clear()
+    assert not ok and why.startswith(("onnxruntime-gpu is installed but GPU 0 is not usable",
+                                      "onnxruntime-gpu could not start on GPU 0"))
+    assert [a.name for a in adapters] == ["cpu"] and skipped == {"cuda": f"CUDA skipped: {why}"}
+    assert captured.err == "" and captured.out == ""  # nothing from ORT's logger or warnings
 
 
 needs_gpu = pytest.mark.skipif(not HAS_CUDA or not CudaAdapter().available()[0], reason="needs onnxruntime-gpu and a GPU")
@@ -316,7 +367,11 @@ def test_not_a_folder_and_in_memory_source_without_cache(tiny_opt, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--max-ppl-increase", "two"], "--max-ppl-increase must be a number or a percentage like 2% (got 'two')"),
     (["--max-accuracy-drop", "-1%"], "--max-accuracy-drop must be a non-negative finite number (got '-1%')"),
+    (["--max-accuracy-drop", "150%"], "--max-accuracy-drop must be at most 100% (got '150%')"),
     (["--min-cosine", "1.5"], "--min-cosine must lie between -1 and 1 (got '1.5')"),
+    (["--min-cosine", "2"], "--min-cosine must lie between -1 and 1 (got '2')"),
+    (["--max-ppl-increase", "abc"], "--max-ppl-increase must be a number or a percentage like 2% (got 'abc')"),
+    (["--threads", "0"], "--threads must be at least 1 (got 0)"),
     (["--min-speedup", "fast"], "--min-speedup must be a number (got 'fast')"),
     (["--baseline", "int8"], "--baseline must be fp16 or fp32 (got 'int8')"),
     (["--ep", "tpu"], "--ep must be auto or a comma list of cpu, cuda (got 'tpu')"),

@@ -15,7 +15,7 @@ from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
-from ..model_loading import LoadedModel, load_model
+from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model
 from ..plan import (DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
                     check_block_size, uniform_plan)
 from . import options, user_errors
@@ -112,8 +112,11 @@ def print_summary(result: ExportResult, console: Console) -> None:
     elif verification:
         quality = ", ".join(f"{k} {v:g}" for k, v in verification["quality"]["vs_fp32"].items())
         speed = verification["speed"]
+        # n_examples counts scored tokens for language models, texts for the other tasks
+        unit = {TASK_CAUSAL_LM: "tokens of held-out text",
+                TASK_MASKED_LM: "masked tokens of held-out text"}.get(verification["quality"]["task"], "held-out texts")
         console.print(
-            f"vs FP32 on {verification['quality']['n_examples']} held-out texts: {quality}\n"
+            f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
             f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
             f"— `cptq verify {result.paths.folder}` measures more shapes and gates on thresholds"

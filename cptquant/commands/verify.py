@@ -19,7 +19,8 @@ from . import user_errors
 
 @user_errors
 def verify(
-    out_dir: Path = typer.Argument(..., help="Output folder of cptq-export (model.onnx, model.report.json, …)."),
+    out_dir: Path = typer.Argument(..., help="Output folder of cptq-export (model.onnx, model.report.json, …), "
+                                             "or the .onnx file of an export in it."),
     baseline: str = typer.Option("fp32", "--baseline", help="Baseline the thresholds compare with: fp32 or fp16."),
     ep: str = typer.Option("auto", "--ep", help="Execution providers: auto (all available), cpu, cuda or cpu,cuda."),
     max_ppl_increase: str = typer.Option("2%", "--max-ppl-increase", help="Causal LM: largest relative perplexity rise."),
@@ -37,14 +38,15 @@ def verify(
     """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
     thresholds = Thresholds(
         max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
-        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop"),
+        max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop", high=1.0),  # of 100 points
         min_cosine=parse_number(min_cosine, "--min-cosine", -1.0, 1.0),
         min_speedup=parse_number(min_speedup, "--min-speedup"),
     )
     eval_set = load_eval_file(eval_file) if eval_file is not None else None
     result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)
     try:
-        json_path, md_path = write_reports(result, report_dir or Path(out_dir) / "verify")
+        folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
+        json_path, md_path = write_reports(result, report_dir or folder / "verify")
         if junit is not None:
             write_junit(result, junit)
     except OSError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -34,12 +35,20 @@ def _probe(device_id: int) -> tuple[bool, str]:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    # Without a GPU or its libraries ORT logs "[E:onnxruntime:Default ...] Failed to create
+    # CUDAExecutionProvider ..." on its default logger and warns from Python before falling back to the
+    # CPU: the skip must be our one line, so both are silenced for the probe (then ORT's default, warnings).
+    ort.set_default_logger_severity(4)
     try:
-        session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
-                                       providers=[(PROVIDER, {"device_id": device_id})])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                           providers=[(PROVIDER, {"device_id": device_id})])
     except Exception as exc:  # a missing CUDA/cuDNN library raises here on some releases
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return False, f"onnxruntime-gpu could not start on GPU {device_id} ({first})"
+    finally:
+        ort.set_default_logger_severity(2)
     if PROVIDER not in session.get_providers():
         return False, (f"onnxruntime-gpu is installed but GPU {device_id} is not usable "
                        "(no GPU, or CUDA/cuDNN libraries not found)")

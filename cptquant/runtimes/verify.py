@@ -50,8 +50,8 @@ class Thresholds:
     min_speedup: float = 1.0  # geometric mean of baseline p50 / candidate p50
 
 
-def parse_fraction(text: str, option: str) -> float:
-    """'2%' or '0.02' -> 0.02. One clear error for anything else."""
+def parse_fraction(text: str, option: str, high: float = math.inf) -> float:
+    """'2%' or '0.02' -> 0.02. One clear error for anything else (or above `high`)."""
     raw = str(text).strip()
     try:
         value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
@@ -59,6 +59,8 @@ def parse_fraction(text: str, option: str) -> float:
         raise CptqError(f"{option} must be a number or a percentage like 2% (got {text!r})") from None
     if not math.isfinite(value) or value < 0:
         raise CptqError(f"{option} must be a non-negative finite number (got {text!r})")
+    if value > high:
+        raise CptqError(f"{option} must be at most {high * 100:g}% (got {text!r})")
     return value
 
 
@@ -82,6 +84,7 @@ class OutputFolder:
     report: dict
     config: Any
     task: str
+    signature: tuple = ()  # (input names, output names) of model.onnx
 
 
 def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
@@ -111,8 +114,9 @@ def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
                             f"(tensor {tensor.name!r} needs bytes up to {end}, the file has {target.stat().st_size})")
 
 
-def check_model_file(model_path: Path) -> None:
-    """The model file parses as ONNX and its external data is safe and complete."""
+def check_model_file(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The model file parses as ONNX and its external data is safe and complete.
+    Returns its graph's input and output names (what a baseline must share with the candidate)."""
     if not model_path.is_file():
         raise CptqError(f"{model_path} not found")
     try:
@@ -123,14 +127,33 @@ def check_model_file(model_path: Path) -> None:
     if not model.graph.node:
         raise CptqError(f"{model_path} is not a valid ONNX model (its graph has no nodes)")
     check_external_data(model, model_path)
+    return tuple(i.name for i in model.graph.input), tuple(o.name for o in model.graph.output)
+
+
+def _export_files(folder: Path) -> tuple[Path, Path]:
+    """(model, report) of the export in `folder`: model.onnx and model.report.json, or else the one
+    NAME.onnx with a NAME.report.json beside it (what `cptq-export -o folder/NAME.onnx` writes)."""
+    default = (folder / MODEL_FILE, folder / REPORT_FILE)
+    if default[0].exists() or default[1].exists():
+        return default
+    pairs = [(folder / (r.name[: -len(".report.json")] + ".onnx"), r) for r in sorted(folder.glob("*.report.json"))]
+    pairs = [pair for pair in pairs if pair[0].is_file()]
+    if len(pairs) > 1:
+        raise CptqError(f"{folder} holds several exports ({', '.join(m.name for m, _ in pairs)}); "
+                        "give the .onnx file of the one to verify")
+    return pairs[0] if pairs else default
 
 
 def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
+    """`folder` is an export's output folder, or the .onnx file of an export in it."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
+    if folder.suffix == ".onnx" and folder.is_file():
+        model_path, folder = folder, folder.parent
+        report_path = folder / (model_path.name[: -len(".onnx")] + ".report.json")
+    elif not folder.is_dir():
         raise CptqError(f"{folder} is not a folder; give the output folder of cptq-export")
-    report_path = folder / REPORT_FILE
-    model_path = folder / MODEL_FILE
+    else:
+        model_path, report_path = _export_files(folder)
     if loaded is None:  # during an export the report is written after this check
         if not report_path.is_file() or not model_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
@@ -145,7 +168,7 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
     else:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         task = loaded.task
-    check_model_file(model_path)
+    signature = check_model_file(model_path)
     if loaded is not None:
         config = loaded.config
     else:
@@ -157,7 +180,7 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
             config = AutoConfig.from_pretrained(str(folder))
         except Exception as exc:
             raise CptqError(f"{folder}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
-    return OutputFolder(folder, model_path, report, config, task)
+    return OutputFolder(folder, model_path, report, config, task, signature)
 
 
 def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> dict[str, Path]:
@@ -167,34 +190,64 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
 
     cache = baseline_dir(out.folder)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
-    if not paths["fp32"].is_file():
-        if loaded is None:
-            source = out.report.get("source")
-            if not source or source == "in-memory":
-                raise CptqError(f"baseline cache {cache} is missing and cannot be rebuilt: the model came from "
-                                f"memory, not a folder or hub id; export again to recreate it")
-            from ..model_loading import load_model
+    # A cache left by another model that had an output folder of the same name (or a folder copied next
+    # to one) would be compared with silently, or fail mid-run: it must take the same inputs and outputs.
+    stale = {name: _stale_reason(path, out) for name, path in paths.items() if path.is_file()}
+    fresh = {name for name, why in stale.items() if why is None}  # checked already and kept
+    problem = ("is missing" if not paths["fp32"].is_file()
+               else f"does not match this export ({stale['fp32']})" if stale.get("fp32") else None)
+    try:
+        if problem:
+            if loaded is None:
+                source = out.report.get("source")
+                if not source or source == "in-memory":
+                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt: the model came from "
+                                    f"memory, not a folder or hub id; export again to recreate it")
+                from ..model_loading import load_model
 
-            if progress:
-                console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                if progress:
+                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                try:
+                    loaded = load_model(source, out.task)
+                except CptqError as exc:
+                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
+                        from None
+            tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
             try:
-                loaded = load_model(source, out.task)
-            except CptqError as exc:
-                raise CptqError(f"baseline cache {cache} is missing and cannot be rebuilt from {source}: {exc}") from None
-        tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
-        try:
-            export_onnx(loaded, tmp / "fp32")
-            (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
-            if (cache / "fp32").exists():
-                shutil.rmtree(cache / "fp32")
-            shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if not paths["fp16"].is_file():
-        write_fp16(cache / "fp32", cache / "fp16")
-    for path in paths.values():
-        check_model_file(path)
+                export_onnx(loaded, tmp / "fp32")
+                (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
+                for name in BASELINES:  # the FP16 baseline is made from the FP32 one: both go
+                    fresh.discard(name)
+                    if (cache / name).exists():
+                        shutil.rmtree(cache / name)
+                shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        elif stale.get("fp16"):
+            shutil.rmtree(cache / "fp16")
+        if not paths["fp16"].is_file():
+            write_fp16(cache / "fp32", cache / "fp16")
+    except OSError as exc:
+        raise CptqError(f"cannot write the baseline cache {cache}: {exc.strerror or exc}") from None
+    for name, path in paths.items():
+        why = None if name in fresh else _stale_reason(path, out)
+        if why:
+            raise CptqError(f"the {name} baseline {path} does not match {out.model} ({why})")
     return paths
+
+
+def _stale_reason(path: Path, out: OutputFolder) -> str | None:
+    """Why the baseline at `path` is not one of this export's model, or None when its inputs and outputs match."""
+    inputs, outputs = check_model_file(path)
+    if not out.signature or (set(inputs), set(outputs)) == (set(out.signature[0]), set(out.signature[1])):
+        return None
+    if set(inputs) != set(out.signature[0]):
+        return f"inputs {_names(inputs)} instead of {_names(out.signature[0])}"
+    return f"outputs {_names(outputs)} instead of {_names(out.signature[1])}"
+
+
+def _names(names, keep: int = 4) -> str:
+    return ", ".join(names[:keep]) + (f" … ({len(names)} in all)" if len(names) > keep else "")
 
 
 def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], dict[str, str]]:
@@ -329,6 +382,8 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
     thresholds = thresholds or Thresholds()
+    if threads < 1:
+        raise CptqError(f"--threads must be at least 1 (got {threads})")
     adapters, skipped = select_adapters(ep, threads)  # before the slow work: a bad --ep fails at once
     out = inspect_output_folder(folder, loaded)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
@@ -381,7 +436,7 @@ def _markdown(report: dict) -> str:
         for key, figures in quality.items():
             if key.startswith("vs_"):
                 lines.append(f"- quantized {key.replace('_', ' ')}: " + ", ".join(f"{k} {v:.6g}" for k, v in figures.items()))
-        lines += ["", "### Speed (p50 / p90 ms; variants interleaved)", ""]
+        lines += ["", "### Speed (p50 / p90 ms, speed-ups p50 / p90; variants interleaved)", ""]
         names = list(speed["variants"])
         keys = [k for k, v in speed["variants"][names[0]]["latency"].items() if isinstance(v, dict)]
         lines.append("| figure | " + " | ".join(names) + " | speed-up vs " + " | speed-up vs ".join(names[1:]) + " |")
@@ -389,7 +444,8 @@ def _markdown(report: dict) -> str:
         for key in keys:
             cells = [f"{speed['variants'][n]['latency'][key]['p50_ms']:.3f} / {speed['variants'][n]['latency'][key]['p90_ms']:.3f}"
                      for n in names]
-            ratios = [f"{speed[f'vs_{n}']['latency_speedup'][key]:.3f}×" for n in names[1:]]
+            ratios = [f"{speed[f'vs_{n}']['latency_speedup'][key]:.3f}× / {speed[f'vs_{n}']['p90_speedup'][key]:.3f}×"
+                      for n in names[1:]]
             lines.append(f"| {key} | " + " | ".join(cells + ratios) + " |")
         lines.append("")
         for n in names:
@@ -398,6 +454,14 @@ def _markdown(report: dict) -> str:
                    if v["peak_rss_bytes"] is not None else "peak RSS n/a")
             extra = f", {v['latency']['tokens_per_s']} tokens/s" if "tokens_per_s" in v["latency"] else ""
             lines.append(f"- {n}: {v['bytes_on_disk'] / 1e6:.2f} MB on disk, {rss}{extra}")
+        for n in names[1:]:
+            vs = speed[f"vs_{n}"]
+            ratios = [f"{vs['smaller_on_disk_by']:.2f}× smaller on disk"]
+            ratios += [f"{label} {vs[key]:.3f}×" for key, label in (("peak_rss_bytes_ratio", "peak RSS"),
+                                                                   ("rss_growth_bytes_ratio", "RSS growth"),
+                                                                   ("tokens_per_s_ratio", "tokens/s"))
+                       if vs.get(key) is not None]
+            lines.append(f"- quantized vs {n}: " + ", ".join(ratios))
         lines.append("")
     lines += ["## Checks", ""] + [f"- {c['line']}" for c in report["checks"]] + [""]
     return "\n".join(lines)
@@ -418,9 +482,10 @@ def write_junit(result: VerifyResult, path: Path) -> Path:
                        failures=str(failures), errors="0", skipped=str(len(result.skipped)))
     for check in result.checks:
         case = ET.SubElement(suite, "testcase", classname=f"cptq.verify.{check.ep}", name=check.name)
-        case.set("measured", repr(check.measured))
         if not check.passed:
             ET.SubElement(case, "failure", message=check.line(), type="threshold").text = check.line()
+        # The measured value in an element the JUnit schemas allow (an unknown testcase attribute is not).
+        ET.SubElement(case, "system-out").text = check.line()
     for ep, why in result.skipped.items():
         case = ET.SubElement(suite, "testcase", classname=f"cptq.verify.{ep}", name=f"{ep} execution provider")
         ET.SubElement(case, "skipped", message=why)
