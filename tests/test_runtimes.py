@@ -452,3 +452,20 @@ def test_masked_lm_agreement_on_masked_positions(tmp_path):
     drop = quality["vs_fp16"]["accuracy_drop"]
     assert result.exit_code == (0 if drop <= 0 else 1), result.output
     assert ("PASS" if drop <= 0 else "FAIL") + " [cpu] accuracy drop vs fp16" in result.stdout
+
+
+def test_bytes_on_disk_are_the_model_and_the_external_data_it_names(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cptquant.runtimes.base import model_bytes
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(path), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    (tmp_path / "model.onnx.bak").write_bytes(b"x" * 1000)  # same prefix, not part of the model
+    assert model_bytes(path) == path.stat().st_size + (tmp_path / "weights.bin").stat().st_size

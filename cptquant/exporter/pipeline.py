@@ -272,8 +272,11 @@ def _short_verification(folder: Path, loaded: LoadedModel) -> dict:
 
     try:
         return short_verification(folder, loaded, quick=True)
-    except CptqError as exc:  # the export itself is sound; say why there are no figures
+    except CptqError as exc:  # the export itself is sound and in place; say why there are no figures
         return {"error": str(exc)}
+    except Exception as exc:  # an ORT or memory failure mid-measurement: the same, with what it was
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return {"error": f"{type(exc).__name__}: {first}" if first else type(exc).__name__}
 
 
 def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:

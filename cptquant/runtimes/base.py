@@ -92,6 +92,13 @@ def timed(fn) -> float:
 
 
 def model_bytes(model_path: Path) -> int:
-    """Bytes on disk of the model: model.onnx and its external data file(s), if any."""
-    folder = Path(model_path).parent
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.startswith(Path(model_path).name))
+    """Bytes on disk of the model: the .onnx file and the external data files its tensors name."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model_path = Path(model_path)
+    model = onnx.load(str(model_path), load_external_data=False)
+    tensors = [t for t in model.graph.initializer if uses_external_data(t)]
+    locations = {ExternalDataInfo(t).location for t in tensors}
+    return model_path.stat().st_size + sum((model_path.parent / loc).stat().st_size for loc in sorted(locations)
+                                           if (model_path.parent / loc).is_file())
