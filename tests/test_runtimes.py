@@ -469,3 +469,31 @@ def test_bytes_on_disk_are_the_model_and_the_external_data_it_names(tmp_path):
               size_threshold=0)
     (tmp_path / "model.onnx.bak").write_bytes(b"x" * 1000)  # same prefix, not part of the model
     assert model_bytes(path) == path.stat().st_size + (tmp_path / "weights.bin").stat().st_size
+
+
+def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
+    from transformers import BertModel
+
+    from cptquant.corpus import sentences
+    from cptquant.passes import AnalysisOptions
+
+    torch.manual_seed(0)
+    loaded = wrap_model(BertModel(_tiny_bert_config()), tokenizer=_word_tokenizer())
+    texts = sentences()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(texts[:80]) + "\n")
+    out = tmp_path / "bert4"
+    export_quantized(loaded, lambda _loaded, graph: uniform_plan(graph, 4), out / "model.onnx", progress=False,
+                     algorithm="gptq", calibration=AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32))
+    assert json.loads((out / "model.report.json").read_text())["calibration_text"]["calib"] == str(calib)
+    for eval_texts, expected in ((texts[70:90], "10 of the 20 --eval texts are also calibration text"),
+                                 (texts[-20:], None)):
+        eval_file = tmp_path / "eval.txt"
+        eval_file.write_text("\n".join(eval_texts) + "\n")
+        result = _verify(out, "--ep", "cpu", "--eval", eval_file, "--min-cosine", "0", "--min-speedup", "0")
+        assert result.exit_code == 0, result.output
+        warnings = json.loads((out / "verify" / "report.json").read_text())["warnings"]
+        if expected:
+            assert len(warnings) == 1 and expected in warnings[0] and f"warning: {expected}" in result.stderr
+        else:
+            assert warnings == [] and "warning" not in result.stderr

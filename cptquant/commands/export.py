@@ -96,6 +96,9 @@ def print_summary(result: ExportResult, console: Console) -> None:
         layers, params, after = by_bits[bits]
         table.add_row(str(bits), str(layers), f"{params:,}", f"{after / 1e6:.2f}")
     console.print(table)
+    for name, entry in report["layers"].items():
+        if entry.get("hot_rows"):
+            console.print(f"{name}: {entry['hot_rows']:,} rows (the calibration text's tokens) kept at 8 bits")
     parity = report["parity_vs_torch_fp32"]
     kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"
     console.print(

@@ -196,6 +196,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                  timings, fmt, opset)
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
+                read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
+                             or any(lp.hot_rows for lp in plan.layers.values()))
+                if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
+                    report["calibration_text"] = {"calib": calibration.calib if calibration else None,
+                                                  "text_field": calibration.text_field if calibration else "text"}
                 report.update(report_extras or {})
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 for p in written:

@@ -21,6 +21,7 @@ GPTQ_BITS = (4,)
 
 class RoundToNearest:
     name = "rtn"
+    used_calibration = False  # whether calibration text was read (the report records which)
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
@@ -53,6 +54,10 @@ class Gptq(RoundToNearest):
 
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
+
+    @property
+    def used_calibration(self) -> bool:
+        return bool(self._hessians)
 
     def __call__(self, layer, weight_kn, bits, block_size, symmetric, clip, input_scale=None) -> QuantizedWeight:
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None

@@ -117,6 +117,17 @@ def load_texts(calib: str | None, text_field: str = "text", seq_len: int = 128) 
     return texts, str(path)
 
 
+def calibration_texts_for_overlap(calib: str | None, text_field: str = "text") -> tuple[set[str], str] | None:
+    """The individual texts a calibration spec reads (stripped), to check evaluation text against;
+    None for a hub dataset, which is not downloaded again only for this."""
+    if calib is None:
+        return {s.strip() for s in calibration_sentences()}, "the offline corpus"
+    if calib.startswith("hf:") or not Path(calib).is_file():
+        return None
+    texts, source = load_texts(calib, text_field)
+    return {t.strip() for t in texts}, source
+
+
 def _pad(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)

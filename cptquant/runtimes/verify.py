@@ -390,6 +390,10 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
     for why in skipped.values():
         print(why, file=sys.stderr)  # one plain line: CI logs must not wrap it
+    warnings = [_calibration_overlap(out, eval_set)] if eval_set is not None else []
+    warnings = [w for w in warnings if w]
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
     variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress)}
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
@@ -412,8 +416,31 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         "skipped_eps": skipped,
         "checks": [c.to_dict() for c in result.checks],
         "passed": result.passed,
+        "warnings": warnings,
     }
     return result
+
+
+def _calibration_overlap(out: OutputFolder, eval_set: EvalSet) -> str | None:
+    """Evaluation text must be disjoint from the text the export was calibrated on (GPTQ, scores, hot
+    rows): the same text in both measures memory, not quality."""
+    from ..passes.calibration import calibration_texts_for_overlap
+
+    spec = out.report.get("calibration_text")
+    if spec is None:
+        return None
+    try:
+        found = calibration_texts_for_overlap(spec.get("calib"), spec.get("text_field", "text"))
+    except CptqError:
+        return None  # the calibration file changed or went away since the export: nothing to compare
+    if found is None:
+        return None
+    texts, source = found
+    shared = sum(1 for t in eval_set.texts if t.strip() in texts)
+    if not shared:
+        return None
+    return (f"{shared} of the {len(eval_set.texts)} --eval texts are also calibration text ({source}); "
+            "quality measured on them overstates the export")
 
 
 # ---------------------------------------------------------------- reports
@@ -427,6 +454,8 @@ def _markdown(report: dict) -> str:
              f"Result: **{'PASS' if report['passed'] else 'FAIL'}**.", ""]
     for why in report["skipped_eps"].values():
         lines += [f"- {why}", ""]
+    for line in report.get("warnings", []):
+        lines += [f"- **warning**: {line}", ""]
     for ep, measured in report["eps"].items():
         quality, speed = measured["quality"], measured["speed"]
         lines += [f"## {ep}: {measured['device']}", "", "### Quality", ""]
