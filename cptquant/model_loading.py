@@ -37,6 +37,7 @@ class LoadedModel:
     task: str
     source: str  # what the user gave (hub id or folder), or the embedded model's folder
     display_name: str
+    trust_remote_code: bool = False  # how it was loaded; `cptq verify` reloads it the same way
 
 
 def embedded_model_path() -> str:
@@ -134,7 +135,7 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
     except Exception:  # a model folder without tokenizer files is still exportable
         tokenizer = None
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, task=task, source=source,
-                       display_name=display)
+                       display_name=display, trust_remote_code=trust_remote_code)
 
 
 def wrap_model(model: Any, task: str | None = None, tokenizer: Any | None = None, name: str = "in-memory") -> LoadedModel:

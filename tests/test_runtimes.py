@@ -497,3 +497,22 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
             assert len(warnings) == 1 and expected in warnings[0] and f"warning: {expected}" in result.stderr
         else:
             assert warnings == [] and "warning" not in result.stderr
+
+
+def test_two_exports_in_one_folder_have_their_own_baselines(tiny_bert_source, tmp_path):
+    from cptquant.testing import tiny_opt as build_tiny_opt
+
+    folder = tmp_path / "deploy"
+    bert = load_model(str(tiny_bert_source))
+    export_quantized(bert, lambda _l, graph: uniform_plan(graph, 8), folder / "encoder.onnx", progress=False)
+    export_quantized(wrap_model(build_tiny_opt()), lambda _l, graph: uniform_plan(graph, 8), folder / "decoder.onnx",
+                     progress=False)
+    caches = {name: baseline_dir(folder, f"{name}.onnx") for name in ("encoder", "decoder")}
+    assert caches["encoder"] != caches["decoder"] and baseline_dir(folder) not in caches.values()
+    report = json.loads((folder / "encoder.report.json").read_text())
+    assert report["trust_remote_code"] is False
+    for name in caches:
+        result = _verify(folder / f"{name}.onnx", "--ep", "cpu", "--min-cosine", "0", "--min-speedup", "0")
+        assert result.exit_code == 0, result.output
+        assert json.loads((folder / "verify" / "report.json").read_text())["variants"]["fp32"].startswith(
+            str(caches[name]))

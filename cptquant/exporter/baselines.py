@@ -14,10 +14,15 @@ from .onnx_export import MODEL_FILE, load_onnx, save_onnx
 CACHE_DIR_NAME = ".cptq-cache"
 
 
-def baseline_dir(out_folder: Path) -> Path:
-    """Baselines live beside the output folder, not in it, so the output folder is what gets deployed."""
+def baseline_dir(out_folder: Path, model_file: str = MODEL_FILE) -> Path:
+    """Baselines live beside the output folder, not in it, so the output folder is what gets deployed.
+
+    One cache per export: `folder/model.onnx` -> `.cptq-cache/folder`, `folder/NAME.onnx` ->
+    `.cptq-cache/folder.NAME` (two exports in one folder may come from different models).
+    """
     out_folder = out_folder.resolve()
-    return out_folder.parent / CACHE_DIR_NAME / out_folder.name
+    name = out_folder.name if model_file == MODEL_FILE else f"{out_folder.name}.{Path(model_file).stem}"
+    return out_folder.parent / CACHE_DIR_NAME / name
 
 
 def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:

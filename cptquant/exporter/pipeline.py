@@ -207,7 +207,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     report["files"][p.name] = p.stat().st_size
                 _write_report(out_dir / paths.report.name, report, written, paths.model.name)
                 _move_into_place(out_dir, paths, force)
-                cache = baseline_dir(paths.folder)
+                cache = baseline_dir(paths.folder, paths.model.name)
                 for name, src in (("fp32", fp32_dir), ("fp16", fp16_dir)):
                     if (cache / name).exists():
                         shutil.rmtree(cache / name)
@@ -306,6 +306,7 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
         "onnx_opset": opset,
         "model": loaded.display_name,
         "source": str(loaded.source),
+        "trust_remote_code": loaded.trust_remote_code,
         "task": loaded.task,
         "method": plan.method,
         "clip": plan.clip,

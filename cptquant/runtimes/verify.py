@@ -188,7 +188,7 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
     from ..exporter.baselines import baseline_dir, write_fp16
     from ..exporter.onnx_export import export_onnx
 
-    cache = baseline_dir(out.folder)
+    cache = baseline_dir(out.folder, out.model.name)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
     # A cache left by another model that had an output folder of the same name (or a folder copied next
     # to one) would be compared with silently, or fail mid-run: it must take the same inputs and outputs.
@@ -208,7 +208,7 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
                 if progress:
                     console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
                 try:
-                    loaded = load_model(source, out.task)
+                    loaded = load_model(source, out.task, bool(out.report.get("trust_remote_code", False)))
                 except CptqError as exc:
                     raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
                         from None
