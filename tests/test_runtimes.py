@@ -516,3 +516,12 @@ def test_two_exports_in_one_folder_have_their_own_baselines(tiny_bert_source, tm
         assert result.exit_code == 0, result.output
         assert json.loads((folder / "verify" / "report.json").read_text())["variants"]["fp32"].startswith(
             str(caches[name]))
+
+
+def test_reexport_with_force_drops_the_old_models_verify_reports(tiny_bert_source, tmp_path):
+    bert = load_model(str(tiny_bert_source))
+    out = _export(bert, 8, tmp_path / "out")
+    assert _verify(out, "--ep", "cpu", "--min-cosine", "0", "--min-speedup", "0").exit_code == 0
+    assert (out / "verify" / "report.json").is_file()
+    export_quantized(bert, lambda _l, graph: uniform_plan(graph, 4), out / "model.onnx", force=True, progress=False)
+    assert not (out / "verify").exists()

@@ -290,8 +290,20 @@ def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:
         stale = paths.folder / (paths.model.name + "_data")
         if stale.exists() and not (out_dir / stale.name).exists():
             stale.unlink()
+        _drop_stale_verification(paths)
     for path in out_dir.iterdir():
         os.replace(path, paths.folder / path.name)
+
+
+def _drop_stale_verification(paths: OutputPaths) -> None:
+    """`cptq verify`'s reports of the model being overwritten describe a model that is gone."""
+    report = paths.folder / "verify" / "report.json"
+    try:
+        verified = json.loads(report.read_text()).get("variants", {}).get("quantized")
+    except (OSError, ValueError, AttributeError):
+        return
+    if verified and Path(verified).resolve() == paths.model.resolve():
+        shutil.rmtree(report.parent, ignore_errors=True)
 
 
 def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
