@@ -143,3 +143,24 @@ def test_cli_uniform_4_bits_has_hot_rows_unless_turned_off(bert, tmp_path):
         plans[flag] = Plan.load(out / "model.plan.json")
     assert plans["--hot-rows"].layers[TABLE].hot_rows  # the tiny tokenizer's calibration tokens
     assert all(lp.hot_rows is None for lp in plans["--no-hot-rows"].layers.values())
+
+
+def test_untied_decoder_gets_hot_rows_and_still_generates_with_optimum(tmp_path):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from cptquant.passes.hot_rows import calibration_hot_rows, with_hot_rows
+    from cptquant.testing import tiny_llama
+
+    llama = load_model(str(save_tiny_model(tiny_llama(), tmp_path / "llama")))
+    options = AnalysisOptions(calib_samples=16, seq_len=32)
+
+    def plan_of(loaded, graph) -> Plan:
+        return with_hot_rows(uniform_plan(graph, 4), calibration_hot_rows(loaded, graph, options))
+
+    result = export_quantized(llama, plan_of, tmp_path / "out", progress=False)
+    assert result.report["layers"]["model.embed_tokens"]["hot_rows"] > 0
+    assert result.report["graph_check"]["kernels"]["GatherBlockQuantized(bits=8)"] == 1
+    prompt = torch.tensor([[1, 5, 9]])
+    generated = ORTModelForCausalLM.from_pretrained(tmp_path / "out").generate(prompt, max_new_tokens=4,
+                                                                               min_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
