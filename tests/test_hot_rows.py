@@ -164,3 +164,14 @@ def test_untied_decoder_gets_hot_rows_and_still_generates_with_optimum(tmp_path)
     generated = ORTModelForCausalLM.from_pretrained(tmp_path / "out").generate(prompt, max_new_tokens=4,
                                                                                min_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 7)
+
+
+def test_a_table_whose_every_row_is_hot_is_an_8_bit_table(bert, tmp_path):
+    def plan_of(_loaded, g) -> Plan:
+        plan = uniform_plan(g, 16)
+        plan.layers[TABLE].bits = 4
+        plan.layers[TABLE].hot_rows = list(range(g[TABLE].out_features))
+        return plan
+
+    result = export_quantized(bert, plan_of, tmp_path / "out", progress=False)
+    assert result.report["graph_check"]["kernels"] == {"GatherBlockQuantized(bits=8)": 1}

@@ -369,10 +369,11 @@ def _quantize_gather(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
     table = _weight_seen_by_consumer(g, use)  # [rows, hidden]
     ids = gather.input[1]
     hot = np.asarray(lp.hot_rows if lp.bits == 4 and lp.hot_rows else [], dtype=np.int64)
-    if not hot.size:
-        node, half_rows, nbytes, sq_error = _block_quantized_lookup(g, table, ids, lp.bits, lp.block_size,
-                                                                   lp.symmetric, clip, base, gather.name)
-        nodes = [node]
+    if not hot.size or hot.size == table.shape[0]:  # every row hot (a hand-written plan): an 8-bit table
+        bits, symmetric = (lp.bits, lp.symmetric) if not hot.size else (HOT_ROW_BITS, True)
+        node, half_rows, nbytes, sq_error = _block_quantized_lookup(g, table, ids, bits, lp.block_size,
+                                                                   symmetric, clip, base, gather.name)
+        nodes, hot = [node], hot[:0]
     else:
         nodes, half_rows, nbytes, sq_error = _hot_row_lookup(g, table, ids, hot, lp, clip, base, gather.name)
     # The lookups return FP16 rows (the scales are FP16); one Cast of the gathered [batch, seq, hidden]
