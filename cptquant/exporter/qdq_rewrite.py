@@ -201,10 +201,10 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
         return _write_dynamic(g, consumer, weight_kn, lp, clip, base, quantizer, layer or base, smoothing)
     qw = quantizer(layer or base, weight_kn, lp.bits, lp.block_size, lp.symmetric, clip)
     if fmt == FORMAT_NBITS:
-        _write_matmul_nbits(g, consumer, qw, base)
+        qw = _write_matmul_nbits(g, consumer, qw, base)
         return qw.nbytes(), _mse(qw, weight_kn), qw.block_size
     q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{lp.bits}"), qw.q, lp.bits, qw.symmetric))
-    s_name = g.add_initializer(numpy_helper.from_array(qw.scale, g.unique(f"{base}.weight_scale")))
+    qw, s_name = _float_scales(g, qw, base)
     inputs = [q_name, s_name]
     if not qw.symmetric:
         inputs.append(g.add_initializer(_int_tensor(g.unique(f"{base}.weight_zp"), qw.zero_point, lp.bits, False)))
@@ -213,6 +213,27 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
                                       axis=0, block_size=lp.block_size))
     consumer.input[1] = dq_out
     return qw.nbytes(), _mse(qw, weight_kn), qw.block_size
+
+
+def _fp16_scales_fit(scale: np.ndarray) -> bool:
+    half = scale.astype(np.float16)
+    return bool(np.all(np.isfinite(half)) and np.all((half != 0) | (scale == 0)))
+
+
+def _float_scales(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[QuantizedWeight, str]:
+    """The block scales as a float32 tensor for the kernel, stored as FP16 where they fit: a `Cast` that ORT
+    folds at session start (before its QDQ fusions) restores float32, so the kernel is unchanged and the
+    scales take half the bytes (1 bit per weight at blocks of 32 -> 0.5). Returns the weight as stored
+    (FP16-rounded scales: what the model computes with) and the scale tensor's name."""
+    if not _fp16_scales_fit(qw.scale):
+        return qw, g.add_initializer(numpy_helper.from_array(qw.scale, g.unique(f"{base}.weight_scale")))
+    half = qw.scale.astype(np.float16)
+    h_name = g.add_initializer(numpy_helper.from_array(half, g.unique(f"{base}.weight_scale_fp16")))
+    s_name = g.unique(f"{base}.weight_scale")
+    g.prelude.append(helper.make_node("Cast", [h_name], [s_name], name=g.unique(f"{base}.ScaleCast"),
+                                      to=TensorProto.FLOAT))
+    g.derived.append(s_name)
+    return dataclasses.replace(qw, scale=half.astype(np.float32), scale_bytes=2), s_name
 
 
 def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp: LayerPlan, clip: str, base: str,
@@ -237,8 +258,8 @@ def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp:
         nbytes = qw.nbytes()
     else:
         qw = quantizer(layer, source, lp.bits, lp.block_size, lp.symmetric, clip, input_scale=smoothing)
-        q_name, column_scale, effective = _int8_from_blocks(g, qw, base)
-        nbytes = qw.nbytes() + column_scale.nbytes
+        q_name, column_scale, effective, ratio_bytes = _int8_from_blocks(g, qw, base)
+        nbytes = dataclasses.replace(qw, scale_bytes=ratio_bytes).nbytes() + column_scale.nbytes
     s_name = g.add_initializer(numpy_helper.from_array(column_scale, g.unique(f"{base}.weight_scale")))
     node = helper.make_node(KERNEL_DYNAMIC, [matmul.input[0], q_name, s_name], list(matmul.output),
                             name=g.unique(matmul.name + "DynamicQuantize"), domain=MS_DOMAIN)
@@ -263,21 +284,30 @@ def _smooth_input(g: _Graph, node: onnx.NodeProto, smoothing: np.ndarray, base: 
     return inverse.nbytes
 
 
-def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, np.ndarray, np.ndarray]:
+def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, np.ndarray, np.ndarray, int]:
     """Write blocked low-bit codes and the prelude that expands them to an int8 [K, N] per-column weight.
 
     int8 = Round((q - zp) * ratio), ratio = block scale / column scale, column scale = max|W_q| / 127.
-    Returns the int8 tensor's name, the column scales and the effective float weight.
+    Returns the int8 tensor's name, the column scales, the effective float weight and the bytes of one
+    stored block ratio (2: FP16, restored by a Cast that ORT folds with the rest).
     """
     k, n = qw.q.shape
     blocks = k // qw.block_size
     column_scale = np.abs(qw.dequantize()).max(axis=0) / np.float32(127)
     column_scale = np.where(column_scale > 0, column_scale, 1).astype(np.float32)
-    ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N]
+    ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N], in (0, 1]: FP16 keeps it to 2^-11
     codes = qw.q.reshape(blocks, qw.block_size, n)
     q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{qw.bits}"), codes, qw.bits, qw.symmetric))
-    r_name = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n), g.unique(f"{base}.weight_ratio")))
     prelude = _Prelude(g, f"{base}.weight_int8")
+    if _fp16_scales_fit(ratio):
+        ratio = ratio.astype(np.float16)
+        r16 = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n), g.unique(f"{base}.weight_ratio")))
+        r_name = prelude.add("Cast", [r16], to=TensorProto.FLOAT)
+        ratio, ratio_bytes = ratio.astype(np.float32), 2
+    else:
+        ratio_bytes = 4
+        r_name = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n),
+                                                           g.unique(f"{base}.weight_ratio")))
     values = prelude.add("Cast", [q_name], to=TensorProto.FLOAT)
     expected = codes.astype(np.float32)
     if not qw.symmetric:
@@ -289,7 +319,7 @@ def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, n
     values = prelude.add("Cast", [prelude.add("Round", [values])], to=TensorProto.INT8)
     values = prelude.add("Reshape", [values, g.shape((k, n))])
     int8 = np.rint(expected * ratio[:, None, :]).reshape(k, n)  # what ORT computes, in the same float32 steps
-    return values, column_scale, int8 * column_scale
+    return values, column_scale, int8 * column_scale, ratio_bytes
 
 
 class _Prelude:
@@ -330,20 +360,20 @@ def _through_identity(g: _Graph, tensor: str) -> str:
     return tensor
 
 
-def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, base: str) -> None:
-    """Replace MatMul(A, W) by MatMulNBits: codes per output column, blocks along K, packed low nibble first."""
+def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, base: str) -> QuantizedWeight:
+    """Replace MatMul(A, W) by MatMulNBits: codes per output column, blocks along K, packed low nibble first.
+    Returns the weight as stored (FP16-rounded scales where they fit)."""
     k, n = qw.q.shape
     blocks = k // qw.block_size
     codes = (qw.q.astype(np.int16) + 2 ** (qw.bits - 1)).astype(np.uint8) if qw.symmetric else qw.q.astype(np.uint8)
     codes = np.ascontiguousarray(codes.T).reshape(n, blocks, qw.block_size)
     if qw.bits == 4:
         codes = pack_uint4_last_axis(codes)
-    inputs = [
-        matmul.input[0],
-        g.add_initializer(numpy_helper.from_array(codes, g.unique(f"{base}.weight_q{qw.bits}"))),
-        g.add_initializer(numpy_helper.from_array(np.ascontiguousarray(qw.scale.T).reshape(-1),
-                                                  g.unique(f"{base}.weight_scale"))),
-    ]
+    q_name = g.add_initializer(numpy_helper.from_array(codes, g.unique(f"{base}.weight_q{qw.bits}")))
+    qw_t = dataclasses.replace(qw, scale=np.ascontiguousarray(qw.scale.T).reshape(-1))  # the kernel's [N * blocks]
+    qw_t, s_name = _float_scales(g, qw_t, base)
+    qw = dataclasses.replace(qw, scale=qw_t.scale.reshape(n, blocks).T.copy(), scale_bytes=qw_t.scale_bytes)
+    inputs = [matmul.input[0], q_name, s_name]
     if not qw.symmetric:  # without zero points the kernel assumes 2^(bits-1): the symmetric case
         zp = np.ascontiguousarray(qw.zero_point.T)
         zp = pack_uint4_last_axis(zp) if qw.bits == 4 else zp
@@ -354,6 +384,7 @@ def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, 
     index = list(g.graph.node).index(matmul)
     g.graph.node.remove(matmul)
     g.graph.node.insert(index, node)
+    return qw
 
 
 def _quantize_gather(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: str) -> tuple[int, float, int]:
@@ -415,7 +446,7 @@ def _block_quantized_lookup(g: _Graph, table: np.ndarray, ids: str, bits: int, b
                             domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=block_size, bits=bits)
     stored = dataclasses.replace(qw, scale=qw.scale.astype(np.float16).astype(np.float32))  # what the file holds
     sq_error = float(np.sum((stored.dequantize() - table.T.astype(np.float32)) ** 2))
-    return node, half_rows, qw.nbytes() - 2 * qw.scale.size, sq_error
+    return node, half_rows, dataclasses.replace(qw, scale_bytes=2).nbytes(), sq_error
 
 
 def _hot_row_lookup(g: _Graph, table: np.ndarray, ids: str, hot: np.ndarray, lp: LayerPlan, clip: str, base: str,

@@ -22,6 +22,7 @@ class QuantizedWeight:
     zero_point: np.ndarray | None  # uint8, same shape as scale; None when symmetric
     bits: int
     block_size: int
+    scale_bytes: int = 4  # as stored: float32, or 2 where the writer keeps FP16 scales
 
     @property
     def symmetric(self) -> bool:
@@ -39,7 +40,7 @@ class QuantizedWeight:
         """Bytes this weight takes in the ONNX file: packed integers, scales and zero points."""
         q_bytes = self.q.size * self.bits // 8
         zp_bytes = 0 if self.zero_point is None else self.zero_point.size * self.bits // 8
-        return q_bytes + self.scale.size * 4 + zp_bytes
+        return q_bytes + self.scale.size * self.scale_bytes + zp_bytes
 
 
 _TINY = np.finfo(np.float32).tiny

@@ -26,7 +26,8 @@ from ..plan import HOT_ROW_BITS
 
 KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
-SCALE_BYTES = 4  # one float32 scale per quantization block of a MatMul weight
+SCALE_BYTES = 4  # a float32 kept as such: --format dynamic's column scales and input smoothing
+BLOCK_SCALE_BYTES = 2  # a MatMul weight's block scales (or dynamic's block ratios): FP16 on disk, Cast at load
 TABLE_SCALE_BYTES = 2  # embedding tables (GatherBlockQuantized) keep their scales in FP16
 FP16_BYTES = 2
 FIXED_PARAM_BYTES = 4  # biases and norms stay FP32 in the export
@@ -115,11 +116,11 @@ def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto
         if bits == 8:  # symmetric int8 per output column
             matmul = matmul_params + SCALE_BYTES * columns
         else:  # the blocked codes on disk, plus the int8 column scales they are folded with
-            matmul = (matmul_params * bits / 8 + SCALE_BYTES * matmul_blocks
+            matmul = (matmul_params * bits / 8 + BLOCK_SCALE_BYTES * matmul_blocks
                       + (matmul_blocks * bits / 8 if asymmetric else 0) + SCALE_BYTES * columns)
         matmul += SCALE_BYTES * inputs
     else:
-        matmul = (matmul_params * bits / 8 + SCALE_BYTES * matmul_blocks
+        matmul = (matmul_params * bits / 8 + BLOCK_SCALE_BYTES * matmul_blocks
                   + (matmul_blocks * bits / 8 if asymmetric else 0))
     return table + matmul + NODE_BYTES
 
