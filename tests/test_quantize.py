@@ -110,8 +110,10 @@ def test_gather_block_quantized_layout_matches_numpy(bits, symmetric):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_matmul_nbits_and_qdq_agree(bits, symmetric):
-    """The two ways of writing a quantized MatMul compute the same product as numpy."""
+def test_matmul_nbits_and_qdq_agree(bits, symmetric, tmp_path):
+    """The two ways of writing a quantized MatMul compute the same product as numpy, and ORT runs both as
+    one MatMulNBits (the FP16 scales' Cast folded away before the QDQ fusion)."""
+    from cptquant.exporter.graph_check import optimized_graph
     from cptquant.exporter.layer_map import WeightUse
     from cptquant.exporter.qdq_rewrite import FORMAT_NBITS, FORMAT_QDQ, _Graph, _quantize_matmul
     from cptquant.plan import LayerPlan
@@ -119,7 +121,9 @@ def test_matmul_nbits_and_qdq_agree(bits, symmetric):
     rng = np.random.default_rng(1)
     weight = rng.normal(size=(96, 40)).astype(np.float32)
     x = rng.normal(size=(3, 96)).astype(np.float32)
-    expected = x @ quantize_blocked(weight, bits, 32, symmetric).dequantize()
+    stored = quantize_blocked(weight, bits, 32, symmetric)
+    stored.scale = stored.scale.astype(np.float16).astype(np.float32)  # the file keeps FP16 scales
+    expected = x @ stored.dequantize()
     for fmt in (FORMAT_QDQ, FORMAT_NBITS):
         mm = helper.make_node("MatMul", ["x", "w"], ["y"], name="/fc/MatMul")
         model = helper.make_model(
@@ -132,6 +136,8 @@ def test_matmul_nbits_and_qdq_agree(bits, symmetric):
                          "absmax", "fc", fmt)
         g.finish()
         onnx.checker.check_model(model)
+        onnx.save(model, str(tmp_path / f"{fmt}.onnx"))
+        assert [n.op_type for n in optimized_graph(tmp_path / f"{fmt}.onnx").graph.node] == ["MatMulNBits"]
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         got = session.run(None, {"x": x})[0]
         # MatMulNBits runs with int8 activations (accuracy level 4): allow that rounding.
