@@ -48,7 +48,7 @@ def analyze(
     method: str = Option("cmpq", "--method", "-m", help="cmpq, pmpq, tdmpq or all."),
     validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
     out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
-    task: Optional[str] = Option(None, "--task", help="Override the detected task."),
+    task: Optional[str] = options.TASK,
     calib: Optional[str] = options.CALIB,
     text_field: str = options.TEXT_FIELD,
     calib_samples: int = options.CALIB_SAMPLES,
@@ -59,13 +59,13 @@ def analyze(
     granularity: str = options.GRANULARITY,
     target_bits: Optional[float] = options.TARGET_BITS,
     max_size_mb: Optional[float] = options.MAX_SIZE_MB,
-    block_size: int = Option(32, "--block-size", help="Quantization block along the input."),
-    clip: str = Option("absmax", "--clip", help="absmax, or mse (clip search)."),
+    block_size: int = options.BLOCK_SIZE,
+    clip: str = options.CLIP,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
     zero_points: str = options.ZERO_POINTS,
     hot_rows: bool = options.HOT_ROWS,
-    progress: bool = Option(True, "--progress/--no-progress"),
+    progress: bool = options.PROGRESS,
 ) -> None:
     """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
     from rich.console import Console

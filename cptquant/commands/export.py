@@ -16,7 +16,7 @@ from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
 from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model
-from ..plan import (DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
+from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
                     check_block_size, uniform_plan)
 from . import options, user_errors
 
@@ -134,8 +134,8 @@ def export(
                                          help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
-    block_size: int = typer.Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input."),
-    clip: str = typer.Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search)."),
+    block_size: int = options.BLOCK_SIZE,
+    clip: str = options.CLIP,
     zero_points: str = options.ZERO_POINTS,
     algorithm: str = typer.Option("gptq", "--algorithm",
                                   help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
@@ -148,10 +148,10 @@ def export(
         DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
              "are scaled down before the int8 product (weights scaled up to match); 0: off."),
-    task: Optional[str] = typer.Option(None, "--task", help="Override the task detected from the config."),
+    task: Optional[str] = options.TASK,
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    progress: bool = options.PROGRESS,
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="Measure quality and CPU latency against FP32/FP16 at the end (a few seconds)."),
     calib: Optional[str] = options.CALIB,

@@ -7,6 +7,7 @@ from typing import Optional
 from typer import Option
 
 from ..errors import CptqError
+from ..plan import DEFAULT_BLOCK_SIZE
 
 CALIB = Option(None, "--calib", help="Calibration text: a text file, JSONL (see --text-field), or hf:NAME[:CONFIG]:SPLIT.")
 TEXT_FIELD = Option("text", "--text-field", help="JSONL field holding the text.")
@@ -18,6 +19,10 @@ BIT_WIDTHS = Option("16,8,4", "--bit-widths", help="Bit widths to allocate, comm
 GRANULARITY = Option("layer", "--granularity", help="Allocate bits per layer or per block.")
 TARGET_BITS = Option(None, "--target-bits", help="Budget: average bits per weight, embeddings and head included.")
 MAX_SIZE_MB = Option(None, "--max-size-mb", help="Budget: estimated model size in MB.")
+BLOCK_SIZE = Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input (a power of two >= 16).")
+CLIP = Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search).")
+TASK = Option(None, "--task", help="Override the task detected from the config.")
+PROGRESS = Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
 CCA = Option("cca", "--cca", help="CMPQ variant: cca, svcca or pwcca.")
 ZERO_POINTS = Option("auto", "--zero-points", help="Asymmetric weights with zero points: auto (at 4 bits), always, never.")
 HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
