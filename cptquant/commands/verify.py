@@ -13,7 +13,8 @@ import typer
 
 from ..errors import CptqError
 from ..runtimes.quality import load_eval_file
-from ..runtimes.verify import Thresholds, parse_fraction, parse_number, verify_output, write_junit, write_reports
+from ..runtimes.verify import (REPORT_DIR, Thresholds, parse_fraction, parse_number, verify_output, write_junit,
+                               write_reports)
 from . import user_errors
 
 
@@ -46,7 +47,7 @@ def verify(
     result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)
     try:
         folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
-        json_path, md_path = write_reports(result, report_dir or folder / "verify")
+        json_path, md_path = write_reports(result, report_dir or folder / REPORT_DIR)
         if junit is not None:
             write_junit(result, junit)
     except OSError as exc:

@@ -297,9 +297,11 @@ def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:
 
 def _drop_stale_verification(paths: OutputPaths) -> None:
     """`cptq verify`'s reports of the model being overwritten describe a model that is gone."""
-    report = paths.folder / "verify" / "report.json"
+    from ..runtimes.verify import CANDIDATE, REPORT_DIR  # runtimes import the exporter: import late
+
+    report = paths.folder / REPORT_DIR / "report.json"
     try:
-        verified = json.loads(report.read_text()).get("variants", {}).get("quantized")
+        verified = json.loads(report.read_text()).get("variants", {}).get(CANDIDATE)
     except (OSError, ValueError, AttributeError):
         return
     if verified and Path(verified).resolve() == paths.model.resolve():

@@ -204,7 +204,8 @@ def _quantize_matmul(g: _Graph, use: WeightUse, lp: LayerPlan, clip: str, base: 
         qw = _write_matmul_nbits(g, consumer, qw, base)
         return qw.nbytes(), _mse(qw, weight_kn), qw.block_size
     q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{lp.bits}"), qw.q, lp.bits, qw.symmetric))
-    qw, s_name = _float_scales(g, qw, base)
+    s_name, scale, scale_bytes = _float_scales(g, qw.scale, f"{base}.weight_scale")
+    qw = dataclasses.replace(qw, scale=scale, scale_bytes=scale_bytes)
     inputs = [q_name, s_name]
     if not qw.symmetric:
         inputs.append(g.add_initializer(_int_tensor(g.unique(f"{base}.weight_zp"), qw.zero_point, lp.bits, False)))
@@ -220,20 +221,17 @@ def _fp16_scales_fit(scale: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(half)) and np.all((half != 0) | (scale == 0)))
 
 
-def _float_scales(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[QuantizedWeight, str]:
-    """The block scales as a float32 tensor for the kernel, stored as FP16 where they fit: a `Cast` that ORT
-    folds at session start (before its QDQ fusions) restores float32, so the kernel is unchanged and the
-    scales take half the bytes (1 bit per weight at blocks of 32 -> 0.5). Returns the weight as stored
-    (FP16-rounded scales: what the model computes with) and the scale tensor's name."""
-    if not _fp16_scales_fit(qw.scale):
-        return qw, g.add_initializer(numpy_helper.from_array(qw.scale, g.unique(f"{base}.weight_scale")))
-    half = qw.scale.astype(np.float16)
-    h_name = g.add_initializer(numpy_helper.from_array(half, g.unique(f"{base}.weight_scale_fp16")))
-    s_name = g.unique(f"{base}.weight_scale")
-    g.prelude.append(helper.make_node("Cast", [h_name], [s_name], name=g.unique(f"{base}.ScaleCast"),
-                                      to=TensorProto.FLOAT))
-    g.derived.append(s_name)
-    return dataclasses.replace(qw, scale=half.astype(np.float32), scale_bytes=2), s_name
+def _float_scales(g: _Graph, values: np.ndarray, name: str) -> tuple[str, np.ndarray, int]:
+    """Float32 factors for a kernel (block scales, or the dynamic format's block ratios), stored as FP16
+    where they fit: a `Cast` that ORT folds at session start (before its QDQ fusions) restores float32,
+    so the kernel is unchanged and the scales take half the bytes (1 bit per weight at blocks of 32 ->
+    0.5). Returns the float32 tensor's name, the values as stored (what the model computes with) and
+    the bytes per value on disk."""
+    if not _fp16_scales_fit(values):
+        return g.add_initializer(numpy_helper.from_array(values, g.unique(name))), values, 4
+    half = values.astype(np.float16)
+    h_name = g.add_initializer(numpy_helper.from_array(half, g.unique(f"{name}_fp16")))
+    return _Prelude(g, name).add("Cast", [h_name], to=TensorProto.FLOAT), half.astype(np.float32), 2
 
 
 def _write_dynamic(g: _Graph, matmul: onnx.NodeProto, weight_kn: np.ndarray, lp: LayerPlan, clip: str, base: str,
@@ -298,16 +296,9 @@ def _int8_from_blocks(g: _Graph, qw: QuantizedWeight, base: str) -> tuple[str, n
     ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N], in (0, 1]: FP16 keeps it to 2^-11
     codes = qw.q.reshape(blocks, qw.block_size, n)
     q_name = g.add_initializer(_int_tensor(g.unique(f"{base}.weight_q{qw.bits}"), codes, qw.bits, qw.symmetric))
+    r_name, ratio, ratio_bytes = _float_scales(g, ratio.reshape(blocks, 1, n), f"{base}.weight_ratio")
+    ratio = ratio.reshape(blocks, n)
     prelude = _Prelude(g, f"{base}.weight_int8")
-    if _fp16_scales_fit(ratio):
-        ratio = ratio.astype(np.float16)
-        r16 = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n), g.unique(f"{base}.weight_ratio")))
-        r_name = prelude.add("Cast", [r16], to=TensorProto.FLOAT)
-        ratio, ratio_bytes = ratio.astype(np.float32), 2
-    else:
-        ratio_bytes = 4
-        r_name = g.add_initializer(numpy_helper.from_array(ratio.reshape(blocks, 1, n),
-                                                           g.unique(f"{base}.weight_ratio")))
     values = prelude.add("Cast", [q_name], to=TensorProto.FLOAT)
     expected = codes.astype(np.float32)
     if not qw.symmetric:
@@ -370,9 +361,9 @@ def _write_matmul_nbits(g: _Graph, matmul: onnx.NodeProto, qw: QuantizedWeight, 
     if qw.bits == 4:
         codes = pack_uint4_last_axis(codes)
     q_name = g.add_initializer(numpy_helper.from_array(codes, g.unique(f"{base}.weight_q{qw.bits}")))
-    qw_t = dataclasses.replace(qw, scale=np.ascontiguousarray(qw.scale.T).reshape(-1))  # the kernel's [N * blocks]
-    qw_t, s_name = _float_scales(g, qw_t, base)
-    qw = dataclasses.replace(qw, scale=qw_t.scale.reshape(n, blocks).T.copy(), scale_bytes=qw_t.scale_bytes)
+    # The kernel reads scales as [N * blocks].
+    s_name, flat, scale_bytes = _float_scales(g, np.ascontiguousarray(qw.scale.T).reshape(-1), f"{base}.weight_scale")
+    qw = dataclasses.replace(qw, scale=flat.reshape(n, blocks).T.copy(), scale_bytes=scale_bytes)
     inputs = [matmul.input[0], q_name, s_name]
     if not qw.symmetric:  # without zero points the kernel assumes 2^(bits-1): the symmetric case
         zp = np.ascontiguousarray(qw.zero_point.T)

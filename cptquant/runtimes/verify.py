@@ -37,6 +37,7 @@ MODEL_FILE = "model.onnx"
 REPORT_FILE = "model.report.json"
 BASELINES = ("fp32", "fp16")
 CANDIDATE = "quantized"
+REPORT_DIR = "verify"  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
 
 
 # ---------------------------------------------------------------- thresholds
