@@ -186,3 +186,81 @@ def lm_splits(calibration_fraction: float = 0.1, evaluation_fraction: float = 0.
         else:
             splits.train.append(doc)
     return splits
+
+
+# --- Text of another domain, for evaluation only ------------------------------------------------
+#
+# The calibration text is docstrings. Quality measured on more docstrings says little about a user
+# whose text is anything else, so evaluation also runs on text of other kinds found on every
+# machine this project runs on: legal prose (the license texts Debian ships in
+# /usr/share/common-licenses) and a user manual (IDLE's help page, shipped with Python). None of it
+# is ever calibration text.
+
+_LICENSE_DIR = Path("/usr/share/common-licenses")
+_MIN_PARAGRAPH_WORDS = 8
+
+
+def _idle_help_text() -> str:
+    import html
+
+    spec = importlib.util.find_spec("idlelib")
+    path = Path(spec.origin).parent / "help.html" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        return ""
+    page = path.read_text(encoding="utf-8", errors="replace")
+    page = page.split('<div class="body"', 1)[-1]  # skip the navigation header
+    page = re.sub(r"<(script|style)\b.*?</\1>", " ", page, flags=re.S)
+    page = re.sub(r"</(p|li|dd|dt|h[1-6]|pre|div)>", "\n\n", page)
+    return html.unescape(re.sub(r"<[^>]+>", " ", page))
+
+
+@functools.lru_cache(maxsize=1)
+def _other_domain_documents() -> tuple[tuple[str, str], ...]:
+    """(source, paragraph) pairs: each license text once (symlinked duplicates skipped), then IDLE's help."""
+    docs: list[tuple[str, str]] = []
+    seen_files: set[str] = set()
+    if _LICENSE_DIR.is_dir():
+        for path in sorted(_LICENSE_DIR.iterdir()):
+            if path.is_symlink() or not path.is_file():
+                continue
+            text = path.read_text(encoding="utf-8", errors="replace")
+            digest = hashlib.sha256(text.encode()).hexdigest()
+            if digest not in seen_files:
+                seen_files.add(digest)
+                docs.append((f"license:{path.name}", text))
+    docs.append(("manual:idle", _idle_help_text()))
+    seen: set[str] = set()
+    out: list[tuple[str, str]] = []
+    for source, text in docs:
+        for paragraph in re.split(r"\n\s*\n", text):
+            flat = " ".join(paragraph.split()).replace(" ¶", "")
+            if len(flat.split()) >= _MIN_PARAGRAPH_WORDS and flat not in seen:
+                seen.add(flat)
+                out.append((source, flat))
+    return tuple(out)
+
+
+def other_domain_paragraphs() -> list[str]:
+    """English paragraphs of other domains than the calibration docstrings (legal text and a user
+    manual), shuffled with a fixed seed so that any prefix mixes both; for evaluation only. Empty
+    where neither source exists."""
+    paragraphs = [text for _, text in _other_domain_documents()]
+    random.Random(0).shuffle(paragraphs)
+    return paragraphs
+
+
+def other_domain_sentences(n: int | None = None, min_words: int = 6, max_words: int = 40) -> list[str]:
+    """Sentences of `other_domain_paragraphs()`, deduplicated, shuffled with a fixed seed, for
+    encoder evaluation (what `evaluation_sentences` is for the docstring domain)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for paragraph in other_domain_paragraphs():
+        for sentence in _SENTENCE_END.split(paragraph):
+            words = sentence.split()
+            if min_words <= len(words) <= max_words and sentence not in seen:
+                seen.add(sentence)
+                out.append(sentence)
+    random.Random(0).shuffle(out)
+    if n is not None and n > len(out):
+        raise ValueError(f"the other-domain text holds {len(out)} sentences; asked for {n}")
+    return out if n is None else out[:n]

@@ -159,3 +159,12 @@ def test_smollm2_is_a_real_tied_llama():
     assert (config.model_type, config.num_hidden_layers, config.hidden_size) == ("llama", 30, 576)
     assert config.tie_word_embeddings and config.num_key_value_heads == 3
     assert AutoTokenizer.from_pretrained(folder)("Paris")["input_ids"]
+
+
+def test_other_domain_text_is_prose_disjoint_from_calibration():
+    paragraphs = corpus.other_domain_paragraphs()
+    assert paragraphs == corpus.other_domain_paragraphs()  # stable
+    sentences = corpus.other_domain_sentences()
+    assert len(sentences) >= 200
+    calibration = set(corpus.calibration_sentences())
+    assert not calibration & set(sentences)
