@@ -86,6 +86,7 @@ class OutputFolder:
     config: Any
     task: str
     signature: tuple = ()  # (input names, output names) of model.onnx
+    trust_remote_code: bool = False  # from the command line only, never from the folder or its report
 
 
 def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
@@ -145,8 +146,9 @@ def _export_files(folder: Path) -> tuple[Path, Path]:
     return pairs[0] if pairs else default
 
 
-def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
-    """`folder` is an export's output folder, or the .onnx file of an export in it."""
+def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = False) -> OutputFolder:
+    """`folder` is an export's output folder, or the .onnx file of an export in it.
+    `trust_remote_code` comes from the command line; custom code a folder names is refused without it."""
     folder = Path(folder).expanduser()
     if folder.suffix == ".onnx" and folder.is_file():
         model_path, folder = folder, folder.parent
@@ -178,14 +180,17 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(str(folder))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         except Exception as exc:
             raise CptqError(f"{folder}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
-    return OutputFolder(folder, model_path, report, config, task, signature)
+    return OutputFolder(folder, model_path, report, config, task, signature, trust_remote_code)
 
 
-def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> dict[str, Path]:
-    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing."""
+def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, source: str | None = None) -> dict[str, Path]:
+    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing.
+
+    `source` (the command line's --source) says where to reload the model from; without it the report's
+    source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
     from ..exporter.baselines import baseline_dir, write_fp16
     from ..exporter.onnx_export import export_onnx
 
@@ -200,16 +205,15 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> d
     try:
         if problem:
             if loaded is None:
-                source = out.report.get("source")
-                if not source or source == "in-memory":
-                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt: the model came from "
-                                    f"memory, not a folder or hub id; export again to recreate it")
                 from ..model_loading import load_model
+                from ..safety import baseline_source
 
+                source = baseline_source(out.report.get("source"), source, out.trust_remote_code,
+                                         f"baseline cache {cache} {problem}")
                 if progress:
                     console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
                 try:
-                    loaded = load_model(source, out.task, bool(out.report.get("trust_remote_code", False)))
+                    loaded = load_model(source, out.task, out.trust_remote_code)
                 except CptqError as exc:
                     raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
                         from None
@@ -379,14 +383,16 @@ class VerifyResult:
 def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresholds: Thresholds | None = None,
                   eval_set: EvalSet | None = None, quick: bool = False, threads: int = 2, progress: bool = True,
                   loaded=None, quality_settings: QualitySettings | None = None,
-                  speed_settings: SpeedSettings | None = None) -> VerifyResult:
+                  speed_settings: SpeedSettings | None = None, trust_remote_code: bool = False,
+                  source: str | None = None) -> VerifyResult:
+    """`trust_remote_code` and `source` come from the command line only (see cptquant/safety.py)."""
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
     thresholds = thresholds or Thresholds()
     if threads < 1:
         raise CptqError(f"--threads must be at least 1 (got {threads})")
     adapters, skipped = select_adapters(ep, threads)  # before the slow work: a bad --ep fails at once
-    out = inspect_output_folder(folder, loaded)
+    out = inspect_output_folder(folder, loaded, trust_remote_code)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
     for why in skipped.values():
@@ -395,7 +401,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     warnings = [w for w in warnings if w]
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress)}
+    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
     result = VerifyResult(report={}, skipped=skipped)
@@ -536,7 +542,7 @@ def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True
     No thresholds and no files written; quick mode keeps it to a few seconds for MiniLM (64
     sentences or 512 tokens; latency at batch 1, sequence 16, or 8 decoded tokens).
     """
-    out = inspect_output_folder(Path(out_folder), loaded_or_none)
+    out = inspect_output_folder(Path(out_folder), loaded_or_none, getattr(loaded_or_none, "trust_remote_code", False))
     variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded_or_none, progress=False)}
     speed_settings = SpeedSettings.for_mode(quick)
     if quick:
