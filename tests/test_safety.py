@@ -115,3 +115,62 @@ def test_the_reports_local_folder_is_still_followed_when_it_runs_no_code(bert_ex
     result = _verify(out)
     assert result.exit_code == 0, result.output
     assert (baseline_dir(out) / "fp32" / "model.onnx").is_file()
+
+
+# ---------------------------------------------------------------- case 2: custom code in the verified folder
+
+
+def _with_custom_tokenizer(folder: Path, marker: Path) -> Path:
+    """A tokenizer_config.json naming a custom tokenizer class whose file leaves `marker` on import."""
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "EvilTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}}))
+    (folder / "tokenization_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\nclass EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return folder
+
+
+def test_custom_tokenizer_code_on_a_terminal_is_one_line_exit_2_and_no_prompt(bert_export, tmp_path):
+    """On a terminal transformers would ask "run the custom code? [y/N]": cptq verify must refuse first."""
+    import pty
+
+    marker = tmp_path / "code-ran"
+    out = _with_custom_tokenizer(_copy(bert_export, tmp_path / "out"), marker)
+    shutil.copytree(baseline_dir(bert_export), baseline_dir(out))
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run([str(Path(sys.executable).with_name("cptq")), "verify", str(out), "--quick",
+                               "--no-progress", "--ep", "cpu"], stdin=secondary, capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out}: tokenizer_config.json names custom code (tokenization_evil.EvilTokenizer), which cptquant "
+        "never runs unless the command line says --trust-remote-code"]
+    assert "[y/N]" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_custom_model_code_in_the_verified_folders_config_is_refused(bert_export, tmp_path):
+    marker = tmp_path / "code-ran"
+    out = _copy(bert_export, tmp_path / "out")
+    evil = _evil_model_folder(tmp_path, marker)
+    for name in ("config.json", "configuration_evil.py", "modeling_evil.py"):
+        shutil.copy(evil / name, out / name)
+    _one_line_error(_verify(out), "config.json names custom code (configuration_evil.EvilConfig, modeling_evil.EvilModel)")
+    assert not marker.exists()
+
+
+def test_the_text_encoder_never_prompts_for_tokenizer_code(tmp_path):
+    from cptquant.errors import CptqError
+    from cptquant.runtimes.quality import TextEncoder
+    from cptquant.testing import tiny_bert
+
+    marker = tmp_path / "code-ran"
+    folder = _with_custom_tokenizer(tmp_path, marker)
+    with pytest.raises(CptqError, match="names custom code"):
+        TextEncoder(folder, tiny_bert().config)
+    assert not marker.exists()

@@ -26,6 +26,7 @@ from .. import __version__
 from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
+from ..safety import refuse_custom_code
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
@@ -157,6 +158,7 @@ def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = F
         raise CptqError(f"{folder} is not a folder; give the output folder of cptq-export")
     else:
         model_path, report_path = _export_files(folder)
+    refuse_custom_code(folder, trust_remote_code)  # before any transformers loader could import or prompt
     if loaded is None:  # during an export the report is written after this check
         if not report_path.is_file() or not model_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
@@ -301,7 +303,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
                quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True) -> dict:
     """Quality and speed of the candidate and every baseline on one adapter, ratios included."""
     sessions, facts = open_sessions(adapter, variants, out.config)
-    encoder = TextEncoder(out.folder, out.config)
+    encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
     quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
                               CANDIDATE, progress)
     latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress)
