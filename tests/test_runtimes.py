@@ -505,8 +505,9 @@ def test_two_exports_in_one_folder_have_their_own_baselines(tiny_bert_source, tm
     folder = tmp_path / "deploy"
     bert = load_model(str(tiny_bert_source))
     export_quantized(bert, lambda _l, graph: uniform_plan(graph, 8), folder / "encoder.onnx", progress=False)
+    # the second export's config.json replaces the first's: only with force (output_folder.py)
     export_quantized(wrap_model(build_tiny_opt()), lambda _l, graph: uniform_plan(graph, 8), folder / "decoder.onnx",
-                     progress=False)
+                     progress=False, force=True)
     caches = {name: baseline_dir(folder, f"{name}.onnx") for name in ("encoder", "decoder")}
     assert caches["encoder"] != caches["decoder"] and baseline_dir(folder) not in caches.values()
     report = json.loads((folder / "encoder.report.json").read_text())

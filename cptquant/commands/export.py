@@ -182,10 +182,12 @@ def export(
     report_extras: dict = {}
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
     from ..exporter.pipeline import resolve_output
+    from ..output_folder import claim_output
 
-    resolve_output(output, force)  # fail on a bad output path before the slow work
-    loaded = load_model(model, task, trust_remote_code)
-    result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                              report_extras=report_extras, verify=verify, algorithm=algorithm, calibration=analysis,
-                              outlier_ratio=outlier_ratio)
+    paths = resolve_output(output, force, model)  # fail on a bad output path before the slow work
+    with claim_output(paths.folder):  # one writer per output folder, from before the model loads
+        loaded = load_model(model, task, trust_remote_code)
+        result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
+                                  report_extras=report_extras, verify=verify, algorithm=algorithm,
+                                  calibration=analysis, outlier_ratio=outlier_ratio)
     print_summary(result, Console())

@@ -36,13 +36,6 @@ def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:
     return fp16_folder / MODEL_FILE
 
 
-def copy_model_folder(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file():
-            shutil.copy2(path, dst / path.name)
-
-
 def _copy_side_files(src: Path, dst: Path) -> None:
     """config.json, generation config and tokenizer: what ORTModelFor* needs beside model.onnx."""
     for path in src.iterdir():

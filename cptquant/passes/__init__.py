@@ -16,6 +16,7 @@ import torch
 from ..errors import CptqError
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..output_folder import pause_point
 from ..plan import (
     SUPPORTED_BITS,
     ZERO_POINT_MODES,
@@ -158,6 +159,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     result.seconds["setup"] = reference_seconds + base_seconds
 
     run_order = [m for m in METHODS if m in methods or (m == "oracle" and validate)]
+    pause_point("analysis")  # tests: stop mid-analysis (CPTQ_TEST_PAUSE_AT=analysis)
     for method in run_order:
         start = time.perf_counter()
         if method == "cmpq":

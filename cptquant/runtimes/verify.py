@@ -538,14 +538,17 @@ def write_junit(result: VerifyResult, path: Path) -> Path:
 # ---------------------------------------------------------------- export integration
 
 
-def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True) -> dict:
+def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True,
+                       baselines: dict[str, Path] | None = None) -> dict:
     """CPU figures for the export report: quality and latency against the FP32 and FP16 baselines.
 
     No thresholds and no files written; quick mode keeps it to a few seconds for MiniLM (64
-    sentences or 512 tokens; latency at batch 1, sequence 16, or 8 decoded tokens).
+    sentences or 512 tokens; latency at batch 1, sequence 16, or 8 decoded tokens). `baselines`
+    ({"fp32": path, "fp16": path}: the exporter's, still staged) replaces the cache.
     """
     out = inspect_output_folder(Path(out_folder), loaded_or_none, getattr(loaded_or_none, "trust_remote_code", False))
-    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded_or_none, progress=False)}
+    variants = {CANDIDATE: out.model,
+                **(baselines if baselines is not None else ensure_baselines(out, loaded_or_none, progress=False))}
     speed_settings = SpeedSettings.for_mode(quick)
     if quick:
         speed_settings.encoder_shapes = ((1, 16),)
