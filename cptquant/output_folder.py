@@ -154,9 +154,8 @@ def existing_files(folder: Path, names) -> list[str]:
     return sorted(name for name in names if os.path.lexists(folder / name))
 
 
-def check_target(folder: Path, model_file: str, force: bool, source: str | None = None) -> None:
-    """Everything about `-o` that can be refused before any work: the path, permissions, the source
-    model's own folder, and (without --force) files of the folder the export would replace."""
+def check_writable(folder: Path) -> None:
+    """`folder` is a folder, or can be created as one, by this user."""
     if folder.exists() and not folder.is_dir():
         raise CptqError(f"output folder {folder} is a file")
     probe = folder
@@ -168,6 +167,12 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
         raise CptqError(f"cannot write to {folder}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise CptqError(f"cannot write to {folder}: permission denied")
+
+
+def check_target(folder: Path, model_file: str, force: bool, source: str | None = None) -> None:
+    """Everything about an export's `-o` that can be refused before any work: the path, permissions, the
+    source model's own folder, and (without --force) files of the folder the export would replace."""
+    check_writable(folder)
     model = folder / model_file
     if model.is_dir():
         raise CptqError(f"output {model} is a folder, not a model file; choose another -o")
@@ -175,9 +180,13 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
             and Path(source).expanduser().resolve() == folder.resolve():
         raise CptqError(f"refusing to export into the source model's own folder {folder} (its config and tokenizer "
                         "would be replaced); choose another -o")
-    if folder.is_dir() and not force:
-        clashes = [p.name for p in sorted(folder.iterdir()) if owned_by_export(p.name, model_file)]
-        refuse_replacing(folder, clashes)
+    if not force:
+        refuse_replacing(folder, owned_files(folder, lambda name: owned_by_export(name, model_file)))
+
+
+def owned_files(folder: Path, owned) -> list[str]:
+    """The entries of `folder` (when it exists) for which `owned(name)` holds, sorted."""
+    return sorted(p.name for p in folder.iterdir() if owned(p.name)) if folder.is_dir() else []
 
 
 def refuse_replacing(folder: Path, names: list[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -15,9 +16,9 @@ from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
-from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model
+from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model, normalize_task
 from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
-                    check_block_size, uniform_plan)
+                    check_block_size, fill_missing_layers, uniform_plan)
 from . import options, user_errors
 
 PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
@@ -27,10 +28,11 @@ DEFAULT_METHOD = "tdmpq"
 
 def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optional[int], block_size: int,
                  clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
-                 report_extras: Optional[dict] = None):
+                 report_extras: Optional[dict] = None, default_bits: Optional[int] = None):
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 
     A sensitivity method records its cost and calibration in `report_extras` for the export report.
+    `default_bits` fills the layers a plan file leaves out (without it such a plan is refused).
     """
     report_extras = {} if report_extras is None else report_extras
     if zero_points not in ZERO_POINT_MODES:
@@ -41,6 +43,11 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
     if clip not in CLIP_METHODS:
         raise CptqError(f"--clip must be one of {', '.join(CLIP_METHODS)}, not {clip!r}")
     check_block_size(block_size)
+    if default_bits is not None:
+        if plan_file is None:
+            raise CptqError("--default-bits applies to --plan only (it fills the layers a plan file leaves out)")
+        if default_bits not in SUPPORTED_BITS:
+            raise CptqError(f"--default-bits {default_bits} is not supported (use 16, 8 or 4)")
     if bits is not None:
         if bits not in SUPPORTED_BITS:
             raise CptqError(f"--bits {bits} is not supported (use 16, 8 or 4)")
@@ -58,7 +65,9 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         return uniform
     if plan_file is not None:
         plan = Plan.load(plan_file)  # read now: a bad plan fails before the model is loaded
-        return lambda loaded, graph: plan
+        if default_bits is None:
+            return lambda loaded, graph: plan
+        return lambda loaded, graph: fill_missing_layers(plan, graph, default_bits, block_size, zero_points)
     method = method or DEFAULT_METHOD
     if method not in PASS_METHODS:
         raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS)}")
@@ -122,7 +131,7 @@ def print_summary(result: ExportResult, console: Console) -> None:
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
             f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
-            f"— `cptq verify {result.paths.folder}` measures more shapes and gates on thresholds"
+            f"— `cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on thresholds"
         )
 
 
@@ -133,6 +142,9 @@ def export(
     method: Optional[str] = typer.Option(None, "--method",
                                          help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
+    default_bits: Optional[int] = typer.Option(
+        None, "--default-bits", help="With --plan: bits (16, 8 or 4) for the layers the plan leaves out; without "
+                                     "it a plan must name every layer."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = options.BLOCK_SIZE,
     clip: str = options.CLIP,
@@ -179,8 +191,11 @@ def export(
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
+    if task:
+        task = normalize_task(task)
     report_extras: dict = {}
-    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
+    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras,
+                             default_bits)
     from ..exporter.pipeline import resolve_output
     from ..output_folder import claim_output
 

@@ -48,7 +48,9 @@ def load_eval_file(path: Path) -> EvalSet:
     path = Path(path)
     if not path.is_file():
         raise CptqError(f"--eval file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    from ..passes.calibration import read_text_file
+
+    lines = [line for line in read_text_file(path, "--eval file").splitlines() if line.strip()]
     if not lines:
         raise CptqError(f"--eval file {path} has no text")
     if path.suffix != ".jsonl":
