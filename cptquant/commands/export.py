@@ -196,6 +196,9 @@ def export(
     report_extras: dict = {}
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras,
                              default_bits)
+    from ..passes import check_options
+
+    check_options(analysis)  # also with --bits or --plan: calibration settings GPTQ will use
     from ..exporter.pipeline import resolve_output
     from ..output_folder import claim_output
 

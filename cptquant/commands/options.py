@@ -49,7 +49,7 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
                      sparsity: str, bit_widths: str, granularity: str, target_bits: Optional[float],
                      max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str,
                      zero_points: str = "auto", hot_rows: bool = True):
-    from ..passes import AnalysisOptions, check_options
+    from ..passes import AnalysisOptions
     from ..passes.calibration import check_calibration_file
 
     options = AnalysisOptions(
@@ -58,6 +58,5 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
         clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
     )
-    check_options(options)  # every option that needs no model, before any model loads
-    check_calibration_file(calib, text_field)
+    check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
     return options
