@@ -1,4 +1,4 @@
-"""What cptquant trusts in a folder it reads: data, never code.
+"""What cptquant trusts in a folder it reads: data, never code; and the files it wrote, only unchanged.
 
 transformers imports the Python files that a folder's `auto_map` names (config.json,
 tokenizer_config.json) when `trust_remote_code` is on, downloads them when the entry names another
@@ -6,10 +6,14 @@ repository, and asks "[y/N]" on a terminal when the flag is not given at all. cp
 passes the flag explicitly to every Auto* loader, and refuses a folder that names custom code before
 any loader runs unless the command line itself said --trust-remote-code. Nothing read from a folder
 (a report's `source` or `trust_remote_code`) can turn code execution or a download on.
+
+An export's report records the sha256 of every file it describes; `cptq verify` recomputes them and
+names a file that changed since (a model file swapped, a config edited) instead of measuring it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -84,3 +88,28 @@ def baseline_source(report_source: str | None, cli_source: str | None, trust_rem
         return report_source  # a folder that is gone: loading it says so, and downloads nothing
     raise CptqError(f"{problem}; rebuilding it needs the model: give --source MODEL (the report names the hub "
                     f"model {report_source!r}; cptq verify never downloads on a report's word)")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_file_hashes(folder: Path, hashes, report_path: Path) -> None:
+    """Every file the report describes is there, unchanged. Reports from before hashes have none to check."""
+    if hashes is None:
+        return
+    if not isinstance(hashes, dict):
+        raise CptqError(f"{report_path}: 'sha256' must map file names to hashes")
+    for name, digest in sorted(hashes.items()):
+        if not isinstance(name, str) or name in ("", ".", "..") or name != Path(name).name:
+            raise CptqError(f"{report_path}: 'sha256' names {name!r}, which is not a file of the folder")
+        path = Path(folder) / name
+        if not path.is_file():
+            raise CptqError(f"{path} is missing; the export's report describes it (re-export, or restore the file)")
+        if file_sha256(path) != digest:
+            raise CptqError(f"{path} changed since the export: its sha256 is not the one in {report_path.name} "
+                            "(re-export, or restore the file)")

@@ -25,7 +25,8 @@ from ..model_loading import LoadedModel
 from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
 from ..plan import Plan, validate_plan
 from ..progress import Steps
-from .baselines import baseline_dir, side_files, write_fp16
+from ..safety import file_sha256
+from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
@@ -134,6 +135,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     timings: dict[str, float] = {}
     with claim_output(paths.folder), Staging(paths.folder) as staging:
         tmp = staging.root
+        fingerprint = baseline_fingerprint(loaded)  # of the weights the FP32 baseline is exported from
         steps = Steps(["export ONNX (FP32)", "map layers", "plan",
                        "quantize" + (" (GPTQ: calibration + Hessians)" if algorithm == "gptq" else ""),
                        "check kernels", "parity",
@@ -197,13 +199,15 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     report["calibration_text"] = {"calib": calibration.calib if calibration else None,
                                                   "text_field": calibration.text_field if calibration else "text"}
                 report.update(report_extras or {})
+                report["baseline_fingerprint"] = fingerprint
                 if verify:
                     report["verification"] = verification
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 for p in written:
                     report["files"][p.name] = p.stat().st_size
+                report["sha256"] = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
                 _write_report(out_dir / paths.report.name, report, written, paths.model.name)
-                _install(staging, paths, force, fp32_dir, fp16_dir)
+                _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
     return ExportResult(paths, plan, report, timings)
 
 
@@ -270,7 +274,8 @@ def _short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, 
         return {"error": f"{type(exc).__name__}: {first}" if first else type(exc).__name__}
 
 
-def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, fp16_dir: Path) -> None:
+def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, fp16_dir: Path,
+             fingerprint: str) -> None:
     """The staged output into place (all or nothing), then its baselines into the cache."""
     new = sorted(p.name for p in staging.out.iterdir())
     clashes = [name for name in new if os.path.lexists(paths.folder / name)]
@@ -281,6 +286,7 @@ def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, 
     cache.mkdir()
     fp32_dir.rename(cache / "fp32")
     fp16_dir.rename(cache / "fp16")
+    write_fingerprint(cache, fingerprint)
     with committing():
         commit(staging, _stale_entries(paths, new) if force else ())
         try:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,7 +24,7 @@ from .. import __version__
 from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
-from ..safety import refuse_custom_code
+from ..safety import check_file_hashes, refuse_custom_code
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
@@ -177,6 +175,7 @@ def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = F
     if loaded is not None:
         config = loaded.config
     else:
+        check_file_hashes(folder, report.get("sha256"), report_path)  # before any of them is read as a model
         if not (folder / "config.json").is_file():
             raise CptqError(f"{folder} is not a cptquant output folder (missing config.json)")
         from transformers import AutoConfig
@@ -189,23 +188,27 @@ def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = F
 
 
 def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, source: str | None = None) -> dict[str, Path]:
-    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing.
+    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing,
+    unreadable, or not this export's (other inputs or outputs, or another fingerprint of weights and settings).
 
     `source` (the command line's --source) says where to reload the model from; without it the report's
     source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
-    from ..exporter.baselines import baseline_dir, write_fp16
+    from ..exporter.baselines import baseline_dir, baseline_fingerprint, write_fingerprint, write_fp16
     from ..exporter.onnx_export import export_onnx
+    from ..output_folder import Staging, claim_output, replace_dir
 
     cache = baseline_dir(out.folder, out.model.name)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
-    # A cache left by another model that had an output folder of the same name (or a folder copied next
-    # to one) would be compared with silently, or fail mid-run: it must take the same inputs and outputs.
-    stale = {name: _stale_reason(path, out) for name, path in paths.items() if path.is_file()}
-    fresh = {name for name, why in stale.items() if why is None}  # checked already and kept
-    problem = ("is missing" if not paths["fp32"].is_file()
-               else f"does not match this export ({stale['fp32']})" if stale.get("fp32") else None)
+    problem = _cache_problem(cache, out)
+    if problem is None and _stale_or_unreadable(paths["fp16"], out) is None:
+        return paths
     try:
-        if problem:
+        with claim_output(cache):  # one rebuild of a cache at a time; staged, then swapped in whole
+            if problem is None:  # the FP32 baseline is good: only the FP16 one is made again, from it
+                with Staging(cache) as staging:
+                    write_fp16(cache / "fp32", staging.out / "fp16")
+                    replace_dir(staging, staging.out / "fp16", cache / "fp16")
+                return paths
             if loaded is None:
                 from ..model_loading import load_model
                 from ..safety import baseline_source
@@ -219,28 +222,56 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
                 except CptqError as exc:
                     raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
                         from None
-            tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
-            try:
-                export_onnx(loaded, tmp / "fp32")
-                (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
-                for name in BASELINES:  # the FP16 baseline is made from the FP32 one: both go
-                    fresh.discard(name)
-                    if (cache / name).exists():
-                        shutil.rmtree(cache / name)
-                shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        elif stale.get("fp16"):
-            shutil.rmtree(cache / "fp16")
-        if not paths["fp16"].is_file():
-            write_fp16(cache / "fp32", cache / "fp16")
+            fingerprint = baseline_fingerprint(loaded)
+            expected = out.report.get("baseline_fingerprint")
+            if expected and fingerprint != expected:
+                raise CptqError(f"baseline cache {cache} {problem}, and {loaded.source} is not the model this export "
+                                f"was made from (fingerprint of its weights and task {fingerprint[:12]}, the report's "
+                                f"{str(expected)[:12]}); give --source the original model")
+            with Staging(cache) as staging:
+                new = staging.out
+                export_onnx(loaded, new / "fp32")
+                write_fp16(new / "fp32", new / "fp16")
+                write_fingerprint(new, fingerprint)
+                replace_dir(staging, new, cache)
     except OSError as exc:
         raise CptqError(f"cannot write the baseline cache {cache}: {exc.strerror or exc}") from None
     for name, path in paths.items():
-        why = None if name in fresh else _stale_reason(path, out)
+        why = _stale_or_unreadable(path, out)
         if why:
             raise CptqError(f"the {name} baseline {path} does not match {out.model} ({why})")
     return paths
+
+
+def _cache_problem(cache: Path, out: OutputFolder) -> str | None:
+    """Why the cached FP32 baseline cannot serve this export, or None. A cache left by another model (an
+    output folder of the same name, a folder copied next to one) must never be compared with silently:
+    its inputs and outputs, and then the fingerprint recorded with it, must be this export's."""
+    from ..exporter.baselines import read_fingerprint
+
+    fp32 = cache / "fp32" / MODEL_FILE
+    if not fp32.is_file():
+        return "is missing"
+    why = _stale_or_unreadable(fp32, out)
+    if why:
+        return f"does not match this export ({why})"
+    expected = out.report.get("baseline_fingerprint")
+    if expected:  # reports from before fingerprints: the inputs and outputs are all there is to compare
+        recorded = read_fingerprint(cache)
+        if recorded is None:
+            return "has no fingerprint to compare with this export's"
+        if recorded != expected:
+            return f"belongs to another model or export settings (fingerprint {recorded[:12]}, this export's {str(expected)[:12]})"
+    return None
+
+
+def _stale_or_unreadable(path: Path, out: OutputFolder) -> str | None:
+    if not path.is_file():
+        return "missing"
+    try:
+        return _stale_reason(path, out)
+    except CptqError as exc:  # a cache file cut short by a kill, or damaged: made again
+        return str(exc).replace(str(path), path.name)
 
 
 def _stale_reason(path: Path, out: OutputFolder) -> str | None:
