@@ -79,30 +79,15 @@ def stop(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
     return proc.returncode, err
 
 
-# ---------------------------------------------------------------- case 3: one writer at a time
+# ---------------------------------------------------------------- cases 3 and 5: one writer, kills leave nothing
 
 
-def test_a_second_export_to_the_same_output_fails_at_once_naming_the_first(opt_folder, tmp_path):
-    out = tmp_path / "out"
-    first = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "quantize")
-    try:
-        started = time.monotonic()
-        line = one_line_error(run_export(opt_folder, *QUICK, "-o", out), f"pid {first.pid}")
-        assert "is being written by another cptq run" in line and time.monotonic() - started < 10
-    finally:
-        code, err = stop(first, signal.SIGTERM)
-    # case 5: SIGTERM cleans up, one line, 128 + 15
-    assert code == 143 and err.strip().splitlines()[-1] == "interrupted: nothing written", err
-    assert not out.exists() and debris(tmp_path) == []
-
-
-# ---------------------------------------------------------------- case 5: kills leave nothing behind
-
-
-@pytest.mark.parametrize("point", ["analysis", "write", "install"])
+@pytest.mark.parametrize("point", ["analysis", "quantize", "write", "install"])
 def test_sigterm_at_any_point_leaves_the_previous_output_or_nothing(opt_folder, tmp_path, point):
-    """Killed during analysis, while writing, and in the middle of moving files into an existing folder:
-    the folder is exactly as before (absent, or the previous export) and no staging folder or lock remains."""
+    """An export stopped during analysis, quantization, writing, and in the middle of moving files into an
+    existing folder: meanwhile a second export to the same output fails at once naming the first (case 3);
+    after SIGTERM the folder is exactly as before (absent, or the previous export) and no staging folder or
+    lock remains (case 5)."""
     out = tmp_path / "out"
     args = [str(opt_folder), "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32", "--algorithm", "rtn",
             "--no-verify", "--no-progress", "-o", str(out)]
@@ -112,7 +97,13 @@ def test_sigterm_at_any_point_leaves_the_previous_output_or_nothing(opt_folder, 
             (out / name).write_text(f"previous {name}")
         args.append("--force")
     before = snapshot(out) if out.exists() else None
-    code, err = stop(start_paused(args, point), signal.SIGTERM)
+    first = start_paused(args, point)
+    try:
+        started = time.monotonic()
+        line = one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"), f"pid {first.pid}")
+        assert "is being written by another cptq run" in line and time.monotonic() - started < 10
+    finally:
+        code, err = stop(first, signal.SIGTERM)
     assert code == 143 and err.strip().splitlines()[-1] == "interrupted: nothing written", err
     assert "Traceback" not in err
     assert (snapshot(out) if out.exists() else None) == before
