@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 
 from cptquant.cli import app, export_app
 
+from conftest import one_line_error
+
 runner = CliRunner()
 
 
@@ -27,13 +29,6 @@ def opt_folder(tmp_path_factory) -> Path:
 
 def run_export(*args):
     return runner.invoke(export_app, [*map(str, args), "--no-progress"])
-
-
-def one_line_error(result, fragment: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    return lines[0]
 
 
 @pytest.fixture

@@ -19,6 +19,8 @@ from cptquant import output_folder
 from cptquant.cli import export_app
 from cptquant.errors import CptqError
 
+from conftest import one_line_error
+
 runner = CliRunner()
 EXPORT = [str(Path(sys.executable).with_name("cptq-export"))]
 QUICK = ["--bits", "8", "--algorithm", "rtn", "--no-verify", "--no-progress"]
@@ -35,13 +37,6 @@ def opt_folder(tmp_path_factory) -> Path:
 
 def run_export(*args: str):
     return runner.invoke(export_app, [*map(str, args), "--no-progress"])
-
-
-def one_line_error(result, fragment: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    return lines[0]
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -18,6 +18,8 @@ from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model
 from cptquant.plan import uniform_plan
 
+from conftest import one_line_error
+
 runner = CliRunner()
 
 
@@ -43,13 +45,6 @@ def _copy(folder: Path, dst: Path) -> Path:
 def _verify(*args) -> object:
     return runner.invoke(app, ["verify", *map(str, args), "--quick", "--no-progress", "--ep", "cpu",
                                "--min-cosine", "0", "--min-speedup", "0"])
-
-
-def _one_line_error(result, fragment: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    return lines[0]
 
 
 def _evil_model_folder(root: Path, marker: Path) -> Path:
@@ -85,18 +80,18 @@ def test_an_edited_report_never_makes_verify_import_the_sources_code(bert_export
     evil = _evil_model_folder(tmp_path, marker)
     out = _copy(bert_export, tmp_path / "out")  # no baseline cache here: verify must rebuild it
     _edit_report(out, source=str(evil), trust_remote_code=True)
-    line = _one_line_error(_verify(out), "names custom code")
+    line = one_line_error(_verify(out), "names custom code")
     assert f"--source {evil} --trust-remote-code" in line
     assert not marker.exists()
     # --source on the command line without --trust-remote-code: still refused, still nothing imported
-    _one_line_error(_verify(out, "--source", evil), "never runs unless the command line says --trust-remote-code")
+    one_line_error(_verify(out, "--source", evil), "never runs unless the command line says --trust-remote-code")
     assert not marker.exists()
 
 
 def test_a_hub_id_in_the_report_needs_source_on_the_command_line(bert_export, tmp_path):
     out = _copy(bert_export, tmp_path / "out")
     _edit_report(out, source="someone/some-model", trust_remote_code=True)
-    line = _one_line_error(_verify(out), "give --source MODEL")
+    line = one_line_error(_verify(out), "give --source MODEL")
     assert "'someone/some-model'" in line and "never downloads" in line
 
 
@@ -160,7 +155,7 @@ def test_custom_model_code_in_the_verified_folders_config_is_refused(bert_export
     evil = _evil_model_folder(tmp_path, marker)
     for name in ("config.json", "configuration_evil.py", "modeling_evil.py"):
         shutil.copy(evil / name, out / name)
-    _one_line_error(_verify(out), "config.json names custom code (configuration_evil.EvilConfig, modeling_evil.EvilModel)")
+    one_line_error(_verify(out), "config.json names custom code (configuration_evil.EvilConfig, modeling_evil.EvilModel)")
     assert not marker.exists()
 
 
