@@ -24,7 +24,6 @@ touched. The source model's own folder is refused even with --force.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -36,6 +35,11 @@ import time
 from pathlib import Path
 
 from .errors import CptqError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX (Windows): no locks, the rest still holds
+    fcntl = None
 
 STAGING_PREFIX = ".cptq-tmp-"
 LOCK_SUFFIX = ".cptq-lock"
@@ -225,6 +229,9 @@ def _read_pid(fd: int) -> str:
 def output_lock(folder: Path):
     """Exclusive right to write `folder` for this process; a second process fails at once naming the first."""
     key = Path(os.path.abspath(folder))
+    if fcntl is None:
+        yield
+        return
     if key in _locks:
         _locks[key] += 1
         try:
@@ -306,7 +313,8 @@ class Staging:
             # Lock first, then give the lock file its name: a cleaner never sees an owner file it could lock.
             fresh = self.root / (OWNER_LOCK + ".new")
             self._fd = os.open(fresh, os.O_RDWR | os.O_CREAT, 0o644)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if fcntl is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
             os.write(self._fd, f"{os.getpid()}\n{self.folder}\n".encode())
             os.rename(fresh, self.root / OWNER_LOCK)
             self.out = self.root / STAGED
@@ -343,6 +351,8 @@ def remove_debris(folder: Path) -> list[Path]:
     rolled back first. Returns what was removed."""
     folder = Path(os.path.abspath(folder))
     removed = []
+    if fcntl is None:  # without locks a live writer cannot be told from a dead one: leave them
+        return removed
     for root in _staging_folders(folder):
         owner = root / OWNER_LOCK
         if not owner.exists():

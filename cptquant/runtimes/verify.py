@@ -432,13 +432,14 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     out = inspect_output_folder(folder, loaded, trust_remote_code)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
-    for why in skipped.values():
-        print(why, file=sys.stderr)  # one plain line: CI logs must not wrap it
     warnings = [_calibration_overlap(out, eval_set)] if eval_set is not None else []
     warnings = [w for w in warnings if w]
+    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
+    # Only once the input is known good: a refusal stays the one line on stderr.
+    for why in skipped.values():
+        print(why, file=sys.stderr)  # one plain line: CI logs must not wrap it
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
     result = VerifyResult(report={}, skipped=skipped)
