@@ -125,7 +125,7 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as exc:
-        raise CptqError(f"cannot load the weights of {source!r} for task {task}: {str(exc).splitlines()[0]}") from None
+        raise CptqError(f"cannot load the weights of {source!r} for task {task}: {_weights_error(exc)}") from None
     model.eval()
     tokenizer = None
     try:
@@ -136,6 +136,17 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
         tokenizer = None
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, task=task, source=source,
                        display_name=display, trust_remote_code=trust_remote_code)
+
+
+def _weights_error(exc: Exception) -> str:
+    """transformers' first line, except where it misleads: a pickle torch refuses (weights_only: corrupt,
+    or code in it) is reported as maybe a TensorFlow checkpoint needing from_tf=True."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if "Unable to load weights from pytorch checkpoint" in first:
+        file = first.split(" at '")[-1].rstrip("'. ").split("'")[0] if " at '" in first else "the checkpoint"
+        return (f"{Path(file).name} is not a PyTorch checkpoint torch loads safely (corrupt, or it holds pickled "
+                "code, which is never run); use the model's safetensors weights")
+    return first
 
 
 def wrap_model(model: Any, task: str | None = None, tokenizer: Any | None = None, name: str = "in-memory") -> LoadedModel:

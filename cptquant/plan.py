@@ -65,8 +65,11 @@ class Plan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CptqError(f"{source} is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or "layers" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
             raise CptqError(f"{source} is not a cptquant plan (no 'layers' object)")
+        for key, kind in (("method", str), ("model", str), ("clip", str), ("meta", dict)):
+            if key in data and not isinstance(data[key], kind):
+                raise CptqError(f"{source}: {key!r} must be a {'string' if kind is str else 'JSON object'}")
         if data.get("version") != PLAN_VERSION:
             raise CptqError(f"{source} has plan version {data.get('version')!r}; this cptquant reads version {PLAN_VERSION}")
         layers = {}
@@ -142,6 +145,18 @@ def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_S
     return Plan(layers=layers, method=f"uniform-{bits}", model=model)
 
 
+def fill_missing_layers(plan: Plan, graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,
+                        zero_points: str = "auto") -> Plan:
+    """`--default-bits`: the layers a plan file leaves out get `bits`, written into the plan explicitly."""
+    missing = [layer.name for layer in graph.layers if layer.name not in plan.layers]
+    for name in missing:
+        plan.layers[name] = LayerPlan(bits=bits, block_size=block_size,
+                                      symmetric=zero_points == "never" or (zero_points == "auto" and bits != 4))
+    if missing:
+        plan.meta = {**plan.meta, "default_bits": bits}
+    return plan
+
+
 ZERO_POINT_MODES = ("auto", "always", "never")
 
 
@@ -163,17 +178,29 @@ def check_block_size(block_size: int) -> None:
         raise CptqError(f"block size {block_size} is not a power of two >= 16")
 
 
+def _some(names: list[str], keep: int = 5) -> str:
+    return ", ".join(names[:keep]) + (f" (+{len(names) - keep} more)" if len(names) > keep else "")
+
+
 def validate_plan(plan: Plan, graph: LayerGraph) -> None:
-    """Every plan layer must exist in the model, with supported bits and a block size that fits it."""
+    """Every layer of the model must be in the plan, and every plan layer in the model, with supported
+    bits and a block size that fits it. A layer left out would silently stay FP32."""
     unknown = [name for name in plan.layers if name not in graph]
     if unknown:
-        shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
-        raise CptqError(f"plan names {len(unknown)} layer(s) not in the model: {shown}")
+        raise CptqError(f"plan names {len(unknown)} layer(s) not in the model: {_some(unknown)}")
     for name, lp in plan.layers.items():
-        if lp.bits not in SUPPORTED_BITS:
-            raise CptqError(f"layer {name}: bits {lp.bits} not supported (use one of 16, 8, 4)")
+        if not isinstance(lp.bits, int) or isinstance(lp.bits, bool) or lp.bits not in SUPPORTED_BITS:
+            raise CptqError(f"layer {name}: bits {lp.bits!r} not supported (use one of 16, 8, 4)")
+    missing = [layer.name for layer in graph.layers if layer.name not in plan.layers]
+    if missing:
+        what = f"all {len(missing)}" if len(missing) == len(graph.layers) else f"{len(missing)} of the {len(graph.layers)}"
+        raise CptqError(f"the plan leaves out {what} layers of the model: {_some(missing)} (give each its bits, "
+                        "or --default-bits N to fill them)")
+    for name, lp in plan.layers.items():
         if lp.bits == 16:
             continue
+        if not isinstance(lp.block_size, int) or isinstance(lp.block_size, bool):
+            raise CptqError(f"layer {name}: block size {lp.block_size!r} is not a whole number")
         check_block_size(lp.block_size)
         if lp.hot_rows and lp.bits == 4:
             if graph[name].role != ROLE_EMBEDDING:

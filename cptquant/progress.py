@@ -8,6 +8,8 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from .output_folder import pause_point
+
 console = Console(stderr=True)
 
 
@@ -37,6 +39,7 @@ class Steps:
     @contextlib.contextmanager
     def step(self, timings: dict[str, float]):
         name = self.names[self.index]
+        pause_point(name.split()[0].lower())  # tests: stop here (CPTQ_TEST_PAUSE_AT=quantize, write, …)
         self.progress.update(self.task, description=name)
         start = time.perf_counter()
         yield

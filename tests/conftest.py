@@ -27,3 +27,11 @@ def minilm():
     from cptquant.model_loading import load_model
 
     return load_model(None)
+
+
+def one_line_error(result, fragment: str) -> str:
+    """A CLI result that is the house's bad-input answer: exit 2 and one line "error: …" holding `fragment`."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
+    return lines[0]

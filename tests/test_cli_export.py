@@ -60,7 +60,8 @@ def test_local_folder_exports_and_loads_in_optimum(opt_folder, tmp_path):
 def test_existing_output_is_kept_unless_force(opt_folder, tmp_path):
     out = tmp_path / "model.onnx"
     out.write_bytes(b"precious")
-    assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", str(out)), "already exists")
+    assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", str(out)),
+                      f"output files already exist in {tmp_path}: model.onnx (use --force to replace them)")
     assert out.read_bytes() == b"precious"
     result = run_export(str(opt_folder), "--bits", "8", "-o", str(out), "--force")
     assert result.exit_code == 0, result.output

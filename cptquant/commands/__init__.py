@@ -28,15 +28,22 @@ def quiet_libraries() -> None:
 
 
 def user_errors(fn):
-    """Turn CptqError into one line on stderr and exit code 2."""
+    """Turn CptqError into one line on stderr and exit code 2; SIGTERM/SIGHUP/SIGINT into one line and
+    exit code 128 + the signal's number, after every staging folder has been removed."""
+    from ..output_folder import Interrupted, handle_signals
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         quiet_libraries()
         try:
-            return fn(*args, **kwargs)
+            with handle_signals():
+                return fn(*args, **kwargs)
         except CptqError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except Interrupted as exc:
+            print("interrupted: the output was already complete and in place" if exc.written
+                  else "interrupted: nothing written", file=sys.stderr)
+            raise typer.Exit(exc.exit_code) from None
 
     return wrapper

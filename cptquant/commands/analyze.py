@@ -9,9 +9,15 @@ from typing import Optional
 from typer import Argument, Option
 
 from ..errors import CptqError
+from ..output_folder import Staging, check_writable, claim_output, commit, owned_files, refuse_replacing
 from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
+
+
+def owned_by_analysis(name: str) -> bool:
+    """The files `cptq analyze` writes into its folder (replaced only with --force)."""
+    return name in ("scores.json", "scores.png") or (name.startswith("plan-") and name.endswith(".json"))
 
 
 def _plot(path: Path, result, plans: dict) -> None:
@@ -66,6 +72,7 @@ def analyze(
     zero_points: str = options.ZERO_POINTS,
     hot_rows: bool = options.HOT_ROWS,
     progress: bool = options.PROGRESS,
+    force: bool = Option(False, "--force", help="Replace the scores, plans and plot of an earlier analysis in --out."),
 ) -> None:
     """Measure per-layer quantization sensitivity and write scores, chosen bits and a plot."""
     from rich.console import Console
@@ -82,27 +89,34 @@ def analyze(
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows)
     check_options(analysis, methods)  # fail before loading a model
-    if out.exists() and not out.is_dir():
-        raise CptqError(f"--out {out} exists and is not a folder")
-    loaded = load_model(model, task)
-    graph = build_layer_graph(loaded.model)
-    result = run_analysis(loaded, graph, methods, analysis, validate=validate, progress=progress)
-    plans = {m: plan_from_scores(graph, s, m, analysis, loaded.display_name,
-                                 non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
-             for m, s in result.scores.items()}
-    unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()} for m, plan in plans.items()}
-
-    out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "model": loaded.display_name, "task": result.task, "granularity": result.granularity,
-        "calibration": result.calibration, "base_loss": result.base_loss, "units": result.units,
-        "scores": result.scores, "bits": unit_bits, "oracle": result.oracle, "spearman": result.spearman,
-        "cost_fpe": result.cost_fpe, "seconds": result.seconds, "notes": result.notes,
-    }
-    (out / "scores.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    for m, plan in plans.items():
-        plan.save(out / f"plan-{m}.json")
-    _plot(out / "scores.png", result, unit_bits)
+    out = out.expanduser()
+    check_writable(out)
+    if not force:
+        refuse_replacing(out, owned_files(out, owned_by_analysis))
+    with claim_output(out):  # one writer per folder; staged, then moved in all at once
+        loaded = load_model(model, task)
+        graph = build_layer_graph(loaded.model)
+        result = run_analysis(loaded, graph, methods, analysis, validate=validate, progress=progress)
+        plans = {m: plan_from_scores(graph, s, m, analysis, loaded.display_name,
+                                     non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
+                 for m, s in result.scores.items()}
+        unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()}
+                     for m, plan in plans.items()}
+        report = {
+            "model": loaded.display_name, "task": result.task, "granularity": result.granularity,
+            "calibration": result.calibration, "base_loss": result.base_loss, "units": result.units,
+            "scores": result.scores, "bits": unit_bits, "oracle": result.oracle, "spearman": result.spearman,
+            "cost_fpe": result.cost_fpe, "seconds": result.seconds, "notes": result.notes,
+        }
+        with Staging(out) as staging:
+            (staging.out / "scores.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+            for m, plan in plans.items():
+                plan.save(staging.out / f"plan-{m}.json")
+            _plot(staging.out / "scores.png", result, unit_bits)
+            written = {p.name for p in staging.out.iterdir()}
+            if not force:  # nothing appeared meanwhile (the lock keeps other cptq runs out; not other programs)
+                refuse_replacing(out, owned_files(out, owned_by_analysis))
+            commit(staging, tuple(name for name in owned_files(out, owned_by_analysis) if name not in written))
 
     console = Console()
     table = Table(title=f"Sensitivity of {loaded.display_name} ({result.task}, {result.granularity})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -15,9 +16,9 @@ from ..exporter.qdq_rewrite import FORMATS
 from ..exporter.weight_quantizers import ALGORITHMS
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
-from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model
+from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model, normalize_task
 from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
-                    check_block_size, uniform_plan)
+                    check_block_size, fill_missing_layers, uniform_plan)
 from . import options, user_errors
 
 PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
@@ -28,10 +29,11 @@ DEFAULT_METHOD = "tdmpq"
 
 def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optional[int], block_size: int,
                  clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
-                 report_extras: Optional[dict] = None):
+                 report_extras: Optional[dict] = None, default_bits: Optional[int] = None):
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 
     A sensitivity method records its cost and calibration in `report_extras` for the export report.
+    `default_bits` fills the layers a plan file leaves out (without it such a plan is refused).
     """
     report_extras = {} if report_extras is None else report_extras
     if zero_points not in ZERO_POINT_MODES:
@@ -42,6 +44,11 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
     if clip not in CLIP_METHODS:
         raise CptqError(f"--clip must be one of {', '.join(CLIP_METHODS)}, not {clip!r}")
     check_block_size(block_size)
+    if default_bits is not None:
+        if plan_file is None:
+            raise CptqError("--default-bits applies to --plan only (it fills the layers a plan file leaves out)")
+        if default_bits not in SUPPORTED_BITS:
+            raise CptqError(f"--default-bits {default_bits} is not supported (use 16, 8 or 4)")
     if bits is not None:
         if bits not in SUPPORTED_BITS:
             raise CptqError(f"--bits {bits} is not supported (use 16, 8 or 4)")
@@ -59,7 +66,9 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         return uniform
     if plan_file is not None:
         plan = Plan.load(plan_file)  # read now: a bad plan fails before the model is loaded
-        return lambda loaded, graph: plan
+        if default_bits is None:
+            return lambda loaded, graph: plan
+        return lambda loaded, graph: fill_missing_layers(plan, graph, default_bits, block_size, zero_points)
     method = method or DEFAULT_METHOD
     if method == RULE_METHOD:
         return _rule_factory(block_size, clip, zero_points, analysis)
@@ -145,7 +154,7 @@ def print_summary(result: ExportResult, console: Console) -> None:
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
             f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
-            f"— `cptq verify {result.paths.folder}` measures more shapes and gates on thresholds"
+            f"— `cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on thresholds"
         )
 
 
@@ -157,6 +166,9 @@ def export(
                                          help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq); or rule: "
                                               "llama.cpp's k_quant_mixed layer rule (no measurement)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
+    default_bits: Optional[int] = typer.Option(
+        None, "--default-bits", help="With --plan: bits (16, 8 or 4) for the layers the plan leaves out; without "
+                                     "it a plan must name every layer."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = options.BLOCK_SIZE,
     clip: str = options.CLIP,
@@ -203,13 +215,21 @@ def export(
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
+    if task:
+        task = normalize_task(task)
     report_extras: dict = {}
-    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras)
-    from ..exporter.pipeline import resolve_output
+    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras,
+                             default_bits)
+    from ..passes import check_options
 
-    resolve_output(output, force)  # fail on a bad output path before the slow work
-    loaded = load_model(model, task, trust_remote_code)
-    result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                              report_extras=report_extras, verify=verify, algorithm=algorithm, calibration=analysis,
-                              outlier_ratio=outlier_ratio)
+    check_options(analysis)  # also with --bits or --plan: calibration settings GPTQ will use
+    from ..exporter.pipeline import resolve_output
+    from ..output_folder import claim_output
+
+    paths = resolve_output(output, force, model)  # fail on a bad output path before the slow work
+    with claim_output(paths.folder):  # one writer per output folder, from before the model loads
+        loaded = load_model(model, task, trust_remote_code)
+        result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
+                                  report_extras=report_extras, verify=verify, algorithm=algorithm,
+                                  calibration=analysis, outlier_ratio=outlier_ratio)
     print_summary(result, Console())

@@ -50,10 +50,13 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
                      max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str,
                      zero_points: str = "auto", hot_rows: bool = True):
     from ..passes import AnalysisOptions
+    from ..passes.calibration import check_calibration_file
 
-    return AnalysisOptions(
+    options = AnalysisOptions(
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
         sparsity=floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
         clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
     )
+    check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
+    return options

@@ -38,6 +38,12 @@ def verify(
     quick: bool = typer.Option(False, "--quick", help="Fewer texts, runs and shapes: a smoke test."),
     threads: int = typer.Option(2, "--threads", help="CPU EP intra-op threads."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
+    source: Optional[str] = typer.Option(
+        None, "--source", help="Model (folder or hub id) to rebuild missing baselines from. Without it only the "
+                               "report's source folder is used, and only when it runs no custom code."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code",
+                                           help="Allow the custom code the folder or --source names (never implied "
+                                                "by the folder or its report)."),
 ) -> None:
     """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
     thresholds = Thresholds(
@@ -48,7 +54,8 @@ def verify(
         max_kl=parse_number(max_kl, "--max-kl") if max_kl is not None else None,
     )
     eval_set = load_eval_file(eval_file) if eval_file is not None else None
-    result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)
+    result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress,
+                           trust_remote_code=trust_remote_code, source=source)
     try:
         folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
         json_path, md_path = write_reports(result, report_dir or folder / REPORT_DIR)

@@ -6,23 +6,58 @@ inputs and outputs, so it takes the same feeds as every other variant.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 from .onnx_export import MODEL_FILE, load_onnx, save_onnx
 
 CACHE_DIR_NAME = ".cptq-cache"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def baseline_dir(out_folder: Path, model_file: str = MODEL_FILE) -> Path:
     """Baselines live beside the output folder, not in it, so the output folder is what gets deployed.
 
-    One cache per export: `folder/model.onnx` -> `.cptq-cache/folder`, `folder/NAME.onnx` ->
-    `.cptq-cache/folder.NAME` (two exports in one folder may come from different models).
+    One cache per export, keyed by a hash of the model file's resolved path (names alone collide:
+    `a/b.onnx` and `a.b/model.onnx`), readable by its prefix: `.cptq-cache/folder-<hash>`,
+    `.cptq-cache/folder.NAME-<hash>`.
     """
     out_folder = out_folder.resolve()
     name = out_folder.name if model_file == MODEL_FILE else f"{out_folder.name}.{Path(model_file).stem}"
-    return out_folder.parent / CACHE_DIR_NAME / name
+    key = hashlib.sha256(str(out_folder / model_file).encode()).hexdigest()[:16]
+    return out_folder.parent / CACHE_DIR_NAME / f"{name}-{key}"
+
+
+def baseline_fingerprint(loaded) -> str:
+    """What the FP32 baseline is made of: the source weights (every tensor of the state dict, bytes and
+    shape) and the export settings (task, opset). Recorded in the report and in the cache, so a cache
+    (or a --source) that is not this export's model is recognised by content, not by file names."""
+    import torch
+
+    from .onnx_export import OPSET
+
+    digest = hashlib.sha256(json.dumps({"task": loaded.task, "opset": OPSET,
+                                        "model_type": getattr(loaded.config, "model_type", None)}).encode())
+    for name, tensor in sorted(loaded.model.state_dict().items()):
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)}".encode())
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
+    return digest.hexdigest()
+
+
+def write_fingerprint(cache: Path, fingerprint: str) -> None:
+    (cache / FINGERPRINT_FILE).write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+
+
+def read_fingerprint(cache: Path) -> str | None:
+    try:
+        value = json.loads((cache / FINGERPRINT_FILE).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:
@@ -34,13 +69,6 @@ def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:
     save_onnx(model, fp16_folder / MODEL_FILE)
     _copy_side_files(fp32_folder, fp16_folder)
     return fp16_folder / MODEL_FILE
-
-
-def copy_model_folder(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in src.iterdir():
-        if path.is_file():
-            shutil.copy2(path, dst / path.name)
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:

@@ -1,7 +1,8 @@
 """The export flow: torch model -> layer graph -> plan -> ONNX -> QDQ rewrite -> checks -> report.
 
-Everything is written into a temporary folder beside the output and moved into place at the end,
-so a failed export leaves nothing partial behind and never touches an existing output.
+Everything is written into a staging folder beside the output and moved into place at the end, all
+or nothing, under a lock on the output folder (cptquant/output_folder.py): a failed or interrupted
+export leaves nothing partial behind and never touches an existing output.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,11 @@ from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import LoadedModel
+from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
 from ..plan import Plan, validate_plan
 from ..progress import Steps
-from .baselines import baseline_dir, copy_model_folder, side_files, write_fp16
+from ..safety import file_sha256
+from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
@@ -65,19 +68,12 @@ class ExportResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_output(out: Path, force: bool) -> OutputPaths:
-    """`out/model.onnx` names the file; a path without .onnx names the folder (model.onnx inside)."""
+def resolve_output(out: Path, force: bool, source: str | None = None) -> OutputPaths:
+    """`out/model.onnx` names the file; a path without .onnx names the folder (model.onnx inside).
+    Refuses what output_folder.check_target refuses (`source`: the model's folder, never written into)."""
     out = Path(out).expanduser()
     paths = OutputPaths(out.parent, out) if out.suffix == ".onnx" else OutputPaths(out, out / MODEL_FILE)
-    if paths.folder.exists() and not paths.folder.is_dir():
-        raise CptqError(f"output folder {paths.folder} is a file")
-    if paths.model.exists() and not force:
-        raise CptqError(f"output {paths.model} already exists (use --force to overwrite)")
-    probe = paths.folder
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise CptqError(f"cannot write to {paths.folder}: permission denied")
+    check_target(paths.folder, paths.model.name, force, source)
     return paths
 
 
@@ -135,18 +131,15 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
-    paths = resolve_output(out, force)
-    try:
-        paths.folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".cptq-tmp-", dir=paths.folder.parent))
-    except OSError as exc:
-        raise CptqError(f"cannot write to {paths.folder}: {exc.strerror or exc}") from None
+    paths = resolve_output(out, force, loaded.source)
     timings: dict[str, float] = {}
-    try:
+    with claim_output(paths.folder), Staging(paths.folder) as staging:
+        tmp = staging.root
+        fingerprint = baseline_fingerprint(loaded)  # of the weights the FP32 baseline is exported from
         steps = Steps(["export ONNX (FP32)", "map layers", "plan",
                        "quantize" + (" (GPTQ: calibration + Hessians)" if algorithm == "gptq" else ""),
                        "check kernels", "parity",
-                       "FP16 reference", "write"] + (["verify on CPU"] if verify else []), enabled=progress)
+                       "FP16 reference"] + (["verify on CPU"] if verify else []) + ["write"], enabled=progress)
         with steps:
             with steps.step(timings):
                 fp32_dir = tmp / "fp32"
@@ -159,7 +152,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
                 validate_plan(plan, graph)
-            out_dir = tmp / "out"
+            out_dir = staging.out
             model_path = out_dir / paths.model.name
             quantizer = _weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
             with steps.step(timings):
@@ -189,6 +182,10 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 fp16_dir = tmp / "fp16"
                 write_fp16(fp32_dir, fp16_dir)
+            if verify:  # measured on the staged folder: nothing is in place before everything is done
+                with steps.step(timings):
+                    verification = _short_verification(model_path, loaded, {"fp32": fp32_dir / MODEL_FILE,
+                                                                            "fp16": fp16_dir / MODEL_FILE})
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
@@ -202,23 +199,16 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     report["calibration_text"] = {"calib": calibration.calib if calibration else None,
                                                   "text_field": calibration.text_field if calibration else "text"}
                 report.update(report_extras or {})
+                report["baseline_fingerprint"] = fingerprint
+                if verify:
+                    report["verification"] = verification
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 for p in written:
                     report["files"][p.name] = p.stat().st_size
+                report["sha256"] = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
                 _write_report(out_dir / paths.report.name, report, written, paths.model.name)
-                _move_into_place(out_dir, paths, force)
-                cache = baseline_dir(paths.folder, paths.model.name)
-                for name, src in (("fp32", fp32_dir), ("fp16", fp16_dir)):
-                    if (cache / name).exists():
-                        shutil.rmtree(cache / name)
-                    copy_model_folder(src, cache / name)
-            if verify:
-                with steps.step(timings):
-                    report["verification"] = _short_verification(paths.folder, loaded)
-                _write_report(paths.report, report, [paths.folder / p.name for p in written], paths.model.name)
-        return ExportResult(paths, plan, report, timings)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
+    return ExportResult(paths, plan, report, timings)
 
 
 def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
@@ -272,11 +262,11 @@ def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibra
     return factors
 
 
-def _short_verification(folder: Path, loaded: LoadedModel) -> dict:
+def _short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
     from ..runtimes.verify import short_verification  # runtimes import the exporter: import late
 
     try:
-        return short_verification(folder, loaded, quick=True)
+        return short_verification(folder, loaded, quick=True, baselines=baselines)
     except CptqError as exc:  # the export itself is sound and in place; say why there are no figures
         return {"error": str(exc)}
     except Exception as exc:  # an ORT or memory failure mid-measurement: the same, with what it was
@@ -284,28 +274,52 @@ def _short_verification(folder: Path, loaded: LoadedModel) -> dict:
         return {"error": f"{type(exc).__name__}: {first}" if first else type(exc).__name__}
 
 
-def _move_into_place(out_dir: Path, paths: OutputPaths, force: bool) -> None:
-    paths.folder.mkdir(parents=True, exist_ok=True)
-    if force:  # an earlier export's external data file must not linger beside the new model
-        stale = paths.folder / (paths.model.name + "_data")
-        if stale.exists() and not (out_dir / stale.name).exists():
-            stale.unlink()
-        _drop_stale_verification(paths)
-    for path in out_dir.iterdir():
-        os.replace(path, paths.folder / path.name)
+def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, fp16_dir: Path,
+             fingerprint: str) -> None:
+    """The staged output into place (all or nothing), then its baselines into the cache."""
+    new = sorted(p.name for p in staging.out.iterdir())
+    clashes = [name for name in new if os.path.lexists(paths.folder / name)]
+    if clashes and not force:  # files the early check could not know of (a side file it has no name for)
+        raise CptqError(f"output files already exist in {paths.folder}: {', '.join(clashes)} "
+                        "(use --force to replace them)")
+    cache = staging.root / "cache"
+    cache.mkdir()
+    fp32_dir.rename(cache / "fp32")
+    fp16_dir.rename(cache / "fp16")
+    write_fingerprint(cache, fingerprint)
+    with committing():
+        commit(staging, _stale_entries(paths, new) if force else ())
+        try:
+            replace_dir(staging, cache, baseline_dir(paths.folder, paths.model.name))
+        except OSError as exc:  # the export is in place; cptq verify rebuilds a missing cache
+            print(f"warning: the baseline cache was not written ({exc.strerror or exc})", file=sys.stderr)
 
 
-def _drop_stale_verification(paths: OutputPaths) -> None:
-    """`cptq verify`'s reports of the model being overwritten describe a model that is gone."""
+def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
+    """What a forced re-export removes besides the files it replaces: the older export's own files that the
+    new one does not write (an external data file, a tokenizer file), and `cptq verify`'s reports of it."""
     from ..runtimes.verify import CANDIDATE, REPORT_DIR  # runtimes import the exporter: import late
 
+    if not paths.folder.is_dir():
+        return ()
+    stale = [p.name for p in paths.folder.iterdir()
+             if p.name.startswith(paths.model.name) and p.name not in new]
+    try:
+        old_files = json.loads(paths.report.read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        old_files = {}
+    if isinstance(old_files, dict):  # only names an export owns: a report is data, not a list of things to delete
+        stale += [name for name in old_files if isinstance(name, str) and name == Path(name).name
+                  and owned_by_export(name, paths.model.name) and name not in new
+                  and (paths.folder / name).is_file()]
     report = paths.folder / REPORT_DIR / "report.json"
     try:
         verified = json.loads(report.read_text()).get("variants", {}).get(CANDIDATE)
     except (OSError, ValueError, AttributeError):
-        return
+        verified = None
     if verified and Path(verified).resolve() == paths.model.resolve():
-        shutil.rmtree(report.parent, ignore_errors=True)
+        stale.append(REPORT_DIR)  # its reports describe a model that is being replaced
+    return tuple(dict.fromkeys(stale))
 
 
 def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,

@@ -16,6 +16,7 @@ import torch
 from ..errors import CptqError
 from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..output_folder import pause_point
 from ..plan import (
     SUPPORTED_BITS,
     ZERO_POINT_MODES,
@@ -26,7 +27,7 @@ from ..plan import (
 )
 from .allocate import FIXED_PARAM_BYTES, HotRows, budget_bits, cluster_bits
 from .block_replay import BlockReplay
-from .calibration import MIN_SAMPLES, build_calibration
+from .calibration import MIN_SAMPLES, MIN_SEQ_LEN, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
 from .common import GRANULARITIES, allocation_units, time_forward, unit_of
 from .hot_rows import hot_rows, with_hot_rows
@@ -97,8 +98,15 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
         raise CptqError(f"clip {options.clip!r} must be one of: {', '.join(CLIP_METHODS)}")
     if options.target_bits is not None and options.max_size_mb is not None:
         raise CptqError("give either a target of bits per weight or a maximum size, not both")
-    if options.max_size_mb is not None and options.max_size_mb <= 0:
+    if options.max_size_mb is not None and not options.max_size_mb > 0:
         raise CptqError(f"maximum size {options.max_size_mb} MB must be positive")
+    if options.target_bits is not None and options.bit_widths:
+        low, high = min(options.bit_widths), max(options.bit_widths)
+        if not low <= options.target_bits <= high:  # the allocator's own rule, checked before any analysis
+            raise CptqError(f"--target-bits {options.target_bits:g} is outside [{low}, {high}], the range of the "
+                            "bit widths")
+    if options.seq_len < MIN_SEQ_LEN:
+        raise CptqError(f"--seq-len {options.seq_len} is too short; use at least {MIN_SEQ_LEN} tokens")
     if options.calib_samples < MIN_SAMPLES:
         raise CptqError(f"calibration samples {options.calib_samples} is too few; use at least {MIN_SAMPLES}")
     check_block_size(options.block_size)
@@ -158,6 +166,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     result.seconds["setup"] = reference_seconds + base_seconds
 
     run_order = [m for m in METHODS if m in methods or (m == "oracle" and validate)]
+    pause_point("analysis")  # tests: stop mid-analysis (CPTQ_TEST_PAUSE_AT=analysis)
     for method in run_order:
         start = time.perf_counter()
         if method == "cmpq":

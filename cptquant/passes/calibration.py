@@ -17,6 +17,10 @@ from ..corpus import calibration_sentences
 from ..errors import CptqError
 
 MIN_SAMPLES = 8
+MIN_SEQ_LEN = 8
+# Undecodable bytes tolerated in a calibration file (a Latin-1 accent here and there), as a share of its
+# characters; random or binary data decodes to about half replacement characters.
+MAX_UNDECODABLE = 0.1
 BATCH_SIZE = 8
 
 
@@ -44,8 +48,23 @@ def max_positions(config) -> int | None:
     return None
 
 
+def read_text_file(path: Path, what: str = "calibration file") -> str:
+    """The file as text; one clear error for a file that is not (NUL bytes, or mostly undecodable)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CptqError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if b"\0" in data:
+        raise CptqError(f"{what} {path} is not text (it contains NUL bytes)")
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    if text and bad > MAX_UNDECODABLE * len(text):
+        raise CptqError(f"{what} {path} is not UTF-8 text ({bad / len(text):.0%} of it cannot be decoded)")
+    return text
+
+
 def _texts_from_plain(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_text_file(path)
     # Blank-line separated paragraphs when the file has them, else one sample per line.
     if "\n\n" in text.strip():
         return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
@@ -54,7 +73,7 @@ def _texts_from_plain(path: Path) -> list[str]:
 
 def _texts_from_jsonl(path: Path, text_field: str) -> list[str]:
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_text_file(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -117,6 +136,12 @@ def load_texts(calib: str | None, text_field: str = "text", seq_len: int = 128) 
     return texts, str(path)
 
 
+def check_calibration_file(calib: str | None, text_field: str = "text") -> None:
+    """A --calib file exists and reads as text (a hub dataset is only checked when loaded)."""
+    if calib is not None and not calib.startswith("hf:"):
+        load_texts(calib, text_field)
+
+
 def calibration_texts_for_overlap(calib: str | None, text_field: str = "text") -> tuple[set[str], str] | None:
     """The individual texts a calibration spec reads (stripped), to check evaluation text against;
     None for a hub dataset, which is not downloaded again only for this."""
@@ -147,8 +172,8 @@ def build_calibration(loaded, calib: str | None = None, text_field: str = "text"
     """Tokenized calibration batches for `loaded` (a LoadedModel); deterministic for a given seed."""
     if samples < MIN_SAMPLES:
         raise CptqError(f"--calib-samples {samples} is too small; use at least {MIN_SAMPLES}")
-    if seq_len < 8:
-        raise CptqError(f"--seq-len {seq_len} is too short; use at least 8 tokens")
+    if seq_len < MIN_SEQ_LEN:
+        raise CptqError(f"--seq-len {seq_len} is too short; use at least {MIN_SEQ_LEN} tokens")
     limit = max_positions(loaded.config)
     if limit is not None and seq_len > limit:
         raise CptqError(f"--seq-len {seq_len} is above the model's {limit} positions")

@@ -49,7 +49,9 @@ def load_eval_file(path: Path) -> EvalSet:
     path = Path(path)
     if not path.is_file():
         raise CptqError(f"--eval file not found: {path}")
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    from ..passes.calibration import read_text_file
+
+    lines = [line for line in read_text_file(path, "--eval file").splitlines() if line.strip()]
     if not lines:
         raise CptqError(f"--eval file {path} has no text")
     if path.suffix != ".jsonl":
@@ -73,13 +75,20 @@ class TextEncoder:
     """Text to token ids: the model folder's tokenizer, or, for a folder without one (tiny test
     models), a deterministic word hash into the vocabulary so the same text always gives the same ids."""
 
-    def __init__(self, folder: Path, config):
+    def __init__(self, folder: Path, config, trust_remote_code: bool = False):
         self.vocab_size = int(config.vocab_size)
         self.tokenizer = None
         if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            from ..safety import refuse_custom_code
+
+            refuse_custom_code(folder, trust_remote_code)  # never a "[y/N]" prompt, never unasked-for code
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            except (OSError, ValueError, TypeError, AttributeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise CptqError(f"{folder}: cannot load the tokenizer ({first})") from None
         pad = getattr(self.tokenizer, "pad_token_id", None) if self.tokenizer else None
         self.pad_id = pad if pad is not None else (getattr(config, "pad_token_id", None) or 0)
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from .. import __version__
 from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
+from ..safety import check_file_hashes, refuse_custom_code
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
@@ -87,6 +86,7 @@ class OutputFolder:
     config: Any
     task: str
     signature: tuple = ()  # (input names, output names) of model.onnx
+    trust_remote_code: bool = False  # from the command line only, never from the folder or its report
 
 
 def check_external_data(model: onnx.ModelProto, model_path: Path) -> None:
@@ -146,8 +146,9 @@ def _export_files(folder: Path) -> tuple[Path, Path]:
     return pairs[0] if pairs else default
 
 
-def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
-    """`folder` is an export's output folder, or the .onnx file of an export in it."""
+def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = False) -> OutputFolder:
+    """`folder` is an export's output folder, or the .onnx file of an export in it.
+    `trust_remote_code` comes from the command line; custom code a folder names is refused without it."""
     folder = Path(folder).expanduser()
     if folder.suffix == ".onnx" and folder.is_file():
         model_path, folder = folder, folder.parent
@@ -156,6 +157,7 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
         raise CptqError(f"{folder} is not a folder; give the output folder of cptq-export")
     else:
         model_path, report_path = _export_files(folder)
+    refuse_custom_code(folder, trust_remote_code)  # before any transformers loader could import or prompt
     if loaded is None:  # during an export the report is written after this check
         if not report_path.is_file() or not model_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
@@ -174,68 +176,103 @@ def inspect_output_folder(folder: Path, loaded=None) -> OutputFolder:
     if loaded is not None:
         config = loaded.config
     else:
+        check_file_hashes(folder, report.get("sha256"), report_path)  # before any of them is read as a model
         if not (folder / "config.json").is_file():
             raise CptqError(f"{folder} is not a cptquant output folder (missing config.json)")
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(str(folder))
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         except Exception as exc:
             raise CptqError(f"{folder}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
-    return OutputFolder(folder, model_path, report, config, task, signature)
+    return OutputFolder(folder, model_path, report, config, task, signature, trust_remote_code)
 
 
-def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True) -> dict[str, Path]:
-    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing."""
-    from ..exporter.baselines import baseline_dir, write_fp16
+def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, source: str | None = None) -> dict[str, Path]:
+    """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing,
+    unreadable, or not this export's (other inputs or outputs, or another fingerprint of weights and settings).
+
+    `source` (the command line's --source) says where to reload the model from; without it the report's
+    source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
+    from ..exporter.baselines import baseline_dir, baseline_fingerprint, write_fingerprint, write_fp16
     from ..exporter.onnx_export import export_onnx
+    from ..output_folder import Staging, claim_output, replace_dir
 
     cache = baseline_dir(out.folder, out.model.name)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
-    # A cache left by another model that had an output folder of the same name (or a folder copied next
-    # to one) would be compared with silently, or fail mid-run: it must take the same inputs and outputs.
-    stale = {name: _stale_reason(path, out) for name, path in paths.items() if path.is_file()}
-    fresh = {name for name, why in stale.items() if why is None}  # checked already and kept
-    problem = ("is missing" if not paths["fp32"].is_file()
-               else f"does not match this export ({stale['fp32']})" if stale.get("fp32") else None)
+    problem = _cache_problem(cache, out)
+    if problem is None and _stale_or_unreadable(paths["fp16"], out) is None:
+        return paths
     try:
-        if problem:
+        with claim_output(cache):  # one rebuild of a cache at a time; staged, then swapped in whole
+            if problem is None:  # the FP32 baseline is good: only the FP16 one is made again, from it
+                with Staging(cache) as staging:
+                    write_fp16(cache / "fp32", staging.out / "fp16")
+                    replace_dir(staging, staging.out / "fp16", cache / "fp16")
+                return paths
             if loaded is None:
-                source = out.report.get("source")
-                if not source or source == "in-memory":
-                    raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt: the model came from "
-                                    f"memory, not a folder or hub id; export again to recreate it")
                 from ..model_loading import load_model
+                from ..safety import baseline_source
 
+                source = baseline_source(out.report.get("source"), source, out.trust_remote_code,
+                                         f"baseline cache {cache} {problem}")
                 if progress:
                     console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
                 try:
-                    loaded = load_model(source, out.task, bool(out.report.get("trust_remote_code", False)))
+                    loaded = load_model(source, out.task, out.trust_remote_code)
                 except CptqError as exc:
                     raise CptqError(f"baseline cache {cache} {problem} and cannot be rebuilt from {source}: {exc}") \
                         from None
-            tmp = Path(tempfile.mkdtemp(prefix=".cptq-baseline-", dir=out.folder.parent))
-            try:
-                export_onnx(loaded, tmp / "fp32")
-                (cache / "fp32").parent.mkdir(parents=True, exist_ok=True)
-                for name in BASELINES:  # the FP16 baseline is made from the FP32 one: both go
-                    fresh.discard(name)
-                    if (cache / name).exists():
-                        shutil.rmtree(cache / name)
-                shutil.move(str(tmp / "fp32"), str(cache / "fp32"))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        elif stale.get("fp16"):
-            shutil.rmtree(cache / "fp16")
-        if not paths["fp16"].is_file():
-            write_fp16(cache / "fp32", cache / "fp16")
+            fingerprint = baseline_fingerprint(loaded)
+            expected = out.report.get("baseline_fingerprint")
+            if expected and fingerprint != expected:
+                raise CptqError(f"baseline cache {cache} {problem}, and {loaded.source} is not the model this export "
+                                f"was made from (fingerprint of its weights and task {fingerprint[:12]}, the report's "
+                                f"{str(expected)[:12]}); give --source the original model")
+            with Staging(cache) as staging:
+                new = staging.out
+                export_onnx(loaded, new / "fp32")
+                write_fp16(new / "fp32", new / "fp16")
+                write_fingerprint(new, fingerprint)
+                replace_dir(staging, new, cache)
     except OSError as exc:
         raise CptqError(f"cannot write the baseline cache {cache}: {exc.strerror or exc}") from None
     for name, path in paths.items():
-        why = None if name in fresh else _stale_reason(path, out)
+        why = _stale_or_unreadable(path, out)
         if why:
             raise CptqError(f"the {name} baseline {path} does not match {out.model} ({why})")
     return paths
+
+
+def _cache_problem(cache: Path, out: OutputFolder) -> str | None:
+    """Why the cached FP32 baseline cannot serve this export, or None. A cache left by another model (an
+    output folder of the same name, a folder copied next to one) must never be compared with silently:
+    its inputs and outputs, and then the fingerprint recorded with it, must be this export's."""
+    from ..exporter.baselines import read_fingerprint
+
+    fp32 = cache / "fp32" / MODEL_FILE
+    if not fp32.is_file():
+        return "is missing"
+    why = _stale_or_unreadable(fp32, out)
+    if why:
+        return f"does not match this export ({why})"
+    expected = out.report.get("baseline_fingerprint")
+    if expected:  # reports from before fingerprints: the inputs and outputs are all there is to compare
+        recorded = read_fingerprint(cache)
+        if recorded is None:
+            return "has no fingerprint to compare with this export's"
+        if recorded != expected:
+            return f"belongs to another model or export settings (fingerprint {recorded[:12]}, this export's {str(expected)[:12]})"
+    return None
+
+
+def _stale_or_unreadable(path: Path, out: OutputFolder) -> str | None:
+    if not path.is_file():
+        return "missing"
+    try:
+        return _stale_reason(path, out)
+    except CptqError as exc:  # a cache file cut short by a kill, or damaged: made again
+        return str(exc).replace(str(path), path.name)
 
 
 def _stale_reason(path: Path, out: OutputFolder) -> str | None:
@@ -298,7 +335,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
                quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True) -> dict:
     """Quality and speed of the candidate and every baseline on one adapter, ratios included."""
     sessions, facts = open_sessions(adapter, variants, out.config)
-    encoder = TextEncoder(out.folder, out.config)
+    encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
     quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
                               CANDIDATE, progress)
     latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress)
@@ -383,23 +420,26 @@ class VerifyResult:
 def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresholds: Thresholds | None = None,
                   eval_set: EvalSet | None = None, quick: bool = False, threads: int = 2, progress: bool = True,
                   loaded=None, quality_settings: QualitySettings | None = None,
-                  speed_settings: SpeedSettings | None = None) -> VerifyResult:
+                  speed_settings: SpeedSettings | None = None, trust_remote_code: bool = False,
+                  source: str | None = None) -> VerifyResult:
+    """`trust_remote_code` and `source` come from the command line only (see cptquant/safety.py)."""
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
     thresholds = thresholds or Thresholds()
     if threads < 1:
         raise CptqError(f"--threads must be at least 1 (got {threads})")
     adapters, skipped = select_adapters(ep, threads)  # before the slow work: a bad --ep fails at once
-    out = inspect_output_folder(folder, loaded)
+    out = inspect_output_folder(folder, loaded, trust_remote_code)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
-    for why in skipped.values():
-        print(why, file=sys.stderr)  # one plain line: CI logs must not wrap it
     warnings = [_calibration_overlap(out, eval_set)] if eval_set is not None else []
     warnings = [w for w in warnings if w]
+    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
+    # Only once the input is known good: a refusal stays the one line on stderr.
+    for why in skipped.values():
+        print(why, file=sys.stderr)  # one plain line: CI logs must not wrap it
     for line in warnings:
         print(f"warning: {line}", file=sys.stderr)
-    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress)}
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
     result = VerifyResult(report={}, skipped=skipped)
@@ -534,14 +574,17 @@ def write_junit(result: VerifyResult, path: Path) -> Path:
 # ---------------------------------------------------------------- export integration
 
 
-def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True) -> dict:
+def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True,
+                       baselines: dict[str, Path] | None = None) -> dict:
     """CPU figures for the export report: quality and latency against the FP32 and FP16 baselines.
 
     No thresholds and no files written; quick mode keeps it to a few seconds for MiniLM (64
-    sentences or 512 tokens; latency at batch 1, sequence 16, or 8 decoded tokens).
+    sentences or 512 tokens; latency at batch 1, sequence 16, or 8 decoded tokens). `baselines`
+    ({"fp32": path, "fp16": path}: the exporter's, still staged) replaces the cache.
     """
-    out = inspect_output_folder(Path(out_folder), loaded_or_none)
-    variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded_or_none, progress=False)}
+    out = inspect_output_folder(Path(out_folder), loaded_or_none, getattr(loaded_or_none, "trust_remote_code", False))
+    variants = {CANDIDATE: out.model,
+                **(baselines if baselines is not None else ensure_baselines(out, loaded_or_none, progress=False))}
     speed_settings = SpeedSettings.for_mode(quick)
     if quick:
         speed_settings.encoder_shapes = ((1, 16),)

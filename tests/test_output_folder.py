@@ -1,0 +1,245 @@
+"""Exports never clobber, never mix and never leave debris: concurrent runs, kills, forced re-exports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cptquant import output_folder
+from cptquant.cli import export_app
+from cptquant.errors import CptqError
+
+from conftest import one_line_error
+
+runner = CliRunner()
+EXPORT = [str(Path(sys.executable).with_name("cptq-export"))]
+QUICK = ["--bits", "8", "--algorithm", "rtn", "--no-verify", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def opt_folder(tmp_path_factory) -> Path:
+    from cptquant.testing import tiny_opt
+
+    folder = tmp_path_factory.mktemp("hub") / "tiny-opt"
+    tiny_opt().save_pretrained(folder)
+    return folder
+
+
+def run_export(*args: str):
+    return runner.invoke(export_app, [*map(str, args), "--no-progress"])
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def debris(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.rglob("*") if p.name.startswith(output_folder.STAGING_PREFIX)
+                  or p.name.endswith(output_folder.LOCK_SUFFIX))
+
+
+def start_paused(args: list[str], at: str) -> subprocess.Popen:
+    """cptq-export in a subprocess, stopped (CPTQ_TEST_PAUSE_AT) at the named point; returns once it is there."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CPTQ_TEST_PAUSE_AT=at)
+    proc = subprocess.Popen(EXPORT + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline, seen = time.monotonic() + 180, []
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], 1.0)
+        if ready:
+            line = proc.stderr.readline()
+            seen.append(line)
+            if line.strip() == f"cptq-test: paused at {at}":
+                return proc
+            if not line and proc.poll() is not None:
+                break
+    proc.kill()
+    raise AssertionError(f"never paused at {at}: rc {proc.poll()}, stderr {''.join(seen)[-2000:]}")
+
+
+def stop(proc: subprocess.Popen, signum: int) -> tuple[int, str]:
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+# ---------------------------------------------------------------- cases 3 and 5: one writer, kills leave nothing
+
+
+@pytest.mark.parametrize("point", ["analysis", "quantize", "write", "install"])
+def test_sigterm_at_any_point_leaves_the_previous_output_or_nothing(opt_folder, tmp_path, point):
+    """An export stopped during analysis, quantization, writing, and in the middle of moving files into an
+    existing folder: meanwhile a second export to the same output fails at once naming the first (case 3);
+    after SIGTERM the folder is exactly as before (absent, or the previous export) and no staging folder or
+    lock remains (case 5)."""
+    out = tmp_path / "out"
+    args = [str(opt_folder), "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32", "--algorithm", "rtn",
+            "--no-verify", "--no-progress", "-o", str(out)]
+    if point == "install":  # a previous export whose files the new one replaces (--force)
+        out.mkdir()
+        for name in ("model.onnx", "model.onnx_data", "config.json", "model.plan.json", "model.report.json"):
+            (out / name).write_text(f"previous {name}")
+        args.append("--force")
+    before = snapshot(out) if out.exists() else None
+    first = start_paused(args, point)
+    try:
+        started = time.monotonic()
+        line = one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"), f"pid {first.pid}")
+        assert "is being written by another cptq run" in line and time.monotonic() - started < 10
+    finally:
+        code, err = stop(first, signal.SIGTERM)
+    assert code == 143 and err.strip().splitlines()[-1] == "interrupted: nothing written", err
+    assert "Traceback" not in err
+    assert (snapshot(out) if out.exists() else None) == before
+    assert debris(tmp_path) == []
+
+
+def test_debris_of_a_killed_run_is_removed_by_the_next_export(opt_folder, tmp_path):
+    out = tmp_path / "out"
+    killed = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "write")
+    killed.kill()  # SIGKILL: no clean-up runs
+    killed.communicate(timeout=60)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(output_folder.STAGING_PREFIX)]
+    assert len(left) == 1 and (left[0] / output_folder.OWNER_LOCK).is_file()
+    old_style = tmp_path / f"{output_folder.STAGING_PREFIX}from-an-older-cptquant"  # no owner lock, a day old
+    (old_style / "fp32").mkdir(parents=True)
+    os.utime(old_style, (time.time() - 86400,) * 2)
+    result = run_export(opt_folder, *QUICK, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert debris(tmp_path) == [] and (out / "model.onnx").is_file()
+
+
+def test_a_run_killed_in_the_middle_of_a_commit_is_rolled_back_by_the_next(tmp_path):
+    """SIGKILL between moving the old files aside and moving all new ones in: the next run restores the old."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("model.onnx", "config.json", "notes.txt"):
+        (folder / name).write_text(f"old {name}")
+    before = snapshot(folder)
+    staging = output_folder.Staging(folder)
+    for name in ("model.onnx", "config.json", "model.report.json"):
+        (staging.out / name).write_text(f"new {name}")
+    journal = {"target": str(folder), "new": ["config.json", "model.onnx", "model.report.json"],
+               "old": ["config.json", "model.onnx"]}
+    (staging.root / output_folder.JOURNAL).write_text(json.dumps(journal))
+    (staging.root / output_folder.BACKUP).mkdir()
+    for name in journal["old"]:  # what a commit does first
+        os.rename(folder / name, staging.root / output_folder.BACKUP / name)
+    os.rename(staging.out / "config.json", folder / "config.json")  # one new file moved in, then "killed"
+    os.close(staging._fd)  # the owner's lock goes with its process
+    staging._fd = None
+    assert output_folder.remove_debris(folder) == [staging.root]
+    assert snapshot(folder) == before and not staging.root.exists()
+
+
+# ---------------------------------------------------------------- case 4: files an export would replace
+
+
+def test_an_existing_folders_files_are_listed_and_kept_without_force(opt_folder, tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    for name in ("config.json", "model.plan.json", "model.report.json", "tokenizer.json", "notes.txt"):
+        (out / name).write_text(f"mine: {name}")
+    before = snapshot(out)
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out),
+                   f"output files already exist in {out}: config.json, model.plan.json, model.report.json, "
+                   "tokenizer.json (use --force to replace them)")
+    assert snapshot(out) == before
+    result = run_export(opt_folder, *QUICK, "-o", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert (out / "notes.txt").read_text() == "mine: notes.txt"  # not the export's: never touched
+    assert json.loads((out / "model.report.json").read_text())["task"] == "text-generation-with-past"
+
+
+def test_the_source_models_own_folder_is_refused_even_with_force(opt_folder, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in opt_folder.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    before = snapshot(source)
+    for target in (source, source / "model.onnx"):
+        one_line_error(run_export(source, *QUICK, "-o", target, "--force"),
+                       f"refusing to export into the source model's own folder {source}")
+    assert snapshot(source) == before
+
+
+def test_a_forced_reexport_removes_only_the_older_exports_own_leftovers(opt_folder, tmp_path):
+    out = tmp_path / "out"
+    assert run_export(opt_folder, *QUICK, "-o", out).exit_code == 0
+    (out / "model.onnx_data").write_text("external data of an older, larger export")
+    report = json.loads((out / "model.report.json").read_text())
+    report["files"].update({"vocab.txt": 1, "../outside.txt": 1, "notes.txt": 1})  # a report is data, not orders
+    (out / "model.report.json").write_text(json.dumps(report))
+    for name in ("vocab.txt", "notes.txt"):
+        (out / name).write_text(name)
+    (tmp_path / "outside.txt").write_text("outside")
+    assert run_export(opt_folder, *QUICK, "-o", out, "--force").exit_code == 0
+    names = {p.name for p in out.iterdir()}
+    assert "model.onnx_data" not in names and "vocab.txt" not in names
+    assert "notes.txt" in names and (tmp_path / "outside.txt").exists()
+
+
+# ---------------------------------------------------------------- case 6: all or nothing
+
+
+def test_a_folder_where_the_model_file_goes_is_one_line_and_nothing_moves(opt_folder, tmp_path):
+    out = tmp_path / "d"
+    (out / "m.onnx").mkdir(parents=True)
+    (out / "m.onnx" / "keep.txt").write_text("keep")
+    before = snapshot(out)
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out / "m.onnx", "--force"),
+                   f"output {out / 'm.onnx'} is a folder, not a model file")
+    assert snapshot(out) == before and debris(tmp_path) == []
+
+
+def test_a_failure_at_any_file_of_the_commit_leaves_the_old_output_exactly_as_it_was(opt_folder, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "out"
+    assert run_export(opt_folder, *QUICK, "-o", out).exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    real_rename, moved_in = os.rename, []
+
+    def flaky_rename(src, dst):  # the third new file moved into the folder fails
+        if Path(dst).parent == out and Path(src).parent.name == output_folder.STAGED and len(moved_in) < 3:
+            moved_in.append(dst)
+            if len(moved_in) == 3:
+                raise OSError(28, "No space left on device", str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky_rename)
+    one_line_error(run_export(opt_folder, "--bits", "4", "--algorithm", "rtn", "--no-verify", "-o", out, "--force"),
+                   f"cannot move the output into {out}: No space left on device")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert len(moved_in) == 3 and snapshot(out) == before and debris(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the lock, in-process
+
+
+def test_the_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path):
+    folder = tmp_path / "a" / "b" / "out"
+    with output_folder.claim_output(folder):
+        lock = output_folder.lock_path(folder)
+        assert lock.read_text().strip() == str(os.getpid())
+        with output_folder.claim_output(folder):
+            pass
+        assert lock.exists()
+    assert not (tmp_path / "a").exists()  # the parents it created are gone again, with the lock file
+
+
+def test_an_output_path_under_a_regular_file_says_so(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CptqError, match=r"afile is a file, not a folder"):
+        output_folder.check_target(tmp_path / "afile" / "sub" / "dir", "model.onnx", False)
