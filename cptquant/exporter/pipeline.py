@@ -20,10 +20,11 @@ import onnxruntime as ort
 from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
-from ..model_loading import LoadedModel
+from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from .baselines import baseline_dir, copy_model_folder, side_files, write_fp16
+from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
@@ -196,6 +197,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                  timings, fmt, opset)
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
+                if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
+                    genai = write_genai_config(out_dir, paths.model.name)
+                    report["genai_config"] = genai.name if genai else None
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
