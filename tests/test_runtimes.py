@@ -25,7 +25,7 @@ from cptquant.plan import uniform_plan
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.runtimes.cuda import CudaAdapter
 from cptquant.runtimes.inputs import feeds_for
-from cptquant.runtimes.quality import score_tokens, window_spans
+from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
 from cptquant.runtimes.verify import parse_fraction, short_verification
 
@@ -103,6 +103,20 @@ def test_sliding_window_perplexity_matches_torch_by_hand(tiny_opt, window, strid
     assert scores.perplexity == pytest.approx(expected, rel=1e-4)
 
 
+def test_kl_divergence_is_zero_for_the_same_model(tiny_opt):
+    _, out = tiny_opt
+    adapter = CpuAdapter()
+    fp32 = adapter.session(baseline_dir(out) / "fp32" / "model.onnx")
+    quantized = adapter.session(out / "model.onnx")
+    ids = np.random.default_rng(3).integers(4, 1000, size=40)
+    scores, kl = score_variants(adapter, {"q": quantized, "same": fp32, "fp32": fp32}, ids, 16, 8, candidate="fp32")
+    assert kl["same"] == pytest.approx(np.zeros_like(kl["same"]), abs=1e-9)
+    assert len(kl["q"]) == len(scores["q"].nll) == 39 and (kl["q"] > 0).all()
+    # KL(reference || model) by hand
+    expected = 0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1)
+    assert kl_divergence(np.log([[0.5, 0.5]]), np.log([[0.9, 0.1]]))[0] == pytest.approx(expected)
+
+
 @given(n=st.integers(2, 300), window=st.integers(2, 64), stride_fraction=st.floats(0.01, 1.0))
 def test_window_spans_score_each_token_at_most_once(n, window, stride_fraction):
     stride = max(1, int(window * stride_fraction))
@@ -145,6 +159,7 @@ def test_verify_passes_writes_reports_and_junit(tiny_opt, tmp_path):
     cpu = report["eps"]["cpu"]
     assert abs(cpu["quality"]["vs_fp32"]["ppl_increase"]) < 0.02
     assert cpu["quality"]["vs_fp32"]["top1_agreement"] > 0.9
+    assert 0 <= cpu["quality"]["vs_fp32"]["kl_divergence"] < 0.05
     assert set(cpu["speed"]["variants"]) == {"quantized", "fp32", "fp16"}
     assert cpu["speed"]["variants"]["quantized"]["latency"]["decode_per_token"]["p50_ms"] > 0
     assert cpu["speed"]["vs_fp16"]["smaller_on_disk_by"] > 1
@@ -525,3 +540,15 @@ def test_reexport_with_force_drops_the_old_models_verify_reports(tiny_bert_sourc
     assert (out / "verify" / "report.json").is_file()
     export_quantized(bert, lambda _l, graph: uniform_plan(graph, 4), out / "model.onnx", force=True, progress=False)
     assert not (out / "verify").exists()
+
+
+def test_max_kl_gates_only_when_given():
+    from cptquant.runtimes.verify import Thresholds, gate
+
+    measured = {"quality": {"vs_fp32": {"ppl_increase": 0.01, "kl_divergence": 0.2, "top1_agreement": 0.8}},
+                "speed": {"vs_fp32": {"geomean_speedup": 2.0}}}
+    names = [c.name for c in gate("cpu", measured, "text-generation-with-past", "fp32", Thresholds())]
+    assert not any("KL" in n for n in names)
+    checks = gate("cpu", measured, "text-generation-with-past", "fp32", Thresholds(max_kl=0.1))
+    kl = next(c for c in checks if "KL" in c.name)
+    assert not kl.passed and "0.2 > 0.1" in kl.line()

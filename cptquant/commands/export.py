@@ -21,6 +21,7 @@ from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
 from . import options, user_errors
 
 PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
+RULE_METHOD = "rule"  # not a pass: the k_quant_mixed layer rule of llama.cpp and ORT GenAI (passes/rule.py)
 # TDMPQ is the default: it ranks MiniLM's layers like the measured 4-bit damage (Spearman 0.99, docs/benchmarks.md).
 DEFAULT_METHOD = "tdmpq"
 
@@ -60,8 +61,10 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         plan = Plan.load(plan_file)  # read now: a bad plan fails before the model is loaded
         return lambda loaded, graph: plan
     method = method or DEFAULT_METHOD
+    if method == RULE_METHOD:
+        return _rule_factory(block_size, clip, zero_points, analysis)
     if method not in PASS_METHODS:
-        raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS)}")
+        raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS + (RULE_METHOD,))}")
     from ..passes import analyze, check_options, plan_from_scores
 
     check_options(analysis, (method,))
@@ -77,6 +80,26 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
         return plan
 
     return from_sensitivity
+
+
+def _rule_factory(block_size: int, clip: str, zero_points: str, analysis):
+    """The k_quant_mixed rule (passes/rule.py): a fixed layer choice, so a budget cannot apply."""
+    if analysis is not None and (analysis.target_bits is not None or analysis.max_size_mb is not None):
+        raise CptqError("--method rule is a fixed layer choice; it takes no --target-bits or --max-size-mb")
+
+    def rule(loaded: LoadedModel, graph: LayerGraph) -> Plan:
+        from ..passes.rule import rule_plan
+
+        plan = rule_plan(graph, block_size, loaded.display_name)
+        plan.clip = clip
+        plan = apply_zero_points(plan, zero_points)
+        if analysis is not None and analysis.hot_rows:
+            from ..passes.hot_rows import calibration_hot_rows, with_hot_rows
+
+            plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
+        return plan
+
+    return rule
 
 
 def print_summary(result: ExportResult, console: Console) -> None:
@@ -131,7 +154,8 @@ def export(
     model: Optional[str] = typer.Argument(None, help="Hub id or local folder; omitted: the embedded MiniLM."),
     output: Path = typer.Option(Path("out/model.onnx"), "-o", "--output", help="model.onnx path, or a folder."),
     method: Optional[str] = typer.Option(None, "--method",
-                                         help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq)."),
+                                         help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq); or rule: "
+                                              "llama.cpp's k_quant_mixed layer rule (no measurement)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
     bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = options.BLOCK_SIZE,

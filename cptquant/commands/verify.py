@@ -27,6 +27,9 @@ def verify(
     max_ppl_increase: str = typer.Option("2%", "--max-ppl-increase", help="Causal LM: largest relative perplexity rise."),
     max_accuracy_drop: str = typer.Option("1%", "--max-accuracy-drop",
                                           help="Classification / masked LM: largest accuracy drop (points)."),
+    max_kl: Optional[str] = typer.Option(None, "--max-kl",
+                                         help="Causal LM: largest mean KL divergence of the next-token distribution "
+                                              "from the baseline's (reported always; gated only when given)."),
     min_cosine: str = typer.Option("0.99", "--min-cosine", help="Feature extraction: smallest mean cosine."),
     min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean p50 speed-up."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
@@ -42,6 +45,7 @@ def verify(
         max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop", high=1.0),  # of 100 points
         min_cosine=parse_number(min_cosine, "--min-cosine", -1.0, 1.0),
         min_speedup=parse_number(min_speedup, "--min-speedup"),
+        max_kl=parse_number(max_kl, "--max-kl") if max_kl is not None else None,
     )
     eval_set = load_eval_file(eval_file) if eval_file is not None else None
     result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress)

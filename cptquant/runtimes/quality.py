@@ -4,7 +4,8 @@ Every variant (the quantized model, the FP32 and FP16 baselines) runs the same i
 adapter; `compare` then states the quantized model's figures against each baseline.
 
 - causal LM: perplexity with a sliding window (no KV cache: each window is one full forward pass
-  from an empty past), and top-1 next-token agreement with the baseline on the same tokens;
+  from an empty past), the mean KL divergence of the next-token distribution from the baseline's,
+  and top-1 next-token agreement with the baseline on the same tokens;
 - classification: accuracy when labels are given, else agreement with the baseline's argmax;
 - feature extraction: cosine of mask-aware mean-pooled embeddings, and nearest-neighbour agreement;
 - masked LM: accuracy at recovering masked tokens, and top-1 agreement on the masked positions.
@@ -161,16 +162,40 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def score_tokens(adapter: RuntimeAdapter, session, ids: np.ndarray, window: int, stride: int) -> TokenScores:
-    nll, top1 = [], []
+    return score_variants(adapter, {"model": session}, ids, window, stride)[0]["model"]
+
+
+def kl_divergence(logp_reference: np.ndarray, logp: np.ndarray) -> np.ndarray:
+    """KL(reference || model) per row of log-probabilities: how far the model's next-token
+    distribution moved from the reference's (what llama.cpp reports for its quant types)."""
+    return (np.exp(logp_reference) * (logp_reference - logp)).sum(axis=-1)
+
+
+def score_variants(adapter: RuntimeAdapter, sessions: dict, ids: np.ndarray, window: int, stride: int,
+                   candidate: str | None = None) -> tuple[dict[str, TokenScores], dict[str, np.ndarray]]:
+    """Every session on the same sliding windows, one window at a time: per variant the NLL and
+    top-1 of each scored token, and per other variant the candidate's KL divergence from it on each
+    token. Full next-token distributions are compared window by window because a whole evaluation's
+    log-probabilities (tokens x vocabulary) do not fit in memory."""
+    nll: dict[str, list] = {name: [] for name in sessions}
+    top1: dict[str, list] = {name: [] for name in sessions}
+    kl: dict[str, list] = {name: [] for name in sessions if candidate is not None and name != candidate}
     for begin, end, first in window_spans(len(ids), window, stride):
         chunk = ids[begin:end][None, :]
-        logits = adapter.run(session, feeds_for(session, chunk))["logits"][0]
-        predicting = logits[first - 1 - begin : end - 1 - begin]  # logits at j-1 predict token j
         targets = ids[first:end]
-        logp = _log_softmax(predicting)
-        nll.append(-logp[np.arange(len(targets)), targets])
-        top1.append(predicting.argmax(axis=-1))
-    return TokenScores(np.concatenate(nll), np.concatenate(top1))
+        logps = {}
+        for name, session in sessions.items():
+            logits = adapter.run(session, feeds_for(session, chunk))["logits"][0]
+            predicting = logits[first - 1 - begin : end - 1 - begin]  # logits at j-1 predict token j
+            logp = _log_softmax(predicting)
+            nll[name].append(-logp[np.arange(len(targets)), targets])
+            top1[name].append(predicting.argmax(axis=-1))
+            if candidate is not None:
+                logps[name] = logp
+        for name in kl:
+            kl[name].append(kl_divergence(logps[name], logps[candidate]))
+    scores = {name: TokenScores(np.concatenate(nll[name]), np.concatenate(top1[name])) for name in sessions}
+    return scores, {name: np.concatenate(values) for name, values in kl.items()}
 
 
 # ---------------------------------------------------------------- encoders
@@ -284,13 +309,16 @@ def _causal_lm(ctx: "_Context") -> Quality:
     ids = token_stream(ctx.encoder, ctx.eval_set.texts, s.lm_tokens)
     if len(ids) < 2:
         raise CptqError("the evaluation text is too short for perplexity (fewer than 2 tokens)")
-    raw = ctx.run_all(lambda session: score_tokens(ctx.adapter, session, ids, window, stride))
+    with progress_bar(ctx.progress) as bar:  # all variants window by window: KL needs them side by side
+        bar.add_task(f"quality on {ctx.adapter.name}", total=None)
+        raw, kl = score_variants(ctx.adapter, ctx.sessions, ids, window, stride, ctx.candidate)
     quality = Quality(TASK_CAUSAL_LM, int(len(raw[ctx.candidate].nll)),
                       settings={"tokens": int(len(ids)), "window": window, "stride": stride})
     quality.variants = {n: {"perplexity": _round(scores.perplexity)} for n, scores in raw.items()}
     cand = raw[ctx.candidate]
     for base in ctx.baselines:
         quality.vs[base] = {"ppl_increase": _round(cand.perplexity / raw[base].perplexity - 1.0),
+                            "kl_divergence": _round(kl[base].mean()),
                             "top1_agreement": _round(np.mean(cand.top1 == raw[base].top1))}
     return quality
 

@@ -49,6 +49,7 @@ class Thresholds:
     max_accuracy_drop: float = 0.01  # absolute: 0.01 = one point of accuracy (or of agreement)
     min_cosine: float = 0.99  # mean cosine of pooled embeddings
     min_speedup: float = 1.0  # geometric mean of baseline p50 / candidate p50
+    max_kl: float | None = None  # causal LM: mean KL divergence of next-token distributions (None: not gated)
 
 
 def parse_fraction(text: str, option: str, high: float = math.inf) -> float:
@@ -353,6 +354,9 @@ def gate(ep: str, measured: dict, task: str, baseline: str, thresholds: Threshol
     if task == TASK_CAUSAL_LM:
         checks.append(Check(ep, f"perplexity increase vs {baseline}", vs_quality["ppl_increase"],
                             thresholds.max_ppl_increase, True, percent=True))
+        if thresholds.max_kl is not None:
+            checks.append(Check(ep, f"mean KL divergence from {baseline}", vs_quality["kl_divergence"],
+                                thresholds.max_kl, True))
     elif task in (TASK_CLASSIFICATION, TASK_MASKED_LM):
         what = "accuracy drop" if measured["quality"]["variants"][CANDIDATE].get("accuracy") is not None \
             else "disagreement (accuracy drop taking the baseline as labels)"
