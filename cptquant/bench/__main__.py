@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--only", choices=("llm",), help="One section alone: llm = SmolLM2 against the peers "
                         "(writes OUT/benchmarks-llm.md, pareto-llm.png, llm-results.json; --quick: fewer tokens)")
+    parser.add_argument("--llm-tokens", type=int, default=None, help="With --only llm: evaluation tokens "
+                        "(default 16384; --quick 2048)")
     parser.add_argument("--reuse", action="store_true", help="With --only llm: keep the variants an earlier run "
                         "built (its build times are reported) and measure again")
     args = parser.parse_args(argv)
@@ -178,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     if args.only == "llm":
-        llm_result = run_llm(CACHE / "smollm2", LlmSettings.quick() if args.quick else LlmSettings(), log, args.reuse)
+        settings = LlmSettings.quick() if args.quick else LlmSettings()
+        settings.tokens = args.llm_tokens or settings.tokens
+        llm_result = run_llm(CACHE / "smollm2", settings, log, args.reuse)
         write_alone(llm_result, args.out, (time.perf_counter() - start) / 60,
                     f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
         print(f"wrote {args.out / 'benchmarks-llm.md'} and {args.out / 'pareto-llm.png'}")

@@ -79,7 +79,14 @@ def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpe
     if hasattr(og, "disable_telemetry_events"):
         og.disable_telemetry_events()
     prompt_ids = np.asarray(prompt_ids, dtype=np.int32)
-    models = {name: _load(folder, settings.threads) for name, folder in folders.items()}
+    models, errors = {}, {}
+    for name, folder in folders.items():
+        try:
+            models[name] = _load(folder, settings.threads)
+            _decode_steps(models[name], np.asarray(prompt_ids[:4], dtype=np.int32), 2)
+        except Exception as exc:  # a folder GenAI cannot run is reported by the caller
+            models.pop(name, None)
+            errors[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     names = list(models)
     prefill_names = [n for n in (prefill_names if prefill_names is not None else names) if n in models]
     short = prompt_ids[: settings.prompt_tokens]
@@ -102,7 +109,7 @@ def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpe
         order = prefill_names[r % max(len(prefill_names), 1):] + prefill_names[: r % max(len(prefill_names), 1)]
         for name in order:
             prefill[name].append(_prefill(models[name], long))
-    out = {}
+    out: dict[str, dict] = {name: {"error": error} for name, error in errors.items()}
     for name in names:
         out[name] = {"decode_ms": float(np.median(steps[name]) * 1e3), "decode_runs": len(steps[name]),
                      "tokens": tokens[name]}

@@ -58,13 +58,38 @@ class NncfConfig:
     all_layers: bool = False
 
 
+def fold_weight_transposes(model: onnx.ModelProto) -> int:
+    """Replace each `Transpose` of an initializer by the transposed initializer; returns how many.
+
+    optimum stores a tied LM head as `Transpose(embed_tokens.weight)` (one copy of the table on disk). NNCF 3.4
+    fails on that graph in every configuration ("There is no tensor with the name
+    model.embed_tokens.weight_transposed"): it takes the Transpose's output for an initializer. Folding it,
+    as a user would to get NNCF to run, stores the LM head as its own transposed copy."""
+    from onnx import numpy_helper
+
+    initializers = {t.name: t for t in model.graph.initializer}
+    folded = []
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in initializers:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(initializers[node.input[0]])
+            model.graph.initializer.append(numpy_helper.from_array(array.transpose(perm), node.output[0]))
+            folded.append(node)
+    for node in folded:
+        model.graph.node.remove(node)
+    return len(folded)
+
+
 def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig, calibration: list[dict]) -> Built:
     import nncf
 
     start = time.perf_counter()
     model = onnx.load(str(fp32_dir / MODEL_FILE))
+    folded = fold_weight_transposes(model)
     kwargs = dict(mode=getattr(nncf.CompressWeightsMode, config.mode), ratio=config.ratio, group_size=32,
-                  dataset=nncf.Dataset(calibration), subset_size=len(calibration), all_layers=config.all_layers)
+                  all_layers=config.all_layers)
+    if calibration:
+        kwargs.update(dataset=nncf.Dataset(calibration), subset_size=len(calibration))
     if config.sensitivity:
         kwargs["sensitivity_metric"] = getattr(nncf.SensitivityMetric, config.sensitivity)
     if config.awq:
@@ -78,7 +103,7 @@ def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig, calibration: l
     settings = {"mode": config.mode, "ratio": config.ratio, "group_size": 32, "all_layers": config.all_layers,
                 "sensitivity_metric": config.sensitivity or "default (MAX_ACTIVATION_VARIANCE)",
                 "awq": config.awq, "scale_estimation": config.scale_estimation,
-                "calibration_samples": len(calibration)}
+                "calibration_samples": len(calibration), "weight Transposes folded first": folded}
     return Built(config.name, "NNCF", out_dir / MODEL_FILE, settings, time.perf_counter() - start)
 
 
