@@ -13,7 +13,7 @@ from cptquant.exporter.graph_check import optimized_graph
 from cptquant.exporter.layer_map import WeightUse
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.exporter.qdq_rewrite import FORMAT_DYNAMIC, _Graph, _quantize_matmul
-from cptquant.exporter.quantize import quantize_blocked
+from cptquant.quant.quantize import quantize_blocked
 from cptquant.model_loading import wrap_model
 from cptquant.plan import LayerPlan, Plan, uniform_plan
 from cptquant.runtimes.inputs import feeds_for

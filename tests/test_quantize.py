@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from cptquant.exporter.quantize import (fake_quantize, pack_uint4_last_axis, quantize_blocked,
-                                        unpack_uint4_last_axis)
+from cptquant.quant.quantize import fake_quantize, quantize_blocked
+from cptquant.quant.storage import pack_uint4_last_axis, unpack_uint4_last_axis
 
 BLOCKS = st.sampled_from([16, 32, 64])
 FINITE = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)

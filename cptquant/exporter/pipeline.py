@@ -29,7 +29,7 @@ from .layer_map import build_layer_map
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
 from .qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ, rewrite_model
-from .weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
+from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's

@@ -26,8 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 from ..errors import CptqError
 from ..plan import HOT_ROW_BITS, LayerPlan, Plan
 from .layer_map import LayerMap, WeightUse
-from .quantize import QuantizedWeight, hot_slot_dtype, pack_uint4_last_axis, quantize_blocked
-from .weight_quantizers import RoundToNearest
+from ..quant.quantize import QuantizedWeight, quantize_blocked
+from ..quant.storage import hot_slot_dtype, pack_uint4_last_axis
+from ..quant.weight_quantizers import RoundToNearest
 
 MS_DOMAIN = "com.microsoft"
 KERNEL_MATMUL_NBITS = "MatMulNBits"
