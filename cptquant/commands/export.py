@@ -11,7 +11,7 @@ from rich.table import Table
 
 from ..errors import CptqError
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult, export_quantized
-from ..exporter.qdq_rewrite import FORMATS
+from ..quant.storage import FORMATS
 from ..quant.weight_quantizers import ALGORITHMS
 from ..quant.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph

@@ -17,7 +17,8 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import CptqError
-from .qdq_rewrite import KERNEL_FP16, LOW_BIT_KERNELS, RewrittenLayer
+from ..quant.storage import KERNEL_FP16, LOW_BIT_KERNELS
+from .lowering import LoweredLayer
 
 
 @dataclass
@@ -60,7 +61,7 @@ def optimized_graph(model_path: Path) -> onnx.ModelProto:
         return onnx.load(str(opt_path), load_external_data=False)
 
 
-def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> GraphCheck:
+def check_kernels(model_path: Path, rewritten: dict[str, LoweredLayer]) -> GraphCheck:
     graph = optimized_graph(model_path).graph
     owner = {init: record.name for record in rewritten.values()
              for init in record.new_initializers + record.derived_tensors}
