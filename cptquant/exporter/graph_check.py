@@ -1,7 +1,7 @@
 """Check what ONNX Runtime really runs: every quantized weight must reach a low-bit kernel.
 
 ORT writes the graph it will execute to `optimized_model_filepath`. A quantized weight that still
-feeds a `DequantizeLinear` there is dequantized on every call (a slow path, NOTES §1), as is a
+feeds a `DequantizeLinear` there is dequantized on every call (a slow path, docs/ort-kernels.md), as is a
 4-bit weight whose expansion to int8 (`--format dynamic`) was not constant-folded: any node other
 than the layer's low-bit kernel reading its tensors fails the export, naming the layer.
 """

@@ -97,17 +97,28 @@ def _unsigned_codes(qw: QuantizedWeight) -> np.ndarray:
     return qw.q.astype(np.uint8)
 
 
-def _check(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _as_laid_out(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`arrays`, after checking they are what `layout` (and so the allocator) counts. 4-bit codes are held
+    in int8/uint8 arrays until written."""
     for role, spec in layout.items():
-        shape = arrays[role].shape
-        if spec.dtype in ("int4", "uint4"):
-            assert shape == spec.shape, (role, shape, spec)
-        else:
-            assert shape == spec.shape and arrays[role].dtype == np.dtype(spec.dtype), (role, shape, spec)
+        array = arrays[role]
+        held = {"int4": "int8", "uint4": "uint8"}.get(spec.dtype, spec.dtype)
+        if set(arrays) != set(layout) or array.shape != spec.shape or array.dtype != np.dtype(held):
+            raise RuntimeError(f"{role}: {array.dtype}{list(array.shape)} written where the layout has {spec}")
     return arrays
 
 
-class BlockedQdq:
+class _Layout:
+    """A storage whose bytes are the sum of its tensors' (`tensors()` takes the same arguments)."""
+
+    def tensors(self, *args, **kwargs) -> dict[str, TensorLayout]:
+        raise NotImplementedError
+
+    def nbytes(self, *args, **kwargs) -> int:
+        return sum(t.nbytes for t in self.tensors(*args, **kwargs).values())
+
+
+class BlockedQdq(_Layout):
     """`--format qdq`: codes [K, N] (int4/int8, or uint when asymmetric), a scale and zero point per
     block, read by a blocked DequantizeLinear that ORT fuses with the MatMul into MatMulNBits."""
 
@@ -121,18 +132,16 @@ class BlockedQdq:
             layout["zero_points"] = TensorLayout(blocks, codes_dtype(bits, False))
         return layout
 
-    def nbytes(self, k: int, n: int, bits: int, block_size: int, symmetric: bool, factors: str = "float16") -> int:
-        return sum(t.nbytes for t in self.tensors(k, n, bits, block_size, symmetric, factors).values())
-
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         """Codes as int8/uint8 holding the bit width's values (packed when written), float32 scales."""
         arrays = {"codes": qw.q, "scales": qw.scale}
         if not qw.symmetric:
             arrays["zero_points"] = qw.zero_point
-        return arrays
+        k, n = qw.q.shape
+        return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
 
 
-class BlockedNBits:
+class BlockedNBits(_Layout):
     """`--format nbits` (and the FusedGemm repair): com.microsoft.MatMulNBits' own layout, codes per output
     column [N, blocks, block bytes] packed low nibble first, scales [N * blocks], zero points per column."""
 
@@ -147,9 +156,6 @@ class BlockedNBits:
             layout["zero_points"] = TensorLayout((n * _packed_length(blocks, bits),), "uint8")
         return layout
 
-    def nbytes(self, k: int, n: int, bits: int, block_size: int, symmetric: bool, factors: str = "float16") -> int:
-        return sum(t.nbytes for t in self.tensors(k, n, bits, block_size, symmetric, factors).values())
-
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         k, n = qw.q.shape
         blocks = k // qw.block_size
@@ -159,10 +165,10 @@ class BlockedNBits:
         if not qw.symmetric:
             zp = np.ascontiguousarray(qw.zero_point.T)
             arrays["zero_points"] = (pack_uint4_last_axis(zp) if qw.bits == 4 else zp).reshape(-1)
-        return _check(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
+        return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
 
 
-class DynamicInt8:
+class DynamicInt8(_Layout):
     """`--format dynamic`: com.microsoft.DynamicQuantizeMatMul reads an int8 [K, N] weight and a float32
     scale per output column. 8 bits: exactly that. 4 bits: the blocked codes stay 4-bit on disk with
     per-block ratios (block scale / column scale) and zero points; constant-foldable ops expand them to
@@ -182,15 +188,13 @@ class DynamicInt8:
         layout["column_scales"] = TensorLayout((n,), "float32")
         return layout
 
-    def nbytes(self, k: int, n: int, bits: int, block_size: int, symmetric: bool, factors: str = "float16") -> int:
-        return sum(t.nbytes for t in self.tensors(k, n, bits, block_size, symmetric, factors).values())
-
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         """8 bits: `qw` is per column (one block of K). 4 bits: column scale max|W4| / 127, so the
         effective weight is the 4-bit one rounded once more onto the column's int8 grid."""
         k, n = qw.q.shape
         if qw.bits == 8:
-            return {"codes": qw.q, "column_scales": qw.scale.reshape(n)}
+            arrays = {"codes": qw.q, "column_scales": qw.scale.reshape(n)}
+            return _as_laid_out(self.tensors(k, n, 8, k, True), arrays)
         blocks = k // qw.block_size
         column_scale = np.abs(qw.dequantize()).max(axis=0) / np.float32(127)
         column_scale = np.where(column_scale > 0, column_scale, 1).astype(np.float32)
@@ -199,7 +203,7 @@ class DynamicInt8:
         if not qw.symmetric:
             arrays["zero_points"] = qw.zero_point.reshape(blocks, 1, n)
         arrays["column_scales"] = column_scale
-        return arrays
+        return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
 
     @staticmethod
     def effective_weight(arrays: dict[str, np.ndarray], ratios: np.ndarray) -> np.ndarray:
@@ -214,7 +218,7 @@ class DynamicInt8:
         return int8 * arrays["column_scales"]
 
 
-class BlockQuantizedTable:
+class BlockQuantizedTable(_Layout):
     """An embedding table [rows, hidden] for com.microsoft.GatherBlockQuantized: uint8 codes per row
     (4-bit packed two per byte), FP16 scales per block along the hidden size (the kernel then returns
     FP16 rows), zero points per row, none when symmetric (the kernel assumes 2^(bits-1))."""
@@ -229,9 +233,6 @@ class BlockQuantizedTable:
             layout["zero_points"] = TensorLayout((rows, _packed_length(blocks, bits)), "uint8")
         return layout
 
-    def nbytes(self, hidden: int, rows: int, bits: int, block_size: int, symmetric: bool) -> int:
-        return sum(t.nbytes for t in self.tensors(hidden, rows, bits, block_size, symmetric).values())
-
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         """`qw` quantized the table transposed ([hidden, rows]: blocks along the hidden size)."""
         codes = np.ascontiguousarray(_unsigned_codes(qw).T)
@@ -241,7 +242,7 @@ class BlockQuantizedTable:
             zp = np.ascontiguousarray(qw.zero_point.T)
             arrays["zero_points"] = pack_uint4_last_axis(zp) if qw.bits == 4 else zp
         hidden, rows = qw.q.shape
-        return _check(self.tensors(hidden, rows, qw.bits, qw.block_size, qw.symmetric), arrays)
+        return _as_laid_out(self.tensors(hidden, rows, qw.bits, qw.block_size, qw.symmetric), arrays)
 
 
 def hot_slot_dtype(table_rows: int) -> np.dtype:

@@ -12,7 +12,7 @@ its sites by `wanted` and writes through the `Lowering`; a new storage layout go
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,18 +69,19 @@ def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
 
 def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
                 kernels: KernelChoice = KernelChoice(), quantizer=None,
-                smoothing: Mapping[str, np.ndarray] | None = None) -> Lowered:
+                smoothing: Mapping[str, np.ndarray] | None = None,
+                passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes) -> Lowered:
     """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.
 
     `kernels` chooses how each layer's 4/8-bit MatMul weights are written (--format, or per layer);
     `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding tables
     are always round-to-nearest. `smoothing` (layer -> per-input-channel factors) scales outlier
-    channels down before the int8 product of `--format dynamic` layers.
+    channels down before the int8 product of `--format dynamic` layers. `passes` makes the pass list.
     """
     ir_model = ir.serde.deserialize_model(model)
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     try:
-        ir.passes.PassManager(lowering_passes(lowering))(ir_model)
+        ir.passes.PassManager(passes(lowering))(ir_model)
     except ir.passes.PassError as exc:
         raise _user_error(exc) or exc
     lowered = ir.serde.serialize_model(ir_model)

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from ...plan import LayerPlan, Plan
 from ...quant.storage import FORMAT_QDQ
+from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 
 MS_DOMAIN = "com.microsoft"
@@ -87,8 +88,6 @@ class Lowering:
     def __init__(self, model: ir.Model, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
                  kernels: KernelChoice = KernelChoice(), quantizer=None,
                  smoothing: Mapping[str, np.ndarray] | None = None):
-        from ...quant.weight_quantizers import RoundToNearest
-
         self.model, self.graph, self.plan, self.kernels = model, model.graph, plan, kernels
         self.quantizer = quantizer or RoundToNearest()
         self.smoothing = dict(smoothing or {})
@@ -136,10 +135,10 @@ class Lowering:
 
     # --- writing ------------------------------------------------------------------------------
 
-    def key(self, site: Site, seq: int | None = None) -> Key:
-        if seq is None:
-            seq, self._seq = self._seq, self._seq + 1
-        return site.order, site.use_index, seq
+    def key(self, site: Site) -> Key:
+        """The next place in `site`'s share of the file."""
+        self._seq += 1
+        return site.order, site.use_index, self._seq
 
     def add_initializer(self, site: Site, name: str, tensor: ir.TensorProtocol, owned: bool = True,
                         key: Key | None = None) -> ir.Value:
@@ -187,15 +186,14 @@ class Lowering:
             self._shapes[dims] = self.add_initializer(site, name, ir.tensor(np.array(dims, np.int64)), owned=False)
         return self._shapes[dims]
 
-    def replace(self, site: Site | None, old: ir.Node, new_nodes: Sequence[ir.Node],
-                outputs: Sequence[ir.Value] | None = None) -> None:
-        """Put `new_nodes` where `old` was; `outputs` (default: the last node's) take over its outputs, names
-        included. The site's consumer becomes the node that reads its weight, if it is among them."""
-        outputs = list(outputs if outputs is not None else new_nodes[-1].outputs)
-        self.graph.insert_before(old, list(new_nodes))
-        for before, after in zip(old.outputs, outputs):
+    def replace(self, old: ir.Node | Sequence[ir.Node], new_nodes: Sequence[ir.Node]) -> None:
+        """Put `new_nodes` where `old` (a node, or a chain of them) was; the last new node's outputs take over
+        the last old node's, names included."""
+        chain = [old] if isinstance(old, ir.Node) else list(old)
+        self.graph.insert_before(chain[0], list(new_nodes))
+        for before, after in zip(chain[-1].outputs, new_nodes[-1].outputs):
             take_over(before, after)
-        self.graph.remove(old, safe=True)
+        self.graph.remove(chain, safe=True)
 
 
 def take_over(before: ir.Value, after: ir.Value) -> None:

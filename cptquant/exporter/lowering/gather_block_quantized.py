@@ -56,7 +56,7 @@ class GatherToBlockQuantized(LoweringPass):
             nodes, nbytes, sq_error = self._hot_row_lookup(site, table, ids, hot)
         cast = make_node("Cast", [nodes[-1].outputs[0]], [gather.outputs[0].name],
                          lowering.names.unique(gather.name + "Cast"), to=ir.DataType.FLOAT)
-        lowering.replace(site, gather, nodes + [cast])
+        lowering.replace(gather, nodes + [cast])
         site.node = cast
         site.kernels += [KERNEL_GATHER_BQ] * (2 if hot.size else 1)
         site.nbytes += nbytes

@@ -49,5 +49,5 @@ class GemmToMatMul(LoweringPass):
                 bias = lowering.add_initializer(site, bias.name + "_beta", scaled, owned=False)
             nodes.append(make_node("Add", [matmul.outputs[0], bias], [gemm.outputs[0].name],
                                    names.unique(gemm.name.replace("Gemm", "Add"))))
-        lowering.replace(site, gemm, nodes)
+        lowering.replace(gemm, nodes)
         site.node = matmul

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...quant.storage import FORMAT_DYNAMIC, KERNEL_DYNAMIC, DynamicInt8
-from .context import MS_DOMAIN, Site, make_node, take_over
+from .context import MS_DOMAIN, Site, make_node
 from .matmul import MatMulLowering, int_tensor
 
 
@@ -47,9 +47,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
             inputs += [None, bias_add[1]]
             replaced.append(bias_add[0])
         node = make_node(KERNEL_DYNAMIC, inputs, [replaced[-1].outputs[0].name], name, domain=MS_DOMAIN)
-        lowering.graph.insert_before(matmul, node)
-        take_over(replaced[-1].outputs[0], node.outputs[0])
-        lowering.graph.remove(list(reversed(replaced)), safe=True)
+        lowering.replace(replaced, [node])
         site.node = node
         if smoothing is not None:
             site.input_scale = smoothing

@@ -37,7 +37,7 @@ class MatMulToNBits(MatMulLowering):
         node = make_node(KERNEL_MATMUL_NBITS, inputs, [matmul.outputs[0].name], names.unique(matmul.name + "NBits"),
                          domain=MS_DOMAIN, K=k, N=n, bits=qw.bits, block_size=qw.block_size,
                          accuracy_level=NBITS_ACCURACY_LEVEL)
-        lowering.replace(site, matmul, [node])
+        lowering.replace(matmul, [node])
         site.node = node
         stored_qw = dataclasses.replace(qw, scale=stored.reshape(n, -1).T.copy())
         self.record(site, self.storage.nbytes(k, n, qw.bits, qw.block_size, qw.symmetric, factor_type),
