@@ -31,16 +31,18 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 _WORDY = re.compile(r"^[A-Z][A-Za-z0-9 ,;:'()\-]+[.!?]$")
 
 
-def _docstrings() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _docstrings() -> tuple[str, ...]:
     """Docstrings of the modules above, read from their source with `ast` (see `_file_docstrings`):
-    inspecting live module objects made the corpus depend on what the process had imported before."""
+    inspecting live module objects made the corpus depend on what the process had imported before.
+    Read once per process (a second or so; every export's parity check and calibration asks)."""
     texts: list[str] = []
     for module_name in _MODULES:
         spec = importlib.util.find_spec(module_name)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
         texts.extend(_file_docstrings(Path(spec.origin)))
-    return texts
+    return tuple(texts)
 
 
 def sentences(min_words: int = 6, max_words: int = 40) -> list[str]:

@@ -169,8 +169,13 @@ def apply_zero_points(plan: Plan, mode: str) -> Plan:
     if mode not in ZERO_POINT_MODES:
         raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {mode!r}")
     for lp in plan.layers.values():
-        lp.symmetric = mode == "never" or (mode == "auto" and lp.bits != 4)
+        lp.symmetric = symmetric_for(lp.bits, mode)
     return plan
+
+
+def symmetric_for(bits: int, zero_points: str) -> bool:
+    """Whether `--zero-points` mode leaves a layer at `bits` without zero points."""
+    return zero_points == "never" or (zero_points == "auto" and bits != 4)
 
 
 def check_block_size(block_size: int) -> None:

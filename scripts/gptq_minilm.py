@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from cptquant.corpus import evaluation_sentences  # noqa: E402
-from cptquant.exporter.gptq import gptq_quantize  # noqa: E402
-from cptquant.exporter.quantize import quantize_blocked  # noqa: E402
+from cptquant.quant.gptq import gptq_quantize  # noqa: E402
+from cptquant.quant.quantize import quantize_blocked  # noqa: E402
 from cptquant.layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, build_layer_graph, weight_in_out  # noqa: E402
 from cptquant.model_loading import load_model  # noqa: E402
 from cptquant.passes.calibration import build_calibration  # noqa: E402

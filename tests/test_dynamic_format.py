@@ -12,10 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 from cptquant.exporter.graph_check import optimized_graph
 from cptquant.exporter.layer_map import WeightUse
 from cptquant.exporter.pipeline import export_quantized
-from cptquant.exporter.qdq_rewrite import FORMAT_DYNAMIC, _Graph, _quantize_matmul
-from cptquant.exporter.quantize import quantize_blocked
+from cptquant.exporter.lowering import KernelChoice, Lowered, lower_model
 from cptquant.model_loading import wrap_model
 from cptquant.plan import LayerPlan, Plan, uniform_plan
+from cptquant.quant.quantize import quantize_blocked
+from cptquant.quant.storage import FORMAT_DYNAMIC
 from cptquant.runtimes.inputs import feeds_for
 from cptquant.testing import tiny_bert
 
@@ -33,6 +34,12 @@ def _one_matmul(weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
+def _lower_dynamic(model: onnx.ModelProto, bits: int, symmetric: bool, smoothing: np.ndarray | None = None) -> Lowered:
+    plan = Plan(layers={"fc": LayerPlan(bits=bits, symmetric=symmetric)})
+    return lower_model(model, {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan, KernelChoice(FORMAT_DYNAMIC),
+                       smoothing=None if smoothing is None else {"fc": smoothing})
+
+
 def _effective_weight(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
     """What the format computes with: per-column int8 of the weight (8 bits) or of its blocked 4-bit version."""
     source = weight if bits == 8 else quantize_blocked(weight, bits, 32, symmetric).dequantize()
@@ -45,11 +52,8 @@ def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric):
     weight = rng.normal(size=(K, N)).astype(np.float32)
     bias = rng.normal(size=N).astype(np.float32)
     x = rng.normal(size=(5, K)).astype(np.float32)
-    model = _one_matmul(weight, bias)
-    g = _Graph(model)
-    nbytes, mse, block = _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"),
-                                          LayerPlan(bits=bits, symmetric=symmetric), "absmax", "fc", FORMAT_DYNAMIC)
-    g.finish()
+    lowered = _lower_dynamic(_one_matmul(weight, bias), bits, symmetric)
+    model, mse, block = lowered.model, lowered.layers["fc"].mse, lowered.layers["fc"].block_size
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node if n.domain] == ["DynamicQuantizeMatMul"]
     assert not any(n.op_type == "Add" for n in model.graph.node)  # the bias moved into the kernel
@@ -74,17 +78,15 @@ def test_outlier_channels_are_scaled_down_before_the_int8_product(bits, symmetri
     smoothing[[3, 50]] = np.sqrt(40)
     errors = {}
     for factors in (None, smoothing):
-        model = _one_matmul(weight, None)
-        g = _Graph(model)
-        _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"), LayerPlan(bits=bits, symmetric=symmetric),
-                         "absmax", "fc", FORMAT_DYNAMIC, smoothing=factors)
-        g.finish()
+        lowered = _lower_dynamic(_one_matmul(weight, None), bits, symmetric, factors)
+        model = lowered.model
         onnx.checker.check_model(model)
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         errors[factors is None] = np.abs(session.run(None, {"x": x})[0] - x @ weight).max()
         if factors is not None:
             assert [n.op_type for n in model.graph.node][-2:] == ["Mul", "DynamicQuantizeMatMul"]
-            assert not any(name.startswith("fc.input_smoothing") for name in g.created)  # not the layer's weight
+            # not the layer's weight
+            assert not any(name.startswith("fc.input_smoothing") for name in lowered.layers["fc"].new_initializers)
     assert errors[False] < gain * errors[True], errors
 
 

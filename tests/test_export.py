@@ -12,7 +12,7 @@ import torch
 from cptquant.corpus import sentences
 from cptquant.exporter.graph_check import optimized_graph
 from cptquant.exporter.pipeline import export_quantized
-from cptquant.exporter.quantize import fake_quantize
+from cptquant.quant.quantize import fake_quantize
 from cptquant.layer_graph import build_layer_graph, weight_in_out
 from cptquant.model_loading import wrap_model
 from cptquant.plan import Plan, uniform_plan

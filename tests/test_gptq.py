@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from cptquant.exporter.gptq import gptq_quantize, inverse_hessian_cholesky
-from cptquant.exporter.quantize import quantize_blocked
+from cptquant.quant.gptq import gptq_quantize, inverse_hessian_cholesky
+from cptquant.quant.quantize import quantize_blocked
 from cptquant.layer_graph import ROLE_EMBEDDING, build_layer_graph
 from cptquant.model_loading import TASK_FEATURES, LoadedModel
 from cptquant.passes.calibration import CalibrationSet, build_calibration

@@ -14,11 +14,12 @@ from cptquant.exporter.pipeline import export_quantized
 from cptquant.layer_graph import build_layer_graph
 from cptquant.model_loading import load_model
 from cptquant.passes import AnalysisOptions, plan_from_scores
-from cptquant.passes.allocate import NODE_BYTES, HotRows, unit_bytes
+from cptquant.passes.allocate import unit_bytes
 from cptquant.passes.calibration import build_calibration
 from cptquant.passes.common import quantized_weight, replaced_weights, weight_param
 from cptquant.passes.hot_rows import MAX_HOT_FRACTION, hot_rows, input_embedding
 from cptquant.plan import Plan, format_rows, parse_rows, uniform_plan
+from cptquant.quant.storage import NODE_BYTES, WeightShape
 from cptquant.runtimes.inputs import feeds_for
 from cptquant.testing import save_tiny_model, tiny_bert, tiny_opt
 
@@ -83,10 +84,8 @@ def test_plan_from_scores_gives_hot_rows_to_4_bit_tables_and_counts_their_bytes(
     eight = plan_from_scores(graph, scores, "tdmpq", AnalysisOptions(target_bits=8.0), "tiny", hot_rows={TABLE: [3]})
     assert eight.layers[TABLE].hot_rows is None  # an 8-bit table has no use for them
     table = graph[TABLE]
-    hot = HotRows()
-    hot.add(2, table.in_features, table.out_features)
-    with_hot = unit_bytes(table.num_params, 4, 32, "auto", table.num_params, hot=hot)
-    without = unit_bytes(table.num_params, 4, 32, "auto", table.num_params)
+    with_hot = unit_bytes([WeightShape(table.in_features, table.out_features, table=True, hot_rows=2)], 4, 32)
+    without = unit_bytes([WeightShape(table.in_features, table.out_features, table=True)], 4, 32)
     assert with_hot > without
 
 
@@ -106,11 +105,10 @@ def test_export_stores_hot_rows_at_8_bits_as_the_passes_model_them(bert, calib, 
     assert result.report["graph_check"]["kernels"] == {"GatherBlockQuantized(bits=4)": 1,
                                                        "GatherBlockQuantized(bits=8)": 1}
     table = graph[TABLE]
-    hot = HotRows()
-    hot.add(len(rows), table.in_features, table.out_features)
+    shape = WeightShape(table.in_features, table.out_features, table=True, hot_rows=len(rows))
     # The allocator's byte count is what the file holds (names and nodes aside).
-    predicted = unit_bytes(table.num_params, 4, 32, "never", table.num_params, hot=hot) - 2 * NODE_BYTES
-    assert entry["bytes_after"] == pytest.approx(predicted, abs=8)
+    predicted = unit_bytes([shape], 4, 32, "never") - 2 * NODE_BYTES
+    assert entry["bytes_after"] == predicted
 
     session = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])
     ids = np.array([rows[:12] + [r for r in range(1000) if r not in rows][:12]], dtype=np.int64)  # hot and cold

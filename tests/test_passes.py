@@ -22,6 +22,7 @@ from cptquant.passes.cmpq import cmpq_scores
 from cptquant.passes.common import allocation_units
 from cptquant.passes.pmpq import pmpq_scores
 from cptquant.passes.task_loss import TaskLoss
+from cptquant.quant.storage import WeightShape
 
 torch.set_num_threads(1)
 FAST = dict(calib_samples=16, seq_len=32)
@@ -135,13 +136,15 @@ def test_target_bits_budget_is_met_and_spent_on_sensitive_layers(target):
 def test_size_budget_counts_scales_and_fixed_params_and_is_never_exceeded():
     scores = {"a": 1.0, "b": 0.5, "c": 0.01}
     params = {"a": 4096, "b": 4096, "c": 4096}
+    weights = {name: [WeightShape(64, 64)] for name in scores}
     fixed = 1000
     for limit_mb in (0.0132, 0.015, 0.02, 0.03):
-        bits = budget_bits(scores, params, (16, 8, 4), max_size_mb=limit_mb, block_size=32, fixed_bytes=4 * fixed)
-        size = sum(unit_bytes(params[n], bits[n], 32) for n in bits) + 4 * fixed  # biases/norms stay FP32
+        bits = budget_bits(scores, params, (16, 8, 4), max_size_mb=limit_mb, block_size=32, fixed_bytes=4 * fixed,
+                           weights=weights)
+        size = sum(unit_bytes(weights[n], bits[n], 32) for n in bits) + 4 * fixed  # biases/norms stay FP32
         assert size <= limit_mb * 1e6
     with pytest.raises(CptqError, match="cannot be met"):
-        budget_bits(scores, params, (16, 8, 4), max_size_mb=0.005, fixed_bytes=4 * fixed)
+        budget_bits(scores, params, (16, 8, 4), max_size_mb=0.005, fixed_bytes=4 * fixed, weights=weights)
 
 
 def test_plan_is_byte_identical_for_same_seed_and_respects_granularity():

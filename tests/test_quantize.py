@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from cptquant.exporter.quantize import (fake_quantize, pack_uint4_last_axis, quantize_blocked,
-                                        unpack_uint4_last_axis)
+from cptquant.quant.quantize import fake_quantize, quantize_blocked
+from cptquant.quant.storage import pack_uint4_last_axis, unpack_uint4_last_axis
 
 BLOCKS = st.sampled_from([16, 32, 64])
 FINITE = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
@@ -58,10 +58,12 @@ def test_uint4_packing_roundtrips(values):
 @settings(max_examples=40, deadline=None)
 @given(arrays(np.int8, st.tuples(st.integers(1, 5), st.integers(1, 9)), elements=st.integers(-8, 7)), st.booleans())
 def test_int4_initializers_are_packed_exactly(values, signed):
-    from cptquant.exporter.qdq_rewrite import _int_tensor
+    import onnx_ir as ir
+
+    from cptquant.exporter.lowering.matmul import int_tensor
 
     values = values if signed else (values.astype(np.int16) + 8).astype(np.uint8)
-    tensor = _int_tensor("w", values, 4, signed)
+    tensor = ir.serde.serialize_tensor(int_tensor(values, 4, signed))
     assert len(tensor.raw_data) == (values.size + 1) // 2  # two values per byte on disk
     assert np.array_equal(numpy_helper.to_array(tensor).astype(np.int16), values.astype(np.int16))
 
@@ -83,9 +85,9 @@ def _run_single(node, initializers, inputs, outputs, opsets):
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_gather_block_quantized_layout_matches_numpy(bits, symmetric):
     """The rewriting pass's embedding layout, read back by ORT's kernel, equals our dequantization."""
-    from cptquant.exporter.qdq_rewrite import _Graph, _quantize_gather
     from cptquant.exporter.layer_map import WeightUse
-    from cptquant.plan import LayerPlan
+    from cptquant.exporter.lowering import lower_model
+    from cptquant.plan import LayerPlan, Plan
 
     rng = np.random.default_rng(0)
     table = rng.normal(size=(50, 64)).astype(np.float32)
@@ -95,11 +97,9 @@ def test_gather_block_quantized_layout_matches_numpy(bits, symmetric):
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 64])],
                           [numpy_helper.from_array(table, "table")]),
         opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-    g = _Graph(model)
-    _quantize_gather(g, WeightUse("/emb/Gather", "Gather", "table", None, "out_in"),
-                     LayerPlan(bits=bits, symmetric=symmetric), "absmax", "emb")
-    g.finish()
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    plan = Plan(layers={"emb": LayerPlan(bits=bits, symmetric=symmetric)})
+    lowered = lower_model(model, {"emb": [WeightUse("/emb/Gather", "Gather", "table", None, "out_in")]}, plan)
+    session = ort.InferenceSession(lowered.model.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([0, 7, 49, 7], np.int64)
     qw = quantize_blocked(table.T, bits, 32, symmetric)
     # The file keeps FP16 scales and the kernel returns FP16 rows: one rounding of the exact product.
@@ -115,8 +115,9 @@ def test_matmul_nbits_and_qdq_agree(bits, symmetric, tmp_path):
     one MatMulNBits (the FP16 scales' Cast folded away before the QDQ fusion)."""
     from cptquant.exporter.graph_check import optimized_graph
     from cptquant.exporter.layer_map import WeightUse
-    from cptquant.exporter.qdq_rewrite import FORMAT_NBITS, FORMAT_QDQ, _Graph, _quantize_matmul
-    from cptquant.plan import LayerPlan
+    from cptquant.exporter.lowering import KernelChoice, lower_model
+    from cptquant.plan import LayerPlan, Plan
+    from cptquant.quant.storage import FORMAT_NBITS, FORMAT_QDQ
 
     rng = np.random.default_rng(1)
     weight = rng.normal(size=(96, 40)).astype(np.float32)
@@ -131,10 +132,8 @@ def test_matmul_nbits_and_qdq_agree(bits, symmetric, tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 40])],
                               [numpy_helper.from_array(weight, "w")]),
             opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
-        g = _Graph(model)
-        _quantize_matmul(g, WeightUse("/fc/MatMul", "MatMul", "w"), LayerPlan(bits=bits, symmetric=symmetric),
-                         "absmax", "fc", fmt)
-        g.finish()
+        plan = Plan(layers={"fc": LayerPlan(bits=bits, symmetric=symmetric)})
+        model = lower_model(model, {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan, KernelChoice(fmt)).model
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp_path / f"{fmt}.onnx"))
         assert [n.op_type for n in optimized_graph(tmp_path / f"{fmt}.onnx").graph.node] == ["MatMulNBits"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..exporter.onnx_export import MODEL_FILE
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, exported_layer_graph
-from ..exporter.qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ
+from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import load_model
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..plan import apply_zero_points, uniform_plan

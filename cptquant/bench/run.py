@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..exporter.pipeline import export_quantized, exported_layer_graph
-from ..exporter.qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ
+from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows

@@ -12,9 +12,9 @@ from rich.table import Table
 
 from ..errors import CptqError
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult, export_quantized
-from ..exporter.qdq_rewrite import FORMATS
-from ..exporter.weight_quantizers import ALGORITHMS
-from ..exporter.quantize import CLIP_METHODS
+from ..quant.storage import FORMATS
+from ..quant.weight_quantizers import ALGORITHMS
+from ..quant.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
 from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model, normalize_task
 from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,

@@ -1,7 +1,7 @@
 """Check what ONNX Runtime really runs: every quantized weight must reach a low-bit kernel.
 
 ORT writes the graph it will execute to `optimized_model_filepath`. A quantized weight that still
-feeds a `DequantizeLinear` there is dequantized on every call (a slow path, NOTES §1), as is a
+feeds a `DequantizeLinear` there is dequantized on every call (a slow path, docs/ort-kernels.md), as is a
 4-bit weight whose expansion to int8 (`--format dynamic`) was not constant-folded: any node other
 than the layer's low-bit kernel reading its tensors fails the export, naming the layer.
 """
@@ -17,7 +17,8 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import CptqError
-from .qdq_rewrite import KERNEL_FP16, LOW_BIT_KERNELS, RewrittenLayer
+from ..quant.storage import KERNEL_FP16, LOW_BIT_KERNELS
+from .lowering import LoweredLayer
 
 
 @dataclass
@@ -60,7 +61,7 @@ def optimized_graph(model_path: Path) -> onnx.ModelProto:
         return onnx.load(str(opt_path), load_external_data=False)
 
 
-def check_kernels(model_path: Path, rewritten: dict[str, RewrittenLayer]) -> GraphCheck:
+def check_kernels(model_path: Path, rewritten: dict[str, LoweredLayer]) -> GraphCheck:
     graph = optimized_graph(model_path).graph
     owner = {init: record.name for record in rewritten.values()
              for init in record.new_initializers + record.derived_tensors}

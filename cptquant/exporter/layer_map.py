@@ -41,6 +41,10 @@ class LayerMap:
     mapped: dict[str, LayerMapping]
     absent: list[str]  # layers whose weight the exported graph does not use (e.g. a pooler no output needs)
 
+    def uses(self) -> dict[str, list[WeightUse]]:
+        """Each mapped layer's weight uses, in layer order: what the lowering rewrites."""
+        return {name: mapping.uses for name, mapping in self.mapped.items()}
+
 
 def _scope(node: onnx.NodeProto) -> str:
     return node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")

@@ -1,4 +1,4 @@
-"""The export flow: torch model -> layer graph -> plan -> ONNX -> QDQ rewrite -> checks -> report.
+"""The export flow: torch model -> layer graph -> plan -> ONNX -> lowering -> checks -> report.
 
 Everything is written into a staging folder beside the output and moved into place at the end, all
 or nothing, under a lock on the output folder (cptquant/output_folder.py): a failed or interrupted
@@ -25,15 +25,16 @@ from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
 from ..plan import Plan, validate_plan
 from ..progress import Steps
+from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
 from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
+from .lowering import KernelChoice, lower_model
 from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
-from .qdq_rewrite import FORMAT_DYNAMIC, FORMAT_QDQ, rewrite_model
-from .weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
@@ -159,9 +160,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 smoothing = (_input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                rewritten = rewrite_model(model_proto, layer_map, plan, fmt, quantizer=quantizer, smoothing=smoothing)
-                save_onnx(model_proto, model_path)
-                del model_proto
+                uses = layer_map.uses()
+                lowered = lower_model(model_proto, uses, plan, KernelChoice(fmt), quantizer, smoothing)
+                rewritten = lowered.layers
+                save_onnx(lowered.model, model_path)
+                del model_proto, lowered
                 for side in side_files(fp32_dir):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):
@@ -170,11 +173,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add +
                     # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
                     repaired = graph_check.unfused
-                    model_proto = load_onnx(fp32_dir / MODEL_FILE)
-                    rewritten = rewrite_model(model_proto, layer_map, plan, fmt, frozenset(repaired), quantizer,
-                                              smoothing)
-                    save_onnx(model_proto, model_path)
-                    del model_proto
+                    kernels = KernelChoice(fmt, {name: FORMAT_NBITS for name in repaired})
+                    lowered = lower_model(load_onnx(fp32_dir / MODEL_FILE), uses, plan, kernels, quantizer, smoothing)
+                    rewritten = lowered.layers
+                    save_onnx(lowered.model, model_path)
+                    del lowered
                     graph_check = check_kernels(model_path, rewritten)
                     graph_check.repaired = repaired
                 graph_check.raise_if_unfused()

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CptqError
-from ..exporter.quantize import CLIP_METHODS
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph
 from ..output_folder import pause_point
 from ..plan import (
@@ -25,7 +24,9 @@ from ..plan import (
     apply_zero_points,
     check_block_size,
 )
-from .allocate import FIXED_PARAM_BYTES, HotRows, budget_bits, cluster_bits
+from ..quant.quantize import CLIP_METHODS
+from ..quant.storage import WeightShape
+from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
 from .block_replay import BlockReplay
 from .calibration import MIN_SAMPLES, MIN_SEQ_LEN, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
@@ -226,19 +227,13 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     # Weights per unit as the exported file stores them: a tied LM head is a second, transposed copy
     # of the embedding in the ONNX file, quantized with its owner's bits, so it counts with that unit.
     unit_params = dict.fromkeys(units, 0)
-    table_params = dict.fromkeys(units, 0)  # embedding tables: stored with FP16 scales
-    columns, inputs = dict.fromkeys(units, 0), dict.fromkeys(units, 0)  # MatMul shapes, for --format dynamic
-    hot = {unit: HotRows() for unit in units}
+    weights: dict[str, list[WeightShape]] = {unit: [] for unit in units}
     for layer in graph.layers:
         unit = unit_of(graph, layer, options.granularity)
         unit_params[unit] += layer.num_params
-        if layer.role == ROLE_EMBEDDING:
-            table_params[unit] += layer.num_params
-            if layer.name in hot_rows:
-                hot[unit].add(len(hot_rows[layer.name]), layer.in_features, layer.out_features)
-        else:
-            columns[unit] += layer.out_features
-            inputs[unit] += layer.in_features
+        table = layer.role == ROLE_EMBEDDING
+        weights[unit].append(WeightShape(layer.in_features, layer.out_features, table,
+                                         len(hot_rows.get(layer.name, ())) if table else 0))
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)
@@ -248,8 +243,7 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
                                 max_size_mb=options.max_size_mb, block_size=options.block_size,
                                 fixed_bytes=fixed_bytes, zero_points=options.zero_points,
-                                table_params=table_params, weight_format=options.weight_format,
-                                columns=columns, inputs=inputs, hot=hot)
+                                weight_format=options.weight_format, weights=weights)
         budget = {"target_bits": options.target_bits, "max_size_mb": options.max_size_mb}
     else:
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)

@@ -15,23 +15,17 @@ It never exceeds the budget; if the cheapest plan already does, that is an error
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..errors import CptqError
-from ..exporter.quantize import hot_slot_dtype
-from ..plan import HOT_ROW_BITS
+from ..plan import symmetric_for
+from ..quant.storage import NODE_BYTES, WeightShape, weight_nbytes
 
 KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
-SCALE_BYTES = 4  # a float32 kept as such: --format dynamic's column scales and input smoothing
-BLOCK_SCALE_BYTES = 2  # a MatMul weight's block scales (or dynamic's block ratios): FP16 on disk, Cast at load
-TABLE_SCALE_BYTES = 2  # embedding tables (GatherBlockQuantized) keep their scales in FP16
-FP16_BYTES = 2
 FIXED_PARAM_BYTES = 4  # biases and norms stay FP32 in the export
-NODE_BYTES = 256  # the DequantizeLinear/MatMulNBits node and initializer names a quantized layer adds
 
 
 def khm_cluster(values: np.ndarray, k: int, p: float = KHM_P, seed: int = 0,
@@ -79,50 +73,16 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
     return bits, [float(c) for c in centres]
 
 
-@dataclass
-class HotRows:
-    """A unit's embedding rows kept at 8 bits when its table is at 4 (passes/hot_rows.py)."""
-
-    params: int = 0  # weights in the hot rows
-    slot_bytes: int = 0  # the table that sends each token id to its row in the hot or the cold table
-
-    def add(self, rows: int, hidden: int, table_rows: int) -> None:
-        self.params += rows * hidden
-        self.slot_bytes += table_rows * hot_slot_dtype(table_rows).itemsize
-
-
-def unit_bytes(params: int, bits: int, block_size: int, zero_points: str = "auto", table_params: int = 0,
-               weight_format: str = "qdq", columns: int = 0, inputs: int = 0, hot: HotRows | None = None) -> float:
-    """Bytes the exporter writes for `params` weights at `bits`: codes, scales and zero points.
-
-    `table_params` of them are embedding tables, whose scales are FP16. `--format dynamic` stores the
-    MatMul weights' `columns` (output columns, summed over the unit's MatMul layers) with one float32
-    scale each, 8-bit ones without block scales; `inputs` bounds its outlier scaling (one float32 per
-    input channel where it applies: counted everywhere, so the budget holds whatever calibration shows).
-    `hot`: at 4 bits, that many table weights are stored at 8 bits (symmetric, FP16 scales) instead.
-    """
+def unit_bytes(weights: Sequence[WeightShape], bits: int, block_size: int, zero_points: str = "auto",
+               weight_format: str = "qdq") -> int:
+    """Bytes the exporter writes for a unit's weights at `bits` (quant/storage.py), plus its nodes and
+    names (`NODE_BYTES`, and as much again for a table's hot-row lookup)."""
     if bits >= 16:
-        return FP16_BYTES * params
-    matmul_params = params - table_params
-    matmul_blocks = math.ceil(matmul_params / block_size)
-    table_blocks = math.ceil(table_params / block_size)
-    asymmetric = zero_points == "always" or (zero_points == "auto" and bits == 4)
-    table = table_params * bits / 8 + TABLE_SCALE_BYTES * table_blocks + (table_blocks * bits / 8 if asymmetric else 0)
-    if hot is not None and hot.params and bits == 4:
-        hot_blocks = math.ceil(hot.params / block_size)
-        table += (hot.params * (HOT_ROW_BITS - bits) / 8 - (hot_blocks * bits / 8 if asymmetric else 0)
-                  + hot.slot_bytes + NODE_BYTES)
-    if weight_format == "dynamic":
-        if bits == 8:  # symmetric int8 per output column
-            matmul = matmul_params + SCALE_BYTES * columns
-        else:  # the blocked codes on disk, plus the int8 column scales they are folded with
-            matmul = (matmul_params * bits / 8 + BLOCK_SCALE_BYTES * matmul_blocks
-                      + (matmul_blocks * bits / 8 if asymmetric else 0) + SCALE_BYTES * columns)
-        matmul += SCALE_BYTES * inputs
-    else:
-        matmul = (matmul_params * bits / 8 + BLOCK_SCALE_BYTES * matmul_blocks
-                  + (matmul_blocks * bits / 8 if asymmetric else 0))
-    return table + matmul + NODE_BYTES
+        return sum(weight_nbytes(w, bits, block_size, True, weight_format) for w in weights)
+    symmetric = symmetric_for(bits, zero_points)
+    nbytes = sum(weight_nbytes(w, bits, block_size, symmetric, weight_format) for w in weights)
+    hot_tables = sum(1 for w in weights if w.table and w.hot_rows and bits == 4)
+    return nbytes + NODE_BYTES * (1 + hot_tables)
 
 
 def predicted_damage(score: float, bits: int) -> float:
@@ -131,16 +91,15 @@ def predicted_damage(score: float, bits: int) -> float:
 
 def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tuple[int, ...], *,
                 target_bits: float | None = None, max_size_mb: float | None = None, block_size: int = 32,
-                fixed_bytes: float = 0, zero_points: str = "auto",
-                table_params: dict[str, int] | None = None, weight_format: str = "qdq",
-                columns: dict[str, int] | None = None, inputs: dict[str, int] | None = None,
-                hot: dict[str, HotRows] | None = None) -> dict[str, int]:
+                fixed_bytes: float = 0, zero_points: str = "auto", weight_format: str = "qdq",
+                weights: Mapping[str, Sequence[WeightShape]] | None = None) -> dict[str, int]:
     """Per-unit bits minimising Σ predicted damage with cost <= budget (average bits, or bytes).
 
     `fixed_bytes`: what the file holds whatever the plan (graph, biases, norms), counted in a size budget.
-    `table_params`, `columns`, `inputs`, `hot`: per unit, see `unit_bytes`.
+    `weights`: each unit's weights as stored, which a size budget prices (`unit_bytes`).
     """
-    table_params, columns, inputs, hot = table_params or {}, columns or {}, inputs or {}, hot or {}
+    if max_size_mb is not None and target_bits is None and (weights is None or not set(scores) <= set(weights)):
+        raise ValueError("a size budget needs the shapes of every unit's weights")
     widths = sorted(set(bit_widths))
     names = list(scores)
     if target_bits is not None:
@@ -155,8 +114,7 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
         unit = "bits"
     else:
         def cost(name: str, bits: int) -> float:
-            return unit_bytes(params[name], bits, block_size, zero_points, table_params.get(name, 0), weight_format,
-                              columns.get(name, 0), inputs.get(name, 0), hot.get(name))
+            return unit_bytes(weights[name], bits, block_size, zero_points, weight_format)
 
         budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"

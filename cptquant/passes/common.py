@@ -9,9 +9,9 @@ import time
 import numpy as np
 import torch
 
-from ..exporter.quantize import fake_quantize
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 from ..plan import HOT_ROW_BITS
+from ..quant.quantize import fake_quantize
 
 GRANULARITIES = ("layer", "block")
 
@@ -56,7 +56,7 @@ def fitting_block_size(in_features: int, block_size: int) -> int:
 
 
 def fake_quantize_symmetric_torch(weight_kn: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
-    """exporter.quantize.fake_quantize(symmetric, absmax) in torch, value for value (the same float32
+    """quant.quantize.fake_quantize(symmetric, absmax) in torch, value for value (the same float32
     operations, round half to even), without numpy's temporaries: 4x faster on OPT's embedding table."""
     k, n = weight_kn.shape
     blocks = weight_kn.reshape(k // block_size, block_size, n)

@@ -7,8 +7,9 @@ storing them at 8 bits costs 0.3 MB. With every other layer in FP16, a 4-bit wor
 gives nearest-neighbour agreement 0.983 instead of 0.945 on held-out text (cosine 0.9999 vs 0.9991).
 
 The plan records the rows (`LayerPlan.hot_rows`); the exporter writes two GatherBlockQuantized tables
-and a small slot table that sends each token id to its table (exporter/qdq_rewrite.py); the passes
-score the table with the same split (common.quantized_weight), and the allocator counts its bytes.
+and a small slot table that sends each token id to its table (exporter/lowering/gather_block_quantized.py);
+the passes score the table with the same split (common.quantized_weight), and the allocator counts its
+bytes with the layout the exporter writes (quant/storage.HotRowTable).
 Only the input embedding gets hot rows, and only when no LM head shares its weight: a tied table is
 also a 4-bit MatMul, where every row counts on every token.
 """

@@ -152,27 +152,3 @@ def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric
     if bits >= 16:
         return np.asarray(weight, dtype=np.float16).astype(np.float32)
     return quantize_blocked(weight, bits, block_size, symmetric, clip).dequantize()
-
-
-def hot_slot_dtype(table_rows: int) -> np.dtype:
-    """Storage of a hot-row table's slot table (one entry per token id, in [-rows, rows))."""
-    return np.dtype(np.int16 if table_rows <= np.iinfo(np.int16).max else np.int32)
-
-
-def pack_uint4_last_axis(values: np.ndarray) -> np.ndarray:
-    """Pack 4-bit unsigned values two per byte along the last axis, first value in the low nibble.
-
-    This is the uint8 layout of com.microsoft.GatherBlockQuantized (bits=4) and MatMulNBits.
-    """
-    values = np.asarray(values, dtype=np.uint8)
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (values[..., 0::2] & 0x0F) | ((values[..., 1::2] & 0x0F) << 4)
-
-
-def unpack_uint4_last_axis(packed: np.ndarray, length: int) -> np.ndarray:
-    packed = np.asarray(packed, dtype=np.uint8)
-    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out[..., :length]

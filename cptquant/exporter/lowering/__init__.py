@@ -1,0 +1,135 @@
+"""Lowering: give each planned layer its bit width in the ONNX graph, as small onnx-ir passes.
+
+One pass per rewrite, each stating what it requires and ensures (`base.LoweringPass`), composed by
+onnx-ir's PassManager over one shared `Lowering` (the planned layers' weight uses, names, what was
+written). The passes decide the graph; how each kernel's tensors are laid out and how many bytes they
+take is quant/storage.py's, which the allocator prices plans with. ORT's own view of the result (which
+kernels its optimized graph runs) is checked on the written file: graph_check.py.
+
+To add a way of lowering (another kernel, a tied table stored once, a routed path): a pass that picks
+its sites by `wanted` and writes through the `Lowering`; a new storage layout goes into quant/storage.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ...errors import CptqError
+from ...plan import Plan
+from ..layer_map import WeightUse
+from .base import LoweringPass
+from .context import MS_DOMAIN, KernelChoice, Lowering
+from .finish import Finish
+from .fp16_factors import StoreFactorsAsFp16
+from .fp16_weights import StoreWeightsAsFp16
+from .gather_block_quantized import GatherToBlockQuantized
+from .gemm_to_matmul import GemmToMatMul
+from .matmul_dynamic import MatMulToDynamicQuantize
+from .matmul_nbits import MatMulToNBits
+from .matmul_qdq import MatMulToBlockedDq
+from .smooth_inputs import SmoothInputs
+
+__all__ = ["KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
+
+
+@dataclass
+class LoweredLayer:
+    name: str
+    bits: int
+    block_size: int | None
+    expected_kernels: list[str]  # what ORT must run for each use of this layer's weight
+    bytes_fp32: int  # bytes of the weight as exported (every stored copy)
+    bytes_after: int  # bytes of what replaced it (integers, scales, zero points)
+    new_initializers: list[str] = field(default_factory=list)
+    derived_tensors: list[str] = field(default_factory=list)  # computed from those initializers (folded by ORT)
+    mse: float = 0.0  # mean squared weight error of the quantization (0 for 16 bits)
+    outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
+    algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
+    hot_rows: int = 0  # rows of a 4-bit embedding table stored at 8 bits
+
+
+@dataclass
+class Lowered:
+    model: onnx.ModelProto
+    layers: dict[str, LoweredLayer]
+
+
+def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
+    """In order: Gemms become MatMuls before the MatMul lowerings; smoothing feeds the kernels the dynamic
+    lowering wrote; factors go to FP16 once every kernel's are written; `Finish` lays the file out."""
+    passes = (GemmToMatMul, StoreWeightsAsFp16, GatherToBlockQuantized, MatMulToBlockedDq, MatMulToNBits,
+              MatMulToDynamicQuantize, SmoothInputs, StoreFactorsAsFp16, Finish)
+    return [make(lowering) for make in passes]
+
+
+def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
+                kernels: KernelChoice = KernelChoice(), quantizer=None,
+                smoothing: Mapping[str, np.ndarray] | None = None,
+                passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes) -> Lowered:
+    """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.
+
+    `kernels` chooses how each layer's 4/8-bit MatMul weights are written (--format, or per layer);
+    `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding tables
+    are always round-to-nearest. `smoothing` (layer -> per-input-channel factors) scales outlier
+    channels down before the int8 product of `--format dynamic` layers. `passes` makes the pass list.
+    """
+    ir_model = ir.serde.deserialize_model(model)
+    lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
+    try:
+        ir.passes.PassManager(passes(lowering))(ir_model)
+    except ir.passes.PassError as exc:
+        raise _user_error(exc) or exc
+    lowered = ir.serde.serialize_model(ir_model)
+    _keep_source_layout(lowered, model)
+    return Lowered(lowered, _records(lowering))
+
+
+def _user_error(exc: BaseException | None) -> CptqError | None:
+    """The CptqError (bad input, said in one line) that the pass manager wrapped, if any."""
+    while exc is not None and not isinstance(exc, CptqError):
+        exc = exc.__cause__
+    return exc
+
+
+def _keep_source_layout(lowered: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """What onnx-ir writes differently from the exporter's file, back as the exporter wrote it: its
+    value infos (onnx-ir adds one per initializer, which carries its own type) and its opset list (onnx-ir
+    spells out the default domain), plus com.microsoft for the kernels written."""
+    del lowered.graph.value_info[:]
+    lowered.graph.value_info.extend(source.graph.value_info)
+    del lowered.opset_import[:]
+    lowered.opset_import.extend(source.opset_import)
+    if any(node.domain == MS_DOMAIN for node in lowered.graph.node):
+        if not any(op.domain == MS_DOMAIN for op in lowered.opset_import):
+            lowered.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _records(lowering: Lowering) -> dict[str, LoweredLayer]:
+    records = {}
+    for layer, sites in lowering.layers.items():
+        lp = sites[0].plan
+        record = LoweredLayer(layer, lp.bits, lp.block_size if lp.bits < 16 else None, [],
+                              lowering.fp32_bytes[layer], 0)
+        errors = []
+        for site in sites:  # in the order of the layer's uses
+            record.expected_kernels += site.kernels
+            record.bytes_after += site.nbytes
+            if site.mse is not None:
+                errors.append(site.mse)
+            if site.block_size is not None:
+                record.block_size = site.block_size
+            if site.algorithm is not None:  # a MatMul's: smoothing applies to those alone
+                record.algorithm = site.algorithm
+                record.outlier_channels = site.outlier_channels or 0
+            if site.hot_rows is not None:
+                record.hot_rows = site.hot_rows
+        record.mse = float(np.mean(errors)) if errors else 0.0
+        record.new_initializers = lowering.owned[layer]
+        record.derived_tensors = lowering.derived[layer]
+        records[layer] = record
+    return records

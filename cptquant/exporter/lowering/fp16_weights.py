@@ -1,0 +1,42 @@
+"""16-bit weights: the initializer as FP16 and a Cast to float32, which ORT folds at session start.
+
+Half the bytes on disk, FP32 compute (docs/ort-kernels.md). Each use gets its own copy, as the file
+had one per use before (a table that an LM head shares through a Transpose is written twice).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ...quant.storage import Fp16Weight
+from .base import LoweringPass
+from .context import Site, make_node
+
+
+class StoreWeightsAsFp16(LoweringPass):
+    storage = Fp16Weight()
+
+    def wanted(self, site: Site) -> bool:
+        return site.bits == 16
+
+    def lower(self, site: Site) -> None:
+        lowering, names, base = self.lowering, self.lowering.names, site.base
+        weight = lowering.initializer(site.use.initializer)
+        half = lowering.add_initializer(site, f"{base}.weight_fp16",
+                                        ir.tensor(weight.const_value.numpy().astype(np.float16)))
+        cast = make_node("Cast", [half], [names.unique(f"{base}.weight_cast")], names.unique(f"{base}.Cast"),
+                         to=ir.DataType.FLOAT)
+        restored = lowering.add_constant_node(site, cast)
+        reader = site.node
+        if site.use.via_transpose:
+            reader = next(node for node, _ in weight.uses() if node.name == site.use.via_transpose)
+        for i, value in enumerate(reader.inputs):
+            if value is weight:
+                reader.replace_input_with(i, restored)
+        site.kernels.append(self.storage.kernel)
+        site.nbytes += self.storage.nbytes(weight.const_value.size)
+
+    def check_after(self, site: Site) -> None:
+        if any(value is not None and value.name == site.use.initializer for value in site.node.inputs):
+            raise ir.passes.PostconditionError(f"{site.layer}: still reads its float32 weight")

@@ -1,0 +1,213 @@
+"""The exporter's output bytes, pinned: tiny OPT, BERT and Llama with mixed 4/8/16-bit plans, in every
+--format, with round-to-nearest and GPTQ codes.
+
+The sha256 of model.onnx (no external data at this size) and of the report's per-layer records and
+graph check were computed on the code before the lowering became onnx-ir passes (main, 218ac0b); any
+change to them is a change of what users get, and must be deliberate (re-pin with
+`python tests/test_export_bytes.py`, which prints the current values).
+
+The inputs are deterministic: seeded tiny models with the offline tokenizer, explicit plans (hot rows
+given, zero points and block sizes mixed), the offline calibration corpus. What the pins cannot hold
+across machines: the FP32 export comes from torch and optimum, and GPTQ's Hessians and the outlier
+channels' peaks from torch forward passes and BLAS sums, whose last bits depend on the CPU and the
+library versions. The test therefore pins those inputs too (the FP32 model.onnx, and a fingerprint of
+the float numerics the calibration cases see) and skips, saying so, where they differ: the pins then
+describe another machine's inputs, not this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FP32_EXPORTS = {  # model: sha256 of the FP32 model.onnx the export starts from
+    "opt": "863b287e857384b6916186090ea2fc38981a5e717061216aea172aeff06a021a",
+    "bert": "e76b78283161f3a632c155d575bac786aeabad8b064a1050c44ed316b7956259",
+    "llama": "8f22f78ef8b199c2f3bd48314b3831cacb0b2b1ace138cefc5889102d6d38fc9",
+}
+NUMERICS = "8a7977efa9be8dc2dce152a9907f836db3a9294539f790661862cc9034eca2c7"
+CASES = {  # (model, format, algorithm): (sha256 of model.onnx, sha256 of the report"s layers and graph check)
+    ("opt", "qdq", "rtn"): ("a475b45f8aea549218186efa62c6b8968ac6000004fd3f1fc25bcc0b8108bf26",
+                              "6d7dc2789ea84931783fd3333a3b8ed7d4fb691dfeb30b12bdf0c68c2ae4a9a8"),
+    ("opt", "qdq", "gptq"): ("6011a68d51904d0ca09f5592a5920950094e5f427ad459245c8401da869f0a8d",
+                              "f94ad2fb301852d0be8da317554369247de6b219d70ddf53d9469d75db11e524"),
+    ("opt", "nbits", "gptq"): ("50afae741410c9c5282a2183709641aa434fcd2e666f7d6202f1954441caaae5",
+                              "6ca469fdf2e3cd6ba28edf2a1dfeeaac735f0a69d62b4e8c6064325057f9c3de"),
+    ("opt", "dynamic", "rtn"): ("00bbad05eb912ef9241a0b3b10fabe762ce122c5c319b1c4838b97e9ab8d1094",
+                              "89cd28b66d5949f9122580e80b4559b1f59156be43082f3d034228bbf1075145"),
+    ("bert", "qdq", "gptq"): ("fe1ebf9f9a2e74d1421d314fef0dd485a2971efd961603cfb88fc6c50a086bef",
+                              "047aff32c0fcc681c753d02f83c4988c22d308976784fcf7eac014406a2c2a02"),
+    ("bert", "nbits", "rtn"): ("ad9656dd3d55556acff3f788c61f03cf85073501448062f2e0c31c8a6ab9a6e7",
+                              "9323c4423a29871183b1526172fc08f5b28e5b5d2ba781ec3b0809f89b692198"),
+    ("bert", "dynamic", "gptq"): ("c3da1b376092106cf3660d437111d0149d2f16a3cebf07494a0f64ec836ae524",
+                              "2197c6c7e1fdcf0cfc4634fcd79405849c04975ccd247bdf46cfa888a6b9f18e"),
+    ("llama", "qdq", "rtn"): ("841c74bb7c7d48d973213b8429e75aaeece7b0919f97e311703fd70391530377",
+                              "c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806"),
+    ("llama", "nbits", "rtn"): ("e5bad17de8f6a8bb7a251f1200f2265844e5cfd1e5d523cd1ee3f4fb37cf2d12",
+                              "c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806"),
+    ("llama", "dynamic", "gptq"): ("d8acee592b13b371ec488500b381840f1642369cccbec616dde6f658a7281505",
+                              "6bbd9f5ca87d5766ee51e765e10bcc35e71e5ad1b978b22a410a65912dbabd25"),
+}
+
+MODELS = ("opt", "bert", "llama")
+# Every model in every format, each format and each model with both algorithms; OPT's qdq twice, since its
+# FusedGemm repair rewrites the graph a second time (GPTQ's codes are memoised across the two).
+PINNED = (("opt", "qdq", "rtn"), ("opt", "qdq", "gptq"), ("opt", "nbits", "gptq"), ("opt", "dynamic", "rtn"),
+          ("bert", "qdq", "gptq"), ("bert", "nbits", "rtn"), ("bert", "dynamic", "gptq"),
+          ("llama", "qdq", "rtn"), ("llama", "nbits", "rtn"), ("llama", "dynamic", "gptq"))
+# Below the default (6): the tiny random models' inputs have no channel 6x above the median, and the
+# smoothing must be exercised.
+OUTLIER_RATIO = 1.5
+
+
+def _hot_rows(rows: int) -> list[int]:
+    return sorted({(i * 37) % rows for i in range(rows // 8)})
+
+
+def mixed_plan(model: str):
+    """The plan factory: 4/8/16 bits in turn over the blocks' layers; 4-bit layers asymmetric but every
+    third one; block size 16 on every fifth; the token embedding at 4 bits with hot rows (OPT: none, its
+    table is the LM head's too, which gets its bits)."""
+    from cptquant.plan import LayerPlan, Plan
+
+    def make(loaded, graph) -> Plan:
+        layers, cycle = {}, (4, 8, 16)
+        for i, layer in enumerate(graph.layers):
+            bits = cycle[i % 3] if layer.block is not None else 8
+            layers[layer.name] = LayerPlan(bits=bits, block_size=16 if i % 5 == 4 else 32,
+                                           symmetric=bits != 4 or i % 3 == 0)
+        table = next(layer for layer in graph.layers if layer.role == "embedding")
+        layers[table.name] = LayerPlan(bits=4, block_size=32, symmetric=False,
+                                       hot_rows=None if model == "opt" else _hot_rows(table.out_features))
+        if model == "opt":
+            layers["lm_head"] = LayerPlan(bits=4, block_size=32, symmetric=False)
+        if model == "llama":
+            layers["lm_head"] = LayerPlan(bits=8, block_size=32, symmetric=True)
+        return Plan(layers=layers, method="pinned", model=f"tiny-{model}", clip="mse" if model == "llama" else "absmax")
+
+    return make
+
+
+@lru_cache(maxsize=None)
+def _loaded(model: str):
+    from cptquant.model_loading import wrap_model
+    from cptquant.testing import tiny_bert, tiny_llama, tiny_opt, tiny_tokenizer
+
+    build = {"opt": tiny_opt, "bert": tiny_bert, "llama": tiny_llama}[model]
+    built = build()
+    return wrap_model(built, tokenizer=tiny_tokenizer(built.config.model_type), name=f"tiny-{model}")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fp32_export_hash(model: str, folder: Path) -> str:
+    from cptquant.exporter.onnx_export import export_onnx
+
+    return _sha256(export_onnx(_loaded(model), folder))
+
+
+@lru_cache(maxsize=1)
+def numerics_fingerprint() -> str:
+    """The float results the GPTQ and smoothing cases rest on, in small: a torch forward pass of each tiny
+    model on fixed ids, and a float32 BLAS product."""
+    import torch
+
+    digest = hashlib.sha256()
+    ids = torch.tensor([[5, 17, 99, 312, 45, 8, 600, 21]])
+    with torch.no_grad():
+        for model in MODELS:
+            out = _loaded(model).model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            first = out[0] if isinstance(out, tuple) else next(iter(out.values()))
+            digest.update(first.numpy().tobytes())
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((128, 64), np.float32), rng.standard_normal((64, 96), np.float32)
+    digest.update((a @ b).tobytes())
+    return digest.hexdigest()
+
+
+def export_case(model: str, fmt: str, algorithm: str, out: Path) -> tuple[tuple[str, str], dict]:
+    """(sha256 of model.onnx, sha256 of the report's layers and graph check), and the report."""
+    from cptquant.exporter.pipeline import export_quantized
+    from cptquant.passes import AnalysisOptions
+
+    calibration = AnalysisOptions(calib_samples=16, seq_len=32)  # the offline corpus, a short read of it
+    result = export_quantized(_loaded(model), mixed_plan(model), out / "model.onnx", progress=False, fmt=fmt,
+                              algorithm=algorithm, outlier_ratio=OUTLIER_RATIO, calibration=calibration)
+    files = sorted(p.name for p in out.iterdir() if p.name.startswith("model.onnx"))
+    assert files == ["model.onnx"], files  # no external data at this size: the one file is the model
+    records = {"layers": result.report["layers"], "graph_check": result.report["graph_check"]}
+    hashes = _sha256(out / "model.onnx"), hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    return hashes, result.report
+
+
+def _uses_calibration(fmt: str, algorithm: str) -> bool:
+    return algorithm == "gptq" or fmt == "dynamic"
+
+
+@pytest.fixture(scope="module")
+def pinned_inputs(tmp_path_factory):
+    """The FP32 export of each model, and whether the float numerics are the pinned machine's."""
+    fp32 = {m: fp32_export_hash(m, tmp_path_factory.mktemp(f"fp32-{m}")) for m in MODELS}
+    return fp32, numerics_fingerprint() == NUMERICS
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """Each pinned case exported once: (hashes, report)."""
+    done: dict[tuple, tuple] = {}
+
+    def export(case):
+        if case not in done:
+            done[case] = export_case(*case, tmp_path_factory.mktemp("-".join(case)))
+        return done[case]
+
+    return export
+
+
+@pytest.mark.parametrize("case", PINNED, ids="-".join)
+def test_export_bytes_are_pinned(case, pinned_inputs, exports):
+    model, fmt, algorithm = case
+    fp32, numerics_match = pinned_inputs
+    if fp32[model] != FP32_EXPORTS[model]:
+        pytest.skip(f"the FP32 export of tiny {model} is not the pinned one (other torch/optimum/CPU)")
+    if _uses_calibration(fmt, algorithm) and not numerics_match:
+        pytest.skip("torch/BLAS float results differ from the pinned machine's: calibration statistics differ")
+    assert exports(case)[0] == CASES[case]
+
+
+def test_pinned_cases_take_the_paths_they_are_meant_to(exports):
+    """Channels smoothed, hot rows written, the FusedGemm repair taken, GPTQ used: else the pins pin less."""
+    report = exports(("bert", "dynamic", "gptq"))[1]
+    assert sum(entry.get("outlier_channels", 0) for entry in report["layers"].values()) > 0
+    assert report["layers"]["embeddings.word_embeddings"]["hot_rows"] > 0
+    assert report["algorithm"] == ["gptq", "rtn"]
+    report = exports(("opt", "qdq", "rtn"))[1]
+    assert report["graph_check"]["written_as_matmulnbits_after_check"]
+    assert {entry["bits"] for entry in report["layers"].values()} == {4, 8, 16}
+    assert {entry["block_size"] for entry in report["layers"].values()} == {None, 16, 32}
+
+
+if __name__ == "__main__":  # print the current values, to (re)pin them deliberately
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("FP32_EXPORTS = {")
+        for m in MODELS:
+            print(f"    {m!r}: {fp32_export_hash(m, Path(tmp) / f'fp32-{m}')!r},")
+        print("}")
+        print(f"NUMERICS = {numerics_fingerprint()!r}")
+        print("CASES = {")
+        for m, f, a in PINNED:
+            hashes = export_case(m, f, a, Path(tmp) / f"{m}-{f}-{a}")[0]
+            print(f"    ({m!r}, {f!r}, {a!r}): ({hashes[0]!r},\n{' ' * 30}{hashes[1]!r}),")
+        print("}")
