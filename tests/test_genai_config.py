@@ -63,6 +63,17 @@ def test_a_graph_without_a_kv_cache_is_refused(tmp_path):
         build_genai_config(tmp_path / "model.onnx", {"num_attention_heads": 4, "hidden_size": 64, "vocab_size": 10})
 
 
+def test_a_gpt2_export_reads_gpt2s_config_names(tmp_path):
+    from cptquant.testing import tiny_gpt2
+
+    gpt2 = load_model(str(save_tiny_model(tiny_gpt2(), tmp_path / "gpt2")))
+    result = export_quantized(gpt2, lambda _l, graph: uniform_plan(graph, 8), tmp_path / "out", progress=False)
+    config = json.loads((result.paths.folder / "config.json").read_text())
+    decoder = json.loads((result.paths.folder / GENAI_CONFIG).read_text())["model"]["decoder"]
+    assert (decoder["num_attention_heads"], decoder["hidden_size"]) == (config["n_head"], config["n_embd"])
+    assert decoder["head_size"] == config["n_embd"] // config["n_head"]
+
+
 def test_genai_generates_the_tokens_optimum_generates(llama_export):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install "
                                                          "onnxruntime-genai)")

@@ -33,6 +33,15 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def _config_value(config: dict, *keys: str):
+    """The first of `keys` the config.json sets (GPT-2's file says n_head/n_embd where Llama's says
+    num_attention_heads/hidden_size)."""
+    for key in keys:
+        if config.get(key) is not None:
+            return config[key]
+    raise ValueError(f"config.json sets none of {', '.join(keys)}")
+
+
 def build_genai_config(model_path: Path, config: dict, generation: dict | None = None) -> dict:
     """The GenAI configuration of the decoder at `model_path` (its graph is read without its weights).
 
@@ -49,8 +58,8 @@ def build_genai_config(model_path: Path, config: dict, generation: dict | None =
     past_shape = next(i.type.tensor_type.shape for i in graph.input if i.name == f"past_key_values.{layers[0]}.key")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in past_shape.dim]
     generation = generation or {}
-    heads = int(config["num_attention_heads"])
-    hidden = int(config["hidden_size"])
+    heads = int(_config_value(config, "num_attention_heads", "n_head"))
+    hidden = int(_config_value(config, "hidden_size", "n_embd"))
     kv_heads = int(config.get("num_key_value_heads") or dims[1] or heads)
     head_size = int(config.get("head_dim") or dims[-1] or hidden // heads)
     context = int(config.get("max_position_embeddings") or config.get("n_positions") or 2048)
