@@ -14,7 +14,8 @@ TEXT_FIELD = Option("text", "--text-field", help="JSONL field holding the text."
 CALIB_SAMPLES = Option(64, "--calib-samples", help="Calibration samples.")
 SEQ_LEN = Option(128, "--seq-len", help="Tokens per calibration sample.")
 SEED = Option(0, "--seed", help="Seed for sampling and clustering; the same seed gives the same plan.")
-SPARSITY = Option("0.3", "--sparsity", help="PMPQ pruning sparsities, comma-separated (averaged).")
+SPARSITY = Option("matched", "--sparsity", help="PMPQ pruning: matched (to each layer's 4-bit error), or fixed "
+                  "sparsities, comma-separated (averaged).")
 BIT_WIDTHS = Option("16,8,4", "--bit-widths", help="Bit widths to allocate, comma-separated.")
 GRANULARITY = Option("layer", "--granularity", help="Allocate bits per layer or per block.")
 TARGET_BITS = Option(None, "--target-bits", help="Budget: average bits per weight, embeddings and head included.")
@@ -23,7 +24,7 @@ BLOCK_SIZE = Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block
 CLIP = Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search).")
 TASK = Option(None, "--task", help="Override the task detected from the config.")
 PROGRESS = Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
-CCA = Option("cca", "--cca", help="CMPQ variant: cca, svcca or pwcca.")
+CCA = Option("cka", "--cca", help="CMPQ similarity: cka, cca, svcca or pwcca.")
 ZERO_POINTS = Option("auto", "--zero-points", help="Asymmetric weights with zero points: auto (at 4 bits), always, never.")
 HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
                   help="A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits "
@@ -54,7 +55,7 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
 
     options = AnalysisOptions(
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-        sparsity=floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
+        sparsity=() if sparsity.strip() == "matched" else floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
         clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
     )

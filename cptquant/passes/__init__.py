@@ -47,14 +47,14 @@ class AnalysisOptions:
     calib_samples: int = 64
     seq_len: int = 128
     seed: int = 0
-    sparsity: tuple[float, ...] = (0.3,)
+    sparsity: tuple[float, ...] = ()  # PMPQ: empty = matched to each layer's 4-bit error; else fixed fractions
     bit_widths: tuple[int, ...] = (16, 8, 4)
     granularity: str = "layer"
     target_bits: float | None = None
     max_size_mb: float | None = None
     block_size: int = 32
     clip: str = "absmax"
-    cca: str = "cca"  # or svcca / pwcca
+    cca: str = "cka"  # CMPQ similarity: cka, or cca / svcca / pwcca
     curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
     zero_points: str = "auto"  # asymmetric weights: auto (at 4 bits), always, never
     weight_format: str = "qdq"  # the export's --format: what a size budget counts differs for "dynamic"
@@ -83,7 +83,7 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CptqError(f"unknown method {unknown[0]!r}; use one of: {', '.join(METHODS)}")
-    if not options.sparsity or any(not 0 < s < 1 for s in options.sparsity):
+    if any(not 0 < s < 1 for s in options.sparsity):
         raise CptqError(f"sparsity {list(options.sparsity)} must be fractions strictly between 0 and 1")
     if not options.bit_widths or any(b not in SUPPORTED_BITS for b in options.bit_widths):
         raise CptqError(f"bit widths {list(options.bit_widths)} must be chosen from {', '.join(map(str, SUPPORTED_BITS))}")
@@ -155,12 +155,12 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     start = time.perf_counter()
     # TDMPQ's Gauss-Newton curvature reads the model's own output; only the other passes (and
     # Hutchinson's true Hessian) need the FP32 references of a reference-based loss.
-    needs_references = any(m in ("pmpq", "oracle") for m in methods) or validate or options.curvature == "hutchinson"
+    needs_references = "oracle" in methods or validate or options.curvature == "hutchinson"
     loss = TaskLoss(loaded, calib, options.seed, references=needs_references)
     reference_seconds = time.perf_counter() - start
-    needs_base = any(m in ("pmpq", "oracle") for m in methods) or validate
+    needs_base = "oracle" in methods or validate
     start = time.perf_counter()
-    # The unchanged pass: base loss, and the block outputs PMPQ and the oracle replay.
+    # The unchanged pass: base loss, and the block outputs the oracle replays (PMPQ replays its own subset).
     replay = BlockReplay(model, graph, loss, options.granularity) if needs_base else None
     result.base_loss = replay.base_loss if replay else None
     base_seconds = time.perf_counter() - start
@@ -171,12 +171,13 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     for method in run_order:
         start = time.perf_counter()
         if method == "cmpq":
-            scores = cmpq_scores(model, graph, calib, options.granularity, options.cca, options.seed, progress)
+            scores = cmpq_scores(model, graph, calib, options.granularity, options.cca, options.seed, progress,
+                                 options.block_size, options.clip, result.hot_rows)
             shared = 0.0
         elif method == "pmpq":
-            scores = pmpq_scores(model, graph, calib, loss, options.sparsity, options.granularity,
-                                 replay, progress)
-            shared = reference_seconds + base_seconds
+            scores = pmpq_scores(loaded, graph, calib, options.sparsity, options.granularity, options.block_size,
+                                 options.clip, result.hot_rows, options.seed, progress)
+            shared = 0.0  # its references and base pass, on its subset, are inside its own time
         elif method == "tdmpq":
             scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,
                                   options.curvature, options.seed, progress, result.hot_rows)

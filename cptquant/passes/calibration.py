@@ -203,3 +203,20 @@ def build_calibration(loaded, calib: str | None = None, text_field: str = "text"
     rows = rows[:samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return CalibrationSet(_batched(rows, pad_id), source, seq_len, {"samples": len(rows), "seed": seed})
+
+
+def calibration_subset(calib: CalibrationSet, fraction: float) -> CalibrationSet:
+    """The first `fraction` of the samples, at least one batch (the samples are already shuffled by seed).
+
+    CMPQ and PMPQ read such a subset to cost less than the oracle, which reads every sample.
+    """
+    wanted = max(min(BATCH_SIZE, calib.num_samples), round(calib.num_samples * fraction))
+    batches = []
+    for batch in calib.batches:
+        if wanted <= 0:
+            break
+        rows = min(wanted, batch["input_ids"].shape[0])
+        width = int(batch["attention_mask"][:rows].sum(1).max())  # drop columns that are padding for all kept rows
+        batches.append({key: value[:rows, :width] for key, value in batch.items()})
+        wanted -= rows
+    return CalibrationSet(batches, calib.source, calib.seq_len, {**calib.meta, "subset_of": calib.num_samples})

@@ -1,117 +1,148 @@
-"""CMPQ: canonical correlation between what a layer (or block) reads and what it writes.
+"""CMPQ: how similar the FP32 output stays to the output with one layer at 4 bits (CKA / CCA).
 
-A layer whose output is well predicted, linearly, from its input in the directions that carry
-most of the signal does little non-trivial work and is scored robust; a low correlation means the
-layer reshapes its input and is scored sensitive: score = 1 - mean canonical correlation.
+A layer inside a transformer block is scored by how much quantizing it, alone, changes what its
+block computes. A forward hook on each block re-runs the block on the very input it just received,
+once per layer inside it, with that layer's weight replaced by the exporter's own 4-bit
+quantization (common.quantized_weight, hot rows included), and accumulates the joint second
+moments of the FP32 output y and its change e over real tokens. score = 1 - similarity(y, y + e):
+`cka` (default) linear CKA, the canonical-correlation family's similarity index that weighs each
+direction by its variance; `cca` the mean canonical correlation within y's top principal components;
+`svcca` over the components holding 99 % of the variance; `pwcca` each correlation weighted by how
+much of y projects on its variate. Measuring at the block's output, not the layer's, carries the
+error through attention and the MLP into the residual stream, where a query's error is damped by
+the softmax and a value's or an FFN input's is not. The paper's form (CCA between a layer's own
+input and output) measures how linear the map is, not damage, and ranked like chance (Spearman
+0.01 on MiniLM, -0.35 on the small LM): it is gone.
 
-Unlike the reference code (sklearn CCA on mean-pooled states, more dimensions than samples, so
-every correlation saturates near 1), we use every real token (padding masked out), reduce each
-side to its top principal components (k <= min(64, tokens/4)) and add a ridge to the
-covariances. Everything comes from one forward pass with hooks that accumulate covariance
-matrices; wide activations (> 128 features) are first mapped through a fixed seeded Gaussian
-projection so the accumulators stay small.
+Embedding tables are compared at the first block's input, where they are combined; other layers
+outside blocks (LM head, pooler, classifier) at their own output; a tied LM head's score adds to its
+embedding's. At block granularity a block is re-run once with all its layers quantized.
+
+The pass reads the first SAMPLE_FRACTION of the (seed-shuffled) calibration samples, at least one
+batch, so one forward pass plus one block re-run per layer costs about (1 + layers per block) / 8
+forward passes of the full set. What it does not see: how a block's change grows or fades through
+the blocks after it, and whether rounding raises or lowers the loss (docs/ARCHITECTURE.md, figures).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..layer_graph import ROLE_EMBEDDING, LayerGraph, block_container
-from .calibration import CalibrationSet
-from .common import allocation_units, block_unit, forward_options, progress_bar
+from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph, block_container
+from .calibration import CalibrationSet, calibration_subset
+from .common import allocation_units, forward_options, progress_bar, quantized_weight, replaced_weights, \
+    unit_of, weight_param
 
-CCA_VARIANTS = ("cca", "svcca", "pwcca")
-PROJECTION_DIM = 128  # wider activations are sketched down to this many features (2x the components kept)
-MAX_COMPONENTS = 64
+CCA_VARIANTS = ("cka", "cca", "svcca", "pwcca")
+BITS = 4  # the width the allocator weighs every other width against (damage(b) = score·4^(4−b))
+SAMPLE_FRACTION = 1 / 8  # of the calibration samples; one block re-run per layer makes each sample ~8 forwards
+PROJECTION_DIM = 128  # wider outputs are sketched to this many features, the same projection on both sides
+MAX_COMPONENTS = 32
 SVCCA_VARIANCE = 0.99
-RIDGE = 0.05  # added to each retained eigenvalue, as a fraction of their mean
-MAX_TOKENS = 4096  # a seeded subset of real tokens is plenty for <= 64 components and bounds the cost
+EIGEN_FLOOR = 1e-9  # principal components below this fraction of the largest are numerical noise
 
 
-class CovarianceAccumulator:
-    """Running sums for the joint covariance of (x, y) over tokens, in float64."""
+class PairAccumulator:
+    """Running float64 sums for the joint covariance of an output y and its change e = y_quantized - y."""
 
     def __init__(self, seed: int):
         self.seed = seed
-        self.projections: dict[str, torch.Tensor | None] = {}
+        self.projection: torch.Tensor | None = None
         self.n = 0
-        self.sx = self.sy = self.sxx = self.syy = self.sxy = None
+        self.sums: list[torch.Tensor] | None = None
 
-    def _project(self, side: str, values: torch.Tensor) -> torch.Tensor:
-        if side not in self.projections:
-            dim = values.shape[1]
-            if dim > PROJECTION_DIM:
-                gen = torch.Generator().manual_seed(self.seed * 2 + (side == "y"))
-                self.projections[side] = torch.randn(dim, PROJECTION_DIM, generator=gen) / math.sqrt(PROJECTION_DIM)
-            else:
-                self.projections[side] = None
-        matrix = self.projections[side]
-        return values if matrix is None else values @ matrix
+    def add(self, y: torch.Tensor, e: torch.Tensor) -> None:
+        y, e = y.float(), e.float()
+        if y.shape[1] > PROJECTION_DIM:
+            if self.projection is None:
+                gen = torch.Generator().manual_seed(self.seed)
+                self.projection = torch.randn(y.shape[1], PROJECTION_DIM, generator=gen) / math.sqrt(PROJECTION_DIM)
+            y, e = y @ self.projection, e @ self.projection
+        terms = [t.double() for t in (y.sum(0), e.sum(0), y.T @ y, y.T @ e, e.T @ e)]
+        self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
+        self.n += y.shape[0]
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = self._project("x", x.float())
-        y = self._project("y", y.float())
-        terms = [x.sum(0), y.sum(0), x.T @ x, y.T @ y, x.T @ y]
-        terms = [t.double() for t in terms]
-        if self.sx is None:
-            self.sx, self.sy, self.sxx, self.syy, self.sxy = terms
-        else:
-            self.sx += terms[0]; self.sy += terms[1]; self.sxx += terms[2]; self.syy += terms[3]; self.sxy += terms[4]
-        self.n += x.shape[0]
-
-    def covariances(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        mx, my = self.sx / self.n, self.sy / self.n
-        cxx = self.sxx / self.n - torch.outer(mx, mx)
-        cyy = self.syy / self.n - torch.outer(my, my)
-        cxy = self.sxy / self.n - torch.outer(mx, my)
-        return cxx.numpy(), cyy.numpy(), cxy.numpy()
+    def score(self, variant: str) -> float:
+        if not self.n:
+            return 0.0
+        # Second moments, not covariances: a quantization error that shifts every token alike (BERT's
+        # one-row token-type table) is invisible once means are removed, yet it is among the most harmful.
+        cyy, cye, cee = (t / self.n for t in self.sums[2:])
+        # The quantized output q = y + e: its second moment and its cross-moment with y.
+        cyq, cqq = cyy + cye, cyy + cye + cye.T + cee
+        if variant == "cka":
+            return linear_cka_distance(cyy, cyq, cqq)
+        return canonical_score(cyy, cyq, cqq, self.n, variant)
 
 
-def _principal(cov: np.ndarray, n_tokens: int, variant: str) -> tuple[np.ndarray, np.ndarray]:
-    values, vectors = np.linalg.eigh((cov + cov.T) / 2)
-    order = np.argsort(values)[::-1]
-    values, vectors = np.clip(values[order], 0.0, None), vectors[:, order]
-    k = max(1, min(MAX_COMPONENTS, n_tokens // 4, int((values > values[0] * 1e-9).sum())))
-    if variant in ("svcca", "pwcca") and values.sum() > 0:
-        explained = np.cumsum(values) / values.sum()
-        k = min(k, int(np.searchsorted(explained, SVCCA_VARIANCE)) + 1)
-    return values[:k], vectors[:, :k]
+@contextlib.contextmanager
+def _one_thread():
+    """Small eigenproblems: with several threads on a busy machine each took 50x longer."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
-def canonical_score(cxx: np.ndarray, cyy: np.ndarray, cxy: np.ndarray, n_tokens: int, variant: str) -> float:
-    """1 - mean (or projection-weighted mean, PWCCA) canonical correlation after PCA + ridge."""
-    lx, ux = _principal(cxx, n_tokens, variant)
-    ly, uy = _principal(cyy, n_tokens, variant)
-    if lx[0] <= 0 or ly[0] <= 0:
-        return 0.0  # a constant side carries no information to lose
-    dx = lx + RIDGE * lx.mean()
-    dy = ly + RIDGE * ly.mean()
-    cross = ux.T @ cxy @ uy
-    whitened = cross / np.sqrt(dx)[:, None] / np.sqrt(dy)[None, :]
-    left, rho, right_t = np.linalg.svd(whitened, full_matrices=False)
-    rho = np.clip(rho, 0.0, 1.0)
-    if variant != "pwcca":
-        return float(1.0 - rho.mean())
-    # PWCCA: weight each canonical pair by how much of the output (its principal components)
-    # projects onto the output's canonical variate.
-    directions = right_t.T / np.sqrt(dy)[:, None]  # canonical weights in the output's PC coordinates
-    loadings = np.abs(ly[:, None] * directions).sum(0)
-    weights = loadings / loadings.sum() if loadings.sum() > 0 else np.full(len(rho), 1 / len(rho))
-    return float(1.0 - (weights * rho).sum())
+def linear_cka_distance(cyy: torch.Tensor, cyq: torch.Tensor, cqq: torch.Tensor) -> float:
+    """1 - linear CKA of y and q from their (uncentred) feature moments: 1 - |Y'Q|^2 / (|Y'Y| |Q'Q|)."""
+    denominator = float(cyy.norm() * cqq.norm())
+    if denominator <= 0:
+        return 0.0  # a constant-zero output has nothing to lose
+    return float(1.0 - (cyq * cyq).sum() / denominator)
 
 
-def _rows(tensor: torch.Tensor, token_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The sampled real-token rows of an activation ([B, T, d], [B*T, d] or per-sample [B, d])."""
-    flat = tensor.detach().reshape(-1, tensor.shape[-1])
-    if flat.shape[0] == mask.numel():
-        return flat[token_rows]
-    return flat  # one row per sample (pooler, classifier head): all real
+def _principal(cov: torch.Tensor, n_rows: int, variant: str) -> torch.Tensor:
+    """The top principal directions of the FP32 output (columns), at most MAX_COMPONENTS and n_rows / 4."""
+    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
+    if values[0] <= 0:
+        return vectors[:, :0]
+    k = min(MAX_COMPONENTS, max(1, n_rows // 4), int((values > values[0] * EIGEN_FLOOR).sum()))
+    if variant == "svcca":
+        explained = torch.cumsum(values, 0) / values.sum()
+        k = min(k, int(torch.searchsorted(explained, torch.tensor(SVCCA_VARIANCE, dtype=values.dtype))) + 1)
+    return vectors[:, :k]
 
 
-def _first_tensor(value):
+def _whitener(cov: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    keep = values > values.max() * EIGEN_FLOOR
+    return vectors[:, keep] / values[keep].sqrt()
+
+
+def canonical_score(cyy: torch.Tensor, cyq: torch.Tensor, cqq: torch.Tensor, n_rows: int, variant: str) -> float:
+    """1 - mean canonical correlation of y and q within y's top principal subspace (PWCCA: weighted).
+
+    Both sides are projected on the same principal directions, those of the FP32 output: with a
+    basis of its own for q, nearly equal eigenvalues let the two bases turn against each other, and
+    that mismatch, not the quantization error, dominated 1 - rho (Spearman against the oracle swung
+    between 0.56 and 0.88 with the number of components on MiniLM; shared, 0.77-0.84).
+    """
+    with _one_thread():
+        basis = _principal(cyy, n_rows, variant)
+        if not basis.shape[1]:
+            return 0.0  # a constant output has nothing to lose
+        a, c, b = (basis.T @ m @ basis for m in (cyy, cyq, cqq))
+        wa, wb = _whitener(a), _whitener(b)
+        left, rho, _ = torch.linalg.svd(wa.T @ c @ wb, full_matrices=False)
+        rho = rho.clamp(0.0, 1.0)
+        if variant != "pwcca":
+            return float(1.0 - rho.mean())
+        # PWCCA: weight each canonical pair by how much of y projects on its variate.
+        loadings = (a @ (wa @ left)).abs().sum(0)
+        weights = loadings / loadings.sum()
+        return float(1.0 - (weights * rho).sum())
+
+
+def _first_tensor(value) -> torch.Tensor | None:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
@@ -119,52 +150,162 @@ def _first_tensor(value):
     return None
 
 
+class _Batch:
+    """The attention mask of the batch in flight: which rows of an activation are real tokens."""
+
+    mask: torch.Tensor
+    stop_after_front = False
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        flat = tensor.reshape(-1, tensor.shape[-1])
+        if flat.shape[0] == self.mask.numel():
+            return flat[self.mask.reshape(-1).bool()]
+        if tensor.dim() >= 2 and tensor.shape[-2] == self.mask.shape[1] and flat.shape[0] < self.mask.numel():
+            # broadcast over the batch (BERT's position embeddings): one copy per sample
+            return self.rows(tensor.expand(*self.mask.shape, tensor.shape[-1]))
+        return flat  # one row per sample (pooler, classifier head): all real
+
+
+def _quantized(model: torch.nn.Module, layers: list[Layer], block_size: int, clip: str,
+               hot_rows: dict[str, list[int]]) -> dict[torch.nn.Parameter, torch.Tensor]:
+    new = {}
+    for layer in layers:
+        param = weight_param(model, layer)
+        if param not in new:
+            new[param] = quantized_weight(model, layer, BITS, block_size, clip, hot_rows.get(layer.name))
+    return new
+
+
+def _layer_change(layer: Layer, module: torch.nn.Module, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """What the weight change `delta` adds to the layer's output on input x."""
+    if layer.role == ROLE_EMBEDDING:
+        return F.embedding(x, delta)
+    if layer.role == ROLE_CONV1D:
+        return x @ delta
+    return F.linear(x, delta)
+
+
+class _Stop(Exception):
+    """Raised once the first block's input is known: the rest of the forward pass is not needed."""
+
+
+def _hidden_states(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def cmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, granularity: str = "layer",
-                variant: str = "cca", seed: int = 0, progress: bool = True) -> dict[str, float]:
-    """Scores per allocation unit. Embedding tables have no input activations to correlate, so they
-    take the score of block 0, the transformation their vectors feed (documented proxy)."""
+                variant: str = "cka", seed: int = 0, progress: bool = True, block_size: int = 32,
+                clip: str = "absmax", hot_rows: dict[str, list[int]] | None = None,
+                fraction: float = SAMPLE_FRACTION) -> dict[str, float]:
+    """Scores per allocation unit (higher = more sensitive)."""
+    pairs = collect_pairs(model, graph, calib, granularity, seed, progress, block_size, clip, hot_rows, fraction)
+    return score_pairs(pairs, variant)
+
+
+@dataclass
+class Pairs:
+    """What the CMPQ forward collects: per unit (or outside layer) the moments of (FP32 output, its change)."""
+
+    graph: LayerGraph
+    granularity: str
+    units: dict[str, list[Layer]]
+    measured_units: list[str]  # scored from their own accumulator
+    outside: list[Layer]  # layers compared at their own output; their score adds to their unit's
+    accumulators: dict[str, PairAccumulator]
+
+
+def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, granularity: str = "layer",
+                  seed: int = 0, progress: bool = True, block_size: int = 32, clip: str = "absmax",
+                  hot_rows: dict[str, list[int]] | None = None, fraction: float = SAMPLE_FRACTION) -> Pairs:
+    """One forward pass over a calibration subset; each block re-run once per unit inside it."""
+    hot_rows = hot_rows or {}
     units = allocation_units(graph, granularity)
-    accumulators: dict[str, CovarianceAccumulator] = {}
-    handles = []
-    current: list[torch.Tensor] = []  # [sampled flat token indices, attention mask] of the batch in flight
-
-    def watch(module: torch.nn.Module, key: str, block_inputs: bool) -> None:
-        acc = accumulators[key] = CovarianceAccumulator(seed + len(accumulators))
-
-        def hook(_module, args, kwargs, output):
-            x = args[0] if args else kwargs.get("hidden_states")
-            y = _first_tensor(output)
-            if isinstance(x, torch.Tensor) and y is not None:
-                acc.add(_rows(x, *current), _rows(y, *current))
-
-        handles.append(module.register_forward_hook(hook, with_kwargs=True))
-
     container = block_container(model) if graph.num_blocks else None
-    blocks_container = model.get_submodule(container) if container else None
-    needs_block0 = any(layers[0].role == ROLE_EMBEDDING for layers in units.values())
+    blocks = list(model.get_submodule(container)) if container else []
+    in_block: dict[int, list[str]] = {}
+    front: list[str] = []  # embedding units: measured at the first block's input, where they are combined
+    outside: list[Layer] = []  # the rest, and tied heads: measured at their own output
     for unit, layers in units.items():
-        if unit.startswith("block."):
-            watch(blocks_container[int(unit.split(".")[1])], unit, True)
-        elif layers[0].role != ROLE_EMBEDDING:
-            watch(model.get_submodule(layers[0].name), unit, False)
-    if needs_block0 and block_unit(0) not in accumulators and blocks_container is not None:
-        watch(blocks_container[0], block_unit(0), True)
+        if layers[0].block is not None and blocks:
+            in_block.setdefault(layers[0].block, []).append(unit)
+        elif layers[0].role == ROLE_EMBEDDING and blocks:
+            front.append(unit)
+    for layer in graph.layers:
+        if (layer.block is None or not blocks) and unit_of(graph, layer, granularity) not in front:
+            outside.append(layer)
+        elif layer.tied_to and layer.block is None:
+            outside.append(layer)  # a tied LM head: its own damage at the logits, added to its embedding's
+    accumulators: dict[str, PairAccumulator] = {}  # per unit, or per outside layer
+    batch = _Batch()
+    handles = []
+
+    def accumulator(key: str) -> PairAccumulator:
+        return accumulators.setdefault(key, PairAccumulator(seed + len(accumulators)))
+
+    def watch_block(index: int, block_units: list[str]) -> None:
+        def hook(block, args, kwargs, output):
+            reference = batch.rows(_first_tensor(output))
+            for unit in block_units:
+                with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):
+                    changed = batch.rows(_first_tensor(block.forward(*args, **kwargs)))
+                accumulator(unit).add(reference, changed - reference)
+        handles.append(blocks[index].register_forward_hook(hook, with_kwargs=True))
+
+    def watch_layer(layer: Layer) -> None:
+        module = model.get_submodule(layer.name)
+        owner = graph[layer.tied_to] if layer.tied_to else layer
+
+        def hook(_module, args, output):
+            param = weight_param(model, owner)
+            delta = _quantized(model, [owner], block_size, clip, hot_rows)[param] - param.detach()
+            accumulator(layer.name).add(batch.rows(output), batch.rows(_layer_change(layer, module, args[0], delta)))
+        handles.append(module.register_forward_hook(hook))
+
+    first_input: list[torch.Tensor] = []
+
+    def record_first_input(_block, args, kwargs):
+        first_input.append(batch.rows(_hidden_states(args, kwargs)))
+        if batch.stop_after_front:
+            raise _Stop
+
+    for index, block_units in in_block.items():
+        watch_block(index, block_units)
+    for layer in outside:
+        watch_layer(layer)
+    if front:
+        handles.append(blocks[0].register_forward_pre_hook(record_first_input, with_kwargs=True))
+    subset = calibration_subset(calib, fraction)
+    extra = forward_options(model)
     try:
         with torch.no_grad(), progress_bar(progress) as bar:
-            task = bar.add_task("CMPQ forward", total=len(calib.batches))
-            per_batch = max(1, MAX_TOKENS // len(calib.batches))
-            gen = torch.Generator().manual_seed(seed)
-            no_cache = forward_options(model)
-            for batch in calib.batches:
-                real = batch["attention_mask"].reshape(-1).nonzero().squeeze(1)
-                chosen = real[torch.randperm(len(real), generator=gen)[:per_batch]].sort().values
-                current[:] = [chosen, batch["attention_mask"]]
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **no_cache)
+            task = bar.add_task("CMPQ forward", total=len(subset.batches))
+            for inputs in subset.batches:
+                batch.mask, batch.stop_after_front = inputs["attention_mask"], False
+                first_input.clear()
+                model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
+                # Each embedding, quantized alone, up to the first block's input (a fraction of a forward pass).
+                reference, batch.stop_after_front = first_input[0], True
+                for unit in front:
+                    first_input.clear()
+                    with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):
+                        with contextlib.suppress(_Stop):
+                            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
+                    accumulator(unit).add(reference, first_input[0] - reference)
                 bar.advance(task)
     finally:
         for handle in handles:
             handle.remove()
-    by_key = {}
-    for key, acc in accumulators.items():
-        by_key[key] = canonical_score(*acc.covariances(), acc.n, variant) if acc.n else 0.0
-    return {unit: by_key.get(unit, by_key.get(block_unit(0), 0.0)) for unit in units}
+    measured = [*front, *(u for block_units in in_block.values() for u in block_units)]
+    return Pairs(graph, granularity, units, measured, outside, accumulators)
+
+
+def score_pairs(pairs: Pairs, variant: str = "cka") -> dict[str, float]:
+    scores = dict.fromkeys(pairs.units, 0.0)
+    for unit in pairs.measured_units:
+        if unit in pairs.accumulators:
+            scores[unit] = pairs.accumulators[unit].score(variant)
+    for layer in pairs.outside:
+        # A tied head's damage at the logits adds to its embedding's (first-order independence, as the allocator).
+        if layer.name in pairs.accumulators:
+            scores[unit_of(pairs.graph, layer, pairs.granularity)] += pairs.accumulators[layer.name].score(variant)
+    return scores
