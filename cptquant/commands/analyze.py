@@ -20,7 +20,34 @@ def owned_by_analysis(name: str) -> bool:
     return name in ("scores.json", "scores.png") or (name.startswith("plan-") and name.endswith(".json"))
 
 
-def _plot(path: Path, result, plans: dict) -> None:
+def _depths(result, graph) -> dict[str, int]:
+    """Unit -> depth: its block, -1 for what comes before the blocks (embeddings), num_blocks after (head)."""
+    depths, seen_block = {}, False
+    for unit, names in result.units.items():
+        block = graph[names[0]].block
+        seen_block = seen_block or block is not None
+        depths[unit] = block if block is not None else (graph.num_blocks if seen_block else -1)
+    return depths
+
+
+def _plot_depth(ax, result, series: dict, graph) -> None:
+    """Mean score per depth, each series scaled to its largest: where each method puts the sensitivity."""
+    depths = _depths(result, graph)
+    xs = sorted(set(depths.values()))
+    for method, scores in series.items():
+        means = [sum(scores.get(u, 0.0) for u in depths if depths[u] == d) /
+                 sum(1 for u in depths if depths[u] == d) for d in xs]
+        peak = max(abs(m) for m in means) or 1.0
+        style = dict(color="black", linewidth=2.5) if method == "oracle" else dict(linewidth=1.2)
+        ax.plot(xs, [m / peak for m in means], marker="o", label=method, **style)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(["emb" if d < 0 else "head" if d >= graph.num_blocks else str(d) for d in xs], fontsize=7)
+    ax.set_title("score by depth (mean per block, each method scaled to its largest)", fontsize=9)
+    ax.set_xlabel("block")
+    ax.legend(fontsize=7)
+
+
+def _plot(path: Path, result, plans: dict, graph=None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +57,8 @@ def _plot(path: Path, result, plans: dict) -> None:
     series = dict(result.scores)
     if result.oracle is not None:
         series["oracle"] = result.oracle
-    fig, axes = plt.subplots(len(series), 1, figsize=(max(8, len(units) * 0.25), 2.6 * len(series)), squeeze=False)
+    rows = len(series) + (graph is not None)
+    fig, axes = plt.subplots(rows, 1, figsize=(max(8, len(units) * 0.25), 2.6 * rows), squeeze=False)
     colours = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}
     for ax, (method, scores) in zip(axes[:, 0], series.items()):
         values = [scores.get(unit, 0.0) for unit in units]
@@ -41,7 +69,9 @@ def _plot(path: Path, result, plans: dict) -> None:
         ax.set_ylabel("score")
         ax.set_xticks(range(len(units)))
         ax.set_xticklabels([])
-    axes[-1, 0].set_xticklabels(units, rotation=90, fontsize=6)
+    axes[len(series) - 1, 0].set_xticklabels(units, rotation=90, fontsize=6)
+    if graph is not None:
+        _plot_depth(axes[-1, 0], result, series, graph)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     fig.legend(handles, [f"{b} bits" for b in colours], loc="upper right", fontsize=8)
     fig.tight_layout()
@@ -112,7 +142,7 @@ def analyze(
             (staging.out / "scores.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             for m, plan in plans.items():
                 plan.save(staging.out / f"plan-{m}.json")
-            _plot(staging.out / "scores.png", result, unit_bits)
+            _plot(staging.out / "scores.png", result, unit_bits, graph)
             written = {p.name for p in staging.out.iterdir()}
             if not force:  # nothing appeared meanwhile (the lock keeps other cptq runs out; not other programs)
                 refuse_replacing(out, owned_files(out, owned_by_analysis))
