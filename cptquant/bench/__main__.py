@@ -149,7 +149,28 @@ def goals(results: list[ModelResult]) -> str:
                              f"{m} {v['peak_bytes'] / 1e6:.0f} MB above the loaded model "
                              f"(allowed {(v['model_bytes'] + v['activation_bytes']) / 1e6:.0f})"
                              for m, v in r.pass_memory.items()) + ".")
+    lines += _method_goals(results, mark)
     return "\n".join(lines)
+
+
+# Issue 11: every method's rank correlation with the 4-bit oracle, per model, and its cost against the oracle's.
+SPEARMAN_GOALS = {"minilm": 0.8, "tiny-lm": 0.7}
+
+
+def _method_goals(results: list[ModelResult], mark) -> list[str]:
+    lines = []
+    for r in results:
+        goal, nan = SPEARMAN_GOALS.get(r.spec.key), float("nan")
+        if goal is None or not r.spearman:
+            continue
+        oracle = r.cost_fpe.get("oracle", nan)
+        for method, rho in r.spearman.items():
+            cost = r.cost_fpe.get(method, nan)
+            limit, what = {"cmpq": (2.0, "≤ 2 FPE"), "tdmpq": (3.0, "≤ 3 FPE"),
+                           "pmpq": (oracle / 2, f"≤ half the oracle's {oracle:.1f} FPE")}[method]
+            lines.append(f"- {r.spec.key} {method}: Spearman vs the oracle ≥ {goal}: {mark(rho >= goal)} ({rho:.3f}); "
+                         f"cost {what}: {mark(cost <= limit)} ({cost:.2f} FPE).")
+    return lines
 
 
 def _smollm2_section(log) -> LlmResult | None:
