@@ -56,13 +56,18 @@ class PairAccumulator:
         self.n = 0
         self.sums: list[torch.Tensor] | None = None
 
-    def add(self, y: torch.Tensor, e: torch.Tensor) -> None:
+    def projection_for(self, width: int) -> torch.Tensor | None:
+        """The fixed sketch of outputs `width` wide (None when narrow enough to keep whole)."""
+        if width > PROJECTION_DIM and self.projection is None:
+            gen = torch.Generator().manual_seed(self.seed)
+            self.projection = torch.randn(width, PROJECTION_DIM, generator=gen) / math.sqrt(PROJECTION_DIM)
+        return self.projection if width > PROJECTION_DIM else None
+
+    def add(self, y: torch.Tensor, e: torch.Tensor, sketched: bool = False) -> None:
         y, e = y.float(), e.float()
-        if y.shape[1] > PROJECTION_DIM:
-            if self.projection is None:
-                gen = torch.Generator().manual_seed(self.seed)
-                self.projection = torch.randn(y.shape[1], PROJECTION_DIM, generator=gen) / math.sqrt(PROJECTION_DIM)
-            y, e = y @ self.projection, e @ self.projection
+        projection = None if sketched else self.projection_for(y.shape[1])
+        if projection is not None:
+            y, e = y @ projection, e @ projection
         terms = [t.double() for t in (y.sum(0), e.sum(0), y.T @ y, y.T @ e, e.T @ e)]
         self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
         self.n += y.shape[0]
@@ -251,14 +256,33 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
                 accumulator(unit).add(reference, changed - reference)
         handles.append(blocks[index].register_forward_hook(hook, with_kwargs=True))
 
+    sketches: dict[str, tuple] = {}  # wide linear layer -> (W'P, b'P, delta'P), computed once
+
     def watch_layer(layer: Layer) -> None:
         module = model.get_submodule(layer.name)
         owner = graph[layer.tied_to] if layer.tied_to else layer
 
         def hook(_module, args, output):
+            acc = accumulator(layer.name)
             param = weight_param(model, owner)
-            delta = _quantized(model, [owner], block_size, clip, hot_rows)[param] - param.detach()
-            accumulator(layer.name).add(batch.rows(output), batch.rows(_layer_change(layer, module, args[0], delta)))
+            projection = acc.projection_for(output.shape[-1]) if layer.role != ROLE_EMBEDDING else None
+            if projection is None:
+                delta = _quantized(model, [owner], block_size, clip, hot_rows)[param] - param.detach()
+                acc.add(batch.rows(output), batch.rows(_layer_change(layer, module, args[0], delta)))
+                return
+            # A wide output (an LM head's logits): sketch through the weight, y P = x (W'P) + b P, never
+            # materialising the [tokens, vocabulary] output and its change.
+            if layer.name not in sketches:
+                delta = _quantized(model, [owner], block_size, clip, hot_rows)[param] - param.detach()
+                as_in_out = (param.detach() if layer.role == ROLE_CONV1D else param.detach().T)  # [in, out]
+                delta_in_out = delta if layer.role == ROLE_CONV1D else delta.T
+                bias = getattr(module, "bias", None)
+                sketches[layer.name] = (as_in_out @ projection, None if bias is None else bias.detach() @ projection,
+                                        delta_in_out @ projection)
+            weight_p, bias_p, delta_p = sketches[layer.name]
+            x = batch.rows(args[0])
+            y = x @ weight_p + (bias_p if bias_p is not None else 0)
+            acc.add(y, x @ delta_p, sketched=True)
         handles.append(module.register_forward_hook(hook))
 
     first_input: list[torch.Tensor] = []
