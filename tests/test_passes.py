@@ -55,11 +55,13 @@ def test_layer_scaled_by_ten_becomes_more_sensitive(make, layer):
         model = make()
         with torch.no_grad():
             model.get_submodule(layer).weight.mul_(scale)
-        result = analyze(wrap_model(model), build_layer_graph(model), ("pmpq", "tdmpq"), AnalysisOptions(**FAST),
+        result = analyze(wrap_model(model), build_layer_graph(model), ("cmpq", "pmpq", "tdmpq"), AnalysisOptions(**FAST),
                          validate=True, progress=False)
         ranks[scale] = {m: rank_of(s, layer) for m, s in {**result.scores, "oracle": result.oracle}.items()}
-    for method in ("pmpq", "tdmpq", "oracle"):
-        assert ranks[10][method] < ranks[1][method], (method, ranks)
+    for method in ("cmpq", "pmpq", "tdmpq", "oracle"):
+        # CMPQ is relative (1 - CKA): on BERT it ranked the layer near the top at both scales, so only "lands".
+        if method != "cmpq":
+            assert ranks[10][method] < ranks[1][method], (method, ranks)
         # ...and lands where the measured damage puts it, not merely higher than before.
         assert abs(ranks[10][method] - ranks[10]["oracle"]) <= 2, (method, ranks)
     assert ranks[10]["tdmpq"] == ranks[10]["oracle"], ranks
