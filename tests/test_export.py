@@ -16,7 +16,7 @@ from cptquant.quant.quantize import fake_quantize
 from cptquant.layer_graph import build_layer_graph, weight_in_out
 from cptquant.model_loading import wrap_model
 from cptquant.plan import Plan, uniform_plan
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_opt
 

@@ -20,7 +20,7 @@ from cptquant.passes.common import quantized_weight, replaced_weights, weight_pa
 from cptquant.passes.hot_rows import MAX_HOT_FRACTION, hot_rows, input_embedding
 from cptquant.plan import Plan, format_rows, parse_rows, uniform_plan
 from cptquant.quant.storage import NODE_BYTES, WeightShape
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.testing import save_tiny_model, tiny_bert, tiny_opt
 
 TABLE = "embeddings.word_embeddings"

@@ -18,13 +18,13 @@ from typer.testing import CliRunner
 
 from cptquant.cli import app
 from cptquant.errors import CptqError
-from cptquant.exporter.baselines import baseline_dir
+from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model, wrap_model
 from cptquant.plan import uniform_plan
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.runtimes.cuda import CudaAdapter
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
 from cptquant.runtimes.verify import parse_fraction, short_verification
@@ -491,6 +491,7 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
 
     from cptquant.corpus import sentences
     from cptquant.passes import AnalysisOptions
+    from cptquant.passes.measurements import CalibrationMeasurements
 
     torch.manual_seed(0)
     loaded = wrap_model(BertModel(_tiny_bert_config()), tokenizer=_word_tokenizer())
@@ -499,7 +500,8 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
     calib.write_text("\n".join(texts[:80]) + "\n")
     out = tmp_path / "bert4"
     export_quantized(loaded, lambda _loaded, graph: uniform_plan(graph, 4), out / "model.onnx", progress=False,
-                     algorithm="gptq", calibration=AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32))
+                     algorithm="gptq",
+                     calibration=CalibrationMeasurements(AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32)))
     assert json.loads((out / "model.report.json").read_text())["calibration_text"]["calib"] == str(calib)
     for eval_texts, expected in ((texts[70:90], "10 of the 20 --eval texts are also calibration text"),
                                  (texts[-20:], None)):

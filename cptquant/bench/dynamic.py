@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from ..exporter.onnx_export import MODEL_FILE
+from ..onnx_io.onnx_export import MODEL_FILE
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, exported_layer_graph
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import load_model
@@ -36,7 +36,7 @@ FORMATS = (("qdq", FORMAT_QDQ, 0.0), ("dynamic", FORMAT_DYNAMIC, DEFAULT_OUTLIER
 def anchors(loaded, root: Path) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from ..exporter.onnx_export import export_onnx
+    from ..onnx_io.onnx_export import export_onnx
 
     fp32 = root / "fp32" / MODEL_FILE
     if not fp32.exists():

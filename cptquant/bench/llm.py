@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporter.baselines import baseline_dir
+from ..onnx_io.baselines import baseline_dir
 from ..exporter.genai_config import write_genai_config
-from ..exporter.onnx_export import MODEL_FILE, export_onnx
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
-from ..runtimes.inputs import feeds_for
+from ..onnx_io.inputs import feeds_for
 from ..runtimes.quality import TextEncoder, _log_softmax, kl_divergence, token_stream, window_spans
 from .genai_speed import GenaiSpeedSettings
 from .genai_speed import measure as genai_measure

@@ -13,6 +13,7 @@ from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows
+from ..passes.measurements import CalibrationMeasurements
 from ..plan import apply_zero_points, uniform_plan
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
@@ -129,6 +130,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
                      for (bits, block), (_, _, plan) in zip(spec.uniform, plans)]
     dynamic_plans += list(_plans(spec, graph, result, dynamic_options, loaded.display_name))
     runs += [(m, l, p, "gptq", FORMAT_DYNAMIC) for m, l, p in dynamic_plans if (m, l) in spec.dynamic]
+    measurements = CalibrationMeasurements(options)  # the calibration batches, built once for every export
     for method, label, plan, algorithm, fmt in runs:
         family = method if algorithm == "gptq" else f"{method} (RTN)"
         family += " (dynamic)" if fmt == FORMAT_DYNAMIC else ""
@@ -137,7 +139,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
         log(f"[{spec.key}] export {name}")
         out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}-{fmt}"
         exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False,
-                                    algorithm=algorithm, calibration=options, fmt=fmt)
+                                    algorithm=algorithm, calibration=measurements, fmt=fmt)
         variants.append(Variant(name, family, exported.paths.model,
                                 exported.report["model_bytes"], exported.report["average_bits"], label))
 

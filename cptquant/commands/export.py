@@ -111,6 +111,13 @@ def _rule_factory(block_size: int, clip: str, zero_points: str, analysis):
     return rule
 
 
+def short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
+    """The CPU figures an export adds to its report (the command chains them; the exporter imports no runtime)."""
+    from ..runtimes.verify import short_verification as measure
+
+    return measure(folder, loaded, quick=True, baselines=baselines)
+
+
 def print_summary(result: ExportResult, console: Console) -> None:
     report = result.report
     by_bits: dict[int, list[int]] = {}
@@ -221,6 +228,7 @@ def export(
     make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras,
                              default_bits)
     from ..passes import check_options
+    from ..passes.measurements import CalibrationMeasurements
 
     check_options(analysis)  # also with --bits or --plan: calibration settings GPTQ will use
     from ..exporter.pipeline import resolve_output
@@ -230,6 +238,7 @@ def export(
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads
         loaded = load_model(model, task, trust_remote_code)
         result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                                  report_extras=report_extras, verify=verify, algorithm=algorithm,
-                                  calibration=analysis, outlier_ratio=outlier_ratio)
+                                  report_extras=report_extras, verify=short_verification if verify else None,
+                                  algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
+                                  outlier_ratio=outlier_ratio)
     print_summary(result, Console())

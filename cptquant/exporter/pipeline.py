@@ -13,7 +13,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -22,21 +22,40 @@ from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
-from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
+from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check_target, claim_output, commit,
+                             committing, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
-from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
+from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .lowering import KernelChoice, lower_model
-from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
+# The short verification the command chains into an export (runtimes/verify.py): the staged model, the model,
+# the staged FP32/FP16 baselines -> the figures the report carries.
+Verifier = Callable[[Path, LoadedModel, dict[str, Path]], dict]
+
+
+class Measurements(Protocol):
+    """What the lowering reads from calibration text; the command builds it (passes/measurements.py), so the
+    exporter runs no pass. `calib` / `text_field` name the text for the report."""
+
+    calib: str | None
+    text_field: str
+
+    def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                 progress: bool) -> dict[str, np.ndarray]: ...
+
+    def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                    progress: bool) -> dict[str, np.ndarray]: ...
+
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
 # MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9). At 6 the one extra Mul per
@@ -121,15 +140,16 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
                      progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
-                     verify: bool = False, algorithm: str = "rtn", calibration=None,
+                     verify: Verifier | None = None, algorithm: str = "rtn",
+                     calibration: Measurements | None = None,
                      outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
-    `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians collected on
-    `calibration` (AnalysisOptions: the calibration text and sizes; the offline corpus when None).
-    With `verify`, a short CPU verification against the FP32/FP16 baselines joins the report too.
-    With `fmt` dynamic and `outlier_ratio` > 0, outlier input channels (measured on the same
-    calibration text) are scaled down before each layer's int8 product.
+    `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
+    measures (passes.measurements.CalibrationMeasurements). With `verify` (runtimes/verify.py's short
+    verification), its CPU figures against the FP32/FP16 baselines join the report too. With `fmt` dynamic
+    and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
+    each layer's int8 product.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
@@ -188,8 +208,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 write_fp16(fp32_dir, fp16_dir)
             if verify:  # measured on the staged folder: nothing is in place before everything is done
                 with steps.step(timings):
-                    verification = _short_verification(model_path, loaded, {"fp32": fp32_dir / MODEL_FILE,
-                                                                            "fp16": fp16_dir / MODEL_FILE})
+                    verification = _short_verification(verify, model_path, loaded,
+                                                       {"fp32": fp32_dir / MODEL_FILE, "fp16": fp16_dir / MODEL_FILE})
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
@@ -226,41 +246,30 @@ def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
     return model_bytes - 4 * sum(sizes[name] for name in weights)
 
 
-def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration,
-                      progress: bool):
+def _needs(calibration: Measurements | None, what: str) -> Measurements:
+    if calibration is None:  # a library caller's mistake: the command always passes one
+        raise CptqError(f"{what} needs calibration measurements (calibration=CalibrationMeasurements(...))")
+    return calibration
+
+
+def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan,
+                      calibration: Measurements | None, progress: bool):
     if algorithm == "rtn":
         return RoundToNearest()
-    from ..passes import AnalysisOptions
-    from ..passes.calibration import build_calibration
-    from ..passes.hessian import collect_hessians
-
-    options = calibration or AnalysisOptions()
     wanted = [name for name, lp in plan.layers.items()
               if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
-
-    def hessians(names: list[str]) -> dict:
-        calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples,
-                                  options.seq_len, options.seed)
-        return collect_hessians(loaded, graph, calib, names, progress=progress)
-
-    return Gptq(hessians, wanted)
+    measured = _needs(calibration, "--algorithm gptq") if wanted else None
+    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted)
 
 
-def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration, ratio: float,
-                     progress: bool) -> dict[str, np.ndarray]:
+def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration: Measurements | None,
+                     ratio: float, progress: bool) -> dict[str, np.ndarray]:
     """Per-input-channel factors s of each 4/8-bit MatMul layer: sqrt(peak / median peak) where the peak
     exceeds `ratio` x the median (SmoothQuant's alpha = 0.5, against the median channel), else 1."""
-    from ..passes import AnalysisOptions
-    from ..passes.calibration import build_calibration
-    from ..passes.hessian import collect_input_absmax
-
-    options = calibration or AnalysisOptions()
     names = [name for name, lp in plan.layers.items() if lp.bits < 16 and graph[name].role != ROLE_EMBEDDING]
     if not names:
         return {}
-    calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
-                              options.seed)
-    peaks = collect_input_absmax(loaded, graph, calib, names, progress=progress)
+    peaks = _needs(calibration, "--format dynamic with --outlier-ratio").input_peaks(loaded, graph, names, progress)
     factors = {}
     for name, peak in peaks.items():
         median = np.median(peak)
@@ -269,11 +278,9 @@ def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibra
     return factors
 
 
-def _short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
-    from ..runtimes.verify import short_verification  # runtimes import the exporter: import late
-
+def _short_verification(verify: Verifier, folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
     try:
-        return short_verification(folder, loaded, quick=True, baselines=baselines)
+        return verify(folder, loaded, baselines)
     except CptqError as exc:  # the export itself is sound and in place; say why there are no figures
         return {"error": str(exc)}
     except Exception as exc:  # an ORT or memory failure mid-measurement: the same, with what it was
@@ -305,8 +312,6 @@ def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, 
 def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
     """What a forced re-export removes besides the files it replaces: the older export's own files that the
     new one does not write (an external data file, a tokenizer file), and `cptq verify`'s reports of it."""
-    from ..runtimes.verify import CANDIDATE, REPORT_DIR  # runtimes import the exporter: import late
-
     if not paths.folder.is_dir():
         return ()
     stale = [p.name for p in paths.folder.iterdir()
@@ -319,13 +324,13 @@ def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
         stale += [name for name in old_files if isinstance(name, str) and name == Path(name).name
                   and owned_by_export(name, paths.model.name) and name not in new
                   and (paths.folder / name).is_file()]
-    report = paths.folder / REPORT_DIR / "report.json"
+    report = paths.folder / VERIFY_REPORT_DIR / "report.json"
     try:
-        verified = json.loads(report.read_text()).get("variants", {}).get(CANDIDATE)
+        verified = json.loads(report.read_text()).get("variants", {}).get(VERIFY_CANDIDATE)
     except (OSError, ValueError, AttributeError):
         verified = None
     if verified and Path(verified).resolve() == paths.model.resolve():
-        stale.append(REPORT_DIR)  # its reports describe a model that is being replaced
+        stale.append(VERIFY_REPORT_DIR)  # its reports describe a model that is being replaced
     return tuple(dict.fromkeys(stale))
 
 

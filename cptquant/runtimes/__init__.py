@@ -2,7 +2,6 @@
 
 - base.py: `RuntimeAdapter` (available / session / run / run_bound with IO binding) and timing helpers
 - cpu.py, cuda.py: the CPU and CUDA execution providers
-- inputs.py: feeds for an exported transformer from the session's declared inputs
 - quality.py: quality by task against the FP32/FP16 baselines on held-out text
 - speed.py: interleaved latency (encoders: batch x sequence; decoders: prefill and KV-cache decode)
 - memory.py: peak host memory of one variant, in a fresh process

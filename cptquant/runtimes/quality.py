@@ -25,7 +25,7 @@ from ..errors import CptqError
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM
 from ..progress import progress_bar
 from .base import RuntimeAdapter
-from .inputs import feeds_for
+from ..onnx_io.inputs import feeds_for
 
 BATCH = 8
 

@@ -19,7 +19,7 @@ import numpy as np
 from ..model_loading import TASK_CAUSAL_LM
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, timed
-from .inputs import _NP_TYPES, feeds_for
+from ..onnx_io.inputs import _NP_TYPES, feeds_for
 
 
 @dataclass

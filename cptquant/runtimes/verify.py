@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..errors import CptqError
+from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
 from ..safety import check_file_hashes, refuse_custom_code
@@ -35,8 +36,8 @@ from .speed import SpeedSettings, measure_latency, speedups
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "model.report.json"
 BASELINES = ("fp32", "fp16")
-CANDIDATE = "quantized"
-REPORT_DIR = "verify"  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
+CANDIDATE = VERIFY_CANDIDATE
+REPORT_DIR = VERIFY_REPORT_DIR  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
 
 
 # ---------------------------------------------------------------- thresholds
@@ -194,8 +195,8 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
 
     `source` (the command line's --source) says where to reload the model from; without it the report's
     source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
-    from ..exporter.baselines import baseline_dir, baseline_fingerprint, write_fingerprint, write_fp16
-    from ..exporter.onnx_export import export_onnx
+    from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, write_fingerprint, write_fp16
+    from ..onnx_io.onnx_export import export_onnx
     from ..output_folder import Staging, claim_output, replace_dir
 
     cache = baseline_dir(out.folder, out.model.name)
@@ -248,7 +249,7 @@ def _cache_problem(cache: Path, out: OutputFolder) -> str | None:
     """Why the cached FP32 baseline cannot serve this export, or None. A cache left by another model (an
     output folder of the same name, a folder copied next to one) must never be compared with silently:
     its inputs and outputs, and then the fingerprint recorded with it, must be this export's."""
-    from ..exporter.baselines import read_fingerprint
+    from ..onnx_io.baselines import read_fingerprint
 
     fp32 = cache / "fp32" / MODEL_FILE
     if not fp32.is_file():
