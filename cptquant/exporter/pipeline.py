@@ -27,6 +27,7 @@ from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from ..reports import ExportReport, LayerReport
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
 from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
@@ -85,7 +86,7 @@ class OutputPaths:
 class ExportResult:
     paths: OutputPaths
     plan: Plan
-    report: dict
+    report: dict  # model.report.json as written (ExportReport.to_dict())
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -102,7 +103,7 @@ def _files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def _write_report(path: Path, report: dict, other_files: list[Path], model_file: str) -> None:
+def _write_report(path: Path, report: ExportReport, other_files: list[Path], model_file: str) -> None:
     """The report states its own size too: rewrite until the size it states is the size it has.
 
     `model_bytes` (model.onnx and its external data) is what the FP16/FP32 ratios compare, like for
@@ -110,14 +111,14 @@ def _write_report(path: Path, report: dict, other_files: list[Path], model_file:
     """
     others = _files_size(other_files)
     model_bytes = _files_size([p for p in other_files if p.name.startswith(model_file)])
-    report["model_bytes"] = model_bytes
-    report["ratio_vs_fp16"] = round(report["fp16_reference_bytes"] / model_bytes, 4)
-    report["ratio_vs_fp32"] = round(report["fp32_reference_bytes"] / model_bytes, 4)
+    report.model_bytes = model_bytes
+    report.ratio_vs_fp16 = round(report.fp16_reference_bytes / model_bytes, 4)
+    report.ratio_vs_fp32 = round(report.fp32_reference_bytes / model_bytes, 4)
     size = 0
     for _ in range(8):
-        report["files"][path.name] = size
-        report["total_bytes"] = others + size
-        text = json.dumps(report, indent=2, sort_keys=True) + "\n"
+        report.files[path.name] = size
+        report.total_bytes = others + size
+        text = report.to_json()
         if len(text.encode()) == size:
             break
         size = len(text.encode())
@@ -213,29 +214,26 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
-                report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
-                                 timings, fmt, opset)
-                if fmt == FORMAT_DYNAMIC:
-                    report["outlier_ratio"] = outlier_ratio
+                genai = None
                 if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
                     genai = write_genai_config(out_dir, paths.model.name)
-                    report["genai_config"] = genai.name if genai else None
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
+                report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
+                                 timings, fmt, opset, fingerprint)
+                report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
+                report.genai_config = genai.name if genai else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
-                    report["calibration_text"] = {"calib": calibration.calib if calibration else None,
-                                                  "text_field": calibration.text_field if calibration else "text"}
-                report.update(report_extras or {})
-                report["baseline_fingerprint"] = fingerprint
-                if verify:
-                    report["verification"] = verification
+                    report.calibration_text = {"calib": calibration.calib if calibration else None,
+                                               "text_field": calibration.text_field if calibration else "text"}
+                report.analysis = (report_extras or {}).get("analysis")
+                report.verification = verification if verify else None
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
-                for p in written:
-                    report["files"][p.name] = p.stat().st_size
-                report["sha256"] = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
+                report.files = {p.name: p.stat().st_size for p in written}
+                report.sha256 = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
                 _write_report(out_dir / paths.report.name, report, written, paths.model.name)
                 _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
-    return ExportResult(paths, plan, report, timings)
+    return ExportResult(paths, plan, report.to_dict(), timings)
 
 
 def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
@@ -335,36 +333,34 @@ def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
 
 
 def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
-            timings, fmt: str, opset: int) -> dict:
+            timings, fmt: str, opset: int, fingerprint: str) -> ExportReport:
     fp32_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     fp16_bytes = _files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
     weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
-    return {
-        "cptquant_version": __version__,
-        "onnxruntime_version": ort.__version__,
-        "onnx_opset": opset,
-        "model": loaded.display_name,
-        "source": str(loaded.source),
-        "trust_remote_code": loaded.trust_remote_code,
-        "task": loaded.task,
-        "method": plan.method,
-        "clip": plan.clip,
-        "weight_format": fmt,
-        "algorithm": sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
-        "average_bits": round(weighted_bits / total_params, 4) if total_params else None,
-        "layers": {
-            name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels, "algorithm": r.algorithm,
-                   "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse,
-                   **({"outlier_channels": r.outlier_channels} if r.outlier_channels else {}),
-                   **({"hot_rows": r.hot_rows} if r.hot_rows else {})}
-            for name, r in sorted(rewritten.items())
-        },
-        "layers_not_in_onnx": absent,
-        "graph_check": graph_check.to_dict(),
-        "parity_vs_torch_fp32": parity.to_dict(),
-        "fp32_reference_bytes": fp32_bytes,
-        "fp16_reference_bytes": fp16_bytes,
-        "files": {},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+    return ExportReport(
+        cptquant_version=__version__,
+        onnxruntime_version=ort.__version__,
+        onnx_opset=opset,
+        model=loaded.display_name,
+        source=str(loaded.source),
+        trust_remote_code=loaded.trust_remote_code,
+        task=loaded.task,
+        method=plan.method,
+        clip=plan.clip,
+        weight_format=fmt,
+        algorithm=sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
+        average_bits=round(weighted_bits / total_params, 4) if total_params else None,
+        layers={name: LayerReport(bits=r.bits, block_size=r.block_size, kernels=r.expected_kernels,
+                                  algorithm=r.algorithm, bytes_fp32=r.bytes_fp32, bytes_after=r.bytes_after,
+                                  weight_mse=r.mse, outlier_channels=r.outlier_channels or 0,
+                                  hot_rows=r.hot_rows or 0)
+                for name, r in sorted(rewritten.items())},
+        layers_not_in_onnx=absent,
+        graph_check=graph_check.to_dict(),
+        parity_vs_torch_fp32=parity.to_dict(),
+        fp32_reference_bytes=fp32_bytes,
+        fp16_reference_bytes=fp16_bytes,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        baseline_fingerprint=fingerprint,
+    )

@@ -25,6 +25,7 @@ from ..errors import CptqError
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASKS
 from ..progress import console
+from ..reports import VerifyReport
 from ..safety import check_file_hashes, refuse_custom_code
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
@@ -448,22 +449,22 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     for adapter in adapters:
         per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress)
         result.checks.extend(gate(adapter.name, per_ep[adapter.name], out.task, baseline, thresholds))
-    result.report = {
-        "cptquant_version": __version__,
-        "onnxruntime_version": ort.__version__,
-        "output": str(out.folder.resolve()),
-        "model": out.report.get("model"),
-        "task": out.task,
-        "baseline": baseline,
-        "quick": quick,
-        "thresholds": asdict(thresholds),
-        "variants": {name: str(path) for name, path in variants.items()},
-        "eps": per_ep,
-        "skipped_eps": skipped,
-        "checks": [c.to_dict() for c in result.checks],
-        "passed": result.passed,
-        "warnings": warnings,
-    }
+    result.report = VerifyReport(
+        cptquant_version=__version__,
+        onnxruntime_version=ort.__version__,
+        output=str(out.folder.resolve()),
+        model=out.report.get("model"),
+        task=out.task,
+        baseline=baseline,
+        quick=quick,
+        thresholds=asdict(thresholds),
+        variants={name: str(path) for name, path in variants.items()},
+        eps=per_ep,
+        skipped_eps=skipped,
+        checks=[c.to_dict() for c in result.checks],
+        passed=result.passed,
+        warnings=warnings,
+    ).to_dict()
     return result
 
 
