@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-quick bench-llm genai-builder clean
+.PHONY: install demo test test-unit lint bench bench-quick bench-llm genai-builder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The unit tier alone (no ONNX export, no CLI run; tests/conftest.py says which): seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit
+
+# ruff (pyflakes, pycodestyle, bugbear) on the whole tree, mypy on the package; settings in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(BENCH_STAMP) $(GENAI_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs

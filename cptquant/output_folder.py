@@ -39,7 +39,7 @@ from .errors import CptqError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX (Windows): no locks, the rest still holds
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 STAGING_PREFIX = ".cptq-tmp-"
 LOCK_SUFFIX = ".cptq-lock"

@@ -228,6 +228,7 @@ def sample_recipe(name: str):
         raise CptqError(f"the sample recipe {path} is missing; sample models need a source checkout of cptquant")
     module_name = f"cptquant_samples_{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None  # a .py file that exists always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
     try:

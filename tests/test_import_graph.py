@@ -8,6 +8,7 @@ the design. The graph comes from the source (ast), so this test imports nothing 
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     return targets
 
 
+@functools.lru_cache(maxsize=1)
 def import_graph() -> dict[str, set[str]]:
     modules = module_files()
     return {name: imports_of(name, path, modules) for name, path in modules.items()}

@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "llm":
         settings = LlmSettings.quick() if args.quick else LlmSettings()
         settings.tokens = args.llm_tokens or settings.tokens
-        llm_result = run_llm(CACHE / "smollm2", settings, log, args.reuse)
-        write_alone(llm_result, args.out, (time.perf_counter() - start) / 60,
+        alone = run_llm(CACHE / "smollm2", settings, log, args.reuse)
+        write_alone(alone, args.out, (time.perf_counter() - start) / 60,
                     f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
         print(f"wrote {args.out / 'benchmarks-llm.md'} and {args.out / 'pareto-llm.png'}")
         return 0

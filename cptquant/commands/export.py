@@ -81,6 +81,7 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optiona
     def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
         result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress, forward_repeats=1)
         scores = result.oracle if method == "oracle" else result.scores[method]
+        assert scores is not None  # analyze() scores every method it is given, the oracle included
         plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
                                 non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
         # Timings go to the report (the plan stays byte-identical for the same inputs).

@@ -48,8 +48,11 @@ class Measurements(Protocol):
     """What the lowering reads from calibration text; the command builds it (passes/measurements.py), so the
     exporter runs no pass. `calib` / `text_field` name the text for the report."""
 
-    calib: str | None
-    text_field: str
+    @property
+    def calib(self) -> str | None: ...
+
+    @property
+    def text_field(self) -> str: ...
 
     def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
                  progress: bool) -> dict[str, np.ndarray]: ...
@@ -256,7 +259,9 @@ def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, pl
         return RoundToNearest()
     wanted = [name for name, lp in plan.layers.items()
               if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
-    measured = _needs(calibration, "--algorithm gptq") if wanted else None
+    if not wanted:
+        return Gptq(lambda names: {}, wanted)
+    measured = _needs(calibration, "--algorithm gptq")
     return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted)
 
 

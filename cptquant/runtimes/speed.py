@@ -127,7 +127,7 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
     steps: dict[str, list[float]] = {name: [] for name in sessions}
     with progress_bar(progress) as bar:
         job = bar.add_task(f"decoding on {adapter.name}", total=settings.decode_rounds + 1)
-        for name, session in sessions.items():  # warm-up: one short generation each
+        for session in sessions.values():  # warm-up: one short generation each
             greedy_decode(adapter, session, prompt, min(4, settings.new_tokens))
         # Prefill alone, `runs` times: a few decode rounds give too few samples for a median.
         bound = {name: {k: adapter.to_device(v) for k, v in feeds_for(s, prompt).items()} for name, s in sessions.items()}
@@ -140,7 +140,7 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
                 _, s, _ = greedy_decode(adapter, sessions[name], prompt, settings.new_tokens)
                 steps[name].extend(s)
             bar.advance(job)
-    out = {}
+    out: dict[str, dict] = {}
     for name in sessions:
         decode = latency_stats(steps[name])
         out[name] = {f"prefill_b1_s{settings.prompt_tokens}": latency_stats(prefill[name]).to_dict(),

@@ -15,7 +15,7 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import onnx
 import onnxruntime as ort
@@ -293,12 +293,13 @@ def _names(names, keep: int = 4) -> str:
 
 def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], dict[str, str]]:
     """'auto': every available EP, the others skipped with their reason. A named EP must be available."""
-    known = {"cpu": lambda: CpuAdapter(threads=threads), "cuda": CudaAdapter}
+    known: dict[str, Callable[[], RuntimeAdapter]] = {"cpu": lambda: CpuAdapter(threads=threads), "cuda": CudaAdapter}
     names = list(known) if ep.strip() == "auto" else [n.strip().lower() for n in ep.split(",") if n.strip()]
     unknown = [n for n in names if n not in known]
     if not names or unknown:
         raise CptqError(f"--ep must be auto or a comma list of {', '.join(known)} (got {ep!r})")
-    adapters, skipped = [], {}
+    adapters: list[RuntimeAdapter] = []
+    skipped: dict[str, str] = {}
     for name in dict.fromkeys(names):
         adapter = known[name]()
         ok, why = adapter.available()
@@ -317,7 +318,8 @@ def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], di
 def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) -> tuple[dict, dict]:
     """Open each variant; per variant {bytes_on_disk, open_s, peak_rss_bytes, rss_growth_bytes}.
     Memory comes from a fresh process per variant (memory.py), so the order of opening does not bias it."""
-    sessions, facts = {}, {}
+    sessions: dict[str, object] = {}
+    facts: dict[str, dict] = {}
     length = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
     for name, path in variants.items():
         try:
@@ -434,8 +436,8 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     out = inspect_output_folder(folder, loaded, trust_remote_code)
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
-    warnings = [_calibration_overlap(out, eval_set)] if eval_set is not None else []
-    warnings = [w for w in warnings if w]
+    overlap = _calibration_overlap(out, eval_set) if eval_set is not None else None
+    warnings = [overlap] if overlap else []
     variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
     # Only once the input is known good: a refusal stays the one line on stderr.
     for why in skipped.values():
