@@ -19,7 +19,8 @@ from cptquant.passes import AnalysisOptions
 from cptquant.plan import uniform_plan
 from cptquant.quant.storage import FORMAT_DYNAMIC
 from cptquant.reports import ExportReport, VerifyReport
-from cptquant.runtimes.verify import verify_output, write_reports
+from cptquant.runtimes.verify import verify_output
+from cptquant.runtimes.verify_reports import write_reports
 from cptquant.testing import tiny_bert, tiny_llama
 
 SCHEMAS = Path(__file__).resolve().parents[1] / "docs" / "schemas"

@@ -27,7 +27,8 @@ from cptquant.runtimes.cuda import CudaAdapter
 from cptquant.onnx_io.inputs import feeds_for
 from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
-from cptquant.runtimes.verify import parse_fraction, short_verification
+from cptquant.runtimes.gate import parse_fraction
+from cptquant.runtimes.verify import short_verification
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 runner = CliRunner()
@@ -360,7 +361,7 @@ def test_bad_folder_exits_2_with_one_line(kind, message, tiny_opt, tmp_path):
 
 
 def test_external_data_inside_the_folder_is_accepted(tiny_opt, tmp_path):
-    from cptquant.runtimes.verify import check_model_file
+    from cptquant.runtimes.export_folder import check_model_file
 
     folder = _copy_output(tiny_opt[1], tmp_path / "out")
     model = onnx.load(str(folder / "model.onnx"))
@@ -544,7 +545,7 @@ def test_reexport_with_force_drops_the_old_models_verify_reports(tiny_bert_sourc
 
 
 def test_max_kl_gates_only_when_given():
-    from cptquant.runtimes.verify import Thresholds, gate
+    from cptquant.runtimes.gate import Thresholds, gate
 
     measured = {"quality": {"vs_fp32": {"ppl_increase": 0.01, "kl_divergence": 0.2, "top1_agreement": 0.8}},
                 "speed": {"vs_fp32": {"geomean_speedup": 2.0}}}

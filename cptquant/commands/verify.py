@@ -13,8 +13,9 @@ import typer
 
 from ..errors import CptqError
 from ..runtimes.quality import load_eval_file
-from ..runtimes.verify import (REPORT_DIR, Thresholds, parse_fraction, parse_number, verify_output, write_junit,
-                               write_reports)
+from ..runtimes.gate import Thresholds, parse_fraction, parse_number
+from ..runtimes.verify import REPORT_DIR, verify_output
+from ..runtimes.verify_reports import write_junit, write_reports
 from . import user_errors
 
 

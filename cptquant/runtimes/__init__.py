@@ -5,6 +5,7 @@
 - quality.py: quality by task against the FP32/FP16 baselines on held-out text
 - speed.py: interleaved latency (encoders: batch x sequence; decoders: prefill and KV-cache decode)
 - memory.py: peak host memory of one variant, in a fresh process
-- verify.py: `cptq verify`'s engine (checks, baselines, gate, report.json/.md, JUnit) and
-  `short_verification`, the CPU figures `cptq-export` adds to its report
+- verify.py: `cptq verify`'s engine (measure on each adapter, gate) and `short_verification`, the CPU
+  figures `cptq-export` adds to its report; export_folder.py: the checks of an export folder and its
+  baselines; gate.py: thresholds and checks; verify_reports.py: report.json/.md and JUnit XML
 """
