@@ -16,9 +16,7 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
-from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
@@ -27,7 +25,6 @@ from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
-from ..reports import ExportReport, LayerReport
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
 from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
@@ -37,6 +34,7 @@ from .layer_map import build_layer_map
 from .lowering import KernelChoice, lower_model
 from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
+from .report import build_report, files_size, write_report
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 # The short verification the command chains into an export (runtimes/verify.py): the staged model, the model,
@@ -100,32 +98,6 @@ def resolve_output(out: Path, force: bool, source: str | None = None) -> OutputP
     paths = OutputPaths(out.parent, out) if out.suffix == ".onnx" else OutputPaths(out, out / MODEL_FILE)
     check_target(paths.folder, paths.model.name, force, source)
     return paths
-
-
-def _files_size(paths: list[Path]) -> int:
-    return sum(p.stat().st_size for p in paths)
-
-
-def _write_report(path: Path, report: ExportReport, other_files: list[Path], model_file: str) -> None:
-    """The report states its own size too: rewrite until the size it states is the size it has.
-
-    `model_bytes` (model.onnx and its external data) is what the FP16/FP32 ratios compare, like for
-    like with the reference exports; `total_bytes` is everything in the folder.
-    """
-    others = _files_size(other_files)
-    model_bytes = _files_size([p for p in other_files if p.name.startswith(model_file)])
-    report.model_bytes = model_bytes
-    report.ratio_vs_fp16 = round(report.fp16_reference_bytes / model_bytes, 4)
-    report.ratio_vs_fp32 = round(report.fp32_reference_bytes / model_bytes, 4)
-    size = 0
-    for _ in range(8):
-        report.files[path.name] = size
-        report.total_bytes = others + size
-        text = report.to_json()
-        if len(text.encode()) == size:
-            break
-        size = len(text.encode())
-    path.write_text(text)
 
 
 def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
@@ -222,8 +194,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     genai = write_genai_config(out_dir, paths.model.name)
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
-                report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
-                                 timings, fmt, opset, fingerprint)
+                report = build_report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir,
+                                      fp16_dir, timings, fmt, opset, fingerprint)
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
@@ -234,7 +206,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 report.files = {p.name: p.stat().st_size for p in written}
                 report.sha256 = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
-                _write_report(out_dir / paths.report.name, report, written, paths.model.name)
+                write_report(out_dir / paths.report.name, report, written, paths.model.name)
                 _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
     return ExportResult(paths, plan, report.to_dict(), timings)
 
@@ -243,7 +215,7 @@ def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
     """Bytes of the FP32 export that are not quantizable weights: what every plan keeps."""
     sizes = {init.name: int(np.prod(init.dims)) for init in model_proto.graph.initializer}
     weights = {use.initializer for mapping in layer_map.mapped.values() for use in mapping.uses}
-    model_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    model_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     return model_bytes - 4 * sum(sizes[name] for name in weights)
 
 
@@ -335,37 +307,3 @@ def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
     if verified and Path(verified).resolve() == paths.model.resolve():
         stale.append(VERIFY_REPORT_DIR)  # its reports describe a model that is being replaced
     return tuple(dict.fromkeys(stale))
-
-
-def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
-            timings, fmt: str, opset: int, fingerprint: str) -> ExportReport:
-    fp32_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
-    fp16_bytes = _files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
-    total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
-    weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
-    return ExportReport(
-        cptquant_version=__version__,
-        onnxruntime_version=ort.__version__,
-        onnx_opset=opset,
-        model=loaded.display_name,
-        source=str(loaded.source),
-        trust_remote_code=loaded.trust_remote_code,
-        task=loaded.task,
-        method=plan.method,
-        clip=plan.clip,
-        weight_format=fmt,
-        algorithm=sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
-        average_bits=round(weighted_bits / total_params, 4) if total_params else None,
-        layers={name: LayerReport(bits=r.bits, block_size=r.block_size, kernels=r.expected_kernels,
-                                  algorithm=r.algorithm, bytes_fp32=r.bytes_fp32, bytes_after=r.bytes_after,
-                                  weight_mse=r.mse, outlier_channels=r.outlier_channels or 0,
-                                  hot_rows=r.hot_rows or 0)
-                for name, r in sorted(rewritten.items())},
-        layers_not_in_onnx=absent,
-        graph_check=graph_check.to_dict(),
-        parity_vs_torch_fp32=parity.to_dict(),
-        fp32_reference_bytes=fp32_bytes,
-        fp16_reference_bytes=fp16_bytes,
-        timings_s={k: round(v, 3) for k, v in timings.items()},
-        baseline_fingerprint=fingerprint,
-    )
