@@ -352,7 +352,8 @@ def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir
             name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels, "algorithm": r.algorithm,
                    "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse,
                    **({"outlier_channels": r.outlier_channels} if r.outlier_channels else {}),
-                   **({"hot_rows": r.hot_rows} if r.hot_rows else {})}
+                   **({"hot_rows": r.hot_rows} if r.hot_rows else {}),
+                   **({"reads_table": r.reads_table} if r.reads_table else {})}
             for name, r in sorted(rewritten.items())
         },
         "layers_not_in_onnx": absent,

@@ -52,6 +52,7 @@ class LoweredLayer:
     outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
     hot_rows: int = 0  # rows of a 4-bit embedding table stored at 8 bits
+    reads_table: str | None = None  # a tied LM head that reads this embedding layer's codes (tied_head.py)
 
 
 @dataclass
@@ -131,6 +132,8 @@ def _records(lowering: Lowering) -> dict[str, LoweredLayer]:
                 record.outlier_channels = site.outlier_channels or 0
             if site.hot_rows is not None:
                 record.hot_rows = site.hot_rows
+            if site.table_site is not None:
+                record.reads_table = site.table_site.layer
         record.mse = float(np.mean(errors)) if errors else 0.0
         record.new_initializers = lowering.owned[layer]
         record.derived_tensors = lowering.derived[layer]
