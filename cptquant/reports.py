@@ -32,10 +32,11 @@ class LayerReport:
     weight_mse: float
     outlier_channels: int = 0  # --format dynamic's smoothed input channels (written when > 0)
     hot_rows: int = 0  # a 4-bit table's rows kept at 8 bits (written when > 0)
+    reads_table: str = ""  # a tied LM head reading this embedding layer's codes (written when set)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for optional in ("outlier_channels", "hot_rows"):
+        for optional in ("outlier_channels", "hot_rows", "reads_table"):
             if not data[optional]:
                 del data[optional]
         return data

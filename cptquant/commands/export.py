@@ -138,7 +138,10 @@ def print_summary(result: ExportResult, console: Console) -> None:
     console.print(table)
     for name, entry in report["layers"].items():
         if entry.get("hot_rows"):
-            console.print(f"{name}: {entry['hot_rows']:,} rows (the calibration text's tokens) kept at 8 bits")
+            tied = any(other.get("reads_table") == name for other in report["layers"].values())
+            source = "the calibration text's tokens" + (", then the lowest ids: the LM head reads this table"
+                                                       if tied else "")
+            console.print(f"{name}: {entry['hot_rows']:,} rows ({source}) kept at 8 bits")
     parity = report["parity_vs_torch_fp32"]
     kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"
     console.print(

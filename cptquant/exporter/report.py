@@ -61,7 +61,7 @@ def build_report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp3
         layers={name: LayerReport(bits=r.bits, block_size=r.block_size, kernels=r.expected_kernels,
                                   algorithm=r.algorithm, bytes_fp32=r.bytes_fp32, bytes_after=r.bytes_after,
                                   weight_mse=r.mse, outlier_channels=r.outlier_channels or 0,
-                                  hot_rows=r.hot_rows or 0)
+                                  hot_rows=r.hot_rows or 0, reads_table=r.reads_table or "")
                 for name, r in sorted(rewritten.items())},
         layers_not_in_onnx=absent,
         graph_check=graph_check.to_dict(),
