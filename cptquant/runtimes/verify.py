@@ -31,6 +31,7 @@ from .cuda import CudaAdapter
 from .memory import measure_peak_rss
 from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from .speed import SpeedSettings, measure_latency, speedups
+from .speed_gate import INCONCLUSIVE, PASS, GateSettings, figure_probes, paired_log_ratios, speed_interval
 
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "model.report.json"
@@ -47,7 +48,7 @@ class Thresholds:
     max_ppl_increase: float = 0.02  # relative: 0.02 = perplexity may grow by 2 %
     max_accuracy_drop: float = 0.01  # absolute: 0.01 = one point of accuracy (or of agreement)
     min_cosine: float = 0.99  # mean cosine of pooled embeddings
-    min_speedup: float = 1.0  # geometric mean of baseline p50 / candidate p50
+    min_speedup: float = 1.0  # geometric mean of paired baseline / candidate times; gated on its interval
     max_kl: float | None = None  # causal LM: mean KL divergence of next-token distributions (None: not gated)
 
 
@@ -332,13 +333,17 @@ def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) ->
 
 
 def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFolder, eval_set: EvalSet | None,
-               quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True) -> dict:
-    """Quality and speed of the candidate and every baseline on one adapter, ratios included."""
+               quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True,
+               gated: tuple[str, float, GateSettings] | None = None) -> dict:
+    """Quality and speed of the candidate and every baseline on one adapter, ratios included.
+    `gated` (baseline, threshold, settings): that baseline's speed-up interval is measured until it is
+    narrow or clear of the threshold (speed_gate.py); the others get the interval of the rounds taken."""
     sessions, facts = open_sessions(adapter, variants, out.config)
     encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
     quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
                               CANDIDATE, progress)
-    latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress)
+    rounds: dict = {}
+    latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress, rounds)
     speed = {"variants": {name: {**facts[name], "latency": latency[name]} for name in variants},
              "settings": asdict(speed_settings), "interleaved": True}
     cand = facts[CANDIDATE]
@@ -352,6 +357,13 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
             **{f"{key}_ratio": (round(cand[key] / ref[key], 4) if cand[key] and ref[key] else None)
                for key in ("peak_rss_bytes", "rss_growth_bytes")},
         }
+        if gated is not None:
+            baseline, threshold, gate_settings = gated
+            probes = (figure_probes(out.task, adapter, sessions, out.config, speed_settings) if base == baseline
+                      else None)
+            interval = speed_interval(paired_log_ratios(rounds, CANDIDATE, base), threshold, gate_settings, probes,
+                                      CANDIDATE, base)
+            speed[f"vs_{base}"]["speedup_interval"] = interval.to_dict()
     return {"device": adapter.device_name(), "onnxruntime": ort.__version__, "quality": quality.to_dict(),
             "speed": speed}
 
@@ -401,9 +413,44 @@ def gate(ep: str, measured: dict, task: str, baseline: str, thresholds: Threshol
                             True, percent=True))
     elif task == TASK_FEATURES:
         checks.append(Check(ep, f"mean cosine vs {baseline}", vs_quality["mean_cosine"], thresholds.min_cosine, False))
-    checks.append(Check(ep, f"speed-up vs {baseline} (geometric mean of p50 ratios)",
-                        measured["speed"][f"vs_{baseline}"]["geomean_speedup"], thresholds.min_speedup, False))
+    checks.append(speed_check(ep, baseline, measured["speed"][f"vs_{baseline}"], thresholds.min_speedup))
     return checks
+
+
+@dataclass
+class SpeedCheck(Check):
+    """The speed gate: fails only when the whole confidence interval lies below the threshold."""
+
+    low: float = 0.0
+    high: float = 0.0
+    confidence: float = 0.95
+    rounds: int = 0
+    verdict: str = INCONCLUSIVE
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict in (PASS, INCONCLUSIVE)
+
+    def line(self) -> str:
+        where = {PASS: ">=", INCONCLUSIVE: "straddles"}.get(self.verdict, "<")
+        span = f"{self.measured:.4g} ({self.confidence:.0%} interval {self.low:.4g}-{self.high:.4g}, {self.rounds} rounds)"
+        tail = "; not failed: rerun on a quieter machine to settle it" if self.verdict == INCONCLUSIVE else ""
+        return f"{self.verdict.upper()} [{self.ep}] {self.name}: {span} {where} {self._fmt(self.threshold)}{tail}"
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "low": self.low, "high": self.high, "confidence": self.confidence,
+                "rounds": self.rounds, "verdict": self.verdict}
+
+
+def speed_check(ep: str, baseline: str, vs: dict, threshold: float) -> Check:
+    interval = vs.get("speedup_interval")
+    if interval is None:  # measured without a gate (the export's short verification): the point ratio
+        return Check(ep, f"speed-up vs {baseline} (geometric mean of p50 ratios)", vs["geomean_speedup"],
+                     threshold, False)
+    return SpeedCheck(ep, f"speed-up vs {baseline} (geometric mean of paired ratios)", interval["estimate"],
+                      threshold, False, low=interval["low"], high=interval["high"],
+                      confidence=interval["confidence"], rounds=min(interval["rounds"].values()),
+                      verdict=interval["verdict"])
 
 
 @dataclass
@@ -421,7 +468,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
                   eval_set: EvalSet | None = None, quick: bool = False, threads: int = 2, progress: bool = True,
                   loaded=None, quality_settings: QualitySettings | None = None,
                   speed_settings: SpeedSettings | None = None, trust_remote_code: bool = False,
-                  source: str | None = None) -> VerifyResult:
+                  source: str | None = None, gate_settings: GateSettings | None = None) -> VerifyResult:
     """`trust_remote_code` and `source` come from the command line only (see cptquant/safety.py)."""
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
@@ -442,10 +489,12 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         print(f"warning: {line}", file=sys.stderr)
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
+    gated = (baseline, thresholds.min_speedup, gate_settings or GateSettings.for_mode(quick))
     result = VerifyResult(report={}, skipped=skipped)
     per_ep = {}
     for adapter in adapters:
-        per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress)
+        per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress,
+                                          gated)
         result.checks.extend(gate(adapter.name, per_ep[adapter.name], out.task, baseline, thresholds))
     result.report = {
         "cptquant_version": __version__,
@@ -536,6 +585,11 @@ def _markdown(report: dict) -> str:
                                                                    ("tokens_per_s_ratio", "tokens/s"))
                        if vs.get(key) is not None]
             lines.append(f"- quantized vs {n}: " + ", ".join(ratios))
+            if vs.get("speedup_interval"):
+                i = vs["speedup_interval"]
+                lines.append(f"- speed-up vs {n}, paired rounds: {i['estimate']:.3f}× ({i['confidence']:.0%} interval "
+                             f"{i['low']:.3f}–{i['high']:.3f}, {min(i['rounds'].values())}+ rounds per figure, "
+                             f"{i['added_seconds']:.0f} s added; stopped: {i['stopped']})")
         lines.append("")
     lines += ["## Checks", ""] + [f"- {c['line']}" for c in report["checks"]] + [""]
     return "\n".join(lines)
