@@ -28,6 +28,7 @@ from ..progress import Steps
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
+from .format_choice import FORMAT_AUTO, choose_format
 from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
@@ -150,6 +151,13 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
                 graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
+                format_choice = None
+                if fmt == FORMAT_AUTO:  # measured here, before the plan: a size budget counts the format's bytes
+                    format_choice = choose_format(loaded, model_proto, graph, layer_map.uses(), fp32_dir,
+                                                  tmp / "format-probes", calibration)
+                    fmt = format_choice.format
+                    if calibration is not None:
+                        calibration.weight_format = fmt
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -197,6 +205,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                  timings, fmt, opset)
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
+                if format_choice is not None:
+                    report["format_choice"] = format_choice.to_dict()
                 if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
                     genai = write_genai_config(out_dir, paths.model.name)
                     report["genai_config"] = genai.name if genai else None
