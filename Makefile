@@ -55,8 +55,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# GATE_RUNS=N: `cptq verify` runs per model in the speed-gate check under load (default 20, about a minute each).
 bench: $(BENCH_STAMP) $(GENAI_STAMP)
-	$(BIN)/python -m cptquant.bench --out docs
+	$(BIN)/python -m cptquant.bench --out docs $(if $(GATE_RUNS),--gate-runs $(GATE_RUNS))
 
 # Only the SmolLM2 section (LLM peers, genai decode speed), into $(OUT)/bench-llm: for iterating.
 bench-llm: $(BENCH_STAMP) $(GENAI_STAMP)

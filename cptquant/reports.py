@@ -77,12 +77,13 @@ class ExportReport:
     calibration_text: dict[str, Any] | None = None  # when calibration text was read: what --eval must not overlap
     analysis: dict[str, Any] | None = None  # a sensitivity method's cost and calibration
     verification: dict[str, Any] | None = None  # the short CPU verification (or why it has no figures)
+    format_choice: dict[str, Any] | None = None  # --format auto: the format measured fastest, why, the timings
     schema_version: int = EXPORT_REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: value for name, value in self.__dict__.items() if name != "layers"}
         data["layers"] = {name: layer.to_dict() for name, layer in sorted(self.layers.items())}
-        for optional in ("outlier_ratio", "calibration_text", "analysis", "verification"):
+        for optional in ("outlier_ratio", "calibration_text", "analysis", "verification", "format_choice"):
             if data[optional] is None:
                 del data[optional]
         if self.task != TASK_CAUSAL_LM:  # a causal LM states its genai_config.json, null when none was written

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..errors import CptqError
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult, export_quantized
-from ..quant.storage import FORMATS
+from ..quant.storage import FORMAT_AUTO, FORMATS
 from ..quant.weight_quantizers import ALGORITHMS
 from ..quant.quantize import CLIP_METHODS
 from ..layer_graph import LayerGraph
@@ -187,8 +187,10 @@ def export(
     algorithm: str = typer.Option("gptq", "--algorithm",
                                   help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
     weight_format: str = typer.Option(
-        "qdq", "--format",
-        help="qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
+        "auto", "--format",
+        help="auto: the fastest of qdq and dynamic measured on this machine at the task's shapes (encoders; "
+             "decoders take qdq), recorded in the report; "
+             "qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
              "dynamic: int8 DynamicQuantizeMatMul (activations quantized at run time; fastest for encoders on CPU, "
              "4-bit layers stay 4-bit on disk)."),
     outlier_ratio: float = typer.Option(
@@ -218,8 +220,8 @@ def export(
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
-    if weight_format not in FORMATS:
-        raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
+    if weight_format not in (FORMAT_AUTO, *FORMATS):
+        raise CptqError(f"--format must be one of {', '.join((FORMAT_AUTO, *FORMATS))}, not {weight_format!r}")
     if outlier_ratio < 0 or 0 < outlier_ratio <= 1:
         raise CptqError(f"--outlier-ratio must be 0 (off) or above 1, not {outlier_ratio:g}")
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
@@ -233,6 +235,7 @@ def export(
                              default_bits)
     from ..passes import check_options
     from ..passes.measurements import CalibrationMeasurements
+    from .format_choice import format_chooser
 
     check_options(analysis)  # also with --bits or --plan: calibration settings GPTQ will use
     from ..exporter.pipeline import resolve_output
@@ -244,5 +247,6 @@ def export(
         result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
                                   report_extras=report_extras, verify=short_verification if verify else None,
                                   algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
-                                  outlier_ratio=outlier_ratio)
+                                  outlier_ratio=outlier_ratio,
+                                  choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None)
     print_summary(result, Console())

@@ -32,7 +32,9 @@ def verify(
                                          help="Causal LM: largest mean KL divergence of the next-token distribution "
                                               "from the baseline's (reported always; gated only when given)."),
     min_cosine: str = typer.Option("0.99", "--min-cosine", help="Feature extraction: smallest mean cosine."),
-    min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean p50 speed-up."),
+    min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean speed-up. Fails only when its whole "
+                                        "95% interval (interleaved pairs, repeated while it straddles) is below it; "
+                                        "INCONCLUSIVE otherwise."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file of the checks here."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where report.json/.md go (OUT_DIR/verify)."),

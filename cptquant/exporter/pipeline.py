@@ -13,7 +13,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -24,7 +24,7 @@ from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check
                              committing, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
 from ..progress import Steps
-from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
 from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
@@ -40,6 +40,19 @@ PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 # The short verification the command chains into an export (runtimes/verify.py): the staged model, the model,
 # the staged FP32/FP16 baselines -> the figures the report carries.
 Verifier = Callable[[Path, LoadedModel, dict[str, Path]], dict]
+
+
+class FormatChoice(Protocol):
+    """`--format auto`'s answer (commands/format_choice.py): the format and what was measured, for the report."""
+
+    format: str
+
+    def to_dict(self) -> dict: ...
+
+
+# `--format auto`: the model, its FP32 proto, layer graph, layer uses, the FP32 folder, a scratch folder -> the
+# measured choice. The command hands it over, so that the exporter times no runtime itself.
+FormatChooser = Callable[[LoadedModel, Any, LayerGraph, Any, Path, Path], FormatChoice]
 
 
 class Measurements(Protocol):
@@ -118,17 +131,20 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                      progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
                      verify: Verifier | None = None, algorithm: str = "rtn",
                      calibration: Measurements | None = None,
-                     outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> ExportResult:
+                     outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
+                     choose_format: FormatChooser | None = None) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
     `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
     measures (passes.measurements.CalibrationMeasurements). With `verify` (runtimes/verify.py's short
     verification), its CPU figures against the FP32/FP16 baselines join the report too. With `fmt` dynamic
     and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
-    each layer's int8 product.
+    each layer's int8 product. With `fmt` auto, `choose_format` measures the format on the FP32 export.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if fmt == FORMAT_AUTO and choose_format is None:
+        raise CptqError("--format auto needs a format chooser (commands/format_choice.py)")
     paths = resolve_output(out, force, loaded.source)
     timings: dict[str, float] = {}
     with claim_output(paths.folder), Staging(paths.folder) as staging:
@@ -146,6 +162,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
                 graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
+                format_choice = None
+                if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
+                    format_choice = choose_format(loaded, model_proto, graph, layer_map.uses(), fp32_dir,  # its bytes
+                                                  tmp / "format-probes")
+                    fmt = format_choice.format
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -198,6 +219,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                       fp16_dir, timings, fmt, opset, fingerprint)
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
+                report.format_choice = format_choice.to_dict() if format_choice is not None else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
                     report.calibration_text = {"calib": calibration.calib if calibration else None,
                                                "text_field": calibration.text_field if calibration else "text"}

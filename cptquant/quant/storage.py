@@ -26,6 +26,7 @@ FORMAT_QDQ = "qdq"  # standard DequantizeLinear -> MatMul; ORT fuses it into Mat
 FORMAT_NBITS = "nbits"  # com.microsoft.MatMulNBits written directly
 FORMAT_DYNAMIC = "dynamic"  # com.microsoft.DynamicQuantizeMatMul: int8 per-column weights, dynamic activations
 FORMATS = (FORMAT_QDQ, FORMAT_NBITS, FORMAT_DYNAMIC)
+FORMAT_AUTO = "auto"  # not a format: `--format auto` measures qdq and dynamic before the plan (commands/format_choice.py)
 
 KERNEL_MATMUL_NBITS = "MatMulNBits"
 KERNEL_GATHER_BQ = "GatherBlockQuantized"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import onnxruntime as ort
 
@@ -28,6 +28,7 @@ from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from .speed import SpeedSettings, measure_latency, speedups
 from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
 from .gate import Check, Thresholds, gate
+from .speed_gate import GateSettings, figure_probes, paired_log_ratios, speed_interval
 
 CANDIDATE = VERIFY_CANDIDATE
 REPORT_DIR = VERIFY_REPORT_DIR  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
@@ -78,14 +79,18 @@ def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) ->
 
 
 def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFolder, eval_set: EvalSet | None,
-               quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True) -> dict:
-    """Quality and speed of the candidate and every baseline on one adapter, ratios included."""
+               quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True,
+               gated: tuple[str, float, GateSettings] | None = None) -> dict:
+    """Quality and speed of the candidate and every baseline on one adapter, ratios included.
+    `gated` (baseline, threshold, settings): that baseline's speed-up interval is measured until it is
+    narrow or clear of the threshold (speed_gate.py); the others get the interval of the rounds taken."""
     sessions, facts = open_sessions(adapter, variants, out.config)
     encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
     quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
                               CANDIDATE, progress)
-    latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress)
-    speed = {"variants": {name: {**facts[name], "latency": latency[name]} for name in variants},
+    rounds: dict = {}
+    latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress, rounds)
+    speed: dict[str, Any] = {"variants": {name: {**facts[name], "latency": latency[name]} for name in variants},
              "settings": asdict(speed_settings), "interleaved": True}
     cand = facts[CANDIDATE]
     for base in variants:
@@ -98,6 +103,13 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
             **{f"{key}_ratio": (round(cand[key] / ref[key], 4) if cand[key] and ref[key] else None)
                for key in ("peak_rss_bytes", "rss_growth_bytes")},
         }
+        if gated is not None:
+            baseline, threshold, gate_settings = gated
+            probes = (figure_probes(out.task, adapter, sessions, out.config, speed_settings) if base == baseline
+                      else None)
+            interval = speed_interval(paired_log_ratios(rounds, CANDIDATE, base), threshold, gate_settings, probes,
+                                      CANDIDATE, base)
+            speed[f"vs_{base}"]["speedup_interval"] = interval.to_dict()
     return {"device": adapter.device_name(), "onnxruntime": ort.__version__, "quality": quality.to_dict(),
             "speed": speed}
 
@@ -117,7 +129,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
                   eval_set: EvalSet | None = None, quick: bool = False, threads: int = 2, progress: bool = True,
                   loaded=None, quality_settings: QualitySettings | None = None,
                   speed_settings: SpeedSettings | None = None, trust_remote_code: bool = False,
-                  source: str | None = None) -> VerifyResult:
+                  source: str | None = None, gate_settings: GateSettings | None = None) -> VerifyResult:
     """`trust_remote_code` and `source` come from the command line only (see cptquant/safety.py)."""
     if baseline not in BASELINES:
         raise CptqError(f"--baseline must be fp16 or fp32 (got {baseline!r})")
@@ -138,10 +150,12 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         print(f"warning: {line}", file=sys.stderr)
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
+    gated = (baseline, thresholds.min_speedup, gate_settings or GateSettings.for_mode(quick))
     result = VerifyResult(report={}, skipped=skipped)
     per_ep = {}
     for adapter in adapters:
-        per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress)
+        per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress,
+                                          gated)
         result.checks.extend(gate(adapter.name, per_ep[adapter.name], out.task, baseline, thresholds))
     result.report = VerifyReport(
         cptquant_version=__version__,

@@ -55,6 +55,11 @@ def _markdown(report: dict) -> str:
                                                                    ("tokens_per_s_ratio", "tokens/s"))
                        if vs.get(key) is not None]
             lines.append(f"- quantized vs {n}: " + ", ".join(ratios))
+            if vs.get("speedup_interval"):
+                i = vs["speedup_interval"]
+                lines.append(f"- speed-up vs {n}, paired rounds: {i['estimate']:.3f}× ({i['confidence']:.0%} interval "
+                             f"{i['low']:.3f}–{i['high']:.3f}, {min(i['rounds'].values())}+ rounds per figure, "
+                             f"{i['added_seconds']:.0f} s added; stopped: {i['stopped']})")
         lines.append("")
     lines += ["## Checks", ""] + [f"- {c['line']}" for c in report["checks"]] + [""]
     return "\n".join(lines)
