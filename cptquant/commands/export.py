@@ -128,6 +128,8 @@ def print_summary(result: ExportResult, console: Console) -> None:
         layers, params, after = by_bits[bits]
         table.add_row(str(bits), str(layers), f"{params:,}", f"{after / 1e6:.2f}")
     console.print(table)
+    for name, reason in report.get("layers_unquantized", {}).items():
+        console.print(f"{name}: left FP32 — {reason}")
     for name, entry in report["layers"].items():
         if entry.get("hot_rows"):
             console.print(f"{name}: {entry['hot_rows']:,} rows (the calibration text's tokens) kept at 8 bits")

@@ -37,6 +37,8 @@ from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
+NOT_IN_ONNX = ("no initializer of the exported graph holds its weight (unused by this task's outputs, or folded "
+               "into another constant by the exporter)")
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
 # MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9). At 6 the one extra Mul per
@@ -115,6 +117,7 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     graph = build_layer_graph(loaded.model)
     layer_map = build_layer_map(model_proto, loaded.model, graph)
     graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+    graph.unquantizable.update({name: NOT_IN_ONNX for name in layer_map.absent})
     graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
     return graph, layer_map
 
@@ -195,6 +198,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan.save(plan_path)
                 report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
                                  timings, fmt, opset)
+                report["layers_unquantized"] = dict(sorted(graph.unquantizable.items()))
                 if fmt == FORMAT_DYNAMIC:
                     report["outlier_ratio"] = outlier_ratio
                 if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
