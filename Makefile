@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-quick bench-llm genai-builder clean
+.PHONY: install demo test test-matrix bench bench-quick bench-llm genai-builder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The whole architecture matrix: every family at --bits 8 and --method tdmpq --target-bits 5 too.
+test-matrix: $(STAMP)
+	$(BIN)/python -m pytest -q -m matrix tests/test_architectures.py
 
 bench: $(BENCH_STAMP) $(GENAI_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs

