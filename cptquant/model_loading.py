@@ -102,13 +102,15 @@ def optimum_onnx_tasks(model_type: str) -> list[str] | None:
     import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
     from optimum.exporters.tasks import TasksManager
 
-    # optimum's registry spells model types with dashes (gpt-neox); transformers' configs with underscores.
-    try:
-        tasks = TasksManager.get_supported_tasks_for_model_type(model_type.replace("_", "-"), ONNX_EXPORTER,
-                                                                library_name="transformers")
-    except KeyError:
-        return None
-    return list(tasks)
+    # optimum's registry spells most model types with dashes (deberta-v2, xlm-roberta) where configs may use
+    # underscores, but some as transformers does (gpt_neox): try the name as given, then the other spellings.
+    for name in dict.fromkeys((model_type, model_type.replace("_", "-"), model_type.replace("-", "_"))):
+        try:
+            return list(TasksManager.get_supported_tasks_for_model_type(name, ONNX_EXPORTER,
+                                                                        library_name="transformers"))
+        except KeyError:
+            continue
+    return None
 
 
 def check_supported(config: Any, task: str) -> None:

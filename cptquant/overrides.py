@@ -96,7 +96,12 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
         total = sum(layer.num_params for layer in graph.layers)
         rest_params = sum(layer.num_params for layer in rest)
         pinned_cost = sum(layer.num_params * pinned[layer.name] for layer in graph.layers if layer.name in pinned)
-        left = (options.target_bits * total - pinned_cost) / rest_params if rest_params else widths[-1]
+        if not rest_params:
+            if pinned_cost > options.target_bits * total:
+                raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins every layer, "
+                                f"at {pinned_cost / total:.3f} bits per weight")
+            return sub_graph, options
+        left = (options.target_bits * total - pinned_cost) / rest_params
         if left < widths[0]:
             raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins leave "
                             f"{left:.3f} bits per weight to the other layers, below {widths[0]}")

@@ -108,8 +108,9 @@ def _base_factory(method, plan_file, bits, block_size, clip, zero_points, analys
                 raise CptqError("--override with a budget needs --granularity layer (a block's layers share one width)")
             pinned = pinned_bits(pins, graph)
             sub_graph, sub_options = budget_without_pinned(graph, pinned, analysis, result.hot_rows)
-            plan = plan_from_scores(sub_graph, scores, method, sub_options, loaded.display_name,
-                                    non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
+            plan = (plan_from_scores(sub_graph, scores, method, sub_options, loaded.display_name,
+                                     non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
+                    if sub_graph.layers else Plan({}, method=method, model=loaded.display_name, clip=analysis.clip))
             plan.meta["budget"] = {"target_bits": analysis.target_bits, "max_size_mb": analysis.max_size_mb}
         else:
             plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,

@@ -95,9 +95,13 @@ _SPECS: dict[str, tuple[str, str, str, dict]] = {
                    attention_dropout=0.0)),
     "phi": ("PhiConfig", "Phi", CAUSAL_LM, _decoder(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
                                                     attention_dropout=0.0)),
-    "phi3": ("Phi3Config", "Phi3", CAUSAL_LM, _decoder(num_key_value_heads=TINY_HEADS // 2)),
+    # Phi-3 and Gemma-2 with as many key-value heads as query heads: optimum 2.1's ORTModelForCausalLM sizes
+    # their empty KV cache by num_attention_heads (its list of GQA model types leaves them out), so a
+    # grouped-query Phi-3 / Gemma-2 export runs in onnxruntime and GenAI but not through that class.
+    "phi3": ("Phi3Config", "Phi3", CAUSAL_LM, _decoder(num_key_value_heads=TINY_HEADS)),
     "gemma": ("GemmaConfig", "Gemma", CAUSAL_LM, _decoder(num_key_value_heads=1, head_dim=16)),
-    "gemma2": ("Gemma2Config", "Gemma2", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16, sliding_window=64)),
+    "gemma2": ("Gemma2Config", "Gemma2", CAUSAL_LM,
+               _decoder(num_key_value_heads=TINY_HEADS, head_dim=16, sliding_window=64)),
     "qwen3": ("Qwen3Config", "Qwen3", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16)),
     "stablelm": ("StableLmConfig", "StableLm", CAUSAL_LM, _decoder(num_key_value_heads=2, partial_rotary_factor=0.5)),
     "mistral": ("MistralConfig", "Mistral", CAUSAL_LM, _decoder(num_key_value_heads=2, sliding_window=None)),
