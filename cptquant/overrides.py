@@ -75,9 +75,16 @@ def apply_overrides(plan: Plan, pinned: dict[str, int], block_size: int, zero_po
     return plan
 
 
+def _stored(graph: LayerGraph) -> list:
+    """The layers whose parameters the file holds: a tied LM head reads its embedding's (counted once, as the
+    allocator counts them)."""
+    return [layer for layer in graph.layers if not layer.tied_to]
+
+
 def average_bits(plan: Plan, graph: LayerGraph) -> float:
-    total = sum(layer.num_params for layer in graph.layers)
-    return sum(layer.num_params * plan.layers[layer.name].bits for layer in graph.layers) / total if total else 0.0
+    stored = _stored(graph)
+    total = sum(layer.num_params for layer in stored)
+    return sum(layer.num_params * plan.layers[layer.name].bits for layer in stored) / total if total else 0.0
 
 
 def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, hot_rows: dict[str, list[int]]):
@@ -93,9 +100,10 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
     sub_graph = replace(graph, layers=rest, unquantizable=dict(graph.unquantizable))
     widths = sorted(set(options.bit_widths))
     if options.target_bits is not None:
-        total = sum(layer.num_params for layer in graph.layers)
-        rest_params = sum(layer.num_params for layer in rest)
-        pinned_cost = sum(layer.num_params * pinned[layer.name] for layer in graph.layers if layer.name in pinned)
+        stored = _stored(graph)
+        total = sum(layer.num_params for layer in stored)
+        rest_params = sum(layer.num_params for layer in stored if layer.name not in pinned)
+        pinned_cost = sum(layer.num_params * pinned[layer.name] for layer in stored if layer.name in pinned)
         if not rest_params:
             if pinned_cost > options.target_bits * total:
                 raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins every layer, "
@@ -108,10 +116,11 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
         return sub_graph, replace(options, target_bits=min(left, widths[-1]))
     pinned_bytes = 0
     for layer in graph.layers:
-        if layer.name in pinned:
+        if layer.name in pinned:  # priced as plan_from_scores prices it (a tied head: reading its table)
             table = layer.role == ROLE_EMBEDDING
+            owner_hot = len(hot_rows.get(layer.tied_to or layer.name, ()))
             shape = WeightShape(layer.in_features, layer.out_features, table,
-                                len(hot_rows.get(layer.name, ())) if table else 0)
+                                owner_hot if table or layer.tied_to else 0, tied_head=bool(layer.tied_to))
             pinned_bytes += unit_bytes([shape], pinned[layer.name], options.block_size, options.zero_points,
                                        options.weight_format)
     left_mb = options.max_size_mb - pinned_bytes / MB

@@ -107,6 +107,13 @@ def test_override_budget_arithmetic():
     assert 1.0 - sized.max_size_mb == pytest.approx(head / 1e6, rel=0.1)  # 8 bits + scales ≈ 1 byte per weight
     with pytest.raises(CptqError, match="the --override pins leave .* below 4"):
         budget_without_pinned(graph, {name: 16 for name in graph.names()[:-3]}, AnalysisOptions(target_bits=5), {})
+    tied = build_layer_graph(tiny_llama(tied=True))  # the head reads the embedding: one tensor, counted once
+    both = pinned_bits(parse_overrides(["lm_head=8"]), tied)
+    assert both == {"lm_head": 8, "model.embed_tokens": 8}
+    table = tied["model.embed_tokens"].num_params
+    stored = sum(layer.num_params for layer in tied.layers if not layer.tied_to)
+    _, left = budget_without_pinned(tied, both, AnalysisOptions(target_bits=6), {})
+    assert left.target_bits == pytest.approx((6 * stored - 8 * table) / (stored - table))
     with pytest.raises(CptqError, match="pins every layer"):
         budget_without_pinned(graph, pinned_bits(parse_overrides([".*=16"]), graph), AnalysisOptions(target_bits=5), {})
 
