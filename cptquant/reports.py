@@ -68,6 +68,9 @@ class ExportReport:
     baseline_fingerprint: str
     files: dict[str, int] = field(default_factory=dict)  # every file of the export (this report included): bytes
     sha256: dict[str, str] = field(default_factory=dict)  # every file but this report: what cptq verify checks
+    # every layer left FP32 (no block size splits it, or not in the ONNX graph) -> why; written always, {} when
+    # none (the schema does not require it: version-1 reports from before it was added lack it)
+    layers_unquantized: dict[str, str] = field(default_factory=dict)
     model_bytes: int = 0  # model.onnx and its external data
     total_bytes: int = 0  # the whole folder
     ratio_vs_fp16: float = 0.0

@@ -131,8 +131,30 @@ def test_unsupported_architecture(tmp_path):
     folder = tmp_path / "t5"
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(folder)
     result = run_export(str(folder), "--bits", "8", "-o", str(tmp_path / "m"))
-    assert_user_error(result, "unsupported architecture 't5'")
-    assert "bert" in result.stderr and "opt" in result.stderr
+    assert_user_error(result, "unsupported architecture 't5': an encoder-decoder model exports to several ONNX files")
+
+
+def test_architecture_optimum_cannot_export(tmp_path):
+    """Support is what optimum exports: a model type without an ONNX config is refused with that reason."""
+    from transformers import MambaConfig
+
+    folder = tmp_path / "mamba"
+    MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100, architectures=["MambaForCausalLM"]
+                ).save_pretrained(folder)
+    result = run_export(str(folder), "--bits", "8", "-o", str(tmp_path / "m"))
+    assert_user_error(result, "unsupported architecture 'mamba': optimum-onnx")
+    assert "has no ONNX export config" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_task_optimum_cannot_export(tmp_path):
+    """A task optimum has no export for, for a type it does export, names the tasks it has."""
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100).save_pretrained(folder)
+    result = run_export(str(folder), "--bits", "8", "--task", "fill-mask", "-o", str(tmp_path / "m"))
+    assert_user_error(result, "unsupported task fill-mask for architecture 'gpt2': it exports gpt2 for")
 
 
 def test_unwritable_output(opt_folder):

@@ -1,12 +1,12 @@
-"""`--format auto` (commands/format_choice.py): the format is measured for encoders, fixed for decoders,
+"""`--format auto` (cptquant/format_choice.py): the format is measured for encoders, fixed for decoders,
 and what was measured is in the report. Which format wins is the machine's answer, not asserted."""
 
 from __future__ import annotations
 
 import pytest
 
-from cptquant.commands import format_choice
-from cptquant.commands.format_choice import CANDIDATES, SHAPES, format_chooser
+from cptquant import format_choice
+from cptquant.format_choice import CANDIDATES, SHAPES, format_chooser
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import wrap_model
 from cptquant.plan import uniform_plan

@@ -11,7 +11,7 @@ import jsonschema
 import pytest
 from referencing import Registry, Resource
 
-from cptquant.commands.export import short_verification
+from cptquant.api import short_verification
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import wrap_model
 from cptquant.passes.measurements import CalibrationMeasurements

@@ -37,13 +37,13 @@ from .parity import measure_parity
 from .report import build_report, files_size, write_report
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
-# The short verification the command chains into an export (runtimes/verify.py): the staged model, the model,
+# The short verification the API (api.py) chains into an export (runtimes/verify.py): the staged model, the model,
 # the staged FP32/FP16 baselines -> the figures the report carries.
 Verifier = Callable[[Path, LoadedModel, dict[str, Path]], dict]
 
 
 class FormatChoice(Protocol):
-    """`--format auto`'s answer (commands/format_choice.py): the format and what was measured, for the report."""
+    """`--format auto`'s answer (cptquant/format_choice.py): the format and what was measured, for the report."""
 
     format: str
 
@@ -56,7 +56,7 @@ FormatChooser = Callable[[LoadedModel, Any, LayerGraph, Any, Path, Path], Format
 
 
 class Measurements(Protocol):
-    """What the lowering reads from calibration text; the command builds it (passes/measurements.py), so the
+    """What the lowering reads from calibration text; the API builds it (passes/measurements.py), so the
     exporter runs no pass. `calib` / `text_field` name the text for the report."""
 
     @property
@@ -70,6 +70,10 @@ class Measurements(Protocol):
 
     def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
                     progress: bool) -> dict[str, np.ndarray]: ...
+
+
+NOT_IN_ONNX = ("no initializer of the exported graph holds its weight (unused by this task's outputs, or folded "
+               "into another constant by the exporter)")
 
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
@@ -123,6 +127,7 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     graph = build_layer_graph(loaded.model)
     layer_map = build_layer_map(model_proto, loaded.model, graph)
     graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+    graph.unquantizable.update({name: NOT_IN_ONNX for name in layer_map.absent})
     graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
     return graph, layer_map
 
@@ -144,7 +149,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     if fmt == FORMAT_AUTO and choose_format is None:
-        raise CptqError("--format auto needs a format chooser (commands/format_choice.py)")
+        raise CptqError("--format auto needs a format chooser (cptquant/format_choice.py)")
     paths = resolve_output(out, force, loaded.source)
     timings: dict[str, float] = {}
     with claim_output(paths.folder), Staging(paths.folder) as staging:
@@ -215,8 +220,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     genai = write_genai_config(out_dir, paths.model.name)
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
-                report = build_report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir,
-                                      fp16_dir, timings, fmt, opset, fingerprint)
+                report = build_report(loaded, plan, rewritten, layer_map.absent, graph.unquantizable, graph_check,
+                                      parity, fp32_dir, fp16_dir, timings, fmt, opset, fingerprint)
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None
@@ -242,7 +247,7 @@ def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
 
 
 def _needs(calibration: Measurements | None, what: str) -> Measurements:
-    if calibration is None:  # a library caller's mistake: the command always passes one
+    if calibration is None:  # a library caller's mistake: the API always passes one
         raise CptqError(f"{what} needs calibration measurements (calibration=CalibrationMeasurements(...))")
     return calibration
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from .. import __version__
+from ..version import __version__
 from ..onnx_io.onnx_export import MODEL_FILE
 from ..plan import Plan
 from ..reports import ExportReport, LayerReport
@@ -39,8 +39,8 @@ def write_report(path: Path, report: ExportReport, other_files: list[Path], mode
     path.write_text(text)
 
 
-def build_report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
-            timings, fmt: str, opset: int, fingerprint: str) -> ExportReport:
+def build_report(loaded, plan: Plan, rewritten, absent, unquantized: dict[str, str], graph_check, parity,
+                 fp32_dir: Path, fp16_dir: Path, timings, fmt: str, opset: int, fingerprint: str) -> ExportReport:
     fp32_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     fp16_bytes = files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
@@ -64,6 +64,7 @@ def build_report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp3
                                   hot_rows=r.hot_rows or 0, reads_table=r.reads_table or "")
                 for name, r in sorted(rewritten.items())},
         layers_not_in_onnx=absent,
+        layers_unquantized=dict(sorted(unquantized.items())),
         graph_check=graph_check.to_dict(),
         parity_vs_torch_fp32=parity.to_dict(),
         fp32_reference_bytes=fp32_bytes,

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from ..errors import CptqError
-from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_FEATURES, TASK_MASKED_LM
 from ..output_folder import VERIFY_CANDIDATE
 from .speed_gate import INCONCLUSIVE, PASS
 
@@ -82,7 +82,7 @@ def gate(ep: str, measured: dict, task: str, baseline: str, thresholds: Threshol
         if thresholds.max_kl is not None:
             checks.append(Check(ep, f"mean KL divergence from {baseline}", vs_quality["kl_divergence"],
                                 thresholds.max_kl, True))
-    elif task in (TASK_CLASSIFICATION, TASK_MASKED_LM):
+    elif task in CLASSIFIER_TASKS + (TASK_MASKED_LM,):
         what = "accuracy drop" if measured["quality"]["variants"][CANDIDATE].get("accuracy") is not None \
             else "disagreement (accuracy drop taking the baseline as labels)"
         checks.append(Check(ep, f"{what} vs {baseline}", vs_quality["accuracy_drop"], thresholds.max_accuracy_drop,

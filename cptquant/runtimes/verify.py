@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import onnxruntime as ort
 
-from .. import __version__
+from ..version import __version__
 from ..errors import CptqError
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..model_loading import TASK_CLASSIFICATION

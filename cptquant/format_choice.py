@@ -22,10 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..model_loading import TASK_CAUSAL_LM
-from ..plan import uniform_plan
-from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
-from ..quant.weight_quantizers import RoundToNearest
+from .model_loading import TASK_CAUSAL_LM
+from .plan import uniform_plan
+from .quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from .quant.weight_quantizers import RoundToNearest
 
 CANDIDATES = (FORMAT_QDQ, FORMAT_DYNAMIC)  # nbits is the kernel qdq becomes: measuring it again tells nothing
 SHAPES = ((1, 16), (1, 128), (8, 128))  # (batch, sequence): the shapes the encoder goals name
@@ -62,9 +62,9 @@ def choose_format(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path, 
     `calibration` (AnalysisOptions or None: the offline corpus) gives the sentences the probes are scored on."""
     if loaded.task == TASK_CAUSAL_LM:
         return decoder_choice()
-    from ..exporter.lowering import KernelChoice, lower_model
-    from ..onnx_io.onnx_export import MODEL_FILE, save_onnx
-    from ..runtimes.cpu import CpuAdapter
+    from .exporter.lowering import KernelChoice, lower_model
+    from .onnx_io.onnx_export import MODEL_FILE, save_onnx
+    from .runtimes.cpu import CpuAdapter
 
     start = time.perf_counter()
     texts = calibration_texts(calibration)
@@ -100,7 +100,7 @@ def choose_format(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path, 
 
 def calibration_texts(calibration) -> list[str]:
     """The first calibration texts the export reads anyway (the offline corpus is built once per process)."""
-    from ..passes.calibration import load_texts
+    from .passes.calibration import load_texts
 
     if calibration is None:
         return load_texts(None)[0][:QUALITY_TEXTS]
@@ -116,8 +116,8 @@ def _load() -> float:
 def _interleaved_p50(adapter, sessions: dict, vocab_size: int, max_positions: int, rounds: int,
                      max_seconds: float) -> dict[str, dict[str, float]]:
     """variant -> shape key -> median ms; variants rotate within each round so load falls on all alike."""
-    from ..runtimes.base import timed
-    from ..onnx_io.inputs import feeds_for
+    from .runtimes.base import timed
+    from .onnx_io.inputs import feeds_for
 
     names = list(sessions)
     out: dict[str, dict[str, float]] = {n: {} for n in names}
@@ -143,8 +143,8 @@ def _interleaved_p50(adapter, sessions: dict, vocab_size: int, max_positions: in
 
 def _probe_cosine(adapter, reference, session, folder: Path, config, texts: list[str]) -> float:
     """Mean cosine between the first outputs of `reference` and `session` (token outputs mean-pooled)."""
-    from ..onnx_io.inputs import feeds_for
-    from ..runtimes.quality import TextEncoder
+    from .onnx_io.inputs import feeds_for
+    from .runtimes.quality import TextEncoder
 
     encoder = TextEncoder(folder, config)
     cosines = []
