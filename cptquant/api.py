@@ -72,7 +72,7 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
            target_bits: float | None = None, max_size_mb: float | None = None, overrides: Sequence[str] = (),
            calibration: "str | os.PathLike | AnalysisOptions | None" = None, text_field: str = "text",
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
-           weight_format: str = "auto", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
+           weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
            granularity: str = "layer", sparsity: Sequence[float] = (0.3,), cca: str = "cca",
            curvature: str = "fisher", verify: bool = True, force: bool = False, progress: bool = False,
@@ -83,9 +83,9 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     16, 8 or 4) or `plan` (a plan file or Plan); `target_bits` / `max_size_mb` set a method's budget;
     `overrides` are `PATTERN=BITS` pins (see cptquant/overrides.py). `calibration` is a text file, JSONL,
     `hf:NAME:SPLIT`, or full AnalysisOptions; the offline corpus when None. Returns the paths written,
-    the plan and the report (the same as model.report.json). `weight_format` "auto" (the default, as on the
-    command line) measures which MatMul kernel is fastest on this machine (cptquant/format_choice.py);
-    qdq, nbits or dynamic force one.
+    the plan and the report (the same as model.report.json). `weight_format` "auto" (the command line's
+    default) measures which MatMul kernel is fastest on this machine (cptquant/format_choice.py); the API
+    defaults to qdq so that a script's output does not depend on the machine it runs on.
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
     from .model_loading import normalize_task

@@ -78,7 +78,7 @@ def choose_format(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path, 
     cosine = {fmt: _probe_cosine(adapter, sessions["fp32"], sessions[fmt], fp32_dir, loaded.config, texts)
               for fmt in CANDIDATES}
     p50 = _interleaved_p50(adapter, sessions, int(loaded.config.vocab_size),
-                           int(getattr(loaded.config, "max_position_embeddings", 512) or 512), rounds,
+                           usable_positions(loaded.config), rounds,
                            max_seconds)
     speedup = {fmt: float(np.exp(np.mean([np.log(p50["fp32"][k] / p50[fmt][k]) for k in p50["fp32"]])))
                for fmt in CANDIDATES}
@@ -96,6 +96,20 @@ def choose_format(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path, 
                         {v: {k: round(ms, 3) for k, ms in by.items()} for v, by in p50.items()},
                         {k: round(v, 4) for k, v in speedup.items()}, {k: round(v, 5) for k, v in cosine.items()},
                         round(time.perf_counter() - start, 2))
+
+
+# Models whose position ids start after the padding id (RoBERTa's create_position_ids_from_input_ids): a
+# sequence of max_position_embeddings tokens would read past the position table.
+POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longformer", "data2vec-text", "ibert",
+                         "xmod", "roberta-prelayernorm")
+
+
+def usable_positions(config) -> int:
+    """The longest sequence the position table serves."""
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    if getattr(config, "model_type", "") in POSITION_OFFSET_TYPES:
+        positions -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return positions
 
 
 def calibration_texts(calibration) -> list[str]:
@@ -149,7 +163,7 @@ def _probe_cosine(adapter, reference, session, folder: Path, config, texts: list
     encoder = TextEncoder(folder, config)
     cosines = []
     for start in range(0, len(texts), 8):
-        ids, mask = encoder.batch(texts[start:start + 8], 128)
+        ids, mask = encoder.batch(texts[start:start + 8], min(128, usable_positions(config)))
         a, b = (np.asarray(next(iter(adapter.run(s, feeds_for(s, ids, mask)).values())), dtype=np.float64)
                 for s in (reference, session))
         if a.ndim == 3:

@@ -50,3 +50,15 @@ def test_a_decoder_keeps_matmulnbits_without_measuring(tmp_path):
     choice = result.report["format_choice"]
     assert choice["format"] == FORMAT_QDQ == result.report["weight_format"]
     assert not choice["measured"] and "decode" in choice["reason"]
+
+
+def test_a_model_whose_positions_start_after_the_padding_id_is_probed_within_its_table(tmp_path):
+    """RoBERTa-like position ids start at pad_token_id + 1: probing at max_position_embeddings tokens would
+    read past the table (ORT: Gather index out of bounds)."""
+    from cptquant.tiny_families import FAMILIES
+
+    result = _export(FAMILIES["roberta"].build(), tmp_path / "roberta")
+    choice = result.report["format_choice"]
+    assert choice["measured"] and choice["format"] in CANDIDATES
+    lengths = {int(key.split("_s")[1]) for key in choice["p50_ms"]["fp32"]}
+    assert 16 in lengths and max(lengths) < 128, lengths  # 1x128 and 8x128 shortened to what the table serves
