@@ -43,6 +43,11 @@ class LayerGraph:
     # Bytes of the exported file that no plan changes (graph, biases, norms); set by the exporter
     # from the FP32 export so that size budgets count them exactly. None until then.
     fixed_bytes: int | None = None
+    # Tied LM heads whose export reads the embedding's own initializer (through a Transpose), so the
+    # lowering can let them read the table's codes; set by the exporter. None until then: every tied
+    # head is assumed to (optimum's export with accelerate installed; without it the export may hold a
+    # second, transposed copy, which is then priced and written as a weight of its own).
+    heads_reading_table: set[str] | None = None
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]

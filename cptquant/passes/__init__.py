@@ -235,8 +235,10 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         owner_hot = len(hot_rows.get(layer.tied_to or layer.name, ()))
         if not layer.tied_to:
             unit_params[unit] += layer.num_params
+        reads_table = bool(layer.tied_to) and (graph.heads_reading_table is None
+                                               or layer.name in graph.heads_reading_table)
         weights[unit].append(WeightShape(layer.in_features, layer.out_features, table,
-                                         owner_hot if table or layer.tied_to else 0, tied_head=bool(layer.tied_to)))
+                                         owner_hot if table or reads_table else 0, tied_head=reads_table))
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)
