@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CptqError
-from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..layer_graph import LayerGraph
 from ..output_folder import pause_point
 from ..plan import (
     SUPPORTED_BITS,
