@@ -48,6 +48,11 @@ class LayerGraph:
     fixed_bytes: int | None = None
     # Layers of the model that no plan can quantize, with the reason; they stay FP32 and the report says so.
     unquantizable: dict[str, str] = field(default_factory=dict)
+    # Tied LM heads whose export reads the embedding's own initializer (through a Transpose), so the
+    # lowering can let them read the table's codes; set by the exporter. None until then: every tied
+    # head is assumed to (optimum's export with accelerate installed; without it the export may hold a
+    # second, transposed copy, which is then priced and written as a weight of its own).
+    heads_reading_table: set[str] | None = None
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]

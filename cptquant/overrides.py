@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Sequence
 
 from .errors import CptqError
-from .layer_graph import ROLE_EMBEDDING, LayerGraph
+from .layer_graph import LayerGraph
 from .plan import SUPPORTED_BITS, LayerPlan, Plan, symmetric_for
 
 
@@ -94,7 +94,7 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
     --max-size-mb M: the rest get M minus the pinned layers' bytes as the exporter writes them.
     """
     from .passes.allocate import MB, unit_bytes
-    from .quant.storage import WeightShape
+    from .passes.common import stored_weight_shape
 
     rest = [layer for layer in graph.layers if layer.name not in pinned]
     sub_graph = replace(graph, layers=rest, unquantizable=dict(graph.unquantizable))
@@ -117,10 +117,7 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
     pinned_bytes = 0
     for layer in graph.layers:
         if layer.name in pinned:  # priced as plan_from_scores prices it (a tied head: reading its table)
-            table = layer.role == ROLE_EMBEDDING
-            owner_hot = len(hot_rows.get(layer.tied_to or layer.name, ()))
-            shape = WeightShape(layer.in_features, layer.out_features, table,
-                                owner_hot if table or layer.tied_to else 0, tied_head=bool(layer.tied_to))
+            shape = stored_weight_shape(graph, layer, hot_rows)
             pinned_bytes += unit_bytes([shape], pinned[layer.name], options.block_size, options.zero_points,
                                        options.weight_format)
     left_mb = options.max_size_mb - pinned_bytes / MB

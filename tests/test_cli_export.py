@@ -196,10 +196,12 @@ def test_console_script_runs_the_embedded_default(tmp_path):
     assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "token_type_ids"}
 
 
-# Between all-4-bit and all-8-bit for this tiny OPT (qdq: 0.160 and 0.212 MB; dynamic: 0.211 and 0.272 MB),
+# Between all-4-bit and all-8-bit for this tiny OPT (qdq: 0.160 and 0.212 MB when its export reads the tied table
+# through a Transpose, which optimum does with accelerate installed, 0.19 and 0.28 MB with a second copy;
+# dynamic: 0.211 and 0.272 MB),
 # so the allocator must choose.
-@pytest.mark.parametrize("method, weight_format, budget_mb", [("tdmpq", "qdq", 0.18), ("pmpq", "qdq", 0.18),
-                                                              ("cmpq", "qdq", 0.18), ("tdmpq", "dynamic", 0.24)])
+@pytest.mark.parametrize("method, weight_format, budget_mb", [("tdmpq", "qdq", 0.205), ("pmpq", "qdq", 0.205),
+                                                              ("cmpq", "qdq", 0.205), ("tdmpq", "dynamic", 0.24)])
 def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method, weight_format, budget_mb):
     out = tmp_path / method
     result = run_export(str(opt_folder), "--method", method, "--max-size-mb", str(budget_mb), "--calib-samples", "8",

@@ -129,7 +129,21 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
     graph.unquantizable.update({name: NOT_IN_ONNX for name in layer_map.absent})
     graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
+    graph.heads_reading_table = _heads_reading_table(graph, layer_map)
     return graph, layer_map
+
+
+def _heads_reading_table(graph, layer_map) -> set[str]:
+    """Tied heads whose MatMul reads the initializer their embedding's Gather reads (lowering/context.py's
+    tied_table_sites shares their codes; a head with its own stored copy is written on its own)."""
+    uses = layer_map.uses()
+    heads = set()
+    for layer in graph.layers:
+        if layer.tied_to and layer.name in uses and layer.tied_to in uses:
+            tables = {u.initializer for u in uses[layer.tied_to] if u.op_type == "Gather"}
+            if any(u.op_type == "MatMul" and u.via_transpose and u.initializer in tables for u in uses[layer.name]):
+                heads.add(layer.name)
+    return heads
 
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
