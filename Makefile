@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench bench-quick bench-llm genai-builder clean
+.PHONY: install demo test test-unit test-matrix lint bench bench-quick bench-llm genai-builder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,8 +46,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# The unit tier alone (no ONNX export, no CLI run; tests/conftest.py says which): seconds.
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m unit
+
+# ruff (pyflakes, pycodestyle, bugbear) on the whole tree, mypy on the package; settings in pyproject.toml.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+# The whole architecture matrix: every family at --bits 8 and --method tdmpq --target-bits 5 too.
+test-matrix: $(STAMP)
+	$(BIN)/python -m pytest -q -m matrix tests/test_architectures.py
+
+# GATE_RUNS=N: `cptq verify` runs per model in the speed-gate check under load (default 20, about a minute each).
+
 bench: $(BENCH_STAMP) $(GENAI_STAMP)
-	$(BIN)/python -m cptquant.bench --out docs
+	$(BIN)/python -m cptquant.bench --out docs $(if $(GATE_RUNS),--gate-runs $(GATE_RUNS))
 
 # Only the SmolLM2 section (LLM peers, genai decode speed), into $(OUT)/bench-llm: for iterating.
 bench-llm: $(BENCH_STAMP) $(GENAI_STAMP)

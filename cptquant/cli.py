@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from .commands import user_errors
@@ -26,12 +28,30 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 export_app.command()(export)
 
 
+def _run(command: typer.Typer) -> None:
+    """Run `command` as a console script, with a usage error (an unknown option, a value of the wrong type)
+    said in one line, exit code 2, like every other bad input, instead of the framework's framed box."""
+    try:
+        code = command(standalone_mode=False)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as exc:  # typer's vendored click UsageError: exit_code 2 and a one-line message
+        if getattr(exc, "exit_code", None) != 2 or not hasattr(exc, "format_message"):
+            raise
+        message = " ".join(exc.format_message().split())
+        if message:  # empty: no arguments at all, and the help was printed
+            print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 def main() -> None:
-    app()
+    _run(app)
 
 
 def export_main() -> None:
-    export_app()
+    _run(export_app)
 
 
 if __name__ == "__main__":

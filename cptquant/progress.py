@@ -6,7 +6,8 @@ import contextlib
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
+                           TimeElapsedColumn)
 
 from .output_folder import pause_point
 
@@ -26,7 +27,7 @@ class Steps:
         self.index = 0
         self.progress = progress_bar(enabled)
         self.enabled = enabled
-        self.task = None
+        self.task: TaskID = TaskID(0)  # set on entering
 
     def __enter__(self):
         self.progress.__enter__()

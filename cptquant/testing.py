@@ -167,15 +167,15 @@ def tiny_gpt2(seed: int = 0):
     return seeded_model(lambda: GPT2LMHeadModel(config), seed)
 
 
-def tiny_llama(seed: int = 0):
+def tiny_llama(seed: int = 0, tied: bool = False):
     """LlamaForCausalLM: hidden 64, 2 layers, 4 query / 2 key-value heads (grouped-query attention),
-    FFN 128, vocabulary 1000, untied LM head."""
+    FFN 128, vocabulary 1000; the LM head untied, or `tied` to the embedding (as SmolLM2's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_FFN, num_hidden_layers=TINY_LAYERS,
         num_attention_heads=TINY_HEADS, num_key_value_heads=TINY_HEADS // 2, max_position_embeddings=TINY_MAX_POSITIONS,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=tied,
     )
     return seeded_model(lambda: LlamaForCausalLM(config), seed)
 
@@ -228,6 +228,7 @@ def sample_recipe(name: str):
         raise CptqError(f"the sample recipe {path} is missing; sample models need a source checkout of cptquant")
     module_name = f"cptquant_samples_{name}"
     spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None  # a .py file that exists always has both
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module  # dataclasses resolve annotations through sys.modules
     try:

@@ -15,6 +15,28 @@ torch.set_num_threads(2)
 
 from cptquant.testing import tiny_gpt2, tiny_opt  # noqa: E402,F401  (re-exported for the test modules)
 
+# Tiers (`make test-unit` runs the first in seconds; `make test` runs both). A unit test builds no ONNX export
+# and runs no CLI command: the quantizer maths, GPTQ, the lowering passes on a tiny graph, the import graph.
+UNIT_FILES = {"test_import_graph.py", "test_quantize.py", "test_gptq.py", "test_lowering.py", "test_rule.py"}
+NOT_UNIT = {  # slow tests in those files (seconds each): a CLI export, Hessians of a whole tiny model
+    "test_rule.py::test_cli_exports_the_rule_and_refuses_a_budget_with_it",
+    "test_gptq.py::test_hessians_are_symmetric_psd_for_every_linear_and_skip_embeddings",
+}
+
+
+def pytest_ignore_collect(collection_path, config):
+    """With `-m unit`, do not even import the other test files (their imports alone take most of a minute)."""
+    if config.getoption("markexpr") == "unit" and collection_path.name.startswith("test_"):
+        return collection_path.suffix == ".py" and collection_path.name not in UNIT_FILES
+    return None
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        file_and_name = f"{item.path.name}::{item.originalname}"
+        unit = item.path.name in UNIT_FILES and file_and_name not in NOT_UNIT
+        item.add_marker(pytest.mark.unit if unit else pytest.mark.integration)
+
 
 def tiny_bert_classifier():
     from cptquant.testing import tiny_bert

@@ -131,8 +131,30 @@ def test_unsupported_architecture(tmp_path):
     folder = tmp_path / "t5"
     T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=100).save_pretrained(folder)
     result = run_export(str(folder), "--bits", "8", "-o", str(tmp_path / "m"))
-    assert_user_error(result, "unsupported architecture 't5'")
-    assert "bert" in result.stderr and "opt" in result.stderr
+    assert_user_error(result, "unsupported architecture 't5': an encoder-decoder model exports to several ONNX files")
+
+
+def test_architecture_optimum_cannot_export(tmp_path):
+    """Support is what optimum exports: a model type without an ONNX config is refused with that reason."""
+    from transformers import MambaConfig
+
+    folder = tmp_path / "mamba"
+    MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100, architectures=["MambaForCausalLM"]
+                ).save_pretrained(folder)
+    result = run_export(str(folder), "--bits", "8", "-o", str(tmp_path / "m"))
+    assert_user_error(result, "unsupported architecture 'mamba': optimum-onnx")
+    assert "has no ONNX export config" in result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_task_optimum_cannot_export(tmp_path):
+    """A task optimum has no export for, for a type it does export, names the tasks it has."""
+    from transformers import GPT2Config
+
+    folder = tmp_path / "gpt2"
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100).save_pretrained(folder)
+    result = run_export(str(folder), "--bits", "8", "--task", "fill-mask", "-o", str(tmp_path / "m"))
+    assert_user_error(result, "unsupported task fill-mask for architecture 'gpt2': it exports gpt2 for")
 
 
 def test_unwritable_output(opt_folder):
@@ -144,6 +166,20 @@ def test_output_under_a_file(opt_folder, tmp_path):
     (tmp_path / "afile").write_text("x")
     assert_user_error(run_export(str(opt_folder), "--bits", "8", "-o", str(tmp_path / "afile" / "model.onnx")),
                       "is a file")
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("cptq-export", ["--bogus"], "No such option: --bogus"),
+    ("cptq-export", ["--bits", "five"], "Invalid value for '--bits'"),
+    ("cptq", ["frob"], "No such command 'frob'"),
+])
+def test_usage_errors_are_one_line_and_exit_2(script, args, message):
+    """An unknown option or a value of the wrong type is bad input like any other: one line, exit code 2."""
+    exe = Path(sys.executable).with_name(script)
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
 
 
 def test_console_script_runs_the_embedded_default(tmp_path):
@@ -160,11 +196,14 @@ def test_console_script_runs_the_embedded_default(tmp_path):
     assert {i.name for i in session.get_inputs()} == {"input_ids", "attention_mask", "token_type_ids"}
 
 
-@pytest.mark.parametrize("method, weight_format", [("tdmpq", "qdq"), ("pmpq", "qdq"), ("cmpq", "qdq"),
-                                                   ("tdmpq", "dynamic")])
-def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method, weight_format):
+# Between all-4-bit and all-8-bit for this tiny OPT (qdq: 0.160 and 0.212 MB when its export reads the tied table
+# through a Transpose, which optimum does with accelerate installed, 0.19 and 0.28 MB with a second copy;
+# dynamic: 0.211 and 0.272 MB),
+# so the allocator must choose.
+@pytest.mark.parametrize("method, weight_format, budget_mb", [("tdmpq", "qdq", 0.205), ("pmpq", "qdq", 0.205),
+                                                              ("cmpq", "qdq", 0.205), ("tdmpq", "dynamic", 0.24)])
+def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, method, weight_format, budget_mb):
     out = tmp_path / method
-    budget_mb = 0.36  # between all-4-bit and all-8-bit for this tiny OPT, so the allocator must choose
     result = run_export(str(opt_folder), "--method", method, "--max-size-mb", str(budget_mb), "--calib-samples", "8",
                         "--seq-len", "32", "-o", str(out), "--no-verify", "--format", weight_format)
     assert result.exit_code == 0, result.output

@@ -14,10 +14,11 @@ from cptquant.exporter.layer_map import WeightUse
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.exporter.lowering import KernelChoice, Lowered, lower_model
 from cptquant.model_loading import wrap_model
+from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.plan import LayerPlan, Plan, uniform_plan
 from cptquant.quant.quantize import quantize_blocked
 from cptquant.quant.storage import FORMAT_DYNAMIC
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.testing import tiny_bert
 
 K, N = 96, 40
@@ -102,7 +103,8 @@ def bert_dynamic(tmp_path_factory):
     loaded = wrap_model(tiny_bert())
     out = tmp_path_factory.mktemp("bert-dyn") / "model.onnx"
     # A low outlier ratio: random weights have no real outlier channels, and the split path must be exercised.
-    return loaded, export_quantized(loaded, _mixed_plan, out, progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5)
+    return loaded, export_quantized(loaded, _mixed_plan, out, progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5,
+                                    calibration=CalibrationMeasurements())
 
 
 def test_tiny_bert_runs_dynamic_quantize_matmul_for_4_and_8_bit_layers(bert_dynamic):
@@ -188,7 +190,7 @@ def test_decoders_export_in_dynamic_format(build, tmp_path):
 
     loaded = wrap_model(getattr(cptquant.testing, build)())
     result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False,
-                              fmt=FORMAT_DYNAMIC)
+                              fmt=FORMAT_DYNAMIC, calibration=CalibrationMeasurements())
     check = result.report["graph_check"]
     assert check["unfused"] == []
     assert check["kernels"]["DynamicQuantizeMatMul"] == check["expected_kernels"]["DynamicQuantizeMatMul"] >= 8

@@ -16,7 +16,7 @@ from cptquant.quant.quantize import fake_quantize
 from cptquant.layer_graph import build_layer_graph, weight_in_out
 from cptquant.model_loading import wrap_model
 from cptquant.plan import Plan, uniform_plan
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_opt
 
@@ -67,7 +67,7 @@ def _mixed_plan(loaded, graph) -> Plan:
     """4, 8 and 16 bits in turn; the tied embedding and LM head get the same bits (one torch parameter)."""
     plan = uniform_plan(graph, 8)
     cycle = (4, 8, 16)
-    for i, layer in enumerate(l for l in graph.layers if l.block is not None):
+    for i, layer in enumerate(x for x in graph.layers if x.block is not None):
         plan.layers[layer.name].bits = cycle[i % 3]
     plan.layers["lm_head"].bits = plan.layers["model.decoder.embed_tokens"].bits = 4
     return plan
@@ -134,7 +134,7 @@ def test_opt_generation_through_optimum_matches_torch(opt_mixed):
 @pytest.mark.parametrize("build", [tiny_gpt2, tiny_bert_classifier], ids=["gpt2", "bert-cls"])
 def test_other_architectures_export_at_4_bits(build, tmp_path):
     loaded = wrap_model(build())
-    result = export_quantized(loaded, lambda l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False)
+    result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False)
     assert result.report["graph_check"]["unfused"] == []
     assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.9
     kernels = result.report["graph_check"]["kernels"]
@@ -143,7 +143,7 @@ def test_other_architectures_export_at_4_bits(build, tmp_path):
 
 def test_gpt2_conv1d_layers_are_mapped_with_their_transposed_layout(tmp_path):
     loaded = wrap_model(tiny_gpt2())
-    result = export_quantized(loaded, lambda l, g: uniform_plan(g, 8), tmp_path / "m.onnx", progress=False)
+    result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 8), tmp_path / "m.onnx", progress=False)
     layers = result.report["layers"]
     assert layers["transformer.h.0.attn.c_attn"]["bytes_fp32"] == 64 * 192 * 4
     assert layers["transformer.h.0.mlp.c_proj"]["kernels"] == ["MatMulNBits"]

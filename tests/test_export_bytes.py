@@ -108,7 +108,7 @@ def _sha256(path: Path) -> str:
 
 
 def fp32_export_hash(model: str, folder: Path) -> str:
-    from cptquant.exporter.onnx_export import export_onnx
+    from cptquant.onnx_io.onnx_export import export_onnx
 
     return _sha256(export_onnx(_loaded(model), folder))
 
@@ -136,8 +136,9 @@ def export_case(model: str, fmt: str, algorithm: str, out: Path) -> tuple[tuple[
     """(sha256 of model.onnx, sha256 of the report's layers and graph check), and the report."""
     from cptquant.exporter.pipeline import export_quantized
     from cptquant.passes import AnalysisOptions
+    from cptquant.passes.measurements import CalibrationMeasurements
 
-    calibration = AnalysisOptions(calib_samples=16, seq_len=32)  # the offline corpus, a short read of it
+    calibration = CalibrationMeasurements(AnalysisOptions(calib_samples=16, seq_len=32))  # the offline corpus, briefly
     result = export_quantized(_loaded(model), mixed_plan(model), out / "model.onnx", progress=False, fmt=fmt,
                               algorithm=algorithm, outlier_ratio=OUTLIER_RATIO, calibration=calibration)
     files = sorted(p.name for p in out.iterdir() if p.name.startswith("model.onnx"))

@@ -20,7 +20,7 @@ from cptquant.passes.common import quantized_weight, replaced_weights, weight_pa
 from cptquant.passes.hot_rows import MAX_HOT_FRACTION, hot_rows, input_embedding
 from cptquant.plan import Plan, format_rows, parse_rows, uniform_plan
 from cptquant.quant.storage import NODE_BYTES, WeightShape
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.testing import save_tiny_model, tiny_bert, tiny_opt
 
 TABLE = "embeddings.word_embeddings"
@@ -70,9 +70,22 @@ def test_hot_rows_are_the_most_frequent_calibration_tokens(bert, calib):
     assert hot_rows(bert.model, graph, calib, tokenized=False) == {}
 
 
-def test_tied_tables_get_no_hot_rows():
+def test_a_tied_table_gets_the_calibration_tokens_then_the_lowest_ids_up_to_the_cap():
+    """A table an LM head shares: every row is a logit on every token, so its hot rows fill the cap, with
+    the calibration text's tokens first and then BPE's most frequent pieces (the lowest ids)."""
     model = tiny_opt()  # OPT ties the LM head to the token embedding
-    assert input_embedding(model, build_layer_graph(model)) is None
+    graph = build_layer_graph(model)
+    name = input_embedding(model, graph)
+    assert name == "model.decoder.embed_tokens"
+
+    class Calibration:  # two short batches with a frequent token (7) and a rare high id (990)
+        batches = [{"input_ids": torch.tensor([[7, 7, 990, 7]]), "attention_mask": torch.ones(1, 4)},
+                   {"input_ids": torch.tensor([[7, 12, 12, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 0]])}]
+
+    rows = hot_rows(model, graph, Calibration())[name]
+    cap = int(graph[name].out_features * MAX_HOT_FRACTION)
+    filler = [i for i in range(cap) if i not in (7, 12, 990)][: cap - 3]
+    assert rows == sorted([7, 12, 990] + filler) and len(rows) == cap
 
 
 def test_plan_from_scores_gives_hot_rows_to_4_bit_tables_and_counts_their_bytes(bert):
@@ -107,7 +120,7 @@ def test_export_stores_hot_rows_at_8_bits_as_the_passes_model_them(bert, calib, 
     table = graph[TABLE]
     shape = WeightShape(table.in_features, table.out_features, table=True, hot_rows=len(rows))
     # The allocator's byte count is what the file holds (names and nodes aside).
-    predicted = unit_bytes([shape], 4, 32, "never") - 2 * NODE_BYTES
+    predicted = unit_bytes([shape], 4, 32, "never") - 5 * NODE_BYTES  # the unit's and the lookup's nodes
     assert entry["bytes_after"] == predicted
 
     session = ort.InferenceSession(str(result.paths.model), providers=["CPUExecutionProvider"])

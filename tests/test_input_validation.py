@@ -37,7 +37,6 @@ def no_model_loading(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("the model was loaded before the options were checked")
 
-    monkeypatch.setattr("cptquant.commands.export.load_model", refuse)
     monkeypatch.setattr("cptquant.model_loading.load_model", refuse)
 
 

@@ -193,7 +193,7 @@ def test_plan_is_byte_identical_for_same_seed_and_respects_granularity():
         jsons.append(plan_from_scores(graph, result.scores["cmpq"], "cmpq", options, "tiny").to_json())
     assert jsons[0] == jsons[1]
     plan = json.loads(jsons[0])
-    for block, layers in graph.blocks().items():
+    for layers in graph.blocks().values():
         assert len({plan["layers"][layer.name]["bits"] for layer in layers}) == 1
     assert plan["layers"]["lm_head"]["bits"] == plan["layers"]["transformer.wte"]["bits"]  # tied
 

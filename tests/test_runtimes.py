@@ -18,16 +18,17 @@ from typer.testing import CliRunner
 
 from cptquant.cli import app
 from cptquant.errors import CptqError
-from cptquant.exporter.baselines import baseline_dir
+from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model, wrap_model
 from cptquant.plan import uniform_plan
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.runtimes.cuda import CudaAdapter
-from cptquant.runtimes.inputs import feeds_for
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
-from cptquant.runtimes.verify import parse_fraction, short_verification
+from cptquant.runtimes.gate import parse_fraction
+from cptquant.runtimes.verify import short_verification
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 runner = CliRunner()
@@ -202,8 +203,8 @@ def test_verify_fails_all_4bit_under_tight_cosine(tiny_bert4, tmp_path):
 def test_speed_threshold_failure_names_the_measured_value(tiny_bert4):
     result = _verify(tiny_bert4, "--ep", "cpu", "--baseline", "fp16", "--min-cosine", "0", "--min-speedup", "1000")
     assert result.exit_code == 1
-    assert "FAIL [cpu] speed-up vs fp16 (geometric mean of p50 ratios):" in result.stdout
-    assert "< 1000" in result.stdout
+    assert "FAIL [cpu] speed-up vs fp16 (geometric mean of paired ratios):" in result.stdout
+    assert "95% interval" in result.stdout and "< 1000" in result.stdout
 
 
 def test_missing_baselines_are_rebuilt_from_the_source(tiny_bert4, tmp_path):
@@ -360,7 +361,7 @@ def test_bad_folder_exits_2_with_one_line(kind, message, tiny_opt, tmp_path):
 
 
 def test_external_data_inside_the_folder_is_accepted(tiny_opt, tmp_path):
-    from cptquant.runtimes.verify import check_model_file
+    from cptquant.runtimes.export_folder import check_model_file
 
     folder = _copy_output(tiny_opt[1], tmp_path / "out")
     model = onnx.load(str(folder / "model.onnx"))
@@ -491,6 +492,7 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
 
     from cptquant.corpus import sentences
     from cptquant.passes import AnalysisOptions
+    from cptquant.passes.measurements import CalibrationMeasurements
 
     torch.manual_seed(0)
     loaded = wrap_model(BertModel(_tiny_bert_config()), tokenizer=_word_tokenizer())
@@ -499,7 +501,8 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
     calib.write_text("\n".join(texts[:80]) + "\n")
     out = tmp_path / "bert4"
     export_quantized(loaded, lambda _loaded, graph: uniform_plan(graph, 4), out / "model.onnx", progress=False,
-                     algorithm="gptq", calibration=AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32))
+                     algorithm="gptq",
+                     calibration=CalibrationMeasurements(AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32)))
     assert json.loads((out / "model.report.json").read_text())["calibration_text"]["calib"] == str(calib)
     for eval_texts, expected in ((texts[70:90], "10 of the 20 --eval texts are also calibration text"),
                                  (texts[-20:], None)):
@@ -542,7 +545,7 @@ def test_reexport_with_force_drops_the_old_models_verify_reports(tiny_bert_sourc
 
 
 def test_max_kl_gates_only_when_given():
-    from cptquant.runtimes.verify import Thresholds, gate
+    from cptquant.runtimes.gate import Thresholds, gate
 
     measured = {"quality": {"vs_fp32": {"ppl_increase": 0.01, "kl_divergence": 0.2, "top1_agreement": 0.8}},
                 "speed": {"vs_fp32": {"geomean_speedup": 2.0}}}

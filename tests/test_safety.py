@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cptquant.cli import app
-from cptquant.exporter.baselines import baseline_dir
+from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model
 from cptquant.plan import uniform_plan

@@ -19,6 +19,10 @@ from .llm import goals as llm_goals
 from .llm import section as llm_section
 from .report import pareto_plot, write_markdown
 from .run import ModelResult, ModelSpec, Variant, run_model
+from . import encoder_goals
+from .verify_gate import goal_lines as gate_goal_lines
+from .verify_gate import run_gate
+from .verify_gate import section as gate_section
 
 CACHE = Path(os.environ.get("CPTQ_BENCH_DIR", ".cptq-bench"))
 
@@ -191,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(writes OUT/benchmarks-llm.md, pareto-llm.png, llm-results.json; --quick: fewer tokens)")
     parser.add_argument("--llm-tokens", type=int, default=None, help="With --only llm: evaluation tokens "
                         "(default 16384; --quick 2048)")
+    parser.add_argument("--gate-runs", type=int, default=None, help="`cptq verify` runs per model in the speed-gate "
+                        "check under load (default 20; --quick 3; 0 skips it): each takes about a minute")
     parser.add_argument("--reuse", action="store_true", help="With --only llm: keep the variants an earlier run "
                         "built (its build times are reported) and measure again")
     args = parser.parse_args(argv)
@@ -203,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only == "llm":
         settings = LlmSettings.quick() if args.quick else LlmSettings()
         settings.tokens = args.llm_tokens or settings.tokens
-        llm_result = run_llm(CACHE / "smollm2", settings, log, args.reuse)
-        write_alone(llm_result, args.out, (time.perf_counter() - start) / 60,
+        alone = run_llm(CACHE / "smollm2", settings, log, args.reuse)
+        write_alone(alone, args.out, (time.perf_counter() - start) / 60,
                     f"Load average (1 min) {load_before:.1f} at the start and {os.getloadavg()[0]:.1f} at the end.")
         print(f"wrote {args.out / 'benchmarks-llm.md'} and {args.out / 'pareto-llm.png'}")
         return 0
@@ -215,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_model(spec, root, progress=not args.no_progress,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
     llm_result = None if args.quick else _smollm2_section(log)
+    gate_runs = args.gate_runs if args.gate_runs is not None else (3 if args.quick else 20)
+    gate = run_gate(CACHE / "verify-gate", gate_runs, log=log) if gate_runs > 0 else None
+    encoders = None if args.quick else encoder_goals.measure(encoder_goals.build(CACHE / "encoder-goals", log))
     args.out.mkdir(parents=True, exist_ok=True)
     name = "benchmarks-quick.md" if args.quick else "benchmarks.md"
     plot = "pareto-quick.png" if args.quick else "pareto.png"
@@ -225,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             "0.5 means other work shared the 2 cores, which slows absolute latencies; ratios come from "
             "interleaved runs.")
     goal_lines = goals(results) + ("\n" + "\n".join(llm_goals(llm_result)) if llm_result else "")
+    goal_lines += ("\n" + "\n".join(gate_goal_lines(gate))) if gate else ""
+    goal_lines += ("\n" + "\n".join(encoder_goals.goal_lines(encoders))) if encoders else ""
     write_markdown(results, args.out / name, goal_lines, command, (time.perf_counter() - start) / 60, load,
-                   (llm_section(llm_result),) if llm_result else ())
+                   ((llm_section(llm_result),) if llm_result else ()) + ((gate_section(gate),) if gate else ())
+                   + ((encoder_goals.section(encoders),) if encoders else ()))
     if plot != "pareto.png":
         text = (args.out / name).read_text().replace("(pareto.png)", f"({plot})")
         (args.out / name).write_text(text)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import onnx
 
-from ..exporter.baselines import side_files
-from ..exporter.onnx_export import MODEL_FILE, save_onnx
+from ..onnx_io.baselines import side_files
+from ..onnx_io.onnx_export import MODEL_FILE, save_onnx
 
 GENAI_VENV = Path(os.environ.get("CPTQ_GENAI_VENV", ".venv-genai"))
 
@@ -188,7 +188,7 @@ def calibration_feeds(loaded, session, samples: int, seq_len: int) -> list[dict]
     """Our calibration text (the offline corpus, as `cptq-export` reads it by default), one sample per
     feed, unpadded, with an empty KV cache: the inputs NNCF and ORT's GPTQ run the ONNX model on."""
     from ..passes.calibration import build_calibration
-    from ..runtimes.inputs import feeds_for
+    from ..onnx_io.inputs import feeds_for
 
     calib = build_calibration(loaded, None, "text", samples, seq_len, 0)
     feeds = []

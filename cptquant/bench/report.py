@@ -33,9 +33,9 @@ def _quality_cells(task: str, v: Variant) -> list[str]:
     if not q:
         return ["–"] * 3
     if task == TASK_CAUSAL_LM:
-        inc = q.get("ppl_increase")
-        return [f"{q['perplexity']:.3f}", "0" if v.name == FP32 else f"{100 * inc:+.2f} %",
-                "1" if v.name == FP32 else f"{q['top1_agreement']:.3f}"]
+        if v.name == FP32:
+            return [f"{q['perplexity']:.3f}", "0", "1"]
+        return [f"{q['perplexity']:.3f}", f"{100 * q['ppl_increase']:+.2f} %", f"{q['top1_agreement']:.3f}"]
     if v.name == FP32:
         return ["1", "1", "1"]
     return [f"{q['mean_cosine']:.4f}", f"{q['min_cosine']:.4f}", f"{q['nn_agreement']:.3f}"]

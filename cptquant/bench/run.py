@@ -13,7 +13,8 @@ from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows
-from ..plan import apply_zero_points, uniform_plan
+from ..passes.measurements import CalibrationMeasurements
+from ..plan import Plan, apply_zero_points, uniform_plan
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
@@ -80,7 +81,7 @@ def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name:
     rankings = dict(result.scores)
     if result.oracle is not None:
         rankings["oracle"] = result.oracle
-    budgets = [("KHM", {})] + [(f"{b:g} bits", {"target_bits": b}) for b in spec.target_bits]
+    budgets: list[tuple[str, dict]] = [("KHM", {})] + [(f"{b:g} bits", {"target_bits": b}) for b in spec.target_bits]
     if spec.size_goal_mb:
         budgets.append((f"≤{spec.size_goal_mb:g} MB", {"max_size_mb": spec.size_goal_mb}))
     for method, scores in rankings.items():
@@ -93,6 +94,11 @@ def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name:
             yield method, label, plan_from_scores(graph, scores, method, opts, model_name,
                                                   non_quantizable_params=result.non_quantizable_params,
                                                   hot_rows=result.hot_rows)
+
+
+def _fixed(plan: Plan):
+    """A plan factory that returns `plan` whatever the model (the plans here are made before the exports)."""
+    return lambda _loaded, _graph: plan
 
 
 def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> ModelResult:
@@ -121,14 +127,15 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
     plans += list(_plans(spec, graph, result, options, loaded.display_name))
     # GPTQ codes for every cptq variant; one round-to-nearest twin of the first tdmpq budget shows what GPTQ adds.
     runs = [(method, label, plan, "gptq", FORMAT_QDQ) for method, label, plan in plans]
-    ablation = next(((m, l, p) for m, l, p in plans if m == "tdmpq" and l != "KHM"), None)
+    ablation = next(((m, lb, p) for m, lb, p in plans if m == "tdmpq" and lb != "KHM"), None)
     if ablation:
         runs.append((*ablation, "rtn", FORMAT_QDQ))
     dynamic_options = AnalysisOptions(**{**options.__dict__, "weight_format": FORMAT_DYNAMIC})
     dynamic_plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""), plan)
                      for (bits, block), (_, _, plan) in zip(spec.uniform, plans)]
     dynamic_plans += list(_plans(spec, graph, result, dynamic_options, loaded.display_name))
-    runs += [(m, l, p, "gptq", FORMAT_DYNAMIC) for m, l, p in dynamic_plans if (m, l) in spec.dynamic]
+    runs += [(m, lb, p, "gptq", FORMAT_DYNAMIC) for m, lb, p in dynamic_plans if (m, lb) in spec.dynamic]
+    measurements = CalibrationMeasurements(options)  # the calibration batches, built once for every export
     for method, label, plan, algorithm, fmt in runs:
         family = method if algorithm == "gptq" else f"{method} (RTN)"
         family += " (dynamic)" if fmt == FORMAT_DYNAMIC else ""
@@ -136,8 +143,8 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> 
             " (dynamic)" if fmt == FORMAT_DYNAMIC else "")
         log(f"[{spec.key}] export {name}")
         out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}-{fmt}"
-        exported = export_quantized(loaded, lambda _l, _g, plan=plan: plan, out, force=True, progress=False,
-                                    algorithm=algorithm, calibration=options, fmt=fmt)
+        exported = export_quantized(loaded, _fixed(plan), out, force=True, progress=False,
+                                    algorithm=algorithm, calibration=measurements, fmt=fmt)
         variants.append(Variant(name, family, exported.paths.model,
                                 exported.report["model_bytes"], exported.report["average_bits"], label))
 

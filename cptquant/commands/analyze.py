@@ -108,9 +108,8 @@ def analyze(
     from rich.console import Console
     from rich.table import Table
 
-    from ..layer_graph import build_layer_graph
-    from ..model_loading import load_model
-    from ..passes import analyze as run_analysis, check_options, plan_from_scores
+    from ..api import analyze as analyze_model
+    from ..passes import check_options
 
     if method not in METHOD_CHOICES:
         raise CptqError(f"unknown method {method!r}; use one of: {', '.join(METHOD_CHOICES)}")
@@ -124,16 +123,13 @@ def analyze(
     if not force:
         refuse_replacing(out, owned_files(out, owned_by_analysis))
     with claim_output(out):  # one writer per folder; staged, then moved in all at once
-        loaded = load_model(model, task)
-        graph = build_layer_graph(loaded.model)
-        result = run_analysis(loaded, graph, methods, analysis, validate=validate, progress=progress)
-        plans = {m: plan_from_scores(graph, s, m, analysis, loaded.display_name,
-                                     non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
-                 for m, s in result.scores.items()}
+        measured = analyze_model(model, task=task, methods=methods, validate=validate, calibration=analysis,
+                                 progress=progress)
+        result, plans = measured.result, measured.plans
         unit_bits = {m: {u: plan.layers[names[0]].bits for u, names in result.units.items()}
                      for m, plan in plans.items()}
         report = {
-            "model": loaded.display_name, "task": result.task, "granularity": result.granularity,
+            "model": measured.model, "task": result.task, "granularity": result.granularity,
             "calibration": result.calibration, "base_loss": result.base_loss, "units": result.units,
             "scores": result.scores, "bits": unit_bits, "oracle": result.oracle, "spearman": result.spearman,
             "cost_fpe": result.cost_fpe, "seconds": result.seconds, "notes": result.notes,
@@ -142,14 +138,14 @@ def analyze(
             (staging.out / "scores.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
             for m, plan in plans.items():
                 plan.save(staging.out / f"plan-{m}.json")
-            _plot(staging.out / "scores.png", result, unit_bits, graph)
+            _plot(staging.out / "scores.png", result, unit_bits, measured.graph)
             written = {p.name for p in staging.out.iterdir()}
             if not force:  # nothing appeared meanwhile (the lock keeps other cptq runs out; not other programs)
                 refuse_replacing(out, owned_files(out, owned_by_analysis))
             commit(staging, tuple(name for name in owned_files(out, owned_by_analysis) if name not in written))
 
     console = Console()
-    table = Table(title=f"Sensitivity of {loaded.display_name} ({result.task}, {result.granularity})")
+    table = Table(title=f"Sensitivity of {measured.model} ({result.task}, {result.granularity})")
     table.add_column("unit")
     for m in result.scores:
         table.add_column(f"{m} score", justify="right")

@@ -10,105 +10,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..errors import CptqError
-from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult, export_quantized
-from ..quant.storage import FORMATS
-from ..quant.weight_quantizers import ALGORITHMS
-from ..quant.quantize import CLIP_METHODS
-from ..layer_graph import LayerGraph
-from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, LoadedModel, load_model, normalize_task
-from ..plan import (SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points,
-                    check_block_size, fill_missing_layers, uniform_plan)
+from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult
+from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_TOKEN_CLASSIFICATION
 from . import options, user_errors
-
-PASS_METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
-RULE_METHOD = "rule"  # not a pass: the k_quant_mixed layer rule of llama.cpp and ORT GenAI (passes/rule.py)
-# TDMPQ is the default: it ranks MiniLM's layers like the measured 4-bit damage (Spearman 0.99, docs/benchmarks.md).
-DEFAULT_METHOD = "tdmpq"
-
-
-def plan_factory(method: Optional[str], plan_file: Optional[Path], bits: Optional[int], block_size: int,
-                 clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
-                 report_extras: Optional[dict] = None, default_bits: Optional[int] = None):
-    """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
-
-    A sensitivity method records its cost and calibration in `report_extras` for the export report.
-    `default_bits` fills the layers a plan file leaves out (without it such a plan is refused).
-    """
-    report_extras = {} if report_extras is None else report_extras
-    if zero_points not in ZERO_POINT_MODES:
-        raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {zero_points!r}")
-    given = [name for name, value in (("--method", method), ("--plan", plan_file), ("--bits", bits)) if value]
-    if len(given) > 1:
-        raise CptqError(f"give only one of --method, --plan and --bits (got {' and '.join(given)})")
-    if clip not in CLIP_METHODS:
-        raise CptqError(f"--clip must be one of {', '.join(CLIP_METHODS)}, not {clip!r}")
-    check_block_size(block_size)
-    if default_bits is not None:
-        if plan_file is None:
-            raise CptqError("--default-bits applies to --plan only (it fills the layers a plan file leaves out)")
-        if default_bits not in SUPPORTED_BITS:
-            raise CptqError(f"--default-bits {default_bits} is not supported (use 16, 8 or 4)")
-    if bits is not None:
-        if bits not in SUPPORTED_BITS:
-            raise CptqError(f"--bits {bits} is not supported (use 16, 8 or 4)")
-
-        def uniform(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-            plan = uniform_plan(graph, bits, block_size)
-            plan.clip = clip
-            plan = apply_zero_points(plan, zero_points)
-            if bits == 4 and analysis is not None and analysis.hot_rows:
-                from ..passes.hot_rows import calibration_hot_rows, with_hot_rows
-
-                plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
-            return plan
-
-        return uniform
-    if plan_file is not None:
-        plan = Plan.load(plan_file)  # read now: a bad plan fails before the model is loaded
-        if default_bits is None:
-            return lambda loaded, graph: plan
-        return lambda loaded, graph: fill_missing_layers(plan, graph, default_bits, block_size, zero_points)
-    method = method or DEFAULT_METHOD
-    if method == RULE_METHOD:
-        return _rule_factory(block_size, clip, zero_points, analysis)
-    if method not in PASS_METHODS:
-        raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS + (RULE_METHOD,))}")
-    from ..passes import analyze, check_options, plan_from_scores
-
-    check_options(analysis, (method,))
-
-    def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-        result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress, forward_repeats=1)
-        scores = result.oracle if method == "oracle" else result.scores[method]
-        plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
-                                non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
-        # Timings go to the report (the plan stays byte-identical for the same inputs).
-        report_extras["analysis"] = {"method": method, "cost_fpe": result.cost_fpe, "seconds": result.seconds,
-                                     "calibration": result.calibration, "notes": result.notes}
-        return plan
-
-    return from_sensitivity
-
-
-def _rule_factory(block_size: int, clip: str, zero_points: str, analysis):
-    """The k_quant_mixed rule (passes/rule.py): a fixed layer choice, so a budget cannot apply."""
-    if analysis is not None and (analysis.target_bits is not None or analysis.max_size_mb is not None):
-        raise CptqError("--method rule is a fixed layer choice; it takes no --target-bits or --max-size-mb")
-
-    def rule(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-        from ..passes.rule import rule_plan
-
-        plan = rule_plan(graph, block_size, loaded.display_name)
-        plan.clip = clip
-        plan = apply_zero_points(plan, zero_points)
-        if analysis is not None and analysis.hot_rows:
-            from ..passes.hot_rows import calibration_hot_rows, with_hot_rows
-
-            plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
-        return plan
-
-    return rule
 
 
 def print_summary(result: ExportResult, console: Console) -> None:
@@ -128,9 +32,14 @@ def print_summary(result: ExportResult, console: Console) -> None:
         layers, params, after = by_bits[bits]
         table.add_row(str(bits), str(layers), f"{params:,}", f"{after / 1e6:.2f}")
     console.print(table)
+    for name, reason in report.get("layers_unquantized", {}).items():
+        console.print(f"{name}: left FP32 — {reason}")
     for name, entry in report["layers"].items():
         if entry.get("hot_rows"):
-            console.print(f"{name}: {entry['hot_rows']:,} rows (the calibration text's tokens) kept at 8 bits")
+            tied = any(other.get("reads_table") == name for other in report["layers"].values())
+            source = "the calibration text's tokens" + (", then the lowest ids: the LM head reads this table"
+                                                       if tied else "")
+            console.print(f"{name}: {entry['hot_rows']:,} rows ({source}) kept at 8 bits")
     parity = report["parity_vs_torch_fp32"]
     kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"
     console.print(
@@ -149,7 +58,8 @@ def print_summary(result: ExportResult, console: Console) -> None:
         speed = verification["speed"]
         # n_examples counts scored tokens for language models, texts for the other tasks
         unit = {TASK_CAUSAL_LM: "tokens of held-out text",
-                TASK_MASKED_LM: "masked tokens of held-out text"}.get(verification["quality"]["task"], "held-out texts")
+                TASK_MASKED_LM: "masked tokens of held-out text",
+                TASK_TOKEN_CLASSIFICATION: "tokens of held-out text"}.get(verification["quality"]["task"], "held-out texts")
         console.print(
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
@@ -176,8 +86,10 @@ def export(
     algorithm: str = typer.Option("gptq", "--algorithm",
                                   help="4-bit codes: gptq (error-compensating, uses calibration text) or rtn."),
     weight_format: str = typer.Option(
-        "qdq", "--format",
-        help="qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
+        "auto", "--format",
+        help="auto: the fastest of qdq and dynamic measured on this machine at the task's shapes (encoders; "
+             "decoders take qdq), recorded in the report; "
+             "qdq: standard DequantizeLinear that ORT fuses into MatMulNBits; nbits: MatMulNBits directly; "
              "dynamic: int8 DynamicQuantizeMatMul (activations quantized at run time; fastest for encoders on CPU, "
              "4-bit layers stay 4-bit on disk)."),
     outlier_ratio: float = typer.Option(
@@ -203,33 +115,20 @@ def export(
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
     hot_rows: bool = options.HOT_ROWS,
+    override: Optional[list[str]] = typer.Option(
+        None, "--override",
+        help="PATTERN=BITS (repeatable): layers whose name the regular expression matches get BITS (16, 8 or 4), "
+             "after the method's allocation and within its budget; e.g. --override lm_head=8 --override '.*down_proj=8'."),
 ) -> None:
     """Export MODEL to a mixed-precision ONNX folder that ONNX Runtime runs with low-bit kernels."""
-    if algorithm not in ALGORITHMS:
-        raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
-    if weight_format not in FORMATS:
-        raise CptqError(f"--format must be one of {', '.join(FORMATS)}, not {weight_format!r}")
-    if outlier_ratio < 0 or 0 < outlier_ratio <= 1:
-        raise CptqError(f"--outlier-ratio must be 0 (off) or above 1, not {outlier_ratio:g}")
-    analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
-                                        granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
-                                        zero_points, hot_rows)
-    analysis.weight_format = weight_format  # a size budget counts the bytes of this format
-    if task:
-        task = normalize_task(task)
-    report_extras: dict = {}
-    make_plan = plan_factory(method, plan, bits, block_size, clip, zero_points, analysis, progress, report_extras,
-                             default_bits)
-    from ..passes import check_options
+    from ..api import export as export_model
 
-    check_options(analysis)  # also with --bits or --plan: calibration settings GPTQ will use
-    from ..exporter.pipeline import resolve_output
-    from ..output_folder import claim_output
-
-    paths = resolve_output(output, force, model)  # fail on a bad output path before the slow work
-    with claim_output(paths.folder):  # one writer per output folder, from before the model loads
-        loaded = load_model(model, task, trust_remote_code)
-        result = export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
-                                  report_extras=report_extras, verify=verify, algorithm=algorithm,
-                                  calibration=analysis, outlier_ratio=outlier_ratio)
+    result = export_model(model, output, task=task, method=method, bits=bits, plan=plan, default_bits=default_bits,
+                          target_bits=target_bits, max_size_mb=max_size_mb, overrides=override or (), calibration=calib,
+                          text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
+                          algorithm=algorithm, weight_format=weight_format, block_size=block_size, clip=clip,
+                          zero_points=zero_points, hot_rows=hot_rows, outlier_ratio=outlier_ratio,
+                          bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
+                          sparsity=options.floats(sparsity, "--sparsity"), cca=cca, curvature=curvature,
+                          verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
     print_summary(result, Console())

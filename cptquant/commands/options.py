@@ -28,7 +28,7 @@ CCA = Option("cka", "--cca", help="CMPQ similarity: cka, cca, svcca or pwcca.")
 ZERO_POINTS = Option("auto", "--zero-points", help="Asymmetric weights with zero points: auto (at 4 bits), always, never.")
 HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
                   help="A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits "
-                       "(at most 1/8 of the table).")
+                       "(at most 1/8 of the table; a table the LM head shares fills that 1/8 with the lowest ids).")
 CURVATURE = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson.")
 
 

@@ -12,9 +12,9 @@ from typing import Optional
 import typer
 
 from ..errors import CptqError
-from ..runtimes.quality import load_eval_file
-from ..runtimes.verify import (REPORT_DIR, Thresholds, parse_fraction, parse_number, verify_output, write_junit,
-                               write_reports)
+from ..runtimes.gate import parse_fraction, parse_number
+from ..runtimes.verify import REPORT_DIR
+from ..runtimes.verify_reports import write_junit, write_reports
 from . import user_errors
 
 
@@ -31,7 +31,9 @@ def verify(
                                          help="Causal LM: largest mean KL divergence of the next-token distribution "
                                               "from the baseline's (reported always; gated only when given)."),
     min_cosine: str = typer.Option("0.99", "--min-cosine", help="Feature extraction: smallest mean cosine."),
-    min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean p50 speed-up."),
+    min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean speed-up. Fails only when its whole "
+                                        "95% interval (interleaved pairs, repeated while it straddles) is below it; "
+                                        "INCONCLUSIVE otherwise."),
     eval_file: Optional[Path] = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
     junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file of the checks here."),
     report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where report.json/.md go (OUT_DIR/verify)."),
@@ -46,16 +48,17 @@ def verify(
                                                 "by the folder or its report)."),
 ) -> None:
     """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
-    thresholds = Thresholds(
+    from ..api import verify as verify_export
+
+    result = verify_export(
+        out_dir, baseline=baseline, ep=ep,
         max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
         max_accuracy_drop=parse_fraction(max_accuracy_drop, "--max-accuracy-drop", high=1.0),  # of 100 points
         min_cosine=parse_number(min_cosine, "--min-cosine", -1.0, 1.0),
         min_speedup=parse_number(min_speedup, "--min-speedup"),
         max_kl=parse_number(max_kl, "--max-kl") if max_kl is not None else None,
-    )
-    eval_set = load_eval_file(eval_file) if eval_file is not None else None
-    result = verify_output(out_dir, baseline.lower(), ep, thresholds, eval_set, quick, threads, progress,
-                           trust_remote_code=trust_remote_code, source=source)
+        eval_file=eval_file, quick=quick, threads=threads, progress=progress, source=source,
+        trust_remote_code=trust_remote_code)
     try:
         folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
         json_path, md_path = write_reports(result, report_dir or folder / REPORT_DIR)

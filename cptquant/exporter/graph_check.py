@@ -79,7 +79,7 @@ def check_kernels(model_path: Path, rewritten: dict[str, LoweredLayer]) -> Graph
     slow, casts = [], []  # layers whose weight is still dequantized / expanded / cast at run time
     for node in graph.node:
         label = node.op_type if _bits(node) is None else f"{node.op_type}(bits={_bits(node)})"
-        layers = {layer_of(t) for t in node.input} - {None}
+        layers = {layer for layer in map(layer_of, node.input) if layer is not None}
         if node.op_type in LOW_BIT_KERNELS:
             kernels[label] += 1
         for layer in layers:

@@ -127,7 +127,9 @@ def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph:
         else:
             unmapped.append(name)
     if unmapped:
-        raise CptqError(f"cannot map {len(unmapped)} layer(s) to ONNX weights: {', '.join(unmapped)}")
+        raise CptqError(f"cannot map {len(unmapped)} layer(s) to ONNX weights: {', '.join(unmapped)} (the weight is "
+                        "in the exported file, but no MatMul, Gemm or Gather reads it as a constant 2-D tensor, "
+                        "so the rewrite cannot replace it)")
     return LayerMap(mapped, absent)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from ..corpus import sentences
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
-from ..runtimes.inputs import feeds_for
+from ..onnx_io.inputs import feeds_for
 
 
 @dataclass

@@ -13,30 +13,68 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
-import onnxruntime as ort
 
-from .. import __version__
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
-from ..output_folder import Staging, check_target, claim_output, commit, committing, owned_by_export, replace_dir
+from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check_target, claim_output, commit,
+                             committing, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
 from ..progress import Steps
-from ..quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
-from .baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
+from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
 from .lowering import KernelChoice, lower_model
-from .onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
 from .parity import measure_parity
+from .report import build_report, files_size, write_report
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
+# The short verification the API (api.py) chains into an export (runtimes/verify.py): the staged model, the model,
+# the staged FP32/FP16 baselines -> the figures the report carries.
+Verifier = Callable[[Path, LoadedModel, dict[str, Path]], dict]
+
+
+class FormatChoice(Protocol):
+    """`--format auto`'s answer (cptquant/format_choice.py): the format and what was measured, for the report."""
+
+    format: str
+
+    def to_dict(self) -> dict: ...
+
+
+# `--format auto`: the model, its FP32 proto, layer graph, layer uses, the FP32 folder, a scratch folder -> the
+# measured choice. The command hands it over, so that the exporter times no runtime itself.
+FormatChooser = Callable[[LoadedModel, Any, LayerGraph, Any, Path, Path], FormatChoice]
+
+
+class Measurements(Protocol):
+    """What the lowering reads from calibration text; the API builds it (passes/measurements.py), so the
+    exporter runs no pass. `calib` / `text_field` name the text for the report."""
+
+    @property
+    def calib(self) -> str | None: ...
+
+    @property
+    def text_field(self) -> str: ...
+
+    def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                 progress: bool) -> dict[str, np.ndarray]: ...
+
+    def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                    progress: bool) -> dict[str, np.ndarray]: ...
+
+
+NOT_IN_ONNX = ("no initializer of the exported graph holds its weight (unused by this task's outputs, or folded "
+               "into another constant by the exporter)")
+
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
 # MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9). At 6 the one extra Mul per
@@ -66,7 +104,7 @@ class OutputPaths:
 class ExportResult:
     paths: OutputPaths
     plan: Plan
-    report: dict
+    report: dict  # model.report.json as written (ExportReport.to_dict())
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -79,32 +117,6 @@ def resolve_output(out: Path, force: bool, source: str | None = None) -> OutputP
     return paths
 
 
-def _files_size(paths: list[Path]) -> int:
-    return sum(p.stat().st_size for p in paths)
-
-
-def _write_report(path: Path, report: dict, other_files: list[Path], model_file: str) -> None:
-    """The report states its own size too: rewrite until the size it states is the size it has.
-
-    `model_bytes` (model.onnx and its external data) is what the FP16/FP32 ratios compare, like for
-    like with the reference exports; `total_bytes` is everything in the folder.
-    """
-    others = _files_size(other_files)
-    model_bytes = _files_size([p for p in other_files if p.name.startswith(model_file)])
-    report["model_bytes"] = model_bytes
-    report["ratio_vs_fp16"] = round(report["fp16_reference_bytes"] / model_bytes, 4)
-    report["ratio_vs_fp32"] = round(report["fp32_reference_bytes"] / model_bytes, 4)
-    size = 0
-    for _ in range(8):
-        report["files"][path.name] = size
-        report["total_bytes"] = others + size
-        text = json.dumps(report, indent=2, sort_keys=True) + "\n"
-        if len(text.encode()) == size:
-            break
-        size = len(text.encode())
-    path.write_text(text)
-
-
 def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     """The layer graph as the FP32 export realises it, with its layer map.
 
@@ -115,24 +127,43 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     graph = build_layer_graph(loaded.model)
     layer_map = build_layer_map(model_proto, loaded.model, graph)
     graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
+    graph.unquantizable.update({name: NOT_IN_ONNX for name in layer_map.absent})
     graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
+    graph.heads_reading_table = _heads_reading_table(graph, layer_map)
     return graph, layer_map
+
+
+def _heads_reading_table(graph, layer_map) -> set[str]:
+    """Tied heads whose MatMul reads the initializer their embedding's Gather reads (lowering/context.py's
+    tied_table_sites shares their codes; a head with its own stored copy is written on its own)."""
+    uses = layer_map.uses()
+    heads = set()
+    for layer in graph.layers:
+        if layer.tied_to and layer.name in uses and layer.tied_to in uses:
+            tables = {u.initializer for u in uses[layer.tied_to] if u.op_type == "Gather"}
+            if any(u.op_type == "MatMul" and u.via_transpose and u.initializer in tables for u in uses[layer.name]):
+                heads.add(layer.name)
+    return heads
 
 
 def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, force: bool = False,
                      progress: bool = True, fmt: str = FORMAT_QDQ, report_extras: dict | None = None,
-                     verify: bool = False, algorithm: str = "rtn", calibration=None,
-                     outlier_ratio: float = DEFAULT_OUTLIER_RATIO) -> ExportResult:
+                     verify: Verifier | None = None, algorithm: str = "rtn",
+                     calibration: Measurements | None = None,
+                     outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
+                     choose_format: FormatChooser | None = None) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
-    `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians collected on
-    `calibration` (AnalysisOptions: the calibration text and sizes; the offline corpus when None).
-    With `verify`, a short CPU verification against the FP32/FP16 baselines joins the report too.
-    With `fmt` dynamic and `outlier_ratio` > 0, outlier input channels (measured on the same
-    calibration text) are scaled down before each layer's int8 product.
+    `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
+    measures (passes.measurements.CalibrationMeasurements). With `verify` (runtimes/verify.py's short
+    verification), its CPU figures against the FP32/FP16 baselines join the report too. With `fmt` dynamic
+    and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
+    each layer's int8 product. With `fmt` auto, `choose_format` measures the format on the FP32 export.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if fmt == FORMAT_AUTO and choose_format is None:
+        raise CptqError("--format auto needs a format chooser (cptquant/format_choice.py)")
     paths = resolve_output(out, force, loaded.source)
     timings: dict[str, float] = {}
     with claim_output(paths.folder), Staging(paths.folder) as staging:
@@ -150,6 +181,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
                 graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
+                format_choice = None
+                if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
+                    format_choice = choose_format(loaded, model_proto, graph, layer_map.uses(), fp32_dir,  # its bytes
+                                                  tmp / "format-probes")
+                    fmt = format_choice.format
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -188,79 +224,68 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 write_fp16(fp32_dir, fp16_dir)
             if verify:  # measured on the staged folder: nothing is in place before everything is done
                 with steps.step(timings):
-                    verification = _short_verification(model_path, loaded, {"fp32": fp32_dir / MODEL_FILE,
-                                                                            "fp16": fp16_dir / MODEL_FILE})
+                    verification = _short_verification(verify, model_path, loaded,
+                                                       {"fp32": fp32_dir / MODEL_FILE, "fp16": fp16_dir / MODEL_FILE})
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
-                report = _report(loaded, plan, rewritten, layer_map.absent, graph_check, parity, fp32_dir, fp16_dir,
-                                 timings, fmt, opset)
-                if fmt == FORMAT_DYNAMIC:
-                    report["outlier_ratio"] = outlier_ratio
+                genai = None
                 if loaded.task == TASK_CAUSAL_LM:  # the folder also runs under onnxruntime-genai
                     genai = write_genai_config(out_dir, paths.model.name)
-                    report["genai_config"] = genai.name if genai else None
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
+                report = build_report(loaded, plan, rewritten, layer_map.absent, graph.unquantizable, graph_check,
+                                      parity, fp32_dir, fp16_dir, timings, fmt, opset, fingerprint)
+                report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
+                report.genai_config = genai.name if genai else None
+                report.format_choice = format_choice.to_dict() if format_choice is not None else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
-                    report["calibration_text"] = {"calib": calibration.calib if calibration else None,
-                                                  "text_field": calibration.text_field if calibration else "text"}
-                report.update(report_extras or {})
-                report["baseline_fingerprint"] = fingerprint
-                if verify:
-                    report["verification"] = verification
+                    report.calibration_text = {"calib": calibration.calib if calibration else None,
+                                               "text_field": calibration.text_field if calibration else "text"}
+                report.analysis = (report_extras or {}).get("analysis")
+                report.verification = verification if verify else None
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
-                for p in written:
-                    report["files"][p.name] = p.stat().st_size
-                report["sha256"] = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
-                _write_report(out_dir / paths.report.name, report, written, paths.model.name)
+                report.files = {p.name: p.stat().st_size for p in written}
+                report.sha256 = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
+                write_report(out_dir / paths.report.name, report, written, paths.model.name)
                 _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
-    return ExportResult(paths, plan, report, timings)
+    return ExportResult(paths, plan, report.to_dict(), timings)
 
 
 def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
     """Bytes of the FP32 export that are not quantizable weights: what every plan keeps."""
     sizes = {init.name: int(np.prod(init.dims)) for init in model_proto.graph.initializer}
     weights = {use.initializer for mapping in layer_map.mapped.values() for use in mapping.uses}
-    model_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    model_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
     return model_bytes - 4 * sum(sizes[name] for name in weights)
 
 
-def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration,
-                      progress: bool):
+def _needs(calibration: Measurements | None, what: str) -> Measurements:
+    if calibration is None:  # a library caller's mistake: the API always passes one
+        raise CptqError(f"{what} needs calibration measurements (calibration=CalibrationMeasurements(...))")
+    return calibration
+
+
+def _weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan,
+                      calibration: Measurements | None, progress: bool):
     if algorithm == "rtn":
         return RoundToNearest()
-    from ..passes import AnalysisOptions
-    from ..passes.calibration import build_calibration
-    from ..passes.hessian import collect_hessians
-
-    options = calibration or AnalysisOptions()
     wanted = [name for name, lp in plan.layers.items()
               if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
-
-    def hessians(names: list[str]) -> dict:
-        calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples,
-                                  options.seq_len, options.seed)
-        return collect_hessians(loaded, graph, calib, names, progress=progress)
-
-    return Gptq(hessians, wanted)
+    if not wanted:
+        return Gptq(lambda names: {}, wanted)
+    measured = _needs(calibration, "--algorithm gptq")
+    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted)
 
 
-def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration, ratio: float,
-                     progress: bool) -> dict[str, np.ndarray]:
+def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration: Measurements | None,
+                     ratio: float, progress: bool) -> dict[str, np.ndarray]:
     """Per-input-channel factors s of each 4/8-bit MatMul layer: sqrt(peak / median peak) where the peak
     exceeds `ratio` x the median (SmoothQuant's alpha = 0.5, against the median channel), else 1."""
-    from ..passes import AnalysisOptions
-    from ..passes.calibration import build_calibration
-    from ..passes.hessian import collect_input_absmax
-
-    options = calibration or AnalysisOptions()
     names = [name for name, lp in plan.layers.items() if lp.bits < 16 and graph[name].role != ROLE_EMBEDDING]
     if not names:
         return {}
-    calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
-                              options.seed)
-    peaks = collect_input_absmax(loaded, graph, calib, names, progress=progress)
+    peaks = _needs(calibration, "--format dynamic with --outlier-ratio").input_peaks(loaded, graph, names, progress)
     factors = {}
     for name, peak in peaks.items():
         median = np.median(peak)
@@ -269,11 +294,9 @@ def _input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibra
     return factors
 
 
-def _short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
-    from ..runtimes.verify import short_verification  # runtimes import the exporter: import late
-
+def _short_verification(verify: Verifier, folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict:
     try:
-        return short_verification(folder, loaded, quick=True, baselines=baselines)
+        return verify(folder, loaded, baselines)
     except CptqError as exc:  # the export itself is sound and in place; say why there are no figures
         return {"error": str(exc)}
     except Exception as exc:  # an ORT or memory failure mid-measurement: the same, with what it was
@@ -305,8 +328,6 @@ def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, 
 def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
     """What a forced re-export removes besides the files it replaces: the older export's own files that the
     new one does not write (an external data file, a tokenizer file), and `cptq verify`'s reports of it."""
-    from ..runtimes.verify import CANDIDATE, REPORT_DIR  # runtimes import the exporter: import late
-
     if not paths.folder.is_dir():
         return ()
     stale = [p.name for p in paths.folder.iterdir()
@@ -319,47 +340,11 @@ def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
         stale += [name for name in old_files if isinstance(name, str) and name == Path(name).name
                   and owned_by_export(name, paths.model.name) and name not in new
                   and (paths.folder / name).is_file()]
-    report = paths.folder / REPORT_DIR / "report.json"
+    report = paths.folder / VERIFY_REPORT_DIR / "report.json"
     try:
-        verified = json.loads(report.read_text()).get("variants", {}).get(CANDIDATE)
+        verified = json.loads(report.read_text()).get("variants", {}).get(VERIFY_CANDIDATE)
     except (OSError, ValueError, AttributeError):
         verified = None
     if verified and Path(verified).resolve() == paths.model.resolve():
-        stale.append(REPORT_DIR)  # its reports describe a model that is being replaced
+        stale.append(VERIFY_REPORT_DIR)  # its reports describe a model that is being replaced
     return tuple(dict.fromkeys(stale))
-
-
-def _report(loaded, plan: Plan, rewritten, absent, graph_check, parity, fp32_dir: Path, fp16_dir: Path,
-            timings, fmt: str, opset: int) -> dict:
-    fp32_bytes = _files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
-    fp16_bytes = _files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
-    total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
-    weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
-    return {
-        "cptquant_version": __version__,
-        "onnxruntime_version": ort.__version__,
-        "onnx_opset": opset,
-        "model": loaded.display_name,
-        "source": str(loaded.source),
-        "trust_remote_code": loaded.trust_remote_code,
-        "task": loaded.task,
-        "method": plan.method,
-        "clip": plan.clip,
-        "weight_format": fmt,
-        "algorithm": sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
-        "average_bits": round(weighted_bits / total_params, 4) if total_params else None,
-        "layers": {
-            name: {"bits": r.bits, "block_size": r.block_size, "kernels": r.expected_kernels, "algorithm": r.algorithm,
-                   "bytes_fp32": r.bytes_fp32, "bytes_after": r.bytes_after, "weight_mse": r.mse,
-                   **({"outlier_channels": r.outlier_channels} if r.outlier_channels else {}),
-                   **({"hot_rows": r.hot_rows} if r.hot_rows else {})}
-            for name, r in sorted(rewritten.items())
-        },
-        "layers_not_in_onnx": absent,
-        "graph_check": graph_check.to_dict(),
-        "parity_vs_torch_fp32": parity.to_dict(),
-        "fp32_reference_bytes": fp32_bytes,
-        "fp16_reference_bytes": fp16_bytes,
-        "files": {},
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import CptqError
-from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..layer_graph import LayerGraph
 from ..output_folder import pause_point
 from ..plan import (
     SUPPORTED_BITS,
@@ -30,7 +30,7 @@ from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
 from .block_replay import BlockReplay
 from .calibration import MIN_SAMPLES, MIN_SEQ_LEN, build_calibration
 from .cmpq import CCA_VARIANTS, cmpq_scores
-from .common import GRANULARITIES, allocation_units, time_forward, unit_of
+from .common import GRANULARITIES, allocation_units, stored_weight_shape, time_forward, unit_of
 from .hot_rows import hot_rows, with_hot_rows
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
@@ -225,16 +225,16 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         else:
             raise CptqError(f"the {method} scores have no entry for {unit!r}; were they computed at "
                             f"{options.granularity} granularity for this model?")
-    # Weights per unit as the exported file stores them: a tied LM head is a second, transposed copy
-    # of the embedding in the ONNX file, quantized with its owner's bits, so it counts with that unit.
+    # Weights per unit as the exported file stores them: a tied LM head reads its embedding's parameter
+    # (one initializer in the export), so its parameters are counted once, with its owner's unit, and
+    # its bytes are what reading the table adds (quant/storage.TiedHead).
     unit_params = dict.fromkeys(units, 0)
     weights: dict[str, list[WeightShape]] = {unit: [] for unit in units}
     for layer in graph.layers:
         unit = unit_of(graph, layer, options.granularity)
-        unit_params[unit] += layer.num_params
-        table = layer.role == ROLE_EMBEDDING
-        weights[unit].append(WeightShape(layer.in_features, layer.out_features, table,
-                                         len(hot_rows.get(layer.name, ())) if table else 0))
+        if not layer.tied_to:
+            unit_params[unit] += layer.num_params
+        weights[unit].append(stored_weight_shape(graph, layer, hot_rows))
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)

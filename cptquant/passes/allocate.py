@@ -81,8 +81,15 @@ def unit_bytes(weights: Sequence[WeightShape], bits: int, block_size: int, zero_
         return sum(weight_nbytes(w, bits, block_size, True, weight_format) for w in weights)
     symmetric = symmetric_for(bits, zero_points)
     nbytes = sum(weight_nbytes(w, bits, block_size, symmetric, weight_format) for w in weights)
+    # Measured on a tiny OPT (the longest layer names of the test models): a hot-row lookup's ten nodes take
+    # ~2.1 KB; a tied head's MatMulNBits with the Reshape/Cast nodes adapting a table's tensors ~0.8 KB per
+    # table read, its Concat and Gather back to vocabulary order ~0.2 KB.
     hot_tables = sum(1 for w in weights if w.table and w.hot_rows and bits == 4)
-    return nbytes + NODE_BYTES * (1 + hot_tables)
+    tables_read = sum(2 if w.hot_rows and bits == 4 else 1 for w in weights if w.tied_head)
+    heads_hot = sum(1 for w in weights if w.tied_head and w.hot_rows and bits == 4)
+    # --format dynamic at 4 bits: the constant-folded int8 expansion of each MatMul weight, ~1.7 KB of nodes.
+    expansions = sum(1 for w in weights if not w.table and not w.tied_head) if weight_format == "dynamic" and bits == 4 else 0
+    return nbytes + NODE_BYTES * (1 + 4 * hot_tables + 2 * tables_read + heads_hot + 3 * expansions)
 
 
 def predicted_damage(score: float, bits: int) -> float:

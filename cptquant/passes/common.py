@@ -12,6 +12,7 @@ import torch
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 from ..plan import HOT_ROW_BITS
 from ..quant.quantize import fake_quantize
+from ..quant.storage import WeightShape
 
 GRANULARITIES = ("layer", "block")
 
@@ -42,6 +43,17 @@ def unit_of(graph: LayerGraph, layer: Layer, granularity: str) -> str:
     if granularity == "block" and owner.block is not None:
         return block_unit(owner.block)
     return owner.name
+
+
+def stored_weight_shape(graph: LayerGraph, layer: Layer, hot_rows: dict[str, list[int]]) -> WeightShape:
+    """`layer`'s weight as the file will store it, for pricing: a table with its hot rows; a tied head that
+    reads its embedding's initializer in the export (graph.heads_reading_table; assumed when not known)
+    as what reading the table adds, with the table's hot rows; any other tied head as a copy of its own."""
+    table = layer.role == ROLE_EMBEDDING
+    reads_table = bool(layer.tied_to) and (graph.heads_reading_table is None
+                                           or layer.name in graph.heads_reading_table)
+    hot = len(hot_rows.get(layer.tied_to or layer.name, ())) if table or reads_table else 0
+    return WeightShape(layer.in_features, layer.out_features, table, hot, tied_head=reads_table)
 
 
 def weight_param(model: torch.nn.Module, layer: Layer) -> torch.nn.Parameter:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
@@ -66,7 +66,7 @@ class TaskLoss:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
         extra = {"use_cache": False} if self.task == TASK_CAUSAL_LM else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-        if self.task == TASK_CLASSIFICATION:
+        if self.task in CLASSIFIER_TASKS:
             return out.logits
         if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
             return out.logits
@@ -94,7 +94,7 @@ class TaskLoss:
             return F.cross_entropy(output.flatten(0, 1), self._lm_labels(index).flatten(), ignore_index=-100)
         if not self.targets:
             raise RuntimeError("this TaskLoss was built without FP32 references")
-        if self.task == TASK_CLASSIFICATION:
+        if self.task in CLASSIFIER_TASKS:  # per text, or per token (token classification)
             reference = F.log_softmax(self.targets[index], -1)
             return F.kl_div(F.log_softmax(output, -1), reference, log_target=True, reduction="batchmean")
         return (1.0 - F.cosine_similarity(output, self.targets[index], dim=-1)).mean()
@@ -122,10 +122,10 @@ class TaskLoss:
         mean loss. The model must be at FP32: its own output stands in for the reference.
         """
         reference = output.detach()
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_CLASSIFICATION):
+        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM) + CLASSIFIER_TASKS:
             flat = output.flatten(0, -2)
             sampled = _sample_rows(F.softmax(reference.flatten(0, -2), -1), gen)
-            if self.task == TASK_CLASSIFICATION:
+            if self.task in CLASSIFIER_TASKS:
                 count = flat.shape[0]
             else:
                 keep = self._lm_labels(index).flatten() != -100

@@ -26,6 +26,7 @@ FORMAT_QDQ = "qdq"  # standard DequantizeLinear -> MatMul; ORT fuses it into Mat
 FORMAT_NBITS = "nbits"  # com.microsoft.MatMulNBits written directly
 FORMAT_DYNAMIC = "dynamic"  # com.microsoft.DynamicQuantizeMatMul: int8 per-column weights, dynamic activations
 FORMATS = (FORMAT_QDQ, FORMAT_NBITS, FORMAT_DYNAMIC)
+FORMAT_AUTO = "auto"  # not a format: `--format auto` measures qdq and dynamic before the plan (commands/format_choice.py)
 
 KERNEL_MATMUL_NBITS = "MatMulNBits"
 KERNEL_GATHER_BQ = "GatherBlockQuantized"
@@ -33,7 +34,10 @@ KERNEL_DYNAMIC = "DynamicQuantizeMatMul"
 KERNEL_FP16 = "fp16"  # FP16 initializer + Cast, folded at session start: no kernel of its own
 LOW_BIT_KERNELS = (KERNEL_MATMUL_NBITS, KERNEL_GATHER_BQ, KERNEL_DYNAMIC)
 
-NODE_BYTES = 256  # the nodes and initializer names a quantized unit adds: what the layouts leave out
+# The nodes and initializer names a quantized unit adds: what the layouts leave out (~560 bytes per
+# layer measured on a tiny OPT in --format qdq, whose layer names are long, plus a margin; 256 before, which let a size
+# budget be overshot by 1 %).
+NODE_BYTES = 640
 
 _DTYPE_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "int32": 32, "int64": 64,
                "float16": 16, "float32": 32}
@@ -276,6 +280,25 @@ class HotRowTable:
         return slot, cold
 
 
+def shares_tied_table(weight_format: str) -> bool:
+    """Whether a 4/8-bit LM head tied to a token embedding reads the table's own codes (`TiedHead`): in
+    every format whose MatMul kernel is MatMulNBits, which reads the table's layout as it is."""
+    return weight_format in (FORMAT_QDQ, FORMAT_NBITS)
+
+
+class TiedHead:
+    """An LM head tied to a 4/8-bit token embedding: com.microsoft.MatMulNBits over the table's own
+    codes, scales and zero points (GatherBlockQuantized's [rows, hidden] layout is MatMulNBits' [N, K]
+    one; Reshape and Cast, folded by ORT, adapt the shapes and the FP16 scales), so the table is stored
+    once. With hot rows, one MatMulNBits per table and a Gather putting the logits back in vocabulary
+    order: its index table is all the head adds to the file."""
+
+    kernel = KERNEL_MATMUL_NBITS
+
+    def nbytes(self, rows: int, hot: int) -> int:
+        return rows * np.dtype(np.int32).itemsize if 0 < hot < rows else 0
+
+
 class Fp16Weight:
     """16 bits: the weight as FP16, restored to float32 by a Cast that ORT folds at session start."""
 
@@ -302,13 +325,16 @@ class WeightShape:
     k: int
     n: int
     table: bool = False
-    hot_rows: int = 0  # a table's rows kept at 8 bits when it is at 4
+    hot_rows: int = 0  # a table's rows kept at 8 bits when it is at 4 (a tied head: its table's)
+    tied_head: bool = False  # an LM head that shares a token embedding's parameter (the table is priced there)
 
 
 def weight_nbytes(weight: WeightShape, bits: int, block_size: int, symmetric: bool, weight_format: str) -> int:
     """Bytes one weight takes in the file at `bits` (16: FP16): what the lowering writes for it. In
     `--format dynamic` a MatMul weight also counts its possible input smoothing (4 bytes per input
     channel: an upper bound, since only the calibration text decides where it applies)."""
+    if weight.tied_head and (bits >= 16 or shares_tied_table(weight_format)):
+        return TiedHead().nbytes(weight.n, weight.hot_rows if bits == 4 else 0)  # FP16: one copy too
     if bits >= 16:
         return Fp16Weight().nbytes(weight.k * weight.n)
     if weight.table:

@@ -2,10 +2,10 @@
 
 - base.py: `RuntimeAdapter` (available / session / run / run_bound with IO binding) and timing helpers
 - cpu.py, cuda.py: the CPU and CUDA execution providers
-- inputs.py: feeds for an exported transformer from the session's declared inputs
 - quality.py: quality by task against the FP32/FP16 baselines on held-out text
 - speed.py: interleaved latency (encoders: batch x sequence; decoders: prefill and KV-cache decode)
 - memory.py: peak host memory of one variant, in a fresh process
-- verify.py: `cptq verify`'s engine (checks, baselines, gate, report.json/.md, JUnit) and
-  `short_verification`, the CPU figures `cptq-export` adds to its report
+- verify.py: `cptq verify`'s engine (measure on each adapter, gate) and `short_verification`, the CPU
+  figures `cptq-export` adds to its report; export_folder.py: the checks of an export folder and its
+  baselines; gate.py: thresholds and checks; verify_reports.py: report.json/.md and JUnit XML
 """

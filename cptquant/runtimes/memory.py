@@ -65,7 +65,7 @@ def measure_peak_rss(adapter, model_path: Path, vocab_size: int, length: int = 1
 def _probe(spec: str, model_path: str, vocab_size: int, length: int) -> dict:
     import onnxruntime  # noqa: F401 - imported before the baseline reading, so its size is not billed
 
-    from .inputs import feeds_for
+    from ..onnx_io.inputs import feeds_for
 
     adapter = adapter_for(spec)
     start_kb = _status_kb("VmRSS")

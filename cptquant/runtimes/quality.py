@@ -22,10 +22,10 @@ import numpy as np
 
 from ..corpus import evaluation_sentences
 from ..errors import CptqError
-from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM
+from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASK_TOKEN_CLASSIFICATION
 from ..progress import progress_bar
 from .base import RuntimeAdapter
-from .inputs import feeds_for
+from ..onnx_io.inputs import feeds_for
 
 BATCH = 8
 
@@ -362,6 +362,21 @@ def _classification(ctx: "_Context") -> Quality:
     return quality
 
 
+def _token_classification(ctx: "_Context") -> Quality:
+    """Per-token labels: the baseline's predictions are the labels, over the real (unpadded) tokens."""
+    def predict(session) -> np.ndarray:
+        return np.concatenate([ctx.adapter.run(session, feeds_for(session, ids, mask))["logits"].argmax(-1)[mask == 1]
+                               for ids, mask in _encoder_batches(ctx.encoder, ctx.eval_set.texts, ctx.max_length)])
+
+    raw = ctx.run_all(predict)
+    quality = Quality(TASK_TOKEN_CLASSIFICATION, int(len(raw[ctx.candidate])), settings={"max_length": ctx.max_length})
+    quality.variants = {n: {} for n in raw}
+    for base in ctx.baselines:
+        agreement = float(np.mean(raw[ctx.candidate] == raw[base]))
+        quality.vs[base] = {"accuracy_drop": _round(1.0 - agreement), "agreement": _round(agreement)}
+    return quality
+
+
 def _masked_lm(ctx: "_Context") -> Quality:
     batches = masked_batches(ctx.encoder, ctx.eval_set.texts, ctx.max_length)
     original = np.concatenate([b.original[b.positions] for b in batches])
@@ -410,7 +425,7 @@ class _Context:
 
 
 _BY_TASK = {TASK_CAUSAL_LM: _causal_lm, TASK_FEATURES: _features, TASK_CLASSIFICATION: _classification,
-            TASK_MASKED_LM: _masked_lm}
+            TASK_MASKED_LM: _masked_lm, TASK_TOKEN_CLASSIFICATION: _token_classification}
 
 
 def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict, encoder: TextEncoder, config,

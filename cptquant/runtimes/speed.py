@@ -19,7 +19,7 @@ import numpy as np
 from ..model_loading import TASK_CAUSAL_LM
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, timed
-from .inputs import _NP_TYPES, feeds_for
+from ..onnx_io.inputs import _NP_TYPES, feeds_for
 
 
 @dataclass
@@ -53,8 +53,10 @@ def _rotations(names: list[str], rounds: int):
 
 
 def encoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, max_positions: int,
-                    settings: SpeedSettings, progress: bool = True) -> dict[str, dict[str, dict]]:
-    """variant -> shape key ("b1_s16") -> LatencyStats dict."""
+                    settings: SpeedSettings, progress: bool = True,
+                    rounds: dict | None = None) -> dict[str, dict[str, dict]]:
+    """variant -> shape key ("b1_s16") -> LatencyStats dict. `rounds`, when given, receives every
+    sample as shape key -> variant -> seconds per round (the speed gate pairs them by round)."""
     shapes = [(b, min(s, max_positions)) for b, s in settings.encoder_shapes]
     out: dict[str, dict[str, dict]] = {name: {} for name in sessions}
     with progress_bar(progress) as bar:
@@ -74,6 +76,8 @@ def encoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, ma
                 bar.advance(job)
             for name, seconds in samples.items():
                 out[name][f"b{batch}_s{length}"] = latency_stats(seconds).to_dict()
+            if rounds is not None:
+                rounds[f"b{batch}_s{length}"] = samples
     return out
 
 
@@ -121,13 +125,15 @@ def greedy_decode(adapter: RuntimeAdapter, session, prompt: np.ndarray, new_toke
 
 
 def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, settings: SpeedSettings,
-                    progress: bool = True) -> dict[str, dict[str, dict]]:
+                    progress: bool = True, rounds: dict | None = None) -> dict[str, dict[str, dict]]:
+    """variant -> figure -> LatencyStats dict (and tokens_per_s). `rounds` as in encoder_latency; a decode
+    round's sample is the median of its steps."""
     prompt = _random_ids(vocab_size, 1, settings.prompt_tokens)
     prefill: dict[str, list[float]] = {name: [] for name in sessions}
     steps: dict[str, list[float]] = {name: [] for name in sessions}
     with progress_bar(progress) as bar:
         job = bar.add_task(f"decoding on {adapter.name}", total=settings.decode_rounds + 1)
-        for name, session in sessions.items():  # warm-up: one short generation each
+        for session in sessions.values():  # warm-up: one short generation each
             greedy_decode(adapter, session, prompt, min(4, settings.new_tokens))
         # Prefill alone, `runs` times: a few decode rounds give too few samples for a median.
         bound = {name: {k: adapter.to_device(v) for k, v in feeds_for(s, prompt).items()} for name, s in sessions.items()}
@@ -135,12 +141,17 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
             for name in order:
                 prefill[name].append(timed(lambda: adapter.run_bound(sessions[name], bound[name])))
         bar.advance(job)
+        decode_rounds: dict[str, list[float]] = {name: [] for name in sessions}
         for order in _rotations(list(sessions), settings.decode_rounds):
             for name in order:
                 _, s, _ = greedy_decode(adapter, sessions[name], prompt, settings.new_tokens)
                 steps[name].extend(s)
+                decode_rounds[name].append(float(np.median(s)))
             bar.advance(job)
-    out = {}
+    if rounds is not None:
+        rounds[f"prefill_b1_s{settings.prompt_tokens}"] = prefill
+        rounds["decode_per_token"] = decode_rounds
+    out: dict[str, dict] = {}
     for name in sessions:
         decode = latency_stats(steps[name])
         out[name] = {f"prefill_b1_s{settings.prompt_tokens}": latency_stats(prefill[name]).to_dict(),
@@ -150,12 +161,12 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
 
 
 def measure_latency(task: str, adapter: RuntimeAdapter, sessions: dict, config, settings: SpeedSettings,
-                    progress: bool = True) -> dict[str, dict]:
+                    progress: bool = True, rounds: dict | None = None) -> dict[str, dict]:
     vocab_size = int(config.vocab_size)
     if task == TASK_CAUSAL_LM:
-        return decoder_latency(adapter, sessions, vocab_size, settings, progress)
+        return decoder_latency(adapter, sessions, vocab_size, settings, progress, rounds)
     max_positions = int(getattr(config, "max_position_embeddings", 512) or 512)
-    return encoder_latency(adapter, sessions, vocab_size, max_positions, settings, progress)
+    return encoder_latency(adapter, sessions, vocab_size, max_positions, settings, progress, rounds)
 
 
 def speedups(latency: dict[str, dict], candidate: str, baseline: str) -> dict:

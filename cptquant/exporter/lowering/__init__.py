@@ -6,7 +6,7 @@ written). The passes decide the graph; how each kernel's tensors are laid out an
 take is quant/storage.py's, which the allocator prices plans with. ORT's own view of the result (which
 kernels its optimized graph runs) is checked on the written file: graph_check.py.
 
-To add a way of lowering (another kernel, a tied table stored once, a routed path): a pass that picks
+To add a way of lowering (another kernel, a routed path): a pass that picks
 its sites by `wanted` and writes through the `Lowering`; a new storage layout goes into quant/storage.py.
 """
 
@@ -33,6 +33,7 @@ from .matmul_dynamic import MatMulToDynamicQuantize
 from .matmul_nbits import MatMulToNBits
 from .matmul_qdq import MatMulToBlockedDq
 from .smooth_inputs import SmoothInputs
+from .tied_head import TiedHeadFromTable
 
 __all__ = ["KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
 
@@ -51,6 +52,7 @@ class LoweredLayer:
     outlier_channels: int = 0  # input channels scaled down before the int8 product (--format dynamic)
     algorithm: str = "rtn"  # how the codes were chosen: rtn or gptq (embedding tables: always rtn)
     hot_rows: int = 0  # rows of a 4-bit embedding table stored at 8 bits
+    reads_table: str | None = None  # a tied LM head that reads this embedding layer's codes (tied_head.py)
 
 
 @dataclass
@@ -60,9 +62,11 @@ class Lowered:
 
 
 def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
-    """In order: Gemms become MatMuls before the MatMul lowerings; smoothing feeds the kernels the dynamic
-    lowering wrote; factors go to FP16 once every kernel's are written; `Finish` lays the file out."""
-    passes = (GemmToMatMul, StoreWeightsAsFp16, GatherToBlockQuantized, MatMulToBlockedDq, MatMulToNBits,
+    """In order: Gemms become MatMuls before the MatMul lowerings; a tied LM head reads the tables the Gather
+    pass wrote; smoothing feeds the kernels the dynamic lowering wrote; factors go to FP16 once every
+    kernel's are written; `Finish` lays the file out."""
+    passes = (GemmToMatMul, StoreWeightsAsFp16, GatherToBlockQuantized, TiedHeadFromTable, MatMulToBlockedDq,
+              MatMulToNBits,
               MatMulToDynamicQuantize, SmoothInputs, StoreFactorsAsFp16, Finish)
     return [make(lowering) for make in passes]
 
@@ -128,6 +132,8 @@ def _records(lowering: Lowering) -> dict[str, LoweredLayer]:
                 record.outlier_channels = site.outlier_channels or 0
             if site.hot_rows is not None:
                 record.hot_rows = site.hot_rows
+            if site.table_site is not None:
+                record.reads_table = site.table_site.layer
         record.mse = float(np.mean(errors)) if errors else 0.0
         record.new_initializers = lowering.owned[layer]
         record.derived_tensors = lowering.derived[layer]

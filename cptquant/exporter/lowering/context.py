@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...plan import LayerPlan, Plan
-from ...quant.storage import FORMAT_QDQ
+from ...quant.storage import FORMAT_QDQ, shares_tied_table
 from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 
@@ -54,10 +54,41 @@ class Site:
     algorithm: str | None = None
     outlier_channels: int | None = None
     hot_rows: int | None = None
+    # A tied LM head that reads its token embedding's codes (set when the Lowering is made), and the
+    # tables that embedding's Gather wrote, which the head then reads (set by the Gather pass).
+    table_site: "Site | None" = None
+    tables: list["WrittenTable"] = field(default_factory=list)
 
     @property
     def bits(self) -> int:
         return self.plan.bits
+
+
+@dataclass
+class WrittenTable:
+    """One GatherBlockQuantized table as written: its rows of the full table (None: all, in order), bits,
+    and the codes [rows, hidden bytes], FP16 scales [rows, blocks] and packed zero points it reads."""
+
+    rows: np.ndarray | None
+    bits: int
+    block_size: int
+    codes: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+
+
+def tied_table_sites(sites: Sequence[Site], kernels: KernelChoice) -> None:
+    """Point each LM head that reads a token embedding's weight (a tie: the same initializer, through a
+    Transpose) at that embedding's site when both are planned alike at 4 or 8 bits and the head's format
+    runs MatMulNBits, which can read the table's codes (quant/storage.TiedHead)."""
+    tables = {site.use.initializer: site for site in sites if site.use.op_type == "Gather"}
+    for site in sites:
+        table = tables.get(site.use.initializer)
+        if (site.use.op_type == "MatMul" and site.use.via_transpose and table is not None and site.bits < 16
+                and (table.bits, table.plan.block_size, table.plan.symmetric)
+                == (site.bits, site.plan.block_size, site.plan.symmetric)
+                and shares_tied_table(kernels.format_of(site.layer))):
+            site.table_site = table
 
 
 class Names:
@@ -96,6 +127,7 @@ class Lowering:
         self.sites: list[Site] = []
         self.layers: dict[str, list[Site]] = {}
         self.fp32_bytes: dict[str, int] = {}
+        counted: set[str] = set()
         for order, (layer, layer_uses) in enumerate(uses.items()):
             lp = plan.layers.get(layer)
             if lp is None:
@@ -104,8 +136,11 @@ class Lowering:
                      for i, use in enumerate(layer_uses)]
             self.layers[layer] = sites
             self.sites += sites
-            stored = {use.initializer for use in layer_uses}  # every stored copy, once
+            # Every stored copy, once: a tied LM head's weight is its embedding's, counted there.
+            stored = {use.initializer for use in layer_uses} - counted
+            counted |= stored
             self.fp32_bytes[layer] = sum(4 * self.initializer(name).const_value.size for name in stored)
+        tied_table_sites(self.sites, kernels)
         self._seq = 0
         self.created: list[tuple[Key, ir.Value]] = []  # initializers the passes added
         self.constant_nodes: list[tuple[Key, ir.Node]] = []  # nodes that read initializers only

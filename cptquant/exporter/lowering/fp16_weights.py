@@ -1,7 +1,7 @@
 """16-bit weights: the initializer as FP16 and a Cast to float32, which ORT folds at session start.
 
-Half the bytes on disk, FP32 compute (docs/ort-kernels.md). Each use gets its own copy, as the file
-had one per use before (a table that an LM head shares through a Transpose is written twice).
+Half the bytes on disk, FP32 compute (docs/ort-kernels.md). A weight with several 16-bit uses (a table
+that a tied LM head reads through a Transpose) is written once; its later uses read the same Cast.
 """
 
 from __future__ import annotations
@@ -17,17 +17,24 @@ from .context import Site, make_node
 class StoreWeightsAsFp16(LoweringPass):
     storage = Fp16Weight()
 
+    def __init__(self, lowering):
+        super().__init__(lowering)
+        self._restored: dict[str, ir.Value] = {}  # FP32 initializer -> the Cast of its FP16 copy
+
     def wanted(self, site: Site) -> bool:
         return site.bits == 16
 
     def lower(self, site: Site) -> None:
         lowering, names, base = self.lowering, self.lowering.names, site.base
         weight = lowering.initializer(site.use.initializer)
-        half = lowering.add_initializer(site, f"{base}.weight_fp16",
-                                        ir.tensor(weight.const_value.numpy().astype(np.float16)))
-        cast = make_node("Cast", [half], [names.unique(f"{base}.weight_cast")], names.unique(f"{base}.Cast"),
-                         to=ir.DataType.FLOAT)
-        restored = lowering.add_constant_node(site, cast)
+        restored = self._restored.get(site.use.initializer)
+        if restored is None:
+            half = lowering.add_initializer(site, f"{base}.weight_fp16",
+                                            ir.tensor(weight.const_value.numpy().astype(np.float16)))
+            cast = make_node("Cast", [half], [names.unique(f"{base}.weight_cast")], names.unique(f"{base}.Cast"),
+                             to=ir.DataType.FLOAT)
+            restored = self._restored[site.use.initializer] = lowering.add_constant_node(site, cast)
+            site.nbytes += self.storage.nbytes(weight.const_value.size)
         reader = site.node
         if site.use.via_transpose:
             reader = next(node for node, _ in weight.uses() if node.name == site.use.via_transpose)
@@ -35,7 +42,6 @@ class StoreWeightsAsFp16(LoweringPass):
             if value is weight:
                 reader.replace_input_with(i, restored)
         site.kernels.append(self.storage.kernel)
-        site.nbytes += self.storage.nbytes(weight.const_value.size)
 
     def check_after(self, site: Site) -> None:
         if any(value is not None and value.name == site.use.initializer for value in site.node.inputs):

@@ -19,7 +19,7 @@ from ...plan import HOT_ROW_BITS
 from ...quant.quantize import quantize_blocked
 from ...quant.storage import KERNEL_GATHER_BQ, BlockQuantizedTable, HotRowTable
 from .base import LoweringPass
-from .context import MS_DOMAIN, Site, make_node
+from .context import MS_DOMAIN, Site, WrittenTable, make_node
 
 
 class GatherToBlockQuantized(LoweringPass):
@@ -50,7 +50,7 @@ class GatherToBlockQuantized(LoweringPass):
         hot = np.asarray(lp.hot_rows if lp.bits == 4 and lp.hot_rows else [], dtype=np.int64)
         if not hot.size or hot.size == table.shape[0]:  # every row hot (a hand-written plan): an 8-bit table
             bits, symmetric = (lp.bits, lp.symmetric) if not hot.size else (HOT_ROW_BITS, True)
-            node, nbytes, sq_error = self._lookup(site, table, ids, bits, symmetric, site.base, gather.name)
+            node, nbytes, sq_error = self._lookup(site, table, ids, bits, symmetric, site.base, gather.name, None)
             nodes, hot = [node], hot[:0]
         else:
             nodes, nbytes, sq_error = self._hot_row_lookup(site, table, ids, hot)
@@ -64,9 +64,10 @@ class GatherToBlockQuantized(LoweringPass):
         site.hot_rows = len(lp.hot_rows) if hot.size else 0
 
     def _lookup(self, site: Site, table: np.ndarray, ids: ir.Value, bits: int, symmetric: bool, base: str,
-                name: str) -> tuple[ir.Node, int, float]:
+                name: str, rows: np.ndarray | None) -> tuple[ir.Node, int, float]:
         """A GatherBlockQuantized node over `table` [rows, hidden] (not yet in the graph), with FP16 output;
-        the bytes written and the summed squared error of the weights as stored."""
+        the bytes written and the summed squared error of the weights as stored. The tensors are filed in
+        `site.tables` (`rows`: which rows of the full table these are), for a tied LM head to read."""
         lowering, lp = self.lowering, site.plan
         qw = quantize_blocked(table.T, bits, lp.block_size, symmetric, lowering.plan.clip)  # blocks along hidden
         arrays = self.table.encode(qw)
@@ -74,6 +75,8 @@ class GatherToBlockQuantized(LoweringPass):
                   lowering.add_initializer(site, f"{base}.weight_scale_fp16", ir.tensor(arrays["scales"]))]
         if not qw.symmetric:
             inputs.append(lowering.add_initializer(site, f"{base}.weight_zp", ir.tensor(arrays["zero_points"])))
+        site.tables.append(WrittenTable(rows, bits, lp.block_size, inputs[0], inputs[2],
+                                        inputs[3] if len(inputs) > 3 else None))
         half_rows = lowering.names.unique(f"{base}.gathered_fp16")
         node = make_node(KERNEL_GATHER_BQ, inputs, [half_rows], lowering.names.unique(name + "BlockQuantized"),
                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=lp.block_size, bits=bits)
@@ -107,9 +110,9 @@ class GatherToBlockQuantized(LoweringPass):
         hot_index = then("Max", [hot_slot, zero], "hot_index", "HotIndex")
         cold_index = then("Max", [slot32, zero], "cold_index", "ColdIndex")
         hot_node, hot_bytes, hot_error = self._lookup(site, table[hot], hot_index, HOT_ROW_BITS, True, f"{base}.hot",
-                                                      name + "Hot")
+                                                      name + "Hot", hot)
         cold_node, cold_bytes, cold_error = self._lookup(site, table[cold], cold_index, lp.bits, lp.symmetric,
-                                                         f"{base}.cold", name + "Cold")
+                                                         f"{base}.cold", name + "Cold", cold)
         nodes += [hot_node, cold_node]
         is_hot_3d = then("Unsqueeze", [is_hot, last_axis], "is_hot_3d", "IsHot3d")
         then("Where", [is_hot_3d, hot_node.outputs[0], cold_node.outputs[0]], "rows_fp16", "HotOrCold")

@@ -25,7 +25,7 @@ class MatMulLowering(LoweringPass):
     kernel = ""
 
     def wanted(self, site: Site) -> bool:
-        return (site.use.op_type in ("MatMul", "Gemm") and site.bits < 16
+        return (site.use.op_type in ("MatMul", "Gemm") and site.bits < 16 and site.table_site is None
                 and self.lowering.kernels.format_of(site.layer) == self.format)
 
     def check_before(self, site: Site) -> None:

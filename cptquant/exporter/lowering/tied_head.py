@@ -1,0 +1,85 @@
+"""MatMul(A, Transpose(table)) -> com.microsoft.MatMulNBits over the token embedding's own codes.
+
+A tied LM head is the embedding table read the other way. GatherBlockQuantized keeps a table as
+codes [rows, hidden bytes] with FP16 scales [rows, blocks] and packed zero points per row, which is
+MatMulNBits' layout for a weight of N = rows outputs and K = hidden inputs: a Reshape of the codes, a
+Cast and a Reshape of the scales, all on initializers and folded by ORT at session start, let the head
+read the table the Gather pass wrote, so the file holds it once (quant/storage.TiedHead). A table
+with hot rows is two tables: one MatMulNBits each, their logits concatenated, and a Gather with a
+fixed index table restores vocabulary order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ...quant.storage import KERNEL_MATMUL_NBITS, TiedHead
+from .base import LoweringPass
+from .context import MS_DOMAIN, Site, WrittenTable, make_node
+from .matmul_nbits import NBITS_ACCURACY_LEVEL
+
+
+class TiedHeadFromTable(LoweringPass):
+    storage = TiedHead()
+
+    def wanted(self, site: Site) -> bool:
+        return site.table_site is not None
+
+    def check_before(self, site: Site) -> None:
+        if site.node.op_type != "MatMul" or site.table_site is None or not site.table_site.tables:
+            raise ir.passes.PreconditionError(f"{site.layer}: expected a MatMul and its embedding's lowered table")
+
+    def lower(self, site: Site) -> None:
+        lowering, matmul, table_site = self.lowering, site.node, site.table_site
+        assert table_site is not None
+        tables = table_site.tables
+        rows = sum(len(t.rows) if t.rows is not None else lowering.weight_kn(site).shape[1] for t in tables)
+        hidden = lowering.weight_kn(site).shape[0]
+        single = len(tables) == 1
+        nodes = [self._matmul(site, table, matmul.inputs[0], hidden,
+                              matmul.outputs[0].name if single else lowering.names.unique(f"{site.base}.logits_{i}"))
+                 for i, table in enumerate(tables)]
+        if not single:  # hot rows: the logits of each table, then back in vocabulary order
+            order = np.concatenate([t.rows for t in tables])
+            position = np.empty(rows, dtype=np.int32)
+            position[order] = np.arange(rows, dtype=np.int32)
+            index = lowering.add_initializer(site, f"{site.base}.vocabulary_order", ir.tensor(position), owned=False)
+            joined = make_node("Concat", [n.outputs[0] for n in nodes], [lowering.names.unique(f"{site.base}.logits")],
+                               lowering.names.unique(matmul.name + "Concat"), axis=-1)
+            nodes += [joined, make_node("Gather", [joined.outputs[0], index], [matmul.outputs[0].name],
+                                        lowering.names.unique(matmul.name + "VocabularyOrder"), axis=-1)]
+            site.nbytes += int(position.nbytes)
+        lowering.replace(matmul, nodes)
+        site.node = nodes[-1]
+        site.kernels += [KERNEL_MATMUL_NBITS] * len(tables)
+        site.mse, site.block_size, site.algorithm = table_site.mse, tables[0].block_size, "rtn"
+
+    def _matmul(self, site: Site, table: WrittenTable, activations: ir.Value, hidden: int, output: str) -> ir.Node:
+        lowering, names = self.lowering, self.lowering.names
+        codes_shape = table.codes.const_value.shape
+        rows, blocks = codes_shape[0], hidden // table.block_size
+        suffix = "" if table.rows is None else f".{table.bits}bit_rows"
+
+        def folded(op: str, inputs: list[ir.Value], what: str, **attrs) -> ir.Value:
+            node = make_node(op, inputs, [names.unique(f"{site.base}{suffix}.{what}")],
+                             names.unique(f"{site.base}{suffix}.{op}_{what}"), **attrs)
+            return lowering.add_constant_node(site, node, derived=True)
+
+        codes = folded("Reshape", [table.codes, lowering.shape(site, (rows, blocks, table.block_size * table.bits // 8))],
+                       "codes")
+        scales = folded("Cast", [table.scales], "scales_fp32", to=ir.DataType.FLOAT)
+        scales = folded("Reshape", [scales, lowering.shape(site, (rows * blocks,))], "scales")
+        inputs = [activations, codes, scales]
+        if table.zero_points is not None:
+            zp_bytes = int(np.prod(table.zero_points.const_value.shape))
+            inputs.append(folded("Reshape", [table.zero_points, lowering.shape(site, (zp_bytes,))], "zero_points"))
+        return make_node(KERNEL_MATMUL_NBITS, inputs, [output], names.unique(f"{site.base}{suffix}.MatMulNBits"),
+                         domain=MS_DOMAIN, K=hidden, N=rows, bits=table.bits, block_size=table.block_size,
+                         accuracy_level=NBITS_ACCURACY_LEVEL)
+
+    def check_after(self, site: Site) -> None:
+        node = site.node
+        kernels = [node] if node.op_type != "Gather" else [v.producer() for v in node.inputs[0].producer().inputs]
+        if any(k is None or k.op_type != KERNEL_MATMUL_NBITS or k.domain != MS_DOMAIN for k in kernels):
+            raise ir.passes.PostconditionError(f"{site.layer}: not lowered to MatMulNBits over its table")

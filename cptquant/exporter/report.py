@@ -1,0 +1,74 @@
+"""The export report (`NAME.report.json`, reports.ExportReport): built once from what the export wrote and
+measured, then written stating its own size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnxruntime as ort
+
+from ..version import __version__
+from ..onnx_io.onnx_export import MODEL_FILE
+from ..plan import Plan
+from ..reports import ExportReport, LayerReport
+
+
+def files_size(paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in paths)
+
+
+def write_report(path: Path, report: ExportReport, other_files: list[Path], model_file: str) -> None:
+    """The report states its own size too: rewrite until the size it states is the size it has.
+
+    `model_bytes` (model.onnx and its external data) is what the FP16/FP32 ratios compare, like for
+    like with the reference exports; `total_bytes` is everything in the folder.
+    """
+    others = files_size(other_files)
+    model_bytes = files_size([p for p in other_files if p.name.startswith(model_file)])
+    report.model_bytes = model_bytes
+    report.ratio_vs_fp16 = round(report.fp16_reference_bytes / model_bytes, 4)
+    report.ratio_vs_fp32 = round(report.fp32_reference_bytes / model_bytes, 4)
+    size = 0
+    for _ in range(8):
+        report.files[path.name] = size
+        report.total_bytes = others + size
+        text = report.to_json()
+        if len(text.encode()) == size:
+            break
+        size = len(text.encode())
+    path.write_text(text)
+
+
+def build_report(loaded, plan: Plan, rewritten, absent, unquantized: dict[str, str], graph_check, parity,
+                 fp32_dir: Path, fp16_dir: Path, timings, fmt: str, opset: int, fingerprint: str) -> ExportReport:
+    fp32_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    fp16_bytes = files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
+    weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
+    return ExportReport(
+        cptquant_version=__version__,
+        onnxruntime_version=ort.__version__,
+        onnx_opset=opset,
+        model=loaded.display_name,
+        source=str(loaded.source),
+        trust_remote_code=loaded.trust_remote_code,
+        task=loaded.task,
+        method=plan.method,
+        clip=plan.clip,
+        weight_format=fmt,
+        algorithm=sorted({r.algorithm for r in rewritten.values() if r.bits < 16}),
+        average_bits=round(weighted_bits / total_params, 4) if total_params else None,
+        layers={name: LayerReport(bits=r.bits, block_size=r.block_size, kernels=r.expected_kernels,
+                                  algorithm=r.algorithm, bytes_fp32=r.bytes_fp32, bytes_after=r.bytes_after,
+                                  weight_mse=r.mse, outlier_channels=r.outlier_channels or 0,
+                                  hot_rows=r.hot_rows or 0, reads_table=r.reads_table or "")
+                for name, r in sorted(rewritten.items())},
+        layers_not_in_onnx=absent,
+        layers_unquantized=dict(sorted(unquantized.items())),
+        graph_check=graph_check.to_dict(),
+        parity_vs_torch_fp32=parity.to_dict(),
+        fp32_reference_bytes=fp32_bytes,
+        fp16_reference_bytes=fp16_bytes,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        baseline_fingerprint=fingerprint,
+    )

@@ -1,0 +1,140 @@
+"""Tiny random models of many transformer families, built from configs in code (offline, seconds each).
+
+The architecture matrix (tests/test_architectures.py) exports each of them and loads the result back
+with optimum's ORTModelFor* for its task: it is the source of truth for the families the README lists
+as tested. Sizes follow cptquant.testing (hidden 64, 2 layers, 4 heads, FFN 128, vocabulary 1000), so
+every Linear in-feature is a multiple of the 32-wide quantization block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .testing import (BOS_ID, EOS_ID, PAD_ID, TINY_FFN, TINY_HEADS, TINY_HIDDEN, TINY_LAYERS, TINY_MAX_POSITIONS,
+                      TINY_VOCAB, seeded_model)
+
+FEATURES = "feature-extraction"
+CLASSIFICATION = "text-classification"
+TOKEN_CLASSIFICATION = "token-classification"
+MASKED_LM = "fill-mask"
+CAUSAL_LM = "text-generation-with-past"
+
+_HEADS = {
+    FEATURES: "Model",
+    CLASSIFICATION: "ForSequenceClassification",
+    TOKEN_CLASSIFICATION: "ForTokenClassification",
+    MASKED_LM: "ForMaskedLM",
+    CAUSAL_LM: "ForCausalLM",
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # the matrix's id for it (model type, plus the head where one family is tested with two)
+    config_class: str  # transformers class name
+    model_class: str
+    task: str
+    config: dict
+
+    def build(self, seed: int = 0) -> Any:
+        import transformers
+
+        config = getattr(transformers, self.config_class)(**self.config)
+        model_class = getattr(transformers, self.model_class)
+        return seeded_model(lambda: model_class(config), seed)
+
+
+def _common(**extra) -> dict:
+    base = dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_FFN,
+                num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS,
+                max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID, num_labels=2)
+    base.update(extra)
+    return base
+
+
+def _decoder(**extra) -> dict:
+    return _common(bos_token_id=BOS_ID, eos_token_id=EOS_ID, **extra)
+
+
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+# name -> (config class, model class prefix, task, config kwargs)
+_SPECS: dict[str, tuple[str, str, str, dict]] = {
+    # Encoders
+    "bert": ("BertConfig", "Bert", CLASSIFICATION, _common(**_NO_DROPOUT)),
+    "bert-token": ("BertConfig", "Bert", TOKEN_CLASSIFICATION, _common(**_NO_DROPOUT)),
+    "roberta": ("RobertaConfig", "Roberta", FEATURES, _common(**_NO_DROPOUT)),
+    "distilbert": ("DistilBertConfig", "DistilBert", CLASSIFICATION,
+                   dict(vocab_size=TINY_VOCAB, dim=TINY_HIDDEN, hidden_dim=TINY_FFN, n_layers=TINY_LAYERS,
+                        n_heads=TINY_HEADS, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID,
+                        dropout=0.0, attention_dropout=0.0, num_labels=2)),
+    "albert": ("AlbertConfig", "Albert", CLASSIFICATION,
+               _common(embedding_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                       classifier_dropout_prob=0.0)),
+    "electra": ("ElectraConfig", "Electra", CLASSIFICATION, _common(embedding_size=32, **_NO_DROPOUT)),
+    "deberta-v2": ("DebertaV2Config", "DebertaV2", CLASSIFICATION,
+                   _common(**_NO_DROPOUT, relative_attention=True, position_buckets=16, max_relative_positions=32,
+                           pos_att_type=["p2c", "c2p"])),
+    "mpnet": ("MPNetConfig", "MPNet", FEATURES, _common(**_NO_DROPOUT)),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRoberta", MASKED_LM, _common(**_NO_DROPOUT)),
+    # Decoders
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoX", CAUSAL_LM, _decoder(rotary_pct=0.5, use_parallel_residual=True)),
+    "gptj": ("GPTJConfig", "GPTJ", CAUSAL_LM,
+             dict(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_inner=TINY_FFN, n_layer=TINY_LAYERS,
+                  n_head=TINY_HEADS, rotary_dim=8, n_positions=TINY_MAX_POSITIONS, bos_token_id=BOS_ID,
+                  eos_token_id=EOS_ID, pad_token_id=PAD_ID, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    "falcon": ("FalconConfig", "Falcon", CAUSAL_LM,
+               dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+                    num_attention_heads=TINY_HEADS, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                    new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False,
+                    hidden_dropout=0.0, attention_dropout=0.0)),
+    "bloom": ("BloomConfig", "Bloom", CAUSAL_LM,
+              dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, n_layer=TINY_LAYERS, n_head=TINY_HEADS,
+                   bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, hidden_dropout=0.0,
+                   attention_dropout=0.0)),
+    "phi": ("PhiConfig", "Phi", CAUSAL_LM, _decoder(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0,
+                                                    attention_dropout=0.0)),
+    # Phi-3 and Gemma-2 with as many key-value heads as query heads: optimum 2.1's ORTModelForCausalLM sizes
+    # their empty KV cache by num_attention_heads (its list of GQA model types leaves them out), so a
+    # grouped-query Phi-3 / Gemma-2 export runs in onnxruntime and GenAI but not through that class.
+    "phi3": ("Phi3Config", "Phi3", CAUSAL_LM, _decoder(num_key_value_heads=TINY_HEADS)),
+    "gemma": ("GemmaConfig", "Gemma", CAUSAL_LM, _decoder(num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("Gemma2Config", "Gemma2", CAUSAL_LM,
+               _decoder(num_key_value_heads=TINY_HEADS, head_dim=16, sliding_window=64)),
+    "qwen3": ("Qwen3Config", "Qwen3", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16)),
+    "stablelm": ("StableLmConfig", "StableLm", CAUSAL_LM, _decoder(num_key_value_heads=2, partial_rotary_factor=0.5)),
+    "mistral": ("MistralConfig", "Mistral", CAUSAL_LM, _decoder(num_key_value_heads=2, sliding_window=None)),
+    "llama": ("LlamaConfig", "Llama", CAUSAL_LM, _decoder(num_key_value_heads=2, tie_word_embeddings=False)),
+    "qwen2": ("Qwen2Config", "Qwen2", CAUSAL_LM, _decoder(num_key_value_heads=2)),
+    "opt": ("OPTConfig", "OPT", CAUSAL_LM,
+            dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, word_embed_proj_dim=TINY_HIDDEN, ffn_dim=TINY_FFN,
+                 num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS,
+                 max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID, bos_token_id=EOS_ID,
+                 eos_token_id=EOS_ID, dropout=0.0, attention_dropout=0.0)),
+    "gpt2": ("GPT2Config", "GPT2", CAUSAL_LM,
+             dict(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_inner=TINY_FFN, n_layer=TINY_LAYERS, n_head=TINY_HEADS,
+                  n_positions=TINY_MAX_POSITIONS, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+}
+
+_LM_HEAD_CLASS = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM", "bloom": "BloomForCausalLM"}
+
+
+def _model_class(prefix: str, task: str, name: str) -> str:
+    if task == CAUSAL_LM and name in _LM_HEAD_CLASS:
+        return _LM_HEAD_CLASS[name]
+    return prefix + _HEADS[task]
+
+
+FAMILIES: dict[str, Family] = {
+    name: Family(name, config_class, _model_class(prefix, task, name), task, config)
+    for name, (config_class, prefix, task, config) in _SPECS.items()
+}
+
+
+def build(name: str, seed: int = 0) -> Any:
+    """The tiny model of family `name` (a key of FAMILIES), FP32, eval mode, seeded weights."""
+    return FAMILIES[name].build(seed)
+
+

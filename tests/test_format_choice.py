@@ -1,0 +1,64 @@
+"""`--format auto` (cptquant/format_choice.py): the format is measured for encoders, fixed for decoders,
+and what was measured is in the report. Which format wins is the machine's answer, not asserted."""
+
+from __future__ import annotations
+
+import pytest
+
+from cptquant import format_choice
+from cptquant.format_choice import CANDIDATES, SHAPES, format_chooser
+from cptquant.exporter.pipeline import export_quantized
+from cptquant.model_loading import wrap_model
+from cptquant.plan import uniform_plan
+from cptquant.quant.storage import FORMAT_AUTO, FORMAT_QDQ
+from cptquant.testing import tiny_bert, tiny_opt
+
+
+@pytest.fixture(autouse=True)
+def _few_texts(monkeypatch):
+    """The probes are scored on calibration text; building the offline corpus is not what these tests test."""
+    monkeypatch.setattr(format_choice, "calibration_texts", lambda _calibration: [
+        "a short sentence to encode", "another line of text for the probe", "numbers 1 2 3 and words"])
+
+
+def _export(model, out):
+    return export_quantized(wrap_model(model), lambda _l, graph: uniform_plan(graph, 8), out / "model.onnx",
+                            progress=False, fmt=FORMAT_AUTO, outlier_ratio=0,
+                            choose_format=format_chooser())  # no calibration pass
+
+
+def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp_path):
+    result = _export(tiny_bert(), tmp_path / "bert")
+    choice = result.report["format_choice"]
+    assert choice["measured"] and choice["format"] in CANDIDATES
+    assert result.report["weight_format"] == choice["format"]
+    shapes = {f"b{b}_s{s}" for b, s in SHAPES}
+    assert set(choice["p50_ms"]) == {"fp32", *CANDIDATES}
+    assert all(set(by_shape) <= shapes and by_shape for by_shape in choice["p50_ms"].values())
+    assert all(ms > 0 for by_shape in choice["p50_ms"].values() for ms in by_shape.values())
+    fastest = max(choice["speedup_vs_fp32"], key=choice["speedup_vs_fp32"].get)
+    eligible = [f for f in CANDIDATES if choice["probe_cosine"][f] >= 0.99]
+    assert choice["format"] == (fastest if fastest in eligible else max(eligible, key=choice["speedup_vs_fp32"].get))
+    assert choice["format"] in choice["reason"]
+    kernels = result.report["graph_check"]["kernels"]
+    wanted = "DynamicQuantizeMatMul" if choice["format"] == "dynamic" else "MatMulNBits"
+    assert any(k.startswith(wanted) for k in kernels), kernels  # the export really runs the chosen kernel
+
+
+def test_a_decoder_keeps_matmulnbits_without_measuring(tmp_path):
+    result = _export(tiny_opt(), tmp_path / "opt")
+    choice = result.report["format_choice"]
+    assert choice["format"] == FORMAT_QDQ == result.report["weight_format"]
+    assert not choice["measured"] and "decode" in choice["reason"]
+
+
+def test_a_model_whose_positions_start_after_the_padding_id_is_probed_within_its_table(tmp_path):
+    """RoBERTa-like position ids start at pad_token_id + 1: probing at max_position_embeddings tokens would
+    read past the table (ORT: Gather index out of bounds)."""
+    from cptquant.tiny_families import FAMILIES
+
+    result = _export(FAMILIES["roberta"].build(), tmp_path / "roberta")
+    choice = result.report["format_choice"]
+    assert choice["measured"] and choice["format"] in CANDIDATES
+    lengths = {int(key.split("_s")[1]) for key in choice["p50_ms"]["fp32"]}
+    assert 16 in lengths and max(lengths) < 128, lengths  # 1x128 and 8x128 shortened to what the table serves
