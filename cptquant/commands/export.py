@@ -129,6 +129,6 @@ def export(
                           algorithm=algorithm, weight_format=weight_format, block_size=block_size, clip=clip,
                           zero_points=zero_points, hot_rows=hot_rows, outlier_ratio=outlier_ratio,
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
-                          sparsity=options.floats(sparsity, "--sparsity"), cca=cca, curvature=curvature,
+                          sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
                           verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
     print_summary(result, Console())

@@ -55,9 +55,14 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
 
     options = AnalysisOptions(
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
-        sparsity=() if sparsity.strip() == "matched" else floats(sparsity, "--sparsity"), bit_widths=ints(bit_widths, "--bit-widths"),
+        sparsity=sparsities(sparsity), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
         clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
     )
     check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
     return options
+
+
+def sparsities(text: str) -> tuple[float, ...]:
+    """--sparsity: `matched` (each layer pruned to its 4-bit error: the empty tuple) or fixed fractions."""
+    return () if text.strip() == "matched" else tuple(floats(text, "--sparsity"))
