@@ -34,8 +34,7 @@ class TiedHeadFromTable(LoweringPass):
         lowering, matmul, table_site = self.lowering, site.node, site.table_site
         assert table_site is not None
         tables = table_site.tables
-        rows = sum(len(t.rows) if t.rows is not None else lowering.weight_kn(site).shape[1] for t in tables)
-        hidden = lowering.weight_kn(site).shape[0]
+        rows, hidden = lowering.initializer(table_site.use.initializer).const_value.shape  # the table: [rows, hidden]
         single = len(tables) == 1
         nodes = [self._matmul(site, table, matmul.inputs[0], hidden,
                               matmul.outputs[0].name if single else lowering.names.unique(f"{site.base}.logits_{i}"))
