@@ -34,8 +34,7 @@ class TiedHeadFromTable(LoweringPass):
         lowering, matmul, table_site = self.lowering, site.node, site.table_site
         assert table_site is not None
         tables = table_site.tables
-        rows = sum(len(t.rows) if t.rows is not None else lowering.weight_kn(site).shape[1] for t in tables)
-        hidden = lowering.weight_kn(site).shape[0]
+        rows, hidden = lowering.initializer(table_site.use.initializer).const_value.shape  # the table: [rows, hidden]
         single = len(tables) == 1
         nodes = [self._matmul(site, table, matmul.inputs[0], hidden,
                               matmul.outputs[0].name if single else lowering.names.unique(f"{site.base}.logits_{i}"))
@@ -66,14 +65,22 @@ class TiedHeadFromTable(LoweringPass):
                              names.unique(f"{site.base}{suffix}.{op}_{what}"), **attrs)
             return lowering.add_constant_node(site, node, derived=True)
 
-        codes = folded("Reshape", [table.codes, lowering.shape(site, (rows, blocks, table.block_size * table.bits // 8))],
+        def shape(dims: tuple[int, ...], what: str) -> ir.Value:
+            # A Constant node, not an initializer: a file re-saved with every tensor as external data
+            # would leave the Reshape's shape unreadable to ORT's shape inference.
+            node = make_node("Constant", [], [names.unique(f"{site.base}{suffix}.{what}_shape")],
+                             names.unique(f"{site.base}{suffix}.Constant_{what}_shape"),
+                             value=ir.tensor(np.array(dims, np.int64)))
+            return lowering.add_constant_node(site, node)
+
+        codes = folded("Reshape", [table.codes, shape((rows, blocks, table.block_size * table.bits // 8), "codes")],
                        "codes")
         scales = folded("Cast", [table.scales], "scales_fp32", to=ir.DataType.FLOAT)
-        scales = folded("Reshape", [scales, lowering.shape(site, (rows * blocks,))], "scales")
+        scales = folded("Reshape", [scales, shape((rows * blocks,), "scales")], "scales")
         inputs = [activations, codes, scales]
         if table.zero_points is not None:
             zp_bytes = int(np.prod(table.zero_points.const_value.shape))
-            inputs.append(folded("Reshape", [table.zero_points, lowering.shape(site, (zp_bytes,))], "zero_points"))
+            inputs.append(folded("Reshape", [table.zero_points, shape((zp_bytes,), "zero_points")], "zero_points"))
         return make_node(KERNEL_MATMUL_NBITS, inputs, [output], names.unique(f"{site.base}{suffix}.MatMulNBits"),
                          domain=MS_DOMAIN, K=hidden, N=rows, bits=table.bits, block_size=table.block_size,
                          accuracy_level=NBITS_ACCURACY_LEVEL)
