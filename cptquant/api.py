@@ -31,7 +31,7 @@ ModelLike = Any  # None | str | os.PathLike | transformers.PreTrainedModel
 def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, text_field: str, calib_samples: int,
                  seq_len: int, seed: int, bit_widths: Sequence[int], granularity: str, target_bits: float | None,
                  max_size_mb: float | None, block_size: int, clip: str, zero_points: str, hot_rows: bool,
-                 sparsity: Sequence[float], cca: str, curvature: str) -> "AnalysisOptions":
+                 sparsity: Sequence[float], cca: str, curvature: str, lm_loss: str) -> "AnalysisOptions":
     """AnalysisOptions from keyword arguments, or the caller's own (then the budget arguments must be unset)."""
     from .passes import AnalysisOptions
     from .passes.calibration import check_calibration_file
@@ -45,7 +45,7 @@ def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, t
                               seed=seed, sparsity=tuple(sparsity), bit_widths=tuple(bit_widths),
                               granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb,
                               block_size=block_size, clip=clip, cca=cca, curvature=curvature,
-                              zero_points=zero_points, hot_rows=hot_rows)
+                              zero_points=zero_points, hot_rows=hot_rows, lm_loss=lm_loss)
     check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
     return options
 
@@ -74,8 +74,8 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
            weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
-           granularity: str = "layer", sparsity: Sequence[float] = (0.3,), cca: str = "cca",
-           curvature: str = "fisher", verify: bool = True, force: bool = False, progress: bool = False,
+           granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
+           curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
            trust_remote_code: bool = False) -> "ExportResult":
     """Export `model` to a mixed-precision ONNX folder (`output`: a folder, or the path of its .onnx file).
 
@@ -107,7 +107,8 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     analysis = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
                             seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                             max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
-                            hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature)
+                            hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
+                            lm_loss=lm_loss)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
     task = normalize_task(task) if task else None
     report_extras: dict = {}
@@ -150,7 +151,7 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
             text_field: str = "text", calib_samples: int = 64, seq_len: int = 128, seed: int = 0,
             bit_widths: Sequence[int] = (16, 8, 4), granularity: str = "layer", block_size: int = 32,
             clip: str = "absmax", zero_points: str = "auto", hot_rows: bool = True,
-            sparsity: Sequence[float] = (0.3,), cca: str = "cca", curvature: str = "fisher",
+            sparsity: Sequence[float] = (), cca: str = "cka", curvature: str = "fisher", lm_loss: str = "kl",
             progress: bool = False, trust_remote_code: bool = False) -> Analysis:
     """Score every layer's sensitivity with each of `methods` (cmpq, pmpq, tdmpq) and allocate bits; with
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
@@ -161,7 +162,8 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     options = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
                            seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                            max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
-                           hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature)
+                           hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
+                            lm_loss=lm_loss)
     check_options(options, methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
     graph = build_layer_graph(loaded.model)

@@ -114,6 +114,7 @@ def export(
     max_size_mb: Optional[float] = options.MAX_SIZE_MB,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
+    lm_loss: str = options.LM_LOSS,
     hot_rows: bool = options.HOT_ROWS,
     override: Optional[list[str]] = typer.Option(
         None, "--override",
@@ -130,5 +131,5 @@ def export(
                           zero_points=zero_points, hot_rows=hot_rows, outlier_ratio=outlier_ratio,
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
-                          verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
+                          lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
     print_summary(result, Console())
