@@ -79,24 +79,52 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
 
+    @property
+    def message(self) -> str:
+        return interrupted_message(self.written)
+
+
+def interrupted_message(written: bool) -> str:
+    return ("interrupted: the output was already complete and in place" if written
+            else "interrupted: nothing written")
+
 
 _held = 0  # > 0 inside a commit: signals are recorded, not raised
 _pending: list[int] = []
+_written = False  # an output of this run is committed: a later signal says so, not "nothing written"
 
 
 def _on_signal(signum, _frame) -> None:
     if _held:
         _pending.append(signum)
         return
-    raise Interrupted(signum)
+    raise Interrupted(signum, written=_written)
+
+
+def _on_startup_signal(signum, _frame) -> None:
+    """Outside a command's `handle_signals` (importing torch and transformers before it, exiting after it):
+    there is nothing to clean up, so say what happened and leave at once. os._exit: no `except BaseException`
+    in a half-imported library can swallow it, and no traceback is printed."""
+    os.write(2, (interrupted_message(_written) + "\n").encode())
+    os._exit(128 + signum)
+
+
+def install_startup_handlers() -> None:
+    """The console scripts' first step: SIGTERM/SIGHUP/SIGINT print one line and exit 128 + the signal until a
+    command's own handlers (handle_signals) take over, and again after them (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, _on_startup_signal)
 
 
 @contextlib.contextmanager
 def handle_signals():
     """Turn SIGTERM/SIGHUP/SIGINT into `Interrupted` for the duration (main thread only; elsewhere a no-op)."""
+    global _written
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _written = False  # a new command: nothing of it is written yet
     previous = {s: signal.signal(s, _on_signal) for s in HANDLED_SIGNALS}
     try:
         yield
@@ -111,7 +139,7 @@ def raise_if_interrupted() -> None:
     if _pending:
         signum = _pending[0]
         _pending.clear()
-        raise Interrupted(signum)
+        raise Interrupted(signum, written=_written)
 
 
 @contextlib.contextmanager
@@ -420,6 +448,7 @@ def rollback(root: Path, journal: dict) -> None:
 def commit(staging: Staging, remove: tuple[str, ...] = ()) -> None:
     """Move `staging.out` into place as `staging.folder`; `remove` names entries of an existing folder that
     must go too (an older export's leftovers). All or nothing; see the module docstring."""
+    global _written
     folder, staged = staging.folder, staging.out
     new = sorted(p.name for p in staged.iterdir())
     with committing():
@@ -433,6 +462,8 @@ def commit(staging: Staging, remove: tuple[str, ...] = ()) -> None:
         except OSError as exc:
             raise CptqError(f"cannot move the output into {folder}: {exc.strerror or exc}"
                             + (f" ({exc.filename})" if exc.filename else "")) from None
+        _written = True
+        pause_point("committed")
 
 
 def _commit_into(root: Path, folder: Path, new: list[str], remove: tuple[str, ...]) -> None:

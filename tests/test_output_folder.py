@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -103,6 +104,49 @@ def test_sigterm_at_any_point_leaves_the_previous_output_or_nothing(opt_folder, 
     assert "Traceback" not in err
     assert (snapshot(out) if out.exists() else None) == before
     assert debris(tmp_path) == []
+
+
+def test_the_console_scripts_answer_signals_before_torch_loads():
+    """The seconds of importing typer, torch and transformers come after the handlers are in place (a SIGTERM
+    then once exited 143 silently, a SIGINT with a KeyboardInterrupt traceback)."""
+    code = textwrap.dedent("""
+        import json, signal, sys
+        seen = {}
+        def hook(event, args):
+            if event == "import" and args[0] in ("typer", "torch") and args[0] not in seen:
+                seen[args[0]] = [getattr(signal.getsignal(s), "__name__", str(signal.getsignal(s)))
+                                 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)]
+        sys.addaudithook(hook)
+        from cptquant import cli
+        sys.argv = ["cptq-export", "--help"]
+        try:
+            cli.export_main()
+        except SystemExit:
+            pass
+        print(json.dumps(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {name: ["_on_startup_signal"] * 3 for name in ("typer", "torch")}, (seen, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_is_one_line(opt_folder, tmp_path, signum):
+    out = tmp_path / "out"
+    proc = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "startup")
+    code, err = stop(proc, signum)
+    assert code == 128 + signum and err.strip().splitlines()[-1] == "interrupted: nothing written", err
+    assert "Traceback" not in err and not out.exists() and debris(tmp_path) == []
+
+
+def test_a_signal_after_the_commit_says_the_output_is_in_place(opt_folder, tmp_path):
+    out = tmp_path / "out"
+    proc = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "committed")
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143, err
+    assert err.strip().splitlines()[-1] == "interrupted: the output was already complete and in place", err
+    assert (out / "model.onnx").is_file() and (out / "model.report.json").is_file() and debris(tmp_path) == []
 
 
 def test_debris_of_a_killed_run_is_removed_by_the_next_export(opt_folder, tmp_path):
