@@ -27,7 +27,8 @@ from ..progress import Steps
 from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
-from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
+from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, side_files,
+                                 write_fingerprint, write_fp16)
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
@@ -323,6 +324,7 @@ def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, 
             replace_dir(staging, cache, baseline_dir(paths.folder, paths.model.name))
         except OSError as exc:  # the export is in place; cptq verify rebuilds a missing cache
             print(f"warning: the baseline cache was not written ({exc.strerror or exc})", file=sys.stderr)
+    remove_legacy_baselines(paths.folder, paths.model.name)
 
 
 def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:
