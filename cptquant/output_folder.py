@@ -179,6 +179,13 @@ def pause_point(name: str) -> None:
 # ---------------------------------------------------------------- what an export owns
 
 
+def output_path(path) -> Path:
+    """`-o` as every check and the writer see it. The writer works on absolute paths, where `a/missing/..` is
+    `a`; the checks must see that same folder (the OS, asked about `a/missing/..`, says it does not exist, and
+    an existing folder's files would be replaced without --force)."""
+    return Path(os.path.normpath(Path(path).expanduser()))
+
+
 def owned_by_export(name: str, model_file: str) -> bool:
     """Whether a file named `name` in the output folder is one an export to `model_file` writes."""
     stem = model_file[: -len(".onnx")]
@@ -212,6 +219,11 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
     model = folder / model_file
     if model.is_dir():
         raise CptqError(f"output {model} is a folder, not a model file; choose another -o")
+    folders = [name for name in owned_files(folder, lambda name: owned_by_export(name, model_file))
+               if (folder / name).is_dir() and not (folder / name).is_symlink()]
+    if folders:  # a folder where the export writes a file is not an older export's: never replaced, even with --force
+        raise CptqError(f"{folder} has folders where the export writes files: {', '.join(folders)}; "
+                        "choose another -o")
     if source and Path(source).expanduser().is_dir() and folder.exists() \
             and Path(source).expanduser().resolve() == folder.resolve():
         raise CptqError(f"refusing to export into the source model's own folder {folder} (its config and tokenizer "
@@ -242,8 +254,9 @@ def _writable(path: Path) -> bool:
 
 def lock_path(folder: Path) -> Path:
     """`.NAME.cptq-lock` beside the folder; inside it when only the folder itself is writable (e.g. `-o /tmp/x.onnx`).
-    Both runs decide the same way: if nobody may write the parent, nobody can create the folder either."""
-    folder = Path(os.path.abspath(folder))
+    Both runs decide the same way: if nobody may write the parent, nobody can create the folder either.
+    Links resolved: `-o current` (a link to `v3`) and `-o v3` are one output, with one lock."""
+    folder = Path(os.path.realpath(folder))
     if _writable(folder.parent) or not folder.is_dir():
         return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
     return folder / LOCK_SUFFIX
@@ -260,7 +273,7 @@ def _read_pid(fd: int) -> str:
 @contextlib.contextmanager
 def output_lock(folder: Path):
     """Exclusive right to write `folder` for this process; a second process fails at once naming the first."""
-    key = Path(os.path.abspath(folder))
+    key = Path(os.path.realpath(folder))
     if fcntl is None:
         yield
         return
@@ -282,7 +295,8 @@ def output_lock(folder: Path):
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            raise CptqError(f"{key} is being written by another cptq run (pid {pid}); wait for it to finish") from None
+            raise CptqError(f"{os.path.abspath(folder)} is being written by another cptq run (pid {pid}); wait for it "
+                            "to finish") from None
         try:  # the previous holder removes the file on release: lock the file that is there now
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break

@@ -206,6 +206,37 @@ def test_an_existing_folders_files_are_listed_and_kept_without_force(opt_folder,
     assert json.loads((out / "model.report.json").read_text())["task"] == "text-generation-with-past"
 
 
+def test_a_path_through_a_missing_folder_and_dotdot_is_the_folder_it_names(opt_folder, tmp_path):
+    """`-o deploy/missing/..` is `deploy` to the writer (absolute paths, normalized), but the OS says it does not
+    exist: the existing files were replaced without --force, and the source folder was written into with it."""
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out / "missing" / ".."),
+                   f"output files already exist in {out}: config.json")
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in opt_folder.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    before = snapshot(source)
+    one_line_error(run_export(source, *QUICK, "-o", source / "missing" / ".." / "model.onnx", "--force"),
+                   f"refusing to export into the source model's own folder {source}")
+    assert snapshot(source) == before and (out / "config.json").read_text() == "mine"
+
+
+def test_a_folder_where_a_side_file_goes_is_never_replaced(opt_folder, tmp_path):
+    """A folder named config.json or model.plan.json is not an older export's file: with --force it was moved
+    aside and deleted with everything in it."""
+    out = tmp_path / "out"
+    for name in ("config.json", "model.plan.json"):
+        (out / name / "inside").mkdir(parents=True)
+        (out / name / "inside" / "data.txt").write_text("keep")
+    before = snapshot(out)
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"),
+                   f"{out} has folders where the export writes files: config.json, model.plan.json")
+    assert snapshot(out) == before and debris(tmp_path) == []
+
+
 def test_the_source_models_own_folder_is_refused_even_with_force(opt_folder, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
@@ -281,6 +312,20 @@ def test_the_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path):
             pass
         assert lock.exists()
     assert not (tmp_path / "a").exists()  # the parents it created are gone again, with the lock file
+
+
+def test_a_link_to_an_output_folder_takes_the_same_lock(tmp_path):
+    """`-o current` (a link to `v3`) while another run writes `-o v3`: one output, so one lock (each had its
+    own, and both wrote into v3 at once)."""
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "v3", target_is_directory=True)
+    assert output_folder.lock_path(tmp_path / "current") == output_folder.lock_path(tmp_path / "v3")
+    code = ("import sys; from pathlib import Path; from cptquant import output_folder\n"
+            "with output_folder.claim_output(Path(sys.argv[1])): print('claimed')")
+    with output_folder.claim_output(tmp_path / "v3"):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "current")], capture_output=True,
+                              text=True, timeout=60)
+    assert "is being written by another cptq run" in done.stderr and "claimed" not in done.stdout
 
 
 def test_an_output_path_under_a_regular_file_says_so(tmp_path):

@@ -9,7 +9,8 @@ from typing import Optional
 from typer import Argument, Option
 
 from ..errors import CptqError
-from ..output_folder import Staging, check_writable, claim_output, commit, owned_files, refuse_replacing
+from ..output_folder import (Staging, check_writable, claim_output, commit, output_path, owned_files,
+                             refuse_replacing)
 from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
@@ -118,7 +119,7 @@ def analyze(
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows)
     check_options(analysis, methods)  # fail before loading a model
-    out = out.expanduser()
+    out = output_path(out)
     check_writable(out)
     if not force:
         refuse_replacing(out, owned_files(out, owned_by_analysis))

@@ -21,7 +21,7 @@ from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check_target, claim_output, commit,
-                             committing, owned_by_export, replace_dir)
+                             committing, output_path, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
@@ -112,7 +112,7 @@ class ExportResult:
 def resolve_output(out: Path, force: bool, source: str | None = None) -> OutputPaths:
     """`out/model.onnx` names the file; a path without .onnx names the folder (model.onnx inside).
     Refuses what output_folder.check_target refuses (`source`: the model's folder, never written into)."""
-    out = Path(out).expanduser()
+    out = output_path(out)
     paths = OutputPaths(out.parent, out) if out.suffix == ".onnx" else OutputPaths(out, out / MODEL_FILE)
     check_target(paths.folder, paths.model.name, force, source)
     return paths
