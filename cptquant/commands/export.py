@@ -63,9 +63,11 @@ def print_summary(result: ExportResult, console: Console) -> None:
         console.print(
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
-            f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
-            f"— `cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on thresholds"
+            f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16"
         )
+        # one unwrapped line: a newline the console put inside the quoted path would be pasted as part of it
+        console.print(f"`cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on "
+                      "thresholds", soft_wrap=True, markup=False, highlight=False)
 
 
 @user_errors
