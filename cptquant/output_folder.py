@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - not POSIX (Windows): no locks, the res
     fcntl = None  # type: ignore[assignment]
 
 STAGING_PREFIX = ".cptq-tmp-"
+CACHE_DIR_NAME = ".cptq-cache"  # the baseline caches beside an output (onnx_io/baselines.py)
 LOCK_SUFFIX = ".cptq-lock"
 OWNER_LOCK = "owner.lock"
 JOURNAL = "journal.json"
@@ -198,7 +199,12 @@ def existing_files(folder: Path, names) -> list[str]:
 
 
 def check_writable(folder: Path) -> None:
-    """`folder` is a folder, or can be created as one, by this user."""
+    """`folder` is a folder, or can be created as one, by this user, and not a name cptquant keeps for itself."""
+    reserved = [part for part in Path(os.path.abspath(folder)).parts
+                if part.startswith(STAGING_PREFIX) or part.endswith(LOCK_SUFFIX) or part == CACHE_DIR_NAME]
+    if reserved:  # a later run would take a `.cptq-tmp-*` output for a dead run's debris and delete it
+        raise CptqError(f"cannot write to {folder}: {reserved[0]} is a name cptquant keeps for its own work files; "
+                        "choose another -o")
     if folder.exists() and not folder.is_dir():
         raise CptqError(f"output folder {folder} is a file")
     probe = folder

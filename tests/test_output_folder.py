@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cptquant import output_folder
-from cptquant.cli import export_app
+from cptquant.cli import app, export_app
 from cptquant.errors import CptqError
 
 from conftest import one_line_error
@@ -235,6 +235,17 @@ def test_a_folder_where_a_side_file_goes_is_never_replaced(opt_folder, tmp_path)
     one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"),
                    f"{out} has folders where the export writes files: config.json, model.plan.json")
     assert snapshot(out) == before and debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", [".cptq-tmp-mine", ".cptq-cache", ".out.cptq-lock"])
+def test_names_cptquant_keeps_for_its_work_files_are_refused_as_outputs(opt_folder, tmp_path, name):
+    """An export into `.cptq-tmp-mine` was later taken for a dead run's staging folder (no owner lock, an hour
+    old) and deleted by the next export beside it."""
+    one_line_error(run_export(opt_folder, *QUICK, "-o", tmp_path / name / "model.onnx"),
+                   f"{name} is a name cptquant keeps for its own work files")
+    one_line_error(runner.invoke(app, ["analyze", str(opt_folder), "-o", str(tmp_path / name / "x"), "--no-progress"]),
+                   f"{name} is a name cptquant keeps for its own work files")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_source_models_own_folder_is_refused_even_with_force(opt_folder, tmp_path):

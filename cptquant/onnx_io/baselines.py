@@ -12,9 +12,9 @@ import re
 import shutil
 from pathlib import Path
 
+from ..output_folder import CACHE_DIR_NAME
 from .onnx_export import MODEL_FILE, load_onnx, save_onnx
 
-CACHE_DIR_NAME = ".cptq-cache"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
