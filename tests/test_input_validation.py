@@ -76,6 +76,22 @@ def test_default_bits_fills_the_omitted_layers_explicitly(opt_folder, tmp_path):
     assert any(hint in line for line in result.stdout.splitlines()), result.stdout
 
 
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(256)), "is not a cptquant plan (not UTF-8 text)"),  # once a UnicodeDecodeError traceback, exit 1
+    (b'{"version": 1, "layers": {"lm_head": {"bits": 8}, "lm_head": {"bits": 4}}}', "names 'lm_head' twice"),
+    (None, "is a folder, not a JSON file"),
+])
+def test_a_plan_file_that_is_not_one_plan_is_refused_before_the_model_loads(opt_folder, tmp_path, no_model_loading,
+                                                                              content, fragment):
+    plan = tmp_path / "plan.json"
+    if content is None:
+        plan.mkdir()
+    else:
+        plan.write_bytes(content)
+    one_line_error(run_export(opt_folder, "--plan", plan, "--default-bits", "8", "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--default-bits", "5"], "--default-bits 5 is not supported"),
     (["--bits", "8", "--default-bits", "8"], "--default-bits applies to --plan only"),
