@@ -225,17 +225,22 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
     model = folder / model_file
     if model.is_dir():
         raise CptqError(f"output {model} is a folder, not a model file; choose another -o")
-    folders = [name for name in owned_files(folder, lambda name: owned_by_export(name, model_file))
-               if (folder / name).is_dir() and not (folder / name).is_symlink()]
-    if folders:  # a folder where the export writes a file is not an older export's: never replaced, even with --force
-        raise CptqError(f"{folder} has folders where the export writes files: {', '.join(folders)}; "
-                        "choose another -o")
+    refuse_folders_in_place(folder, lambda name: owned_by_export(name, model_file))
     if source and Path(source).expanduser().is_dir() and folder.exists() \
             and Path(source).expanduser().resolve() == folder.resolve():
         raise CptqError(f"refusing to export into the source model's own folder {folder} (its config and tokenizer "
                         "would be replaced); choose another -o")
     if not force:
         refuse_replacing(folder, owned_files(folder, lambda name: owned_by_export(name, model_file)))
+
+
+def refuse_folders_in_place(folder: Path, owned) -> None:
+    """A folder where a command writes a file is not an earlier output's: never replaced, even with --force
+    (moving it aside and deleting it would take everything in it)."""
+    folders = [name for name in owned_files(folder, owned)
+               if (folder / name).is_dir() and not (folder / name).is_symlink()]
+    if folders:
+        raise CptqError(f"{folder} has folders where cptquant writes files: {', '.join(folders)}; choose another -o")
 
 
 def owned_files(folder: Path, owned) -> list[str]:

@@ -233,7 +233,11 @@ def test_a_folder_where_a_side_file_goes_is_never_replaced(opt_folder, tmp_path)
         (out / name / "inside" / "data.txt").write_text("keep")
     before = snapshot(out)
     one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"),
-                   f"{out} has folders where the export writes files: config.json, model.plan.json")
+                   f"{out} has folders where cptquant writes files: config.json, model.plan.json")
+    (out / "scores.json").mkdir()
+    one_line_error(runner.invoke(app, ["analyze", str(opt_folder), "-o", str(out), "--force", "--no-progress"]),
+                   f"{out} has folders where cptquant writes files: scores.json")
+    (out / "scores.json").rmdir()
     assert snapshot(out) == before and debris(tmp_path) == []
 
 

@@ -10,7 +10,7 @@ from typer import Argument, Option
 
 from ..errors import CptqError
 from ..output_folder import (Staging, check_writable, claim_output, commit, output_path, owned_files,
-                             refuse_replacing)
+                             refuse_folders_in_place, refuse_replacing)
 from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
@@ -121,6 +121,7 @@ def analyze(
     check_options(analysis, methods)  # fail before loading a model
     out = output_path(out)
     check_writable(out)
+    refuse_folders_in_place(out, owned_by_analysis)
     if not force:
         refuse_replacing(out, owned_files(out, owned_by_analysis))
     with claim_output(out):  # one writer per folder; staged, then moved in all at once
