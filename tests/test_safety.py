@@ -169,3 +169,28 @@ def test_the_text_encoder_never_prompts_for_tokenizer_code(tmp_path):
     with pytest.raises(CptqError, match="names custom code"):
         TextEncoder(folder, tiny_bert().config)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the verified folder's links are not followed
+
+
+def test_verify_never_writes_through_links_the_verified_folder_holds(bert_export, tmp_path):
+    """A folder's verify/report.json linking to a file of the user's (~/.bashrc, say) had verify overwrite that
+    file with its JSON; a verify/ linking to another folder had it write there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    out = _copy(bert_export, tmp_path / "out")
+    shutil.copytree(baseline_dir(bert_export), baseline_dir(out))
+    (out / "verify").mkdir()
+    (out / "verify" / "report.json").symlink_to(victim)
+    result = _verify(out)
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "the user's own file"
+    report = out / "verify" / "report.json"
+    assert not report.is_symlink() and json.loads(report.read_text())["eps"]
+    shutil.rmtree(out / "verify")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "verify").symlink_to(elsewhere, target_is_directory=True)
+    one_line_error(_verify(out), f"{out / 'verify'} is a link; cptq verify writes its reports into the folder itself")
+    assert list(elsewhere.iterdir()) == []

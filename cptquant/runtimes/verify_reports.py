@@ -3,7 +3,10 @@ and JUnit XML."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -68,9 +71,23 @@ def _markdown(report: dict) -> str:
 def write_reports(result: VerifyResult, report_dir: Path) -> tuple[Path, Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
-    json_path.write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-    md_path.write_text(_markdown(result.report))
+    _replace_file(json_path, json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    _replace_file(md_path, _markdown(result.report))
     return json_path, md_path
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` as `path` in one step: a reader never sees half a report, and a link at `path` (a verified
+    folder is not trusted: its verify/report.json may point at any file of the user) is replaced, not followed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_junit(result: VerifyResult, path: Path) -> Path:
