@@ -147,3 +147,9 @@ def test_caches_of_the_old_naming_are_removed_by_the_next_export_and_verify(two_
                      tmp_path / "out" / "other.onnx", force=True, progress=False)  # its config.json is replaced
     assert not own_named.exists()
     assert (cache_root / "out.linked").is_symlink() and (target / "fp32" / "model.onnx").is_file()
+    linked_root = tmp_path / "linked"  # a `.cptq-cache` that is a link: nothing through it is deleted
+    linked_root.mkdir()
+    (linked_root / ".cptq-cache").symlink_to(tmp_path / "users-folder", target_is_directory=True)
+    users = _legacy_cache(tmp_path / "users-folder" / "out")
+    _export(two_sources[0], linked_root / "out" / "model.onnx")
+    assert (users / "fp32" / "model.onnx").is_file()

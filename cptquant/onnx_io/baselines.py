@@ -42,9 +42,10 @@ def legacy_baseline_dir(out_folder: Path, model_file: str = MODEL_FILE) -> Path:
 def remove_legacy_baselines(out_folder: Path, model_file: str = MODEL_FILE) -> Path | None:
     """Remove this export's cache of the old naming (an FP32/FP16 copy of the model, often hundreds of MB, that
     no run would otherwise ever delete); returns it when removed. Only a real folder holding baselines goes:
-    a link is not followed, and a name of today's form (`NAME-<16 hex>`) is a current cache, never legacy."""
+    a link (to it, or a `.cptq-cache` that is one) is not followed, and a name of today's form (`NAME-<16 hex>`)
+    is a current cache, never legacy."""
     old = legacy_baseline_dir(out_folder, model_file)
-    if (old.is_symlink() or not old.is_dir() or re.fullmatch(r".+-[0-9a-f]{16}", old.name)
+    if (old.is_symlink() or old.parent.is_symlink() or not old.is_dir() or re.fullmatch(r".+-[0-9a-f]{16}", old.name)
             or not any((old / variant).is_dir() for variant in ("fp32", "fp16"))):
         return None
     shutil.rmtree(old, ignore_errors=True)
