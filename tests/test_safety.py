@@ -188,6 +188,9 @@ def test_verify_never_writes_through_links_the_verified_folder_holds(bert_export
     assert victim.read_text() == "the user's own file"
     report = out / "verify" / "report.json"
     assert not report.is_symlink() and json.loads(report.read_text())["eps"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
     shutil.rmtree(out / "verify")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

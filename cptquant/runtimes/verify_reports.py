@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -79,7 +79,8 @@ def write_reports(result: VerifyResult, report_dir: Path) -> tuple[Path, Path]:
 def _replace_file(path: Path, text: str) -> None:
     """Write `text` as `path` in one step: a reader never sees half a report, and a link at `path` (a verified
     folder is not trusted: its verify/report.json may point at any file of the user) is replaced, not followed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as write_text gave
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
