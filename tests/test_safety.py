@@ -105,6 +105,26 @@ def test_verify_source_rebuilds_the_baselines_from_the_command_line(bert_export,
     assert (baseline_dir(out) / "fp16" / "model.onnx").is_file()
 
 
+def test_paths_that_look_like_console_markup_are_printed_as_text(bert_export, tmp_path):
+    """`[/x]` in a path closed no markup tag: rich raised MarkupError, a traceback and exit 1 after the export
+    had been written (its summary table), and in verify's "rebuilding the baselines from …" line."""
+    real_source = Path(json.loads((bert_export / "model.report.json").read_text())["source"])
+    source = shutil.copytree(real_source, tmp_path / "src[/x]")
+    out = tmp_path / "out[/y]"
+    result = runner.invoke(app, ["export", str(source), "--bits", "8", "--algorithm", "rtn", "--no-verify",
+                                 "--no-progress", "-o", str(out)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "[/y]" in result.stdout
+    result = runner.invoke(app, ["analyze", str(source), "--method", "cmpq", "--calib-samples", "8", "--seq-len", "32",
+                                 "--no-progress", "-o", str(tmp_path / "scores[/z]")])
+    assert result.exit_code == 0 and "[/z]" in result.stdout, result.output
+    shutil.rmtree(baseline_dir(out))
+    result = runner.invoke(app, ["verify", str(out), "--quick", "--ep", "cpu", "--min-cosine", "0",
+                                 "--min-speedup", "0", "--source", str(source)])  # with progress: the line shows
+    assert result.exit_code == 0, result.output
+    assert f"rebuilding the FP32/FP16 baselines from {source}" in " ".join(result.stderr.split())
+
+
 def test_the_reports_local_folder_is_still_followed_when_it_runs_no_code(bert_export, tmp_path):
     out = _copy(bert_export, tmp_path / "out")
     result = _verify(out)

@@ -146,7 +146,7 @@ def analyze(
                 refuse_replacing(out, owned_files(out, owned_by_analysis))
             commit(staging, tuple(name for name in owned_files(out, owned_by_analysis) if name not in written))
 
-    console = Console()
+    console = Console(markup=False)  # paths and model names are text: `out[/x]` is no markup tag
     table = Table(title=f"Sensitivity of {measured.model} ({result.task}, {result.granularity})")
     table.add_column("unit")
     for m in result.scores:

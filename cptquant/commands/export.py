@@ -52,7 +52,7 @@ def print_summary(result: ExportResult, console: Console) -> None:
     )
     verification = report.get("verification")
     if verification and "error" in verification:
-        console.print(f"[yellow]verification skipped: {verification['error']}[/yellow]")
+        console.print(f"verification skipped: {verification['error']}", style="yellow")
     elif verification:
         quality = ", ".join(f"{k} {v:g}" for k, v in verification["quality"]["vs_fp32"].items())
         speed = verification["speed"]
@@ -133,4 +133,4 @@ def export(
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
                           verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
-    print_summary(result, Console())
+    print_summary(result, Console(markup=False))  # paths, model names, errors are text: `out[/x]` is no markup tag

@@ -162,7 +162,7 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
                 source = baseline_source(out.report.get("source"), source, out.trust_remote_code,
                                          f"baseline cache {cache} {problem}")
                 if progress:
-                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …", markup=False)
                 try:
                     loaded = load_model(source, out.task, out.trust_remote_code)
                 except CptqError as exc:
