@@ -11,6 +11,7 @@ before any model loads wherever no model is needed, and leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,8 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
     if weight_format not in (FORMAT_AUTO, *FORMATS):
         raise CptqError(f"--format must be one of {', '.join((FORMAT_AUTO, *FORMATS))}, not {weight_format!r}")
-    if outlier_ratio < 0 or 0 < outlier_ratio <= 1:
-        raise CptqError(f"--outlier-ratio must be 0 (off) or above 1, not {outlier_ratio:g}")
+    if not math.isfinite(outlier_ratio) or outlier_ratio < 0 or 0 < outlier_ratio <= 1:  # nan: not JSON
+        raise CptqError(f"--outlier-ratio must be 0 (off) or above 1 (and finite), not {outlier_ratio:g}")
     analysis = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
                             seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                             max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover - not POSIX (Windows): no locks, the res
     fcntl = None  # type: ignore[assignment]
 
 STAGING_PREFIX = ".cptq-tmp-"
+CACHE_DIR_NAME = ".cptq-cache"  # the baseline caches beside an output (onnx_io/baselines.py)
 LOCK_SUFFIX = ".cptq-lock"
 OWNER_LOCK = "owner.lock"
 JOURNAL = "journal.json"
@@ -79,24 +80,52 @@ class Interrupted(BaseException):
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP
 
+    @property
+    def message(self) -> str:
+        return interrupted_message(self.written)
+
+
+def interrupted_message(written: bool) -> str:
+    return ("interrupted: the output was already complete and in place" if written
+            else "interrupted: nothing written")
+
 
 _held = 0  # > 0 inside a commit: signals are recorded, not raised
 _pending: list[int] = []
+_written = False  # an output of this run is committed: a later signal says so, not "nothing written"
 
 
 def _on_signal(signum, _frame) -> None:
     if _held:
         _pending.append(signum)
         return
-    raise Interrupted(signum)
+    raise Interrupted(signum, written=_written)
+
+
+def _on_startup_signal(signum, _frame) -> None:
+    """Outside a command's `handle_signals` (importing torch and transformers before it, exiting after it):
+    there is nothing to clean up, so say what happened and leave at once. os._exit: no `except BaseException`
+    in a half-imported library can swallow it, and no traceback is printed."""
+    os.write(2, (interrupted_message(_written) + "\n").encode())
+    os._exit(128 + signum)
+
+
+def install_startup_handlers() -> None:
+    """The console scripts' first step: SIGTERM/SIGHUP/SIGINT print one line and exit 128 + the signal until a
+    command's own handlers (handle_signals) take over, and again after them (main thread only)."""
+    if threading.current_thread() is threading.main_thread():
+        for s in HANDLED_SIGNALS:
+            signal.signal(s, _on_startup_signal)
 
 
 @contextlib.contextmanager
 def handle_signals():
     """Turn SIGTERM/SIGHUP/SIGINT into `Interrupted` for the duration (main thread only; elsewhere a no-op)."""
+    global _written
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _written = False  # a new command: nothing of it is written yet
     previous = {s: signal.signal(s, _on_signal) for s in HANDLED_SIGNALS}
     try:
         yield
@@ -111,7 +140,7 @@ def raise_if_interrupted() -> None:
     if _pending:
         signum = _pending[0]
         _pending.clear()
-        raise Interrupted(signum)
+        raise Interrupted(signum, written=_written)
 
 
 @contextlib.contextmanager
@@ -151,6 +180,13 @@ def pause_point(name: str) -> None:
 # ---------------------------------------------------------------- what an export owns
 
 
+def output_path(path) -> Path:
+    """`-o` as every check and the writer see it. The writer works on absolute paths, where `a/missing/..` is
+    `a`; the checks must see that same folder (the OS, asked about `a/missing/..`, says it does not exist, and
+    an existing folder's files would be replaced without --force)."""
+    return Path(os.path.normpath(Path(path).expanduser()))
+
+
 def owned_by_export(name: str, model_file: str) -> bool:
     """Whether a file named `name` in the output folder is one an export to `model_file` writes."""
     stem = model_file[: -len(".onnx")]
@@ -163,7 +199,12 @@ def existing_files(folder: Path, names) -> list[str]:
 
 
 def check_writable(folder: Path) -> None:
-    """`folder` is a folder, or can be created as one, by this user."""
+    """`folder` is a folder, or can be created as one, by this user, and not a name cptquant keeps for itself."""
+    reserved = [part for part in Path(os.path.abspath(folder)).parts
+                if part.startswith(STAGING_PREFIX) or part.endswith(LOCK_SUFFIX) or part == CACHE_DIR_NAME]
+    if reserved:  # a later run would take a `.cptq-tmp-*` output for a dead run's debris and delete it
+        raise CptqError(f"cannot write to {folder}: {reserved[0]} is a name cptquant keeps for its own work files; "
+                        "choose another -o")
     if folder.exists() and not folder.is_dir():
         raise CptqError(f"output folder {folder} is a file")
     probe = folder
@@ -184,12 +225,22 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
     model = folder / model_file
     if model.is_dir():
         raise CptqError(f"output {model} is a folder, not a model file; choose another -o")
+    refuse_folders_in_place(folder, lambda name: owned_by_export(name, model_file))
     if source and Path(source).expanduser().is_dir() and folder.exists() \
             and Path(source).expanduser().resolve() == folder.resolve():
         raise CptqError(f"refusing to export into the source model's own folder {folder} (its config and tokenizer "
                         "would be replaced); choose another -o")
     if not force:
         refuse_replacing(folder, owned_files(folder, lambda name: owned_by_export(name, model_file)))
+
+
+def refuse_folders_in_place(folder: Path, owned) -> None:
+    """A folder where a command writes a file is not an earlier output's: never replaced, even with --force
+    (moving it aside and deleting it would take everything in it)."""
+    folders = [name for name in owned_files(folder, owned)
+               if (folder / name).is_dir() and not (folder / name).is_symlink()]
+    if folders:
+        raise CptqError(f"{folder} has folders where cptquant writes files: {', '.join(folders)}; choose another -o")
 
 
 def owned_files(folder: Path, owned) -> list[str]:
@@ -214,8 +265,9 @@ def _writable(path: Path) -> bool:
 
 def lock_path(folder: Path) -> Path:
     """`.NAME.cptq-lock` beside the folder; inside it when only the folder itself is writable (e.g. `-o /tmp/x.onnx`).
-    Both runs decide the same way: if nobody may write the parent, nobody can create the folder either."""
-    folder = Path(os.path.abspath(folder))
+    Both runs decide the same way: if nobody may write the parent, nobody can create the folder either.
+    Links resolved: `-o current` (a link to `v3`) and `-o v3` are one output, with one lock."""
+    folder = Path(os.path.realpath(folder))
     if _writable(folder.parent) or not folder.is_dir():
         return folder.parent / f".{folder.name}{LOCK_SUFFIX}"
     return folder / LOCK_SUFFIX
@@ -232,7 +284,7 @@ def _read_pid(fd: int) -> str:
 @contextlib.contextmanager
 def output_lock(folder: Path):
     """Exclusive right to write `folder` for this process; a second process fails at once naming the first."""
-    key = Path(os.path.abspath(folder))
+    key = Path(os.path.realpath(folder))
     if fcntl is None:
         yield
         return
@@ -254,7 +306,8 @@ def output_lock(folder: Path):
         except BlockingIOError:
             pid = _read_pid(fd)
             os.close(fd)
-            raise CptqError(f"{key} is being written by another cptq run (pid {pid}); wait for it to finish") from None
+            raise CptqError(f"{os.path.abspath(folder)} is being written by another cptq run (pid {pid}); wait for it "
+                            "to finish") from None
         try:  # the previous holder removes the file on release: lock the file that is there now
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 break
@@ -420,6 +473,7 @@ def rollback(root: Path, journal: dict) -> None:
 def commit(staging: Staging, remove: tuple[str, ...] = ()) -> None:
     """Move `staging.out` into place as `staging.folder`; `remove` names entries of an existing folder that
     must go too (an older export's leftovers). All or nothing; see the module docstring."""
+    global _written
     folder, staged = staging.folder, staging.out
     new = sorted(p.name for p in staged.iterdir())
     with committing():
@@ -433,6 +487,8 @@ def commit(staging: Staging, remove: tuple[str, ...] = ()) -> None:
         except OSError as exc:
             raise CptqError(f"cannot move the output into {folder}: {exc.strerror or exc}"
                             + (f" ({exc.filename})" if exc.filename else "")) from None
+        _written = True
+        pause_point("committed")
 
 
 def _commit_into(root: Path, folder: Path, new: list[str], remove: tuple[str, ...]) -> None:

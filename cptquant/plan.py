@@ -61,8 +61,16 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str, source: str = "plan") -> "Plan":
+        def refuse_duplicates(pairs: list) -> dict:  # json keeps the last of two equal keys without a word
+            seen: set = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise CptqError(f"{source} names {key!r} twice; which entry is meant is ambiguous")
+                seen.add(key)
+            return dict(pairs)
+
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=refuse_duplicates)
         except json.JSONDecodeError as exc:
             raise CptqError(f"{source} is not valid JSON: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("layers"), dict):
@@ -93,9 +101,17 @@ class Plan:
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         path = Path(path)
+        if path.is_dir():
+            raise CptqError(f"plan file {path} is a folder, not a JSON file")
         if not path.is_file():
             raise CptqError(f"plan file not found: {path}")
-        return cls.from_json(path.read_text(), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CptqError(f"{path} is not a cptquant plan (not UTF-8 text)") from None
+        except OSError as exc:
+            raise CptqError(f"cannot read the plan file {path}: {exc.strerror or exc}") from None
+        return cls.from_json(text, source=str(path))
 
 
 def _layer_json(lp: LayerPlan) -> dict:

@@ -112,3 +112,44 @@ def test_verify_names_a_described_file_that_is_missing(two_sources, tmp_path):
     (out / "model.plan.json").unlink()
     result = _verify(out)
     assert result.exit_code == 2 and f"{out / 'model.plan.json'} is missing" in result.stderr
+
+
+# ---------------------------------------------------------------- caches of the old naming
+
+
+def _legacy_cache(folder: Path) -> Path:
+    """A cache as cptquant wrote it before the path-keyed names: `.cptq-cache/<folder name>/fp32|fp16`."""
+    for variant in ("fp32", "fp16"):
+        (folder / variant).mkdir(parents=True)
+        (folder / variant / "model.onnx").write_bytes(b"an FP32 copy of the model" * 100)
+    return folder
+
+
+def test_caches_of_the_old_naming_are_removed_by_the_next_export_and_verify(two_sources, tmp_path):
+    """Before the collision-proof key, `-o out/model.onnx` kept its baselines in `.cptq-cache/out`; nothing reads
+    that name now, so nothing deleted it. An export (and a verify) of that output removes it; another output's
+    cache, a link and a current cache are left alone."""
+    cache_root = tmp_path / ".cptq-cache"
+    own = _legacy_cache(cache_root / "out")
+    own_named = _legacy_cache(cache_root / "out.other")  # `-o out/other.onnx` of the old naming
+    elsewhere = _legacy_cache(cache_root / "elsewhere")
+    target = tmp_path / "outside"
+    _legacy_cache(target)
+    (cache_root / "out.linked").symlink_to(target, target_is_directory=True)
+    out = _export(two_sources[0], tmp_path / "out" / "model.onnx").parent
+    assert not own.exists() and own_named.exists() and elsewhere.exists()
+    assert baseline_dir(out).is_dir()
+    _legacy_cache(own)  # left again (an older cptquant run); verify removes it too
+    result = _verify(out)
+    assert result.exit_code == 0, result.output
+    assert not own.exists() and baseline_dir(out).is_dir() and elsewhere.exists()
+    export_quantized(load_model(str(two_sources[0])), lambda _l, graph: uniform_plan(graph, 8),
+                     tmp_path / "out" / "other.onnx", force=True, progress=False)  # its config.json is replaced
+    assert not own_named.exists()
+    assert (cache_root / "out.linked").is_symlink() and (target / "fp32" / "model.onnx").is_file()
+    linked_root = tmp_path / "linked"  # a `.cptq-cache` that is a link: nothing through it is deleted
+    linked_root.mkdir()
+    (linked_root / ".cptq-cache").symlink_to(tmp_path / "users-folder", target_is_directory=True)
+    users = _legacy_cache(tmp_path / "users-folder" / "out")
+    _export(two_sources[0], linked_root / "out" / "model.onnx")
+    assert (users / "fp32" / "model.onnx").is_file()

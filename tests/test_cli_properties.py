@@ -4,6 +4,7 @@ finished export (exit 0) or one line and exit 2; never a traceback, a half-writt
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -46,8 +47,9 @@ BAD_PLANS = st.one_of(
     st.dictionaries(st.sampled_from(LAYERS + ["no.such.layer"]), bad_entry, min_size=1, max_size=len(LAYERS))
       .map(_plan_json),
     PARTIAL_PLANS)  # without --default-bits
-GOOD_OUTPUTS = ["new", "new nested/with space/deeper", "existing-empty", "existing-with-files"]
-BAD_OUTPUTS = ["under-a-file/sub", "existing-dir-as-model"]
+GOOD_OUTPUTS = ["new", "new nested/with space/deeper", "existing-empty", "existing-with-files", "brackets [/x]"]
+# `existing-with-files/missing/..` is that folder (refused without --force); `.cptq-tmp-*` is a name of cptquant's
+BAD_OUTPUTS = ["under-a-file/sub", "existing-dir-as-model", "existing-with-files/missing/..", ".cptq-tmp-mine/out"]
 # Each example breaks at most two of these on purpose; the rest get values that work, so that about half
 # the examples run a whole export (with a random plan, format, output path) and the others one refusal.
 DIMENSIONS = ("plan", "bits", "block", "format", "target", "output")
@@ -70,7 +72,7 @@ def cli_cases(draw) -> dict:
         "bits": pick("bits", st.sampled_from(["8", "4", "16"]), st.sampled_from(["5", "0", "-4"])),
         "block_size": pick("block", st.sampled_from([None, "16", "32"]), st.sampled_from(["48", "8", "128"])),
         "weight_format": pick("format", st.sampled_from([None, "qdq", "nbits", "dynamic"]), st.just("int3")),
-        "target_bits": pick("target", st.sampled_from(["6", "4.5", "12"]), st.sampled_from(["1", "17", "nan"])),
+        "target_bits": pick("target", st.sampled_from(["6", "4.5", "12"]), st.sampled_from(["1", "17", "nan", "inf"])),
         "layout": pick("output", st.sampled_from(GOOD_OUTPUTS), st.sampled_from(BAD_OUTPUTS)),
         "name": draw(st.sampled_from(["", "model.onnx", "my model.onnx"])),
         "force": draw(st.booleans()),
@@ -79,6 +81,8 @@ def cli_cases(draw) -> dict:
 
 def _prepare(case: Path, layout: str, name: str) -> Path:
     """The output path an example passes to -o, with what already exists around it."""
+    given = case / layout
+    layout = layout.removesuffix("/missing/..")
     folder = case / layout
     if layout.startswith("existing"):
         folder.mkdir(parents=True)
@@ -89,7 +93,7 @@ def _prepare(case: Path, layout: str, name: str) -> Path:
         (folder / (name or "model.onnx")).mkdir()
     if layout.startswith("under-a-file"):
         (case / "under-a-file").write_text("a file, not a folder")
-    return folder / name if name else folder
+    return given / name if name else given
 
 
 def _tree(case: Path) -> dict[str, bytes | None]:
@@ -126,11 +130,15 @@ def test_every_cli_outcome_is_an_export_or_one_line(workspace, case_args):
     leftovers = [p for p in root.rglob(".cptq-*") if p.name.startswith((".cptq-tmp-", ".cptq-lock"))
                  or p.name.endswith(".cptq-lock")]
     assert not leftovers, (args, leftovers)
+    if not force:  # without --force nothing that was there is changed, however -o spells the folder
+        after = _tree(case)
+        assert all(after.get(path) == content for path, content in before.items()), args
     if result.exit_code == 2:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, result.stderr)
         assert _tree(case) == before, args  # nothing written, nothing half-written, nothing replaced
     else:
+        out = Path(os.path.normpath(out))  # `a/missing/..` is `a`
         folder = out.parent if out.suffix == ".onnx" else out
         model = out if out.suffix == ".onnx" else out / "model.onnx"
         report_path = folder / (model.name[: -len(".onnx")] + ".report.json")

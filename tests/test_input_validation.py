@@ -70,8 +70,26 @@ def test_default_bits_fills_the_omitted_layers_explicitly(opt_folder, tmp_path):
     assert written["model.decoder.layers.0.fc1"]["bits"] == 4 and len(written) == len(report["layers"]) > 2
     assert {entry["bits"] for name, entry in written.items() if name != "model.decoder.layers.0.fc1"} == {8}
     assert 4 < report["average_bits"] < 8
-    # case 11: the closing hint can be pasted into a shell as it is
-    assert f"cptq verify {shlex.quote(str(out))}" in " ".join(result.stdout.split())
+    # case 11: the closing hint can be pasted into a shell as it is: quoted, and on one line however long (the
+    # console wrapped it at 80 columns, inside the quotes, where a pasted newline is part of the path)
+    hint = f"cptq verify {shlex.quote(str(out))}"
+    assert any(hint in line for line in result.stdout.splitlines()), result.stdout
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (bytes(range(256)), "is not a cptquant plan (not UTF-8 text)"),  # once a UnicodeDecodeError traceback, exit 1
+    (b'{"version": 1, "layers": {"lm_head": {"bits": 8}, "lm_head": {"bits": 4}}}', "names 'lm_head' twice"),
+    (None, "is a folder, not a JSON file"),
+])
+def test_a_plan_file_that_is_not_one_plan_is_refused_before_the_model_loads(opt_folder, tmp_path, no_model_loading,
+                                                                              content, fragment):
+    plan = tmp_path / "plan.json"
+    if content is None:
+        plan.mkdir()
+    else:
+        plan.write_bytes(content)
+    one_line_error(run_export(opt_folder, "--plan", plan, "--default-bits", "8", "-o", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -117,6 +135,10 @@ def test_latin1_text_with_a_few_undecodable_characters_is_still_text(tmp_path):
     (["--bits", "4", "--calib", "no-such-file.txt"], "calibration file not found: no-such-file.txt"),
     (["--method", "tdmpq", "--seq-len", "4"], "--seq-len 4 is too short"),
     (["--bits", "4", "--task", "translation"], "unknown task 'translation'"),
+    # not numbers a report or plan can hold (JSON has no NaN or Infinity); once accepted and written so
+    (["--bits", "8", "--format", "dynamic", "--outlier-ratio", "nan"], "above 1 (and finite), not nan"),
+    (["--bits", "8", "--outlier-ratio", "inf"], "--outlier-ratio must be 0 (off) or above 1 (and finite), not inf"),
+    (["--method", "tdmpq", "--max-size-mb", "inf"], "maximum size inf MB must be a positive number"),
 ])
 def test_options_are_checked_before_the_model_loads(opt_folder, tmp_path, no_model_loading, args, fragment):
     one_line_error(run_export(opt_folder, *args, "-o", tmp_path / "out"), fragment)
@@ -167,6 +189,9 @@ def test_analyze_into_an_existing_folder_needs_force(tmp_path, monkeypatch):
     (out / "notes.txt").write_text("mine")
     args = ["analyze", "--method", "tdmpq", "--calib-samples", "8", "--seq-len", "32", "-o", str(out), "--no-progress"]
     monkeypatch.setattr("cptquant.model_loading.load_model", lambda *_a, **_k: pytest.fail("loaded the model"))
+    one_line_error(runner.invoke(app, args), f"output files already exist in {out}: scores.json (use --force")
+    assert (out / "scores.json").read_text() == "my scores"
+    args[args.index("-o") + 1] = str(out / "missing" / "..")  # the same folder to the writer: refused the same
     one_line_error(runner.invoke(app, args), f"output files already exist in {out}: scores.json (use --force")
     assert (out / "scores.json").read_text() == "my scores"
 

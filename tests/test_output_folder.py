@@ -9,6 +9,7 @@ import select
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cptquant import output_folder
-from cptquant.cli import export_app
+from cptquant.cli import app, export_app
 from cptquant.errors import CptqError
 
 from conftest import one_line_error
@@ -105,6 +106,49 @@ def test_sigterm_at_any_point_leaves_the_previous_output_or_nothing(opt_folder, 
     assert debris(tmp_path) == []
 
 
+def test_the_console_scripts_answer_signals_before_torch_loads():
+    """The seconds of importing typer, torch and transformers come after the handlers are in place (a SIGTERM
+    then once exited 143 silently, a SIGINT with a KeyboardInterrupt traceback)."""
+    code = textwrap.dedent("""
+        import json, signal, sys
+        seen = {}
+        def hook(event, args):
+            if event == "import" and args[0] in ("typer", "torch") and args[0] not in seen:
+                seen[args[0]] = [getattr(signal.getsignal(s), "__name__", str(signal.getsignal(s)))
+                                 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)]
+        sys.addaudithook(hook)
+        from cptquant import cli
+        sys.argv = ["cptq-export", "--help"]
+        try:
+            cli.export_main()
+        except SystemExit:
+            pass
+        print(json.dumps(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {name: ["_on_startup_signal"] * 3 for name in ("typer", "torch")}, (seen, done.stderr[-2000:])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_is_one_line(opt_folder, tmp_path, signum):
+    out = tmp_path / "out"
+    proc = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "startup")
+    code, err = stop(proc, signum)
+    assert code == 128 + signum and err.strip().splitlines()[-1] == "interrupted: nothing written", err
+    assert "Traceback" not in err and not out.exists() and debris(tmp_path) == []
+
+
+def test_a_signal_after_the_commit_says_the_output_is_in_place(opt_folder, tmp_path):
+    out = tmp_path / "out"
+    proc = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "committed")
+    code, err = stop(proc, signal.SIGTERM)
+    assert code == 143, err
+    assert err.strip().splitlines()[-1] == "interrupted: the output was already complete and in place", err
+    assert (out / "model.onnx").is_file() and (out / "model.report.json").is_file() and debris(tmp_path) == []
+
+
 def test_debris_of_a_killed_run_is_removed_by_the_next_export(opt_folder, tmp_path):
     out = tmp_path / "out"
     killed = start_paused([str(opt_folder), *QUICK, "-o", str(out)], "write")
@@ -160,6 +204,52 @@ def test_an_existing_folders_files_are_listed_and_kept_without_force(opt_folder,
     assert result.exit_code == 0, result.output
     assert (out / "notes.txt").read_text() == "mine: notes.txt"  # not the export's: never touched
     assert json.loads((out / "model.report.json").read_text())["task"] == "text-generation-with-past"
+
+
+def test_a_path_through_a_missing_folder_and_dotdot_is_the_folder_it_names(opt_folder, tmp_path):
+    """`-o deploy/missing/..` is `deploy` to the writer (absolute paths, normalized), but the OS says it does not
+    exist: the existing files were replaced without --force, and the source folder was written into with it."""
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "config.json").write_text("mine")
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out / "missing" / ".."),
+                   f"output files already exist in {out}: config.json")
+    source = tmp_path / "src"
+    source.mkdir()
+    for path in opt_folder.iterdir():
+        (source / path.name).write_bytes(path.read_bytes())
+    before = snapshot(source)
+    one_line_error(run_export(source, *QUICK, "-o", source / "missing" / ".." / "model.onnx", "--force"),
+                   f"refusing to export into the source model's own folder {source}")
+    assert snapshot(source) == before and (out / "config.json").read_text() == "mine"
+
+
+def test_a_folder_where_a_side_file_goes_is_never_replaced(opt_folder, tmp_path):
+    """A folder named config.json or model.plan.json is not an older export's file: with --force it was moved
+    aside and deleted with everything in it."""
+    out = tmp_path / "out"
+    for name in ("config.json", "model.plan.json"):
+        (out / name / "inside").mkdir(parents=True)
+        (out / name / "inside" / "data.txt").write_text("keep")
+    before = snapshot(out)
+    one_line_error(run_export(opt_folder, *QUICK, "-o", out, "--force"),
+                   f"{out} has folders where cptquant writes files: config.json, model.plan.json")
+    (out / "scores.json").mkdir()
+    one_line_error(runner.invoke(app, ["analyze", str(opt_folder), "-o", str(out), "--force", "--no-progress"]),
+                   f"{out} has folders where cptquant writes files: scores.json")
+    (out / "scores.json").rmdir()
+    assert snapshot(out) == before and debris(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", [".cptq-tmp-mine", ".cptq-cache", ".out.cptq-lock"])
+def test_names_cptquant_keeps_for_its_work_files_are_refused_as_outputs(opt_folder, tmp_path, name):
+    """An export into `.cptq-tmp-mine` was later taken for a dead run's staging folder (no owner lock, an hour
+    old) and deleted by the next export beside it."""
+    one_line_error(run_export(opt_folder, *QUICK, "-o", tmp_path / name / "model.onnx"),
+                   f"{name} is a name cptquant keeps for its own work files")
+    one_line_error(runner.invoke(app, ["analyze", str(opt_folder), "-o", str(tmp_path / name / "x"), "--no-progress"]),
+                   f"{name} is a name cptquant keeps for its own work files")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_source_models_own_folder_is_refused_even_with_force(opt_folder, tmp_path):
@@ -237,6 +327,20 @@ def test_the_lock_is_reentrant_in_one_process_and_leaves_no_file(tmp_path):
             pass
         assert lock.exists()
     assert not (tmp_path / "a").exists()  # the parents it created are gone again, with the lock file
+
+
+def test_a_link_to_an_output_folder_takes_the_same_lock(tmp_path):
+    """`-o current` (a link to `v3`) while another run writes `-o v3`: one output, so one lock (each had its
+    own, and both wrote into v3 at once)."""
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "current").symlink_to(tmp_path / "v3", target_is_directory=True)
+    assert output_folder.lock_path(tmp_path / "current") == output_folder.lock_path(tmp_path / "v3")
+    code = ("import sys; from pathlib import Path; from cptquant import output_folder\n"
+            "with output_folder.claim_output(Path(sys.argv[1])): print('claimed')")
+    with output_folder.claim_output(tmp_path / "v3"):
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "current")], capture_output=True,
+                              text=True, timeout=60)
+    assert "is being written by another cptq run" in done.stderr and "claimed" not in done.stdout
 
 
 def test_an_output_path_under_a_regular_file_says_so(tmp_path):

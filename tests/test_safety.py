@@ -105,6 +105,26 @@ def test_verify_source_rebuilds_the_baselines_from_the_command_line(bert_export,
     assert (baseline_dir(out) / "fp16" / "model.onnx").is_file()
 
 
+def test_paths_that_look_like_console_markup_are_printed_as_text(bert_export, tmp_path):
+    """`[/x]` in a path closed no markup tag: rich raised MarkupError, a traceback and exit 1 after the export
+    had been written (its summary table), and in verify's "rebuilding the baselines from …" line."""
+    real_source = Path(json.loads((bert_export / "model.report.json").read_text())["source"])
+    source = shutil.copytree(real_source, tmp_path / "src[/x]")
+    out = tmp_path / "out[/y]"
+    result = runner.invoke(app, ["export", str(source), "--bits", "8", "--algorithm", "rtn", "--no-verify",
+                                 "--no-progress", "-o", str(out)])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "[/y]" in result.stdout
+    result = runner.invoke(app, ["analyze", str(source), "--method", "cmpq", "--calib-samples", "8", "--seq-len", "32",
+                                 "--no-progress", "-o", str(tmp_path / "scores[/z]")])
+    assert result.exit_code == 0 and "[/z]" in result.stdout, result.output
+    shutil.rmtree(baseline_dir(out))
+    result = runner.invoke(app, ["verify", str(out), "--quick", "--ep", "cpu", "--min-cosine", "0",
+                                 "--min-speedup", "0", "--source", str(source)])  # with progress: the line shows
+    assert result.exit_code == 0, result.output
+    assert f"rebuilding the FP32/FP16 baselines from {source}" in " ".join(result.stderr.split())
+
+
 def test_the_reports_local_folder_is_still_followed_when_it_runs_no_code(bert_export, tmp_path):
     out = _copy(bert_export, tmp_path / "out")
     result = _verify(out)
@@ -169,3 +189,31 @@ def test_the_text_encoder_never_prompts_for_tokenizer_code(tmp_path):
     with pytest.raises(CptqError, match="names custom code"):
         TextEncoder(folder, tiny_bert().config)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the verified folder's links are not followed
+
+
+def test_verify_never_writes_through_links_the_verified_folder_holds(bert_export, tmp_path):
+    """A folder's verify/report.json linking to a file of the user's (~/.bashrc, say) had verify overwrite that
+    file with its JSON; a verify/ linking to another folder had it write there."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own file")
+    out = _copy(bert_export, tmp_path / "out")
+    shutil.copytree(baseline_dir(bert_export), baseline_dir(out))
+    (out / "verify").mkdir()
+    (out / "verify" / "report.json").symlink_to(victim)
+    result = _verify(out)
+    assert result.exit_code == 0, result.output
+    assert victim.read_text() == "the user's own file"
+    report = out / "verify" / "report.json"
+    assert not report.is_symlink() and json.loads(report.read_text())["eps"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file the user writes
+    shutil.rmtree(out / "verify")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (out / "verify").symlink_to(elsewhere, target_is_directory=True)
+    one_line_error(_verify(out), f"{out / 'verify'} is a link; cptq verify writes its reports into the folder itself")
+    assert list(elsewhere.iterdir()) == []

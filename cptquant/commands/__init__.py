@@ -42,8 +42,7 @@ def user_errors(fn):
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(2) from None
         except Interrupted as exc:
-            print("interrupted: the output was already complete and in place" if exc.written
-                  else "interrupted: nothing written", file=sys.stderr)
+            print(exc.message, file=sys.stderr)
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper

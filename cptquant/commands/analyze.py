@@ -9,7 +9,8 @@ from typing import Optional
 from typer import Argument, Option
 
 from ..errors import CptqError
-from ..output_folder import Staging, check_writable, claim_output, commit, owned_files, refuse_replacing
+from ..output_folder import (Staging, check_writable, claim_output, commit, output_path, owned_files,
+                             refuse_folders_in_place, refuse_replacing)
 from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
@@ -119,8 +120,9 @@ def analyze(
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows, lm_loss)
     check_options(analysis, methods)  # fail before loading a model
-    out = out.expanduser()
+    out = output_path(out)
     check_writable(out)
+    refuse_folders_in_place(out, owned_by_analysis)
     if not force:
         refuse_replacing(out, owned_files(out, owned_by_analysis))
     with claim_output(out):  # one writer per folder; staged, then moved in all at once
@@ -145,7 +147,7 @@ def analyze(
                 refuse_replacing(out, owned_files(out, owned_by_analysis))
             commit(staging, tuple(name for name in owned_files(out, owned_by_analysis) if name not in written))
 
-    console = Console()
+    console = Console(markup=False)  # paths and model names are text: `out[/x]` is no markup tag
     table = Table(title=f"Sensitivity of {measured.model} ({result.task}, {result.granularity})")
     table.add_column("unit")
     for m in result.scores:

@@ -52,7 +52,7 @@ def print_summary(result: ExportResult, console: Console) -> None:
     )
     verification = report.get("verification")
     if verification and "error" in verification:
-        console.print(f"[yellow]verification skipped: {verification['error']}[/yellow]")
+        console.print(f"verification skipped: {verification['error']}", style="yellow")
     elif verification:
         quality = ", ".join(f"{k} {v:g}" for k, v in verification["quality"]["vs_fp32"].items())
         speed = verification["speed"]
@@ -63,9 +63,11 @@ def print_summary(result: ExportResult, console: Console) -> None:
         console.print(
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "
-            f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16 "
-            f"— `cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on thresholds"
+            f"{speed['vs_fp32']['geomean_speedup']:.2f}× vs FP32, {speed['vs_fp16']['geomean_speedup']:.2f}× vs FP16"
         )
+        # one unwrapped line: a newline the console put inside the quoted path would be pasted as part of it
+        console.print(f"`cptq verify {shlex.quote(str(result.paths.folder))}` measures more shapes and gates on "
+                      "thresholds", soft_wrap=True, markup=False, highlight=False)
 
 
 @user_errors
@@ -132,4 +134,4 @@ def export(
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
                           lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
-    print_summary(result, Console())
+    print_summary(result, Console(markup=False))  # paths, model names, errors are text: `out[/x]` is no markup tag

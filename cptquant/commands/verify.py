@@ -50,6 +50,10 @@ def verify(
     """Verify an exported model's quality and speed against its FP32/FP16 baselines."""
     from ..api import verify as verify_export
 
+    folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
+    if report_dir is None and (folder / REPORT_DIR).is_symlink():  # the folder's own link: not the command line's
+        raise CptqError(f"{folder / REPORT_DIR} is a link; cptq verify writes its reports into the folder itself "
+                        "(remove the link, or give --report-dir)")
     result = verify_export(
         out_dir, baseline=baseline, ep=ep,
         max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
@@ -60,7 +64,6 @@ def verify(
         eval_file=eval_file, quick=quick, threads=threads, progress=progress, source=source,
         trust_remote_code=trust_remote_code)
     try:
-        folder = out_dir.parent if out_dir.suffix == ".onnx" and out_dir.is_file() else out_dir
         json_path, md_path = write_reports(result, report_dir or folder / REPORT_DIR)
         if junit is not None:
             write_junit(result, junit)

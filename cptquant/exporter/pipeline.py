@@ -21,13 +21,14 @@ from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check_target, claim_output, commit,
-                             committing, owned_by_export, replace_dir)
+                             committing, output_path, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
 from ..progress import Steps
 from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
-from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, side_files, write_fingerprint, write_fp16
+from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, side_files,
+                                 write_fingerprint, write_fp16)
 from .genai_config import write_genai_config
 from .graph_check import check_kernels
 from .layer_map import build_layer_map
@@ -111,7 +112,7 @@ class ExportResult:
 def resolve_output(out: Path, force: bool, source: str | None = None) -> OutputPaths:
     """`out/model.onnx` names the file; a path without .onnx names the folder (model.onnx inside).
     Refuses what output_folder.check_target refuses (`source`: the model's folder, never written into)."""
-    out = Path(out).expanduser()
+    out = output_path(out)
     paths = OutputPaths(out.parent, out) if out.suffix == ".onnx" else OutputPaths(out, out / MODEL_FILE)
     check_target(paths.folder, paths.model.name, force, source)
     return paths
@@ -323,6 +324,7 @@ def _install(staging: Staging, paths: OutputPaths, force: bool, fp32_dir: Path, 
             replace_dir(staging, cache, baseline_dir(paths.folder, paths.model.name))
         except OSError as exc:  # the export is in place; cptq verify rebuilds a missing cache
             print(f"warning: the baseline cache was not written ({exc.strerror or exc})", file=sys.stderr)
+    remove_legacy_baselines(paths.folder, paths.model.name)
 
 
 def _stale_entries(paths: OutputPaths, new: list[str]) -> tuple[str, ...]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
+from ..output_folder import CACHE_DIR_NAME
 from .onnx_export import MODEL_FILE, load_onnx, save_onnx
 
-CACHE_DIR_NAME = ".cptq-cache"
 FINGERPRINT_FILE = "fingerprint.json"
 
 
@@ -28,6 +29,27 @@ def baseline_dir(out_folder: Path, model_file: str = MODEL_FILE) -> Path:
     name = out_folder.name if model_file == MODEL_FILE else f"{out_folder.name}.{Path(model_file).stem}"
     key = hashlib.sha256(str(out_folder / model_file).encode()).hexdigest()[:16]
     return out_folder.parent / CACHE_DIR_NAME / f"{name}-{key}"
+
+
+def legacy_baseline_dir(out_folder: Path, model_file: str = MODEL_FILE) -> Path:
+    """Where cptquant kept an export's baselines before the path-keyed names above: `.cptq-cache/folder`,
+    `.cptq-cache/folder.NAME` (the names `a/b.onnx` and `a.b/model.onnx` shared). Nothing reads them now."""
+    out_folder = out_folder.resolve()
+    name = out_folder.name if model_file == MODEL_FILE else f"{out_folder.name}.{Path(model_file).stem}"
+    return out_folder.parent / CACHE_DIR_NAME / name
+
+
+def remove_legacy_baselines(out_folder: Path, model_file: str = MODEL_FILE) -> Path | None:
+    """Remove this export's cache of the old naming (an FP32/FP16 copy of the model, often hundreds of MB, that
+    no run would otherwise ever delete); returns it when removed. Only a real folder holding baselines goes:
+    a link (to it, or a `.cptq-cache` that is one) is not followed, and a name of today's form (`NAME-<16 hex>`)
+    is a current cache, never legacy."""
+    old = legacy_baseline_dir(out_folder, model_file)
+    if (old.is_symlink() or old.parent.is_symlink() or not old.is_dir() or re.fullmatch(r".+-[0-9a-f]{16}", old.name)
+            or not any((old / variant).is_dir() for variant in ("fp32", "fp16"))):
+        return None
+    shutil.rmtree(old, ignore_errors=True)
+    return old
 
 
 def baseline_fingerprint(loaded) -> str:

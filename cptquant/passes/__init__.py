@@ -8,6 +8,7 @@ forward pass over the same calibration set, measured in the same run.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -102,8 +103,8 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
         raise CptqError(f"clip {options.clip!r} must be one of: {', '.join(CLIP_METHODS)}")
     if options.target_bits is not None and options.max_size_mb is not None:
         raise CptqError("give either a target of bits per weight or a maximum size, not both")
-    if options.max_size_mb is not None and not options.max_size_mb > 0:
-        raise CptqError(f"maximum size {options.max_size_mb} MB must be positive")
+    if options.max_size_mb is not None and not 0 < options.max_size_mb < math.inf:  # inf: not JSON, and no budget
+        raise CptqError(f"maximum size {options.max_size_mb} MB must be a positive number")
     if options.target_bits is not None and options.bit_widths:
         low, high = min(options.bit_widths), max(options.bit_widths)
         if not low <= options.target_bits <= high:  # the allocator's own rule, checked before any analysis

@@ -137,10 +137,12 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
 
     `source` (the command line's --source) says where to reload the model from; without it the report's
     source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
-    from ..onnx_io.baselines import baseline_dir, baseline_fingerprint, write_fingerprint, write_fp16
+    from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, write_fingerprint,
+                                     write_fp16)
     from ..onnx_io.onnx_export import export_onnx
     from ..output_folder import Staging, claim_output, replace_dir
 
+    remove_legacy_baselines(out.folder, out.model.name)  # an older cptquant's cache of this export: unused
     cache = baseline_dir(out.folder, out.model.name)
     paths = {name: cache / name / MODEL_FILE for name in BASELINES}
     problem = _cache_problem(cache, out)
@@ -160,7 +162,7 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
                 source = baseline_source(out.report.get("source"), source, out.trust_remote_code,
                                          f"baseline cache {cache} {problem}")
                 if progress:
-                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …")
+                    console.print(f"rebuilding the FP32/FP16 baselines from {source} …", markup=False)
                 try:
                     loaded = load_model(source, out.task, out.trust_remote_code)
                 except CptqError as exc:

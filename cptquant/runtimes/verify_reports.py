@@ -3,7 +3,10 @@ and JUnit XML."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -68,9 +71,24 @@ def _markdown(report: dict) -> str:
 def write_reports(result: VerifyResult, report_dir: Path) -> tuple[Path, Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
-    json_path.write_text(json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-    md_path.write_text(_markdown(result.report))
+    _replace_file(json_path, json.dumps(result.report, indent=2, sort_keys=True) + "\n")
+    _replace_file(md_path, _markdown(result.report))
     return json_path, md_path
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` as `path` in one step: a reader never sees half a report, and a link at `path` (a verified
+    folder is not trusted: its verify/report.json may point at any file of the user) is replaced, not followed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as write_text gave
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_junit(result: VerifyResult, path: Path) -> Path:
