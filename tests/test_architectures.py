@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import cptquant
-from cptquant.tiny_families import (CAUSAL_LM, CLASSIFICATION, FAMILIES, FEATURES, MASKED_LM,
+from cptquant.tiny_families import (CAUSAL_LM, CLASSIFICATION, FAMILIES, FEATURES, MASKED_LM, SEQ2SEQ,
                                     TOKEN_CLASSIFICATION)
 
 ORT_CLASSES = {FEATURES: "ORTModelForFeatureExtraction", CLASSIFICATION: "ORTModelForSequenceClassification",
@@ -30,7 +30,7 @@ REPRESENTATIVE = ("bert", "llama", "gpt_neox")  # an encoder, a grouped-query de
 
 
 def _cases():
-    for name in FAMILIES:
+    for name in (name for name, family in FAMILIES.items() if family.task != SEQ2SEQ):
         for setting in SETTINGS:
             slow = setting != "bits4" and name not in REPRESENTATIVE
             yield pytest.param(name, setting, marks=[pytest.mark.matrix] if slow else [], id=f"{name}-{setting}")
@@ -111,3 +111,61 @@ def test_token_classification_is_verified(tmp_path):
     quality = verification["quality"]
     assert quality["task"] == "token-classification" and quality["n_examples"] > 100
     assert quality["vs_fp32"]["agreement"] >= 0.9
+
+
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+# Layers in more than one file, and the kernels each file runs them with (one per use): a decoder layer is in
+# both decoders; the shared table in every file (T5), or through the encoder's and decoder's token embeddings.
+SEQ2SEQ_COPIES = {"t5": {"decoder.block.0.layer.0.SelfAttention.q": 2, "shared": 3, "lm_head": 2,
+                         "decoder.block.0.layer.1.EncDecAttention.k": 1},
+                  "bart": {"model.decoder.layers.0.self_attn.q_proj": 2, "model.encoder.embed_tokens": 1,
+                           "model.decoder.embed_tokens": 2, "lm_head": 2,
+                           "model.decoder.layers.0.encoder_attn.k_proj": 1}}
+
+
+def _seq2seq_cases():
+    for name in (name for name, family in FAMILIES.items() if family.task == SEQ2SEQ):
+        for setting in SETTINGS:
+            yield pytest.param(name, setting, id=f"{name}-{setting}")
+
+
+@pytest.mark.parametrize("name,setting", list(_seq2seq_cases()))
+def test_encoder_decoder_generates_like_torch(name, setting, tmp_path):
+    """T5 and BART: one plan over the encoder, decoder and decoder-with-past files, every quantized layer a
+    low-bit kernel in each file that holds it; optimum's ORTModelForSeq2SeqLM greedy-decodes torch's tokens."""
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    family = FAMILIES[name]
+    model = family.build()
+    result = cptquant.export(model, tmp_path / "out", task=family.task, verify=False, calib_samples=16, seq_len=32,
+                             **SETTINGS[setting])
+    report = result.report
+    assert set(SEQ2SEQ_FILES) <= set(report["files"]) and "model.onnx" not in report["files"]
+    assert report["model_bytes"] == sum(report["files"][f] for f in SEQ2SEQ_FILES)  # every file's own copies
+    check = report["graph_check"]
+    quantized = [n for n, lp in result.plan.layers.items() if lp.bits < 16]
+    assert quantized and check["unfused"] == []
+    for layer, copies in SEQ2SEQ_COPIES[name].items():
+        if result.plan.layers[layer].bits < 16:
+            assert len(report["layers"][layer]["kernels"]) == copies, (layer, report["layers"][layer])
+    if setting == "tdmpq5":
+        assert report["average_bits"] <= 5.0 + 1e-6
+    assert report["parity_vs_torch_fp32"]["min_cosine"] >= MIN_COSINE[setting]
+
+    ort_model = ORTModelForSeq2SeqLM.from_pretrained(result.paths.folder)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(4, family.config["vocab_size"], size=(2, 10)))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    greedy = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, num_beams=1, output_scores=True,
+                  return_dict_in_generate=True)  # min_new_tokens: a random model may end on its first step
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    got = ort_model.generate(input_ids=ids, attention_mask=mask, **greedy)
+    assert torch.equal(got.sequences, expected.sequences)
+    # Compared where torch scores a token: min_new_tokens sets the end token to -inf, BART's forced end token
+    # every other token at the last step (a step with one candidate left has nothing to compare).
+    finite = [torch.isfinite(e) for e in expected.scores]
+    scores = [_cosine(g[f].numpy(), e[f].numpy())
+              for g, e, f in zip(got.scores, expected.scores, finite) if int(f.sum()) > f.shape[0]]
+    assert scores
+    assert min(scores) >= MIN_COSINE[setting], scores  # the with-past decoder's steps too

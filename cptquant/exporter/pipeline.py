@@ -141,6 +141,9 @@ def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict
     graph = build_layer_graph(loaded.model)
     layer_maps = {name: build_layer_map(proto, loaded.model, graph) for name, proto in protos.items()}
     used = {name for layer_map in layer_maps.values() for name in layer_map.mapped}
+    # A tie's owner stays planned when its partners alone read the weight (BART's model.shared, read as the
+    # encoder's and decoder's token embeddings): the passes give every tied layer its owner's bits.
+    used |= {layer.tied_to for layer in graph.layers if layer.tied_to and layer.name in used}
     unused = [layer.name for layer in graph.layers if layer.name not in used]
     through = {}  # a tied layer no file reads by its own name -> the partner the first file reads it through
     for layer_map in layer_maps.values():
