@@ -27,7 +27,8 @@ ORT_CLASSES = {FEATURES: "ORTModelForFeatureExtraction", CLASSIFICATION: "ORTMod
 SETTINGS = {"bits4": dict(bits=4), "bits8": dict(bits=8), "tdmpq5": dict(method="tdmpq", target_bits=5)}
 # Random tiny models: 4-bit noise is large against their unstructured weights; 8 bits must be near exact.
 MIN_COSINE = {"bits4": 0.9, "bits8": 0.995, "tdmpq5": 0.93}
-REPRESENTATIVE = ("bert", "llama", "gpt_neox")  # an encoder, a grouped-query decoder, a fused-QKV decoder
+REPRESENTATIVE = ("bert", "llama", "gpt_neox", "t5")  # an encoder, a grouped-query decoder, a fused-QKV decoder,
+# an encoder-decoder
 
 
 def _cases():
@@ -127,7 +128,8 @@ SEQ2SEQ_COPIES = {"t5": {"decoder.block.0.layer.0.SelfAttention.q": 2, "shared":
 def _seq2seq_cases():
     for name in (name for name, family in FAMILIES.items() if family.task == SEQ2SEQ):
         for setting in SETTINGS:
-            yield pytest.param(name, setting, id=f"{name}-{setting}")
+            slow = setting != "bits4" and name not in REPRESENTATIVE
+            yield pytest.param(name, setting, marks=[pytest.mark.matrix] if slow else [], id=f"{name}-{setting}")
 
 
 @pytest.mark.parametrize("name,setting", list(_seq2seq_cases()))
