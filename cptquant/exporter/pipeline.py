@@ -145,7 +145,7 @@ def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict
     # encoder's and decoder's token embeddings): the passes give every tied layer its owner's bits.
     used |= {layer.tied_to for layer in graph.layers if layer.tied_to and layer.name in used}
     unused = [layer.name for layer in graph.layers if layer.name not in used]
-    through = {}  # a tied layer no file reads by its own name -> the partner the first file reads it through
+    through: dict[str, str] = {}  # a tied layer no file reads by its own name -> the partner the first file reads it through
     for layer_map in layer_maps.values():
         for name, partner in layer_map.read_through.items():
             through.setdefault(name, partner)
@@ -213,8 +213,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 graph, layer_maps, absent = exported_files_layer_graph(loaded, fp32_dir, protos)
                 format_choice = None
                 if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
-                    format_choice = choose_format(loaded, model_proto, graph, layer_maps[files[0][0]].uses(),  # its
-                                                  fp32_dir,  # bytes
+                    first_uses = layer_maps[files[0][0]].uses()  # its bytes; seq2seq models are not measured
+                    format_choice = choose_format(loaded, model_proto, graph, first_uses, fp32_dir,
                                                   tmp / "format-probes")
                     fmt = format_choice.format
             with steps.step(timings):
@@ -228,20 +228,20 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 smoothing = (_input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
                 per_file = {}  # file -> its layers as lowered
-                for name, written in files:
+                for name, out_name in files:
                     lowered = lower_model(protos.pop(name), layer_maps[name].uses(), plan, KernelChoice(fmt),
                                           quantizer, smoothing)
                     per_file[name] = lowered.layers
-                    save_onnx(lowered.model, out_dir / written)
+                    save_onnx(lowered.model, out_dir / out_name)
                     del lowered
                 del model_proto
                 for side in side_files(fp32_dir):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):
                 checks = {}
-                for name, written in files:
+                for name, out_name in files:
                     uses, rewritten = layer_maps[name].uses(), per_file[name]
-                    graph_check = check_kernels(out_dir / written, rewritten)
+                    graph_check = check_kernels(out_dir / out_name, rewritten)
                     if graph_check.unfused and fmt == FORMAT_QDQ:
                         # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add +
                         # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
@@ -249,9 +249,9 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                         kernels = KernelChoice(fmt, {layer: FORMAT_NBITS for layer in repaired})
                         lowered = lower_model(load_onnx(fp32_dir / name), uses, plan, kernels, quantizer, smoothing)
                         per_file[name] = rewritten = lowered.layers
-                        save_onnx(lowered.model, out_dir / written)
+                        save_onnx(lowered.model, out_dir / out_name)
                         del lowered
-                        graph_check = check_kernels(out_dir / written, rewritten)
+                        graph_check = check_kernels(out_dir / out_name, rewritten)
                         graph_check.repaired = repaired
                     checks[name] = graph_check
                 graph_check = merge_checks(list(checks.values()))
