@@ -159,6 +159,7 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
     from .layer_graph import build_layer_graph
     from .passes import analyze as run_analysis, check_options, plan_from_scores
+    from .seq2seq_inputs import decoder_reads_input
 
     methods = tuple(methods)
     options = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
@@ -168,7 +169,8 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     check_options(options, methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
     graph = build_layer_graph(loaded.model)
-    result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
+    with decoder_reads_input(loaded.model):  # an encoder-decoder model decodes its calibration text
+        result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
     plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,
                                  non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
              for m, s in result.scores.items()}

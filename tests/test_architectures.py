@@ -5,6 +5,7 @@ is loaded with optimum's ORTModelFor* for its task, and its outputs are compared
 export itself fails if a quantized layer would not run as a low-bit kernel. `make test` runs every
 family at --bits 4 and a representative few at all three settings; `pytest -m matrix` (make
 test-matrix) runs the rest of the matrix: --bits 8 and --method tdmpq --target-bits 5 for all.
+Encoder-decoder families (T5, BART) are loaded with ORTModelForSeq2SeqLM and greedy-decode torch's tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import torch
 import cptquant
 from cptquant.tiny_families import (CAUSAL_LM, CLASSIFICATION, FAMILIES, FEATURES, MASKED_LM, SEQ2SEQ,
                                     TOKEN_CLASSIFICATION)
+
+from test_report_schemas import _errors
 
 ORT_CLASSES = {FEATURES: "ORTModelForFeatureExtraction", CLASSIFICATION: "ORTModelForSequenceClassification",
                TOKEN_CLASSIFICATION: "ORTModelForTokenClassification", MASKED_LM: "ORTModelForMaskedLM",
@@ -144,7 +147,9 @@ def test_encoder_decoder_generates_like_torch(name, setting, tmp_path):
                              **SETTINGS[setting])
     report = result.report
     assert set(SEQ2SEQ_FILES) <= set(report["files"]) and "model.onnx" not in report["files"]
-    assert report["model_bytes"] == sum(report["files"][f] for f in SEQ2SEQ_FILES)  # every file's own copies
+    assert report["model_files"] == list(SEQ2SEQ_FILES)  # what model_bytes counts: every file's own copies
+    assert report["model_bytes"] == sum(report["files"][f] for f in SEQ2SEQ_FILES)
+    assert _errors("export-report.schema.json", report) == []
     check = report["graph_check"]
     quantized = [n for n, lp in result.plan.layers.items() if lp.bits < 16]
     assert quantized and check["unfused"] == []

@@ -282,6 +282,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None
+                report.model_files = [out_name for _, out_name in files] if len(files) > 1 else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
                     report.calibration_text = {"calib": calibration.calib if calibration else None,
                                                "text_field": calibration.text_field if calibration else "text"}
