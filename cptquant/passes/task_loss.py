@@ -1,7 +1,7 @@
 """The one task loss every pass measures damage with (PMPQ, TDMPQ, the oracle).
 
 It needs no labels: causal and masked LMs use their own training objective on the calibration
-text; classifiers and feature extractors are compared with the FP32 model's outputs, computed
+text, encoder-decoder LMs decode the text they are given (seq2seq_inputs.py); classifiers and feature extractors are compared with the FP32 model's outputs, computed
 once here and reused by every pass.
 """
 
@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
+LM_TASKS = (TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ)  # a cross-entropy on tokens of the text itself
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,7 @@ class TaskLoss:
         self.targets: list[torch.Tensor] = []  # MLM labels, or FP32 reference outputs
         if self.task == TASK_MASKED_LM:
             self._make_mlm_mask(loaded, seed)
-        elif self.task != TASK_CAUSAL_LM and references:
+        elif self.task not in LM_TASKS and references:
             with torch.no_grad():
                 self.targets = [self._output(loaded.model, b) for b in self.inputs]
 
@@ -64,11 +65,11 @@ class TaskLoss:
 
     def _output(self, model, batch) -> torch.Tensor:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
-        extra = {"use_cache": False} if self.task == TASK_CAUSAL_LM else {}
+        extra = {"use_cache": False} if self.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ) else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if self.task in CLASSIFIER_TASKS:
             return out.logits
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
+        if self.task in LM_TASKS:
             return out.logits
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
 
@@ -84,13 +85,15 @@ class TaskLoss:
         if self.task == TASK_MASKED_LM:
             return self.targets[index]
         batch = self.inputs[index]
+        if self.task == TASK_SEQ2SEQ:  # the decoder read the input shifted right: it predicts each input token
+            return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         # Labels shifted left (last position ignored) instead of slicing the logits: no copy of them.
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).roll(-1, dims=1)
         labels[:, -1] = -100
         return labels
 
     def loss_of(self, output: torch.Tensor, index: int) -> torch.Tensor:
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
+        if self.task in LM_TASKS:
             return F.cross_entropy(output.flatten(0, 1), self._lm_labels(index).flatten(), ignore_index=-100)
         if not self.targets:
             raise RuntimeError("this TaskLoss was built without FP32 references")
@@ -109,7 +112,7 @@ class TaskLoss:
 
     def has_zero_gradient_at_reference(self) -> bool:
         """KL / cosine to the FP32 outputs are minimal (zero) at FP32: their gradient vanishes there."""
-        return self.task not in (TASK_CAUSAL_LM, TASK_MASKED_LM)
+        return self.task not in LM_TASKS
 
     def curvature_objective(self, output: torch.Tensor, index: int, gen: torch.Generator) -> torch.Tensor:
         """A scalar whose gradient g has E[g gᵀ] = the Gauss-Newton matrix of this batch's loss.
@@ -122,7 +125,7 @@ class TaskLoss:
         mean loss. The model must be at FP32: its own output stands in for the reference.
         """
         reference = output.detach()
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM) + CLASSIFIER_TASKS:
+        if self.task in LM_TASKS + CLASSIFIER_TASKS:
             flat = output.flatten(0, -2)
             sampled = _sample_rows(F.softmax(reference.flatten(0, -2), -1), gen)
             if self.task in CLASSIFIER_TASKS:
