@@ -89,7 +89,7 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     defaults to qdq so that a script's output does not depend on the machine it runs on.
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
-    from .model_loading import normalize_task
+    from .model_loading import TASK_SEQ2SEQ, normalize_task
     from .output_folder import claim_output
     from .passes import check_options
     from .passes.measurements import CalibrationMeasurements
@@ -122,6 +122,9 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads
         loaded = _load(model, tokenizer, task, trust_remote_code)
+        if loaded.task == TASK_SEQ2SEQ and analysis.max_size_mb is not None:
+            raise CptqError("--max-size-mb is not supported for encoder-decoder models: the budget counts each "
+                            "layer once, but the decoder files each store their own copy (use --target-bits)")
         return export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
                                 report_extras=report_extras, verify=short_verification if verify else None,
                                 algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
@@ -158,6 +161,7 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
     from .layer_graph import build_layer_graph
     from .passes import analyze as run_analysis, check_options, plan_from_scores
+    from .seq2seq_inputs import decoder_reads_input
 
     methods = tuple(methods)
     options = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
@@ -168,7 +172,8 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     check_options(options, methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
     graph = build_layer_graph(loaded.model)
-    result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
+    with decoder_reads_input(loaded.model):  # an encoder-decoder model decodes its calibration text
+        result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
     plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,
                                  non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
              for m, s in result.scores.items()}

@@ -392,3 +392,26 @@ def test_lm_loss_top_k_is_a_positive_lower_bound_and_ce_is_the_models_own_loss()
 def test_unknown_lm_loss_is_refused_before_any_model_loads():
     with pytest.raises(CptqError, match="--lm-loss"):
         analyze(None, None, ("tdmpq",), AnalysisOptions(lm_loss="mse"))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_replays_its_encoder_blocks_exactly(family):
+    """An encoder-decoder model's blocks are its encoder's (T5's decoder block holds a 3-long list of sub-layers,
+    not blocks): replaying them gives the oracle the scores of full passes, decoder layers recomputed whole."""
+    from cptquant.layer_graph import block_container
+    from cptquant.passes.block_replay import BlockReplay
+    from cptquant.passes.oracle import oracle_scores
+    from cptquant.seq2seq_inputs import decoder_reads_input
+    from cptquant.tiny_families import FAMILIES
+
+    model = FAMILIES[family].build()
+    loaded, graph = wrap_model(model), build_layer_graph(model)
+    assert block_container(model) == {"t5": "encoder.block", "bart": "model.encoder.layers"}[family]
+    with decoder_reads_input(model):
+        calib = build_calibration(loaded, samples=8, seq_len=16)
+        loss = TaskLoss(loaded, calib)
+        full = BlockReplay(model, graph, loss, "layer", budget_bytes=0)
+        replay = BlockReplay(model, graph, loss, "layer")
+        assert replay.kept == [0, 1] and replay.base_loss == full.base_loss
+        assert oracle_scores(model, graph, calib, loss, granularity="layer", replay=replay, progress=False) == \
+            oracle_scores(model, graph, calib, loss, granularity="layer", replay=full, progress=False)

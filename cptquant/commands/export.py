@@ -23,7 +23,10 @@ def print_summary(result: ExportResult, console: Console) -> None:
         count_bytes[0] += 1
         count_bytes[1] += entry["bytes_fp32"] // 4
         count_bytes[2] += entry["bytes_after"]
-    table = Table(title=f"{report['model']} → {result.paths.model}", title_justify="left")
+    onnx_names = sorted(name for name in report["files"] if name.endswith(".onnx"))
+    target = (result.paths.model if onnx_names == [result.paths.model.name]  # else a seq2seq model's files
+              else f"{result.paths.folder}/ ({len(onnx_names)} ONNX files)")
+    table = Table(title=f"{report['model']} → {target}", title_justify="left")
     table.add_column("bits", justify="right")
     table.add_column("layers", justify="right")
     table.add_column("parameters", justify="right")

@@ -2,7 +2,8 @@
 
 It needs no labels: every model is compared with its own FP32 outputs, computed once here and
 reused by every pass. Language models by the KL divergence from the FP32 next-token (or masked-
-token) distribution; classifiers by KL of their logits; feature extractors by cosine distance.
+token) distribution — an encoder-decoder's decoder re-reads its input (seq2seq_inputs.py); classifiers
+by KL of their logits; feature extractors by cosine distance.
 
 Why KL and not the LM's cross-entropy on the calibration text (the `ce` objective, kept for
 comparison): quantization damage is any change of what the model predicts. The change in
@@ -16,11 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
-LM_TASKS = (TASK_CAUSAL_LM, TASK_MASKED_LM)
+LM_TASKS = (TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ)  # predict tokens of the text itself
 LM_OBJECTIVES = ("kl", "ce")
 # The FP32 reference of a language model is kept as its top-k probabilities plus one bin for the rest:
 # KL over that coarsened distribution is a lower bound of the full KL (and 0 at FP32, with zero
@@ -87,11 +88,11 @@ class TaskLoss:
 
     def _output(self, model, batch) -> torch.Tensor:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
-        extra = {"use_cache": False} if self.task == TASK_CAUSAL_LM else {}
+        extra = {"use_cache": False} if self.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ) else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if self.task in CLASSIFIER_TASKS:
             return out.logits
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
+        if self.task in LM_TASKS:
             return out.logits
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
 
@@ -107,6 +108,8 @@ class TaskLoss:
         if self.task == TASK_MASKED_LM:
             return self.labels[index]
         batch = self.inputs[index]
+        if self.task == TASK_SEQ2SEQ:  # the decoder read the input shifted right: it predicts each input token
+            return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         # Labels shifted left (last position ignored) instead of slicing the logits: no copy of them.
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).roll(-1, dims=1)
         labels[:, -1] = -100
@@ -151,7 +154,7 @@ class TaskLoss:
         mean loss. The model must be at FP32: its own output stands in for the reference.
         """
         reference = output.detach()
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM) + CLASSIFIER_TASKS:
+        if self.task in LM_TASKS + CLASSIFIER_TASKS:
             flat = output.flatten(0, -2)
             sampled = _sample_rows(F.softmax(reference.flatten(0, -2), -1), gen)
             if self.task in CLASSIFIER_TASKS:
