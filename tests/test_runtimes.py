@@ -521,7 +521,7 @@ def test_two_exports_in_one_folder_have_their_own_baselines(tiny_bert_source, tm
     folder = tmp_path / "deploy"
     export_quantized(load_model(str(tiny_bert_source)), lambda _l, graph: uniform_plan(graph, 8), folder / "int8.onnx",
                      progress=False)
-    # the second export writes config.json again (the same bytes): replacing a file takes force (output_folder.py)
+    # the second export writes config.json again (the same bytes): replacing a file takes force (output_folder/targets.py)
     export_quantized(load_model(str(tiny_bert_source)), lambda _l, graph: uniform_plan(graph, 4), folder / "int4.onnx",
                      progress=False, force=True)
     caches = {name: baseline_dir(folder, f"{name}.onnx") for name in ("int8", "int4")}
