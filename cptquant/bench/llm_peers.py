@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,12 +137,13 @@ def build_ort_nbits(fp32_dir: Path, out_dir: Path, algorithm: str, calibration: 
 
     start = time.perf_counter()
     model = onnx.load(str(fp32_dir / MODEL_FILE))
-    configs = {
+    configs: dict[str, Callable[[], object] | None] = {
         "default": None,
         "k_quant": lambda: mnq.KQuantWeightOnlyQuantConfig(),
         "gptq": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration), block_size=128),
     }
-    algo_config = configs[algorithm]() if configs[algorithm] else None
+    make_config = configs[algorithm]
+    algo_config = make_config() if make_config is not None else None
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, algo_config=algo_config)
     quantizer.process()
     proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model

@@ -88,20 +88,18 @@ def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.nda
     lo = np.minimum(blocks.min(axis=1), 0.0)  # keep 0 exactly representable
     hi = np.maximum(blocks.max(axis=1), 0.0)
 
-    def params(lo_, hi_):
+    def params(lo_: np.ndarray, hi_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scale = _safe_scale((hi_ - lo_) / levels)
         return scale, np.clip(np.rint(-lo_ / scale), 0, levels)
 
     if clip != "mse":
         return params(lo, hi)
-    best_scale = best_zp = None
+    best_scale, best_zp = params(lo * _MSE_RATIOS[0], hi * _MSE_RATIOS[0])  # the loop's first ratio: kept where no ratio is better
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
     for ratio in _MSE_RATIOS:
         scale, zp = params(lo * ratio, hi * ratio)
         q = _asymmetric_codes(blocks, scale, zp, bits)
         err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
-        if best_scale is None:
-            best_scale, best_zp = scale, zp
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)

@@ -21,7 +21,11 @@ GPTQ_BITS = (4,)
 
 class RoundToNearest:
     name = "rtn"
-    used_calibration = False  # whether calibration text was read (the report records which)
+
+    @property
+    def used_calibration(self) -> bool:
+        """Whether calibration text was read (the report records which)."""
+        return False
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
@@ -59,7 +63,8 @@ class Gptq(RoundToNearest):
     def used_calibration(self) -> bool:
         return bool(self._hessians)
 
-    def __call__(self, layer, weight_kn, bits, block_size, symmetric, clip, input_scale=None) -> QuantizedWeight:
+    def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                 clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
