@@ -16,9 +16,9 @@ GEMM and rounds activations far less, so they keep `qdq` (MatMulNBits).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -130,8 +130,8 @@ def _load() -> float:
 def _interleaved_p50(adapter, sessions: dict, vocab_size: int, max_positions: int, rounds: int,
                      max_seconds: float) -> dict[str, dict[str, float]]:
     """variant -> shape key -> median ms; variants rotate within each round so load falls on all alike."""
-    from .runtimes.base import timed
     from .onnx_io.inputs import feeds_for
+    from .runtimes.base import timed
 
     names = list(sessions)
     out: dict[str, dict[str, float]] = {n: {} for n in names}

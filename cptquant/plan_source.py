@@ -7,15 +7,30 @@ loaded model and its exported layer graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 from .errors import CptqError
 from .layer_graph import LayerGraph
 from .model_loading import LoadedModel
-from .overrides import (Override, Overrides, apply_overrides, average_bits, budget_without_pinned, parse_overrides,
-                        pinned_bits)
-from .plan import SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points, check_block_size, fill_missing_layers, uniform_plan
+from .overrides import (
+    Override,
+    Overrides,
+    apply_overrides,
+    average_bits,
+    budget_without_pinned,
+    parse_overrides,
+    pinned_bits,
+)
+from .plan import (
+    SUPPORTED_BITS,
+    ZERO_POINT_MODES,
+    Plan,
+    apply_zero_points,
+    check_block_size,
+    fill_missing_layers,
+    uniform_plan,
+)
 from .quant.quantize import CLIP_METHODS
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
@@ -26,9 +41,9 @@ RULE_METHOD = "rule"  # not a pass: the k_quant_mixed layer rule of llama.cpp an
 DEFAULT_METHOD = "tdmpq"
 
 
-def plan_factory(method: Optional[str], plan_file: Optional[Path | Plan], bits: Optional[int], block_size: int,
+def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int,
                  clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
-                 report_extras: Optional[dict] = None, default_bits: Optional[int] = None,
+                 report_extras: dict | None = None, default_bits: int | None = None,
                  overrides: Sequence[str] | Overrides = ()) -> PlanFactory:
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 

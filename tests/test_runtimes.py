@@ -18,16 +18,16 @@ from typer.testing import CliRunner
 
 from cptquant.cli import app
 from cptquant.errors import CptqError
-from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model, wrap_model
+from cptquant.onnx_io.baselines import baseline_dir
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.plan import uniform_plan
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.runtimes.cuda import CudaAdapter
-from cptquant.onnx_io.inputs import feeds_for
+from cptquant.runtimes.gate import parse_fraction
 from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
-from cptquant.runtimes.gate import parse_fraction
 from cptquant.runtimes.verify import short_verification
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..onnx_io.onnx_export import MODEL_FILE
 from ..model_loading import load_model
+from ..onnx_io.onnx_export import MODEL_FILE
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality

@@ -189,8 +189,8 @@ def build_genai(hf_dir: Path, out_dir: Path, name: str, extra_options: tuple[str
 def calibration_feeds(loaded, session, samples: int, seq_len: int) -> list[dict]:
     """Our calibration text (the offline corpus, as `cptq-export` reads it by default), one sample per
     feed, unpadded, with an empty KV cache: the inputs NNCF and ORT's GPTQ run the ONNX model on."""
-    from ..passes.calibration import build_calibration
     from ..onnx_io.inputs import feeds_for
+    from ..passes.calibration import build_calibration
 
     calib = build_calibration(loaded, None, "text", samples, seq_len, 0)
     feeds = []

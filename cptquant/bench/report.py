@@ -15,9 +15,9 @@ from .run import ModelResult, Variant
 
 
 def machine() -> str:
-    from ..runtimes.cpu import _cpu_model
-
     import os
+
+    from ..runtimes.cpu import _cpu_model
 
     return (f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"onnxruntime {ort.__version__}, CPU execution provider with 2 intra-op threads")

@@ -4,23 +4,23 @@ then quality and interleaved latency of every variant in the same run."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..exporter.pipeline import export_quantized, exported_layer_graph
-from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..passes import AnalysisOptions, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows
 from ..passes.measurements import CalibrationMeasurements
 from ..plan import Plan, apply_zero_points, uniform_plan
+from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from ..runtimes.speed import SpeedSettings, measure_latency
-from .pass_memory import measure as measure_pass_memory
 from .anchors import FP16, FP32, ORT_INT4, ORT_INT8, build_anchors
+from .pass_memory import measure as measure_pass_memory
 
 ANCHORS = (FP32, FP16, ORT_INT8, ORT_INT4)
 

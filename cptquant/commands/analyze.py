@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from typer import Argument, Option
 
 from ..errors import CptqError
-from ..output_folder import (Staging, check_writable, claim_output, commit, output_path, owned_files,
-                             refuse_folders_in_place, refuse_replacing)
+from ..output_folder import (
+    Staging,
+    check_writable,
+    claim_output,
+    commit,
+    output_path,
+    owned_files,
+    refuse_folders_in_place,
+    refuse_replacing,
+)
 from . import options
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
@@ -53,6 +60,7 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     units = list(result.units)
     series = dict(result.scores)
@@ -73,7 +81,7 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
     axes[len(series) - 1, 0].set_xticklabels(units, rotation=90, fontsize=6)
     if graph is not None:
         _plot_depth(axes[-1, 0], result, series, graph)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     fig.legend(handles, [f"{b} bits" for b in colours], loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -81,12 +89,12 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
 
 
 def analyze(
-    model: Optional[str] = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
+    model: str | None = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
     method: str = Option("cmpq", "--method", "-m", help="cmpq, pmpq, tdmpq or all."),
     validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
     out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
-    task: Optional[str] = options.TASK,
-    calib: Optional[str] = options.CALIB,
+    task: str | None = options.TASK,
+    calib: str | None = options.CALIB,
     text_field: str = options.TEXT_FIELD,
     calib_samples: int = options.CALIB_SAMPLES,
     seq_len: int = options.SEQ_LEN,
@@ -94,8 +102,8 @@ def analyze(
     sparsity: str = options.SPARSITY,
     bit_widths: str = options.BIT_WIDTHS,
     granularity: str = options.GRANULARITY,
-    target_bits: Optional[float] = options.TARGET_BITS,
-    max_size_mb: Optional[float] = options.MAX_SIZE_MB,
+    target_bits: float | None = options.TARGET_BITS,
+    max_size_mb: float | None = options.MAX_SIZE_MB,
     block_size: int = options.BLOCK_SIZE,
     clip: str = options.CLIP,
     cca: str = options.CCA,

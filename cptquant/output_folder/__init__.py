@@ -17,11 +17,32 @@ from __future__ import annotations
 
 from .debris import UNOWNED_DEBRIS_AGE_S, remove_debris
 from .lock import claim_output, lock_path, output_lock
-from .signals import (HANDLED_SIGNALS, PAUSE_ENV, Interrupted, committing, handle_signals, held_signals,
-                      install_startup_handlers, interrupted_message, pause_point, raise_if_interrupted)
+from .signals import (
+                      HANDLED_SIGNALS,
+                      PAUSE_ENV,
+                      Interrupted,
+                      committing,
+                      handle_signals,
+                      held_signals,
+                      install_startup_handlers,
+                      interrupted_message,
+                      pause_point,
+                      raise_if_interrupted,
+)
 from .staging import Staging, commit, replace_dir, rollback
-from .targets import (SIDE_FILES, VERIFY_CANDIDATE, VERIFY_REPORT_DIR, check_target, check_writable, existing_files,
-                      output_path, owned_by_export, owned_files, refuse_folders_in_place, refuse_replacing)
+from .targets import (
+                      SIDE_FILES,
+                      VERIFY_CANDIDATE,
+                      VERIFY_REPORT_DIR,
+                      check_target,
+                      check_writable,
+                      existing_files,
+                      output_path,
+                      owned_by_export,
+                      owned_files,
+                      refuse_folders_in_place,
+                      refuse_replacing,
+)
 from .work_files import BACKUP, CACHE_DIR_NAME, JOURNAL, LOCK_SUFFIX, OWNER_LOCK, STAGED, STAGING_PREFIX
 
 __all__ = [

@@ -63,7 +63,8 @@ class Staging:
 
 def read_journal(root: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((root / JOURNAL).read_text())
+        journal: dict[str, Any] = json.loads((root / JOURNAL).read_text())  # written by _commit_into
+        return journal
     except (OSError, ValueError):
         return None
 

@@ -22,6 +22,9 @@ JOURNAL = "journal.json"
 STAGED = "out"  # the new output folder inside a staging folder
 BACKUP = "old"  # files an existing folder had, moved aside during a commit
 
+__all__ = ["BACKUP", "CACHE_DIR_NAME", "JOURNAL", "LOCK_SUFFIX", "OWNER_LOCK", "STAGED", "STAGING_PREFIX", "fcntl",
+           "writable_dir"]
+
 
 def writable_dir(path: Path) -> bool:
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)

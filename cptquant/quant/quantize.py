@@ -60,11 +60,13 @@ def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
 
 def _symmetric_codes(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
-    return np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    codes: np.ndarray = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    return codes
 
 
 def _asymmetric_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 2**bits - 1)
+    codes: np.ndarray = np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 2**bits - 1)
+    return codes
 
 
 def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str) -> np.ndarray:

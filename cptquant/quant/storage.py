@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,9 +97,8 @@ def _packed_length(length: int, bits: int) -> int:
 
 def _unsigned_codes(qw: QuantizedWeight) -> np.ndarray:
     """uint8 codes; symmetric ones shifted by 2^(bits-1), the zero point a kernel assumes without one."""
-    if qw.symmetric:
-        return (qw.q.astype(np.int16) + 2 ** (qw.bits - 1)).astype(np.uint8)
-    return qw.q.astype(np.uint8)
+    codes: np.ndarray = qw.q.astype(np.int16) + 2 ** (qw.bits - 1) if qw.symmetric else qw.q
+    return codes.astype(np.uint8)
 
 
 def _as_laid_out(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,10 +115,10 @@ def _as_laid_out(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray])
 class _Layout:
     """A storage whose bytes are the sum of its tensors' (`tensors()` takes the same arguments)."""
 
-    def tensors(self, *args, **kwargs) -> dict[str, TensorLayout]:
+    def tensors(self, *args: Any, **kwargs: Any) -> dict[str, TensorLayout]:
         raise NotImplementedError
 
-    def nbytes(self, *args, **kwargs) -> int:
+    def nbytes(self, *args: Any, **kwargs: Any) -> int:
         return sum(t.nbytes for t in self.tensors(*args, **kwargs).values())
 
 
@@ -219,7 +219,8 @@ class DynamicInt8(_Layout):
         if "zero_points" in arrays:
             expected = expected - arrays["zero_points"].astype(np.float32)
         int8 = np.rint(expected * ratios.reshape(blocks, 1, n)).reshape(blocks * block_size, n)
-        return int8 * arrays["column_scales"]
+        weight: np.ndarray = int8 * arrays["column_scales"]
+        return weight
 
 
 class BlockQuantizedTable(_Layout):

@@ -8,7 +8,7 @@ tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -49,7 +49,7 @@ class Gptq(RoundToNearest):
         self._collect = hessians
         self._wanted = wanted
         self._hessians: dict[str, np.ndarray] | None = None
-        self._done: dict[tuple, QuantizedWeight] = {}
+        self._done: dict[tuple[object, ...], QuantizedWeight] = {}
 
     def hessian(self, layer: str) -> np.ndarray | None:
         if self._hessians is None:

@@ -3,9 +3,11 @@ predictions on randomly masked tokens, and the comparisons of embeddings (cosine
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from ..errors import CptqError
 from ..onnx_io.inputs import feeds_for
@@ -15,12 +17,13 @@ from .eval_text import TextEncoder
 BATCH = 8
 
 
-def encoder_batches(encoder: TextEncoder, texts: list[str], max_length: int):
+def encoder_batches(encoder: TextEncoder, texts: list[str],
+                    max_length: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     for start in range(0, len(texts), BATCH):
         yield encoder.batch(texts[start : start + BATCH], max_length)
 
 
-def mean_pooled(adapter: RuntimeAdapter, session, encoder: TextEncoder, texts: list[str], max_length: int) -> np.ndarray:
+def mean_pooled(adapter: RuntimeAdapter, session: ort.InferenceSession, encoder: TextEncoder, texts: list[str], max_length: int) -> np.ndarray:
     pooled = []
     for ids, mask in encoder_batches(encoder, texts, max_length):
         hidden = next(iter(adapter.run(session, feeds_for(session, ids, mask)).values())).astype(np.float64)
@@ -29,7 +32,7 @@ def mean_pooled(adapter: RuntimeAdapter, session, encoder: TextEncoder, texts: l
     return np.concatenate(pooled)
 
 
-def class_logits(adapter: RuntimeAdapter, session, encoder: TextEncoder, texts: list[str], max_length: int) -> np.ndarray:
+def class_logits(adapter: RuntimeAdapter, session: ort.InferenceSession, encoder: TextEncoder, texts: list[str], max_length: int) -> np.ndarray:
     return np.concatenate([adapter.run(session, feeds_for(session, ids, mask))["logits"]
                            for ids, mask in encoder_batches(encoder, texts, max_length)])
 
@@ -60,7 +63,7 @@ def masked_batches(encoder: TextEncoder, texts: list[str], max_length: int, rate
     return out
 
 
-def masked_top1(adapter: RuntimeAdapter, session, batches: list[MaskedBatch]) -> np.ndarray:
+def masked_top1(adapter: RuntimeAdapter, session: ort.InferenceSession, batches: list[MaskedBatch]) -> np.ndarray:
     preds = []
     for b in batches:
         logits = adapter.run(session, feeds_for(session, b.ids, b.mask))["logits"]
@@ -69,11 +72,13 @@ def masked_top1(adapter: RuntimeAdapter, session, batches: list[MaskedBatch]) ->
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    cos: np.ndarray = (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+    return cos
 
 
 def nearest_neighbours(embeddings: np.ndarray) -> np.ndarray:
     unit = embeddings / (np.linalg.norm(embeddings, axis=1, keepdims=True) + 1e-30)
     similarity = unit @ unit.T
     np.fill_diagonal(similarity, -np.inf)
-    return similarity.argmax(axis=1)
+    nearest: np.ndarray = similarity.argmax(axis=1)
+    return nearest

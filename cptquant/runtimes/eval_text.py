@@ -7,11 +7,15 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..corpus import evaluation_sentences
 from ..errors import CptqError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 
 def evaluation_texts(n: int) -> list[str]:
@@ -25,7 +29,7 @@ def evaluation_texts(n: int) -> list[str]:
 @dataclass
 class EvalSet:
     texts: list[str]
-    labels: list | None = None  # ints or label names, classification only
+    labels: list[int | str] | None = None  # ints or label names, classification only
 
 
 def load_eval_file(path: Path) -> EvalSet:
@@ -59,9 +63,9 @@ class TextEncoder:
     """Text to token ids: the model folder's tokenizer, or, for a folder without one (tiny test
     models), a deterministic word hash into the vocabulary so the same text always gives the same ids."""
 
-    def __init__(self, folder: Path, config, trust_remote_code: bool = False):
+    def __init__(self, folder: Path, config: PretrainedConfig, trust_remote_code: bool = False):
         self.vocab_size = int(config.vocab_size)
-        self.tokenizer = None
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
             from transformers import AutoTokenizer
 

@@ -137,8 +137,13 @@ def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, sour
 
     `source` (the command line's --source) says where to reload the model from; without it the report's
     source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
-    from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, write_fingerprint,
-                                     write_fp16)
+    from ..onnx_io.baselines import (
+        baseline_dir,
+        baseline_fingerprint,
+        remove_legacy_baselines,
+        write_fingerprint,
+        write_fp16,
+    )
     from ..onnx_io.onnx_export import export_onnx
     from ..output_folder import Staging, claim_output, replace_dir
 

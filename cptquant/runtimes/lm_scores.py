@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
 
 from ..onnx_io.inputs import feeds_for
 from .base import RuntimeAdapter
@@ -58,28 +59,30 @@ def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    logp: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return logp
 
 
-def score_tokens(adapter: RuntimeAdapter, session, ids: np.ndarray, window: int, stride: int) -> TokenScores:
+def score_tokens(adapter: RuntimeAdapter, session: ort.InferenceSession, ids: np.ndarray, window: int, stride: int) -> TokenScores:
     return score_variants(adapter, {"model": session}, ids, window, stride)[0]["model"]
 
 
 def kl_divergence(logp_reference: np.ndarray, logp: np.ndarray) -> np.ndarray:
     """KL(reference || model) per row of log-probabilities: how far the model's next-token
     distribution moved from the reference's (what llama.cpp reports for its quant types)."""
-    return (np.exp(logp_reference) * (logp_reference - logp)).sum(axis=-1)
+    kl: np.ndarray = (np.exp(logp_reference) * (logp_reference - logp)).sum(axis=-1)
+    return kl
 
 
-def score_variants(adapter: RuntimeAdapter, sessions: dict, ids: np.ndarray, window: int, stride: int,
+def score_variants(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], ids: np.ndarray, window: int, stride: int,
                    candidate: str | None = None) -> tuple[dict[str, TokenScores], dict[str, np.ndarray]]:
     """Every session on the same sliding windows, one window at a time: per variant the NLL and
     top-1 of each scored token, and per other variant the candidate's KL divergence from it on each
     token. Full next-token distributions are compared window by window because a whole evaluation's
     log-probabilities (tokens x vocabulary) do not fit in memory."""
-    nll: dict[str, list] = {name: [] for name in sessions}
-    top1: dict[str, list] = {name: [] for name in sessions}
-    kl: dict[str, list] = {name: [] for name in sessions if candidate is not None and name != candidate}
+    nll: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    top1: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
+    kl: dict[str, list[np.ndarray]] = {name: [] for name in sessions if candidate is not None and name != candidate}
     for begin, end, first in window_spans(len(ids), window, stride):
         chunk = ids[begin:end][None, :]
         targets = ids[first:end]
@@ -92,7 +95,8 @@ def score_variants(adapter: RuntimeAdapter, sessions: dict, ids: np.ndarray, win
             top1[name].append(predicting.argmax(axis=-1))
             if candidate is not None:
                 logps[name] = logp
-        for name in kl:
-            kl[name].append(kl_divergence(logps[name], logps[candidate]))
+        if candidate is not None:  # kl is empty otherwise
+            for name in kl:
+                kl[name].append(kl_divergence(logps[name], logps[candidate]))
     scores = {name: TokenScores(np.concatenate(nll[name]), np.concatenate(top1[name])) for name in sessions}
     return scores, {name: np.concatenate(values) for name, values in kl.items()}

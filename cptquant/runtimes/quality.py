@@ -13,16 +13,33 @@ adapter; `compare` then states the quantized model's figures against each baseli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from ..errors import CptqError
-from ..model_loading import TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_FEATURES, TASK_MASKED_LM, TASK_TOKEN_CLASSIFICATION
+from ..model_loading import (
+    TASK_CAUSAL_LM,
+    TASK_CLASSIFICATION,
+    TASK_FEATURES,
+    TASK_MASKED_LM,
+    TASK_TOKEN_CLASSIFICATION,
+)
 from ..onnx_io.inputs import feeds_for
 from ..progress import progress_bar
 from .base import RuntimeAdapter
-from .encoder_outputs import class_logits, cosines, encoder_batches, masked_batches, masked_top1, mean_pooled, nearest_neighbours
+from .encoder_outputs import (
+    class_logits,
+    cosines,
+    encoder_batches,
+    masked_batches,
+    masked_top1,
+    mean_pooled,
+    nearest_neighbours,
+)
 from .eval_text import EvalSet, TextEncoder, evaluation_texts, load_eval_file
 from .lm_scores import TokenScores, kl_divergence, log_softmax, score_tokens, score_variants, token_stream, window_spans
 
@@ -41,7 +58,7 @@ class QualitySettings:
     lm_stride: int = 64
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "QualitySettings":
+    def for_mode(cls, quick: bool) -> QualitySettings:
         if quick:
             return cls(n_texts=64, lm_tokens=512, lm_window=128, lm_stride=64)
         return cls(n_texts=400, lm_tokens=2048, lm_window=256, lm_stride=128)
@@ -53,11 +70,11 @@ class Quality:
 
     task: str
     n_examples: int
-    variants: dict[str, dict] = field(default_factory=dict)
-    vs: dict[str, dict] = field(default_factory=dict)  # baseline name -> metrics
-    settings: dict = field(default_factory=dict)
+    variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    vs: dict[str, dict[str, float]] = field(default_factory=dict)  # baseline name -> metrics
+    settings: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "n_examples": self.n_examples, "settings": self.settings,
                 "variants": self.variants, **{f"vs_{name}": metrics for name, metrics in self.vs.items()}}
 
@@ -66,7 +83,7 @@ def _round(x: float) -> float:
     return float(round(float(x), 6))
 
 
-def _causal_lm(ctx: "_Context") -> Quality:
+def _causal_lm(ctx: _Context) -> Quality:
     s = ctx.settings
     window = min(s.lm_window, ctx.max_positions)
     stride = min(s.lm_stride, window)
@@ -87,7 +104,7 @@ def _causal_lm(ctx: "_Context") -> Quality:
     return quality
 
 
-def _features(ctx: "_Context") -> Quality:
+def _features(ctx: _Context) -> Quality:
     raw = ctx.run_all(lambda session: mean_pooled(ctx.adapter, session, ctx.encoder, ctx.eval_set.texts, ctx.max_length))
     quality = Quality(TASK_FEATURES, len(ctx.eval_set.texts), settings={"max_length": ctx.max_length})
     quality.variants = {n: {} for n in raw}
@@ -100,7 +117,7 @@ def _features(ctx: "_Context") -> Quality:
     return quality
 
 
-def _classification(ctx: "_Context") -> Quality:
+def _classification(ctx: _Context) -> Quality:
     raw = ctx.run_all(lambda session: class_logits(ctx.adapter, session, ctx.encoder, ctx.eval_set.texts,
                                                    ctx.max_length).argmax(axis=-1))
     labels = _label_ids(ctx.eval_set.labels, ctx.config) if ctx.eval_set.labels is not None else None
@@ -117,9 +134,9 @@ def _classification(ctx: "_Context") -> Quality:
     return quality
 
 
-def _token_classification(ctx: "_Context") -> Quality:
+def _token_classification(ctx: _Context) -> Quality:
     """Per-token labels: the baseline's predictions are the labels, over the real (unpadded) tokens."""
-    def predict(session) -> np.ndarray:
+    def predict(session: ort.InferenceSession) -> np.ndarray:
         return np.concatenate([ctx.adapter.run(session, feeds_for(session, ids, mask))["logits"].argmax(-1)[mask == 1]
                                for ids, mask in encoder_batches(ctx.encoder, ctx.eval_set.texts, ctx.max_length)])
 
@@ -132,7 +149,7 @@ def _token_classification(ctx: "_Context") -> Quality:
     return quality
 
 
-def _masked_lm(ctx: "_Context") -> Quality:
+def _masked_lm(ctx: _Context) -> Quality:
     batches = masked_batches(ctx.encoder, ctx.eval_set.texts, ctx.max_length)
     original = np.concatenate([b.original[b.positions] for b in batches])
     raw = ctx.run_all(lambda session: masked_top1(ctx.adapter, session, batches))
@@ -148,7 +165,7 @@ def _masked_lm(ctx: "_Context") -> Quality:
 @dataclass
 class _Context:
     adapter: RuntimeAdapter
-    sessions: dict
+    sessions: dict[str, ort.InferenceSession]
     encoder: TextEncoder
     config: object
     settings: QualitySettings
@@ -168,7 +185,7 @@ class _Context:
     def max_length(self) -> int:
         return min(self.settings.max_length, self.max_positions)
 
-    def run_all(self, measure) -> dict:
+    def run_all(self, measure: Callable[[ort.InferenceSession], np.ndarray]) -> dict[str, np.ndarray]:
         """measure(session) for every variant, behind one progress bar."""
         out = {}
         with progress_bar(self.progress) as bar:
@@ -183,7 +200,8 @@ _BY_TASK = {TASK_CAUSAL_LM: _causal_lm, TASK_FEATURES: _features, TASK_CLASSIFIC
             TASK_MASKED_LM: _masked_lm, TASK_TOKEN_CLASSIFICATION: _token_classification}
 
 
-def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict, encoder: TextEncoder, config,
+def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], encoder: TextEncoder,
+                    config: object,
                     settings: QualitySettings, eval_set: EvalSet | None = None, candidate: str = "quantized",
                     progress: bool = True) -> Quality:
     """Run every session in `sessions` (name -> InferenceSession) on the same inputs; compare
@@ -194,7 +212,7 @@ def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict, encoder:
     return _BY_TASK[task](_Context(adapter, sessions, encoder, config, settings, eval_set, candidate, progress))
 
 
-def _label_ids(labels: list, config) -> np.ndarray:
+def _label_ids(labels: list[int | str], config: object) -> np.ndarray:
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     out = []
     for label in labels:

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model_loading import TASK_CAUSAL_LM
+from ..onnx_io.inputs import _NP_TYPES, feeds_for
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, timed
-from ..onnx_io.inputs import _NP_TYPES, feeds_for
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SpeedSettings:
     decode_rounds: int = 5
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "SpeedSettings":
+    def for_mode(cls, quick: bool) -> SpeedSettings:
         if quick:
             return cls(encoder_shapes=((1, 16), (1, 128)), warmup=3, runs=15, new_tokens=8, decode_rounds=3)
         return cls()

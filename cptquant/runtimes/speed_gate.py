@@ -16,14 +16,14 @@ interval is below it, INCONCLUSIVE (exit 0, said so) when it straddles the thres
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import numpy as np
 
 from ..model_loading import TASK_CAUSAL_LM
-from .base import RuntimeAdapter, timed
 from ..onnx_io.inputs import feeds_for
+from .base import RuntimeAdapter, timed
 from .speed import SpeedSettings, _random_ids, greedy_decode
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
@@ -40,7 +40,7 @@ class GateSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "GateSettings":
+    def for_mode(cls, quick: bool) -> GateSettings:
         return cls(max_rounds=120, max_seconds=20.0) if quick else cls()
 
 

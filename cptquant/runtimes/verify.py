@@ -9,25 +9,26 @@ variants, measure quality, then latency -> gate (gate.py) -> reports (verify_rep
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import onnxruntime as ort
 
-from ..version import __version__
 from ..errors import CptqError
-from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..model_loading import TASK_CLASSIFICATION
+from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..reports import VerifyReport
+from ..version import __version__
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
+from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
+from .gate import Check, Thresholds, gate
 from .memory import measure_peak_rss
 from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from .speed import SpeedSettings, measure_latency, speedups
-from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
-from .gate import Check, Thresholds, gate
 from .speed_gate import GateSettings, figure_probes, paired_log_ratios, speed_interval
 
 CANDIDATE = VERIFY_CANDIDATE
