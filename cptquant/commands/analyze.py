@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from typer import Argument, Option
 
@@ -20,6 +21,12 @@ from ..output_folder import (
 )
 from . import options
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from ..layer_graph import LayerGraph
+    from ..passes import AnalysisResult
+
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
 
 
@@ -28,9 +35,10 @@ def owned_by_analysis(name: str) -> bool:
     return name in ("scores.json", "scores.png") or (name.startswith("plan-") and name.endswith(".json"))
 
 
-def _depths(result, graph) -> dict[str, int]:
+def _depths(result: AnalysisResult, graph: LayerGraph) -> dict[str, int]:
     """Unit -> depth: its block, -1 for what comes before the blocks (embeddings), num_blocks after (head)."""
-    depths, seen_block = {}, False
+    depths: dict[str, int] = {}
+    seen_block = False
     for unit, names in result.units.items():
         block = graph[names[0]].block
         seen_block = seen_block or block is not None
@@ -38,7 +46,7 @@ def _depths(result, graph) -> dict[str, int]:
     return depths
 
 
-def _plot_depth(ax, result, series: dict, graph) -> None:
+def _plot_depth(ax: Axes, result: AnalysisResult, series: dict[str, dict[str, float]], graph: LayerGraph) -> None:
     """Mean score per depth, each series scaled to its largest: where each method puts the sensitivity."""
     depths = _depths(result, graph)
     xs = sorted(set(depths.values()))
@@ -55,7 +63,7 @@ def _plot_depth(ax, result, series: dict, graph) -> None:
     ax.legend(fontsize=7)
 
 
-def _plot(path: Path, result, plans: dict, graph=None) -> None:
+def _plot(path: Path, result: AnalysisResult, plans: dict[str, dict[str, int]], graph: LayerGraph | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,7 +76,7 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
         series["oracle"] = result.oracle
     rows = len(series) + (graph is not None)
     fig, axes = plt.subplots(rows, 1, figsize=(max(8, len(units) * 0.25), 2.6 * rows), squeeze=False)
-    colours = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}
+    colours: dict[int | None, str] = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}  # None: no plan, grey
     for ax, (method, scores) in zip(axes[:, 0], series.items()):
         values = [scores.get(unit, 0.0) for unit in units]
         bits = plans.get(method, {})
