@@ -32,7 +32,7 @@ ModelLike = Any  # None | str | os.PathLike | transformers.PreTrainedModel
 def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, text_field: str, calib_samples: int,
                  seq_len: int, seed: int, bit_widths: Sequence[int], granularity: str, target_bits: float | None,
                  max_size_mb: float | None, block_size: int, clip: str, zero_points: str, hot_rows: bool,
-                 sparsity: Sequence[float], cca: str, curvature: str) -> "AnalysisOptions":
+                 sparsity: Sequence[float], cca: str, curvature: str, lm_loss: str) -> "AnalysisOptions":
     """AnalysisOptions from keyword arguments, or the caller's own (then the budget arguments must be unset)."""
     from .passes import AnalysisOptions
     from .passes.calibration import check_calibration_file
@@ -46,7 +46,7 @@ def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, t
                               seed=seed, sparsity=tuple(sparsity), bit_widths=tuple(bit_widths),
                               granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb,
                               block_size=block_size, clip=clip, cca=cca, curvature=curvature,
-                              zero_points=zero_points, hot_rows=hot_rows)
+                              zero_points=zero_points, hot_rows=hot_rows, lm_loss=lm_loss)
     check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
     return options
 
@@ -75,8 +75,8 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
            weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
-           granularity: str = "layer", sparsity: Sequence[float] = (0.3,), cca: str = "cca",
-           curvature: str = "fisher", verify: bool = True, force: bool = False, progress: bool = False,
+           granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
+           curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
            trust_remote_code: bool = False) -> "ExportResult":
     """Export `model` to a mixed-precision ONNX folder (`output`: a folder, or the path of its .onnx file).
 
@@ -89,7 +89,7 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     defaults to qdq so that a script's output does not depend on the machine it runs on.
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
-    from .model_loading import normalize_task
+    from .model_loading import TASK_SEQ2SEQ, normalize_task
     from .output_folder import claim_output
     from .passes import check_options
     from .passes.measurements import CalibrationMeasurements
@@ -108,7 +108,8 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     analysis = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
                             seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                             max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
-                            hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature)
+                            hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
+                            lm_loss=lm_loss)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
     task = normalize_task(task) if task else None
     report_extras: dict = {}
@@ -121,6 +122,9 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads
         loaded = _load(model, tokenizer, task, trust_remote_code)
+        if loaded.task == TASK_SEQ2SEQ and analysis.max_size_mb is not None:
+            raise CptqError("--max-size-mb is not supported for encoder-decoder models: the budget counts each "
+                            "layer once, but the decoder files each store their own copy (use --target-bits)")
         return export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
                                 report_extras=report_extras, verify=short_verification if verify else None,
                                 algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
@@ -151,22 +155,25 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
             text_field: str = "text", calib_samples: int = 64, seq_len: int = 128, seed: int = 0,
             bit_widths: Sequence[int] = (16, 8, 4), granularity: str = "layer", block_size: int = 32,
             clip: str = "absmax", zero_points: str = "auto", hot_rows: bool = True,
-            sparsity: Sequence[float] = (0.3,), cca: str = "cca", curvature: str = "fisher",
+            sparsity: Sequence[float] = (), cca: str = "cka", curvature: str = "fisher", lm_loss: str = "kl",
             progress: bool = False, trust_remote_code: bool = False) -> Analysis:
     """Score every layer's sensitivity with each of `methods` (cmpq, pmpq, tdmpq) and allocate bits; with
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
     from .layer_graph import build_layer_graph
     from .passes import analyze as run_analysis, check_options, plan_from_scores
+    from .seq2seq_inputs import decoder_reads_input
 
     methods = tuple(methods)
     options = _calibration(calibration, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
                            seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                            max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
-                           hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature)
+                           hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
+                            lm_loss=lm_loss)
     check_options(options, methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
     graph = build_layer_graph(loaded.model)
-    result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
+    with decoder_reads_input(loaded.model):  # an encoder-decoder model decodes its calibration text
+        result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
     plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,
                                  non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
              for m, s in result.scores.items()}

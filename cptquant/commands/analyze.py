@@ -116,6 +116,7 @@ def analyze(
     clip: str = options.CLIP,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
+    lm_loss: str = options.LM_LOSS,
     zero_points: str = options.ZERO_POINTS,
     hot_rows: bool = options.HOT_ROWS,
     progress: bool = options.PROGRESS,
@@ -133,7 +134,7 @@ def analyze(
     methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
-                                        zero_points, hot_rows)
+                                        zero_points, hot_rows, lm_loss)
     check_options(analysis, methods)  # fail before loading a model
     out = output_path(out)
     check_writable(out)

@@ -22,7 +22,10 @@ def print_summary(result: ExportResult, console: Console) -> None:
         count_bytes[0] += 1
         count_bytes[1] += entry["bytes_fp32"] // 4
         count_bytes[2] += entry["bytes_after"]
-    table = Table(title=f"{report['model']} → {result.paths.model}", title_justify="left")
+    onnx_names = sorted(name for name in report["files"] if name.endswith(".onnx"))
+    target = (result.paths.model if onnx_names == [result.paths.model.name]  # else a seq2seq model's files
+              else f"{result.paths.folder}/ ({len(onnx_names)} ONNX files)")
+    table = Table(title=f"{report['model']} → {target}", title_justify="left")
     table.add_column("bits", justify="right")
     table.add_column("layers", justify="right")
     table.add_column("parameters", justify="right")
@@ -115,6 +118,7 @@ def export(
     max_size_mb: float | None = options.MAX_SIZE_MB,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
+    lm_loss: str = options.LM_LOSS,
     hot_rows: bool = options.HOT_ROWS,
     override: list[str] | None = typer.Option(
         None, "--override",
@@ -131,5 +135,5 @@ def export(
                           zero_points=zero_points, hot_rows=hot_rows, outlier_ratio=outlier_ratio,
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
-                          verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
+                          lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
     print_summary(result, Console(markup=False))  # paths, model names, errors are text: `out[/x]` is no markup tag

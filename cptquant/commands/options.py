@@ -30,6 +30,10 @@ HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
                   help="A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits "
                        "(at most 1/8 of the table; a table the LM head shares fills that 1/8 with the lowest ids).")
 CURVATURE = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson.")
+LM_LOSS = Option("kl", "--lm-loss",
+                 help="Language models: damage measured as KL divergence from the FP32 predictions (kl), or as the "
+                      "change of cross-entropy on the calibration text (ce: signed, and its sign does not carry to "
+                      "other text).")
 
 
 def floats(text: str, what: str) -> tuple[float, ...]:
@@ -49,7 +53,7 @@ def ints(text: str, what: str) -> tuple[int, ...]:
 def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, seq_len: int, seed: int,
                      sparsity: str, bit_widths: str, granularity: str, target_bits: Optional[float],
                      max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str,
-                     zero_points: str = "auto", hot_rows: bool = True):
+                     zero_points: str = "auto", hot_rows: bool = True, lm_loss: str = "kl"):
     from ..passes import AnalysisOptions
     from ..passes.calibration import check_calibration_file
 
@@ -57,7 +61,7 @@ def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, 
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
         sparsity=sparsities(sparsity), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,
-        clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows,
+        clip=clip, cca=cca, curvature=curvature, zero_points=zero_points, hot_rows=hot_rows, lm_loss=lm_loss,
     )
     check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
     return options

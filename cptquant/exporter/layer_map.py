@@ -4,6 +4,10 @@ Matching is by the exporter's scope names (node `/encoder/layer.0/attention/self
 belongs to module `encoder.layer.0.attention.self.query`, or to `model.decoder...` when the top
 module's name was dropped) and is then confirmed by comparing the weight values. A weight reached
 through a `Transpose` of an initializer (a deduplicated tied LM head) is followed too.
+
+Tied layers (T5's and BART's shared embedding: the table, the encoder's and decoder's token embeddings
+and the LM head share one parameter) all match the same weight by value; each use then goes to one of
+them (`_one_owner_per_use`), and a tied layer left with none is read through its partner in that file.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from ..errors import CptqError
-from ..layer_graph import ROLE_CONV1D, Layer, LayerGraph
+from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 
 WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
 
@@ -40,6 +44,8 @@ class LayerMapping:
 class LayerMap:
     mapped: dict[str, LayerMapping]
     absent: list[str]  # layers whose weight the exported graph does not use (e.g. a pooler no output needs)
+    # tied layers whose weight this file reads only through another layer tied to it -> that layer
+    read_through: dict[str, str] = field(default_factory=dict)
 
     def uses(self) -> dict[str, list[WeightUse]]:
         """Each mapped layer's weight uses, in layer order: what the lowering rewrites."""
@@ -126,11 +132,54 @@ def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph:
             absent.append(name)
         else:
             unmapped.append(name)
+    read_through = _one_owner_per_use(mapped, graph)
     if unmapped:
         raise CptqError(f"cannot map {len(unmapped)} layer(s) to ONNX weights: {', '.join(unmapped)} (the weight is "
                         "in the exported file, but no MatMul, Gemm or Gather reads it as a constant 2-D tensor, "
                         "so the rewrite cannot replace it)")
-    return LayerMap(mapped, absent)
+    return LayerMap(mapped, absent, read_through)
+
+
+def _scope_of_node(node_name: str) -> str:
+    return node_name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
+
+
+def _one_owner_per_use(mapped: dict[str, LayerMapping], graph: LayerGraph) -> dict[str, str]:
+    """Give each node claimed by several (tied) layers to one of them, in order of preference: the op fits the
+    layer's role (a Gather reads an embedding, a MatMul or Gemm a linear layer), the node's scope is the
+    layer's name, the scope ends the layer's name, the layer owns the parameter (is tied to none); then the
+    first in model order. Layers left without uses leave `mapped`; returns them -> the layer now owning
+    their first use. A no-op where no node is claimed twice (every untied model)."""
+    claims: dict[str, list[str]] = {}
+    for name, mapping in mapped.items():
+        for use in mapping.uses:
+            claims.setdefault(use.node, []).append(name)
+    order = {name: i for i, name in enumerate(mapped)}
+    owner: dict[str, str] = {}
+    for node, layers in claims.items():
+        if len(layers) == 1:
+            continue
+        op_type = next(u.op_type for u in mapped[layers[0]].uses if u.node == node)
+        scope = _scope_of_node(node)
+
+        def preference(name: str) -> tuple:
+            layer = graph[name]
+            fits = (op_type == "Gather") == (layer.role == ROLE_EMBEDDING)
+            return (not fits, name != scope, not _matches_scope(name, scope), layer.tied_to is not None, order[name])
+
+        owner[node] = min(layers, key=preference)
+    if not owner:
+        return {}
+    read_through: dict[str, str] = {}
+    for name in list(mapped):
+        uses = mapped[name].uses
+        kept = [use for use in uses if owner.get(use.node, name) == name]
+        if not kept:
+            read_through[name] = owner[uses[0].node]
+            del mapped[name]
+        else:
+            mapped[name].uses = kept
+    return read_through
 
 
 def _value_present(views, initializers, array) -> bool:

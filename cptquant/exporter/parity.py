@@ -60,3 +60,32 @@ def measure_parity(loaded: LoadedModel, model_path: Path, n: int = 4) -> Parity:
         diffs.append(float(np.abs(got - expected).max()))
         cosines.append(_cosine(got, expected))
     return Parity(len(diffs), max(diffs), float(np.mean(cosines)), min(cosines))
+
+
+def seq2seq_torch_logits(loaded: LoadedModel, input_ids: np.ndarray, decoder_ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        ids = torch.from_numpy(input_ids.astype(np.int64))
+        out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                           decoder_input_ids=torch.from_numpy(decoder_ids.astype(np.int64)), use_cache=False)
+    logits: torch.Tensor = out.logits
+    return logits.float().numpy()
+
+
+def measure_seq2seq_parity(loaded: LoadedModel, folder: Path, n: int = 4) -> Parity:
+    """An encoder-decoder export's logits against torch's: the encoder file, then the decoder file (no past)
+    decoding the input shifted right. The with-past decoder holds the same weights, lowered alike; the
+    architecture matrix checks it through generate (tests/test_architectures.py)."""
+    encoder = ort.InferenceSession(str(folder / "encoder_model.onnx"), providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(folder / "decoder_model.onnx"), providers=["CPUExecutionProvider"])
+    diffs, cosines = [], []
+    for ids in sample_inputs(loaded, n):
+        ids = ids.astype(np.int64)
+        decoder_ids = loaded.model.prepare_decoder_input_ids_from_labels(labels=torch.from_numpy(ids)).numpy()
+        mask = np.ones_like(ids)
+        hidden = encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        got = decoder.run(["logits"], {"input_ids": decoder_ids, "encoder_attention_mask": mask,
+                                       "encoder_hidden_states": hidden})[0]
+        expected = seq2seq_torch_logits(loaded, ids, decoder_ids)
+        diffs.append(float(np.abs(got - expected).max()))
+        cosines.append(_cosine(got, expected))
+    return Parity(len(diffs), max(diffs), float(np.mean(cosines)), min(cosines))

@@ -7,10 +7,12 @@ export leaves nothing partial behind and never touches an existing output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -19,7 +21,7 @@ import numpy as np
 
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, build_layer_graph
-from ..model_loading import TASK_CAUSAL_LM, LoadedModel
+from ..model_loading import TASK_CAUSAL_LM, TASK_SEQ2SEQ, LoadedModel
 from ..output_folder import (VERIFY_CANDIDATE, VERIFY_REPORT_DIR, Staging, check_target, claim_output, commit,
                              committing, output_path, owned_by_export, replace_dir)
 from ..plan import Plan, validate_plan
@@ -27,14 +29,15 @@ from ..progress import Steps
 from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS, GPTQ_BITS, Gptq, RoundToNearest
 from ..safety import file_sha256
+from ..seq2seq_inputs import decoder_reads_input
 from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, side_files,
                                  write_fingerprint, write_fp16)
 from .genai_config import write_genai_config
-from .graph_check import check_kernels
-from .layer_map import build_layer_map
+from .graph_check import GraphCheck, check_kernels
+from .layer_map import LayerMap, build_layer_map
 from .lowering import KernelChoice, lower_model
-from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, save_onnx
-from .parity import measure_parity
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, onnx_files, save_onnx
+from .parity import measure_parity, measure_seq2seq_parity
 from .report import build_report, files_size, write_report
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
@@ -75,6 +78,8 @@ class Measurements(Protocol):
 
 NOT_IN_ONNX = ("no initializer of the exported graph holds its weight (unused by this task's outputs, or folded "
                "into another constant by the exporter)")
+READ_THROUGH = "its weight is tied to {}, which reads it in the ONNX files (quantized as planned there)"
+NO_SEQ2SEQ_VERIFY = "the short verification measures single-file exports; an encoder-decoder export has none yet"
 
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
@@ -125,13 +130,33 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     learns the bytes every plan keeps (graph, biases, norms) so that size budgets are exact.
     """
     model_proto = model_proto if model_proto is not None else load_onnx(fp32_dir / MODEL_FILE)
+    graph, layer_maps, _ = exported_files_layer_graph(loaded, fp32_dir, {MODEL_FILE: model_proto})
+    return graph, layer_maps[MODEL_FILE]
+
+
+def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict[str, Any]):
+    """The layer graph over every ONNX file of the export (one, or a seq2seq model's encoder and decoders),
+    each file's layer map, and the layers no file reads. One plan covers the graph; each file is lowered
+    with the uses its own map found. A layer some file reads is planned; a weight several files store (the
+    shared embedding, decoder layers in both decoders) is quantized alike in each, and counted in each."""
     graph = build_layer_graph(loaded.model)
-    layer_map = build_layer_map(model_proto, loaded.model, graph)
-    graph.layers = [layer for layer in graph.layers if layer.name not in layer_map.absent]
-    graph.unquantizable.update({name: NOT_IN_ONNX for name in layer_map.absent})
-    graph.fixed_bytes = _fixed_bytes(fp32_dir, model_proto, layer_map)
-    graph.heads_reading_table = _heads_reading_table(graph, layer_map)
-    return graph, layer_map
+    layer_maps = {name: build_layer_map(proto, loaded.model, graph) for name, proto in protos.items()}
+    used = {name for layer_map in layer_maps.values() for name in layer_map.mapped}
+    # A tie's owner stays planned when its partners alone read the weight (BART's model.shared, read as the
+    # encoder's and decoder's token embeddings): the passes give every tied layer its owner's bits.
+    used |= {layer.tied_to for layer in graph.layers if layer.tied_to and layer.name in used}
+    unused = [layer.name for layer in graph.layers if layer.name not in used]
+    through: dict[str, str] = {}  # a tied layer no file reads by its own name -> the partner the first file reads it through
+    for layer_map in layer_maps.values():
+        for name, partner in layer_map.read_through.items():
+            through.setdefault(name, partner)
+    absent = [name for name in unused if name not in through]
+    graph.layers = [layer for layer in graph.layers if layer.name in used]
+    graph.unquantizable.update({name: READ_THROUGH.format(through[name]) if name in through else NOT_IN_ONNX
+                                for name in unused})
+    graph.fixed_bytes = sum(_fixed_bytes(fp32_dir, name, proto, layer_maps[name]) for name, proto in protos.items())
+    graph.heads_reading_table = set().union(*(_heads_reading_table(graph, m) for m in layer_maps.values()))
+    return graph, layer_maps, absent
 
 
 def _heads_reading_table(graph, layer_map) -> set[str]:
@@ -167,7 +192,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
         raise CptqError("--format auto needs a format chooser (cptquant/format_choice.py)")
     paths = resolve_output(out, force, loaded.source)
     timings: dict[str, float] = {}
-    with claim_output(paths.folder), Staging(paths.folder) as staging:
+    # decoder_reads_input: the passes and GPTQ's Hessians feed an encoder-decoder model its input alone
+    with claim_output(paths.folder), Staging(paths.folder) as staging, decoder_reads_input(loaded.model):
         tmp = staging.root
         fingerprint = baseline_fingerprint(loaded)  # of the weights the FP32 baseline is exported from
         steps = Steps(["export ONNX (FP32)", "map layers", "plan",
@@ -178,13 +204,18 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 fp32_dir = tmp / "fp32"
                 export_onnx(loaded, fp32_dir)
-                model_proto = load_onnx(fp32_dir / MODEL_FILE)
+                # (name in fp32_dir, name written): one file, or a seq2seq model's files under optimum's names
+                files = ([(MODEL_FILE, paths.model.name)] if onnx_files(loaded.task) == (MODEL_FILE,)
+                         else [(name, name) for name in onnx_files(loaded.task)])
+                protos = {name: load_onnx(fp32_dir / name) for name, _ in files}
+                model_proto = protos[files[0][0]]
                 opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
-                graph, layer_map = exported_layer_graph(loaded, fp32_dir, model_proto)
+                graph, layer_maps, absent = exported_files_layer_graph(loaded, fp32_dir, protos)
                 format_choice = None
                 if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
-                    format_choice = choose_format(loaded, model_proto, graph, layer_map.uses(), fp32_dir,  # its bytes
+                    first_uses = layer_maps[files[0][0]].uses()  # its bytes; seq2seq models are not measured
+                    format_choice = choose_format(loaded, model_proto, graph, first_uses, fp32_dir,
                                                   tmp / "format-probes")
                     fmt = format_choice.format
             with steps.step(timings):
@@ -192,41 +223,52 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan.model = plan.model or loaded.display_name
                 validate_plan(plan, graph)
             out_dir = staging.out
-            model_path = out_dir / paths.model.name
+            model_path = out_dir / files[0][1]
             quantizer = _weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
             with steps.step(timings):
                 smoothing = (_input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                uses = layer_map.uses()
-                lowered = lower_model(model_proto, uses, plan, KernelChoice(fmt), quantizer, smoothing)
-                rewritten = lowered.layers
-                save_onnx(lowered.model, model_path)
-                del model_proto, lowered
+                per_file = {}  # file -> its layers as lowered
+                for name, out_name in files:
+                    lowered = lower_model(protos.pop(name), layer_maps[name].uses(), plan, KernelChoice(fmt),
+                                          quantizer, smoothing)
+                    per_file[name] = lowered.layers
+                    save_onnx(lowered.model, out_dir / out_name)
+                    del lowered
+                del model_proto
                 for side in side_files(fp32_dir):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):
-                graph_check = check_kernels(model_path, rewritten)
-                if graph_check.unfused and fmt == FORMAT_QDQ:
-                    # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add +
-                    # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
-                    repaired = graph_check.unfused
-                    kernels = KernelChoice(fmt, {name: FORMAT_NBITS for name in repaired})
-                    lowered = lower_model(load_onnx(fp32_dir / MODEL_FILE), uses, plan, kernels, quantizer, smoothing)
-                    rewritten = lowered.layers
-                    save_onnx(lowered.model, model_path)
-                    del lowered
-                    graph_check = check_kernels(model_path, rewritten)
-                    graph_check.repaired = repaired
+                checks = {}
+                for name, out_name in files:
+                    uses, rewritten = layer_maps[name].uses(), per_file[name]
+                    graph_check = check_kernels(out_dir / out_name, rewritten)
+                    if graph_check.unfused and fmt == FORMAT_QDQ:
+                        # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add +
+                        # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
+                        repaired = graph_check.unfused
+                        kernels = KernelChoice(fmt, {layer: FORMAT_NBITS for layer in repaired})
+                        lowered = lower_model(load_onnx(fp32_dir / name), uses, plan, kernels, quantizer, smoothing)
+                        per_file[name] = rewritten = lowered.layers
+                        save_onnx(lowered.model, out_dir / out_name)
+                        del lowered
+                        graph_check = check_kernels(out_dir / out_name, rewritten)
+                        graph_check.repaired = repaired
+                    checks[name] = graph_check
+                graph_check = merge_checks(list(checks.values()))
+                rewritten = merge_lowered(list(per_file.values()))
                 graph_check.raise_if_unfused()
             with steps.step(timings):
-                parity = measure_parity(loaded, model_path)
+                parity = (measure_seq2seq_parity(loaded, out_dir) if loaded.task == TASK_SEQ2SEQ
+                          else measure_parity(loaded, model_path))
             with steps.step(timings):
                 fp16_dir = tmp / "fp16"
                 write_fp16(fp32_dir, fp16_dir)
             if verify:  # measured on the staged folder: nothing is in place before everything is done
                 with steps.step(timings):
-                    verification = _short_verification(verify, model_path, loaded,
-                                                       {"fp32": fp32_dir / MODEL_FILE, "fp16": fp16_dir / MODEL_FILE})
+                    verification = ({"error": NO_SEQ2SEQ_VERIFY} if loaded.task == TASK_SEQ2SEQ else
+                                    _short_verification(verify, model_path, loaded,
+                                                        {"fp32": fp32_dir / MODEL_FILE, "fp16": fp16_dir / MODEL_FILE}))
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
@@ -235,11 +277,13 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     genai = write_genai_config(out_dir, paths.model.name)
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in (report_extras or {})
                              or any(lp.hot_rows for lp in plan.layers.values()))
-                report = build_report(loaded, plan, rewritten, layer_map.absent, graph.unquantizable, graph_check,
-                                      parity, fp32_dir, fp16_dir, timings, fmt, opset, fingerprint)
+                report = build_report(loaded, plan, rewritten, absent, graph.unquantizable, graph_check,
+                                      parity, fp32_dir, fp16_dir, timings, fmt, opset, fingerprint,
+                                      [name for name, _ in files])
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None
+                report.model_files = [out_name for _, out_name in files] if len(files) > 1 else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)
                     report.calibration_text = {"calib": calibration.calib if calibration else None,
                                                "text_field": calibration.text_field if calibration else "text"}
@@ -248,16 +292,51 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 written = sorted(p for p in out_dir.iterdir() if p.is_file())
                 report.files = {p.name: p.stat().st_size for p in written}
                 report.sha256 = {p.name: file_sha256(p) for p in written}  # cptq verify checks them
-                write_report(out_dir / paths.report.name, report, written, paths.model.name)
+                write_report(out_dir / paths.report.name, report, written, [w for _, w in files])
                 _install(staging, paths, force, fp32_dir, fp16_dir, fingerprint)
     return ExportResult(paths, plan, report.to_dict(), timings)
 
 
-def _fixed_bytes(fp32_dir: Path, model_proto, layer_map) -> int:
-    """Bytes of the FP32 export that are not quantizable weights: what every plan keeps."""
+def merge_lowered(per_file: list[dict]) -> dict:
+    """One record per layer over the files that hold it: its bytes (every stored copy) and kernels added up."""
+    merged: dict = {}
+    for records in per_file:
+        for name, record in records.items():
+            if name not in merged:
+                merged[name] = dataclasses.replace(record, expected_kernels=list(record.expected_kernels),
+                                                   new_initializers=list(record.new_initializers),
+                                                   derived_tensors=list(record.derived_tensors))
+                continue
+            into = merged[name]
+            into.expected_kernels += record.expected_kernels
+            into.bytes_fp32 += record.bytes_fp32
+            into.bytes_after += record.bytes_after
+            into.mse = max(into.mse, record.mse)  # the same weight and plan: equal but for GPTQ's input scaling
+    return merged
+
+
+def merge_checks(checks: list[GraphCheck]) -> GraphCheck:
+    """The kernel check of every file as one: kernels counted over the files, stragglers of any file."""
+    if len(checks) == 1:
+        return checks[0]
+    kernels: Counter = Counter()
+    expected: Counter = Counter()
+    per_layer: dict[str, list[str]] = {}
+    for check in checks:
+        kernels.update(check.kernels)
+        expected.update(check.expected_kernels)
+        for name, ops in check.per_layer.items():
+            per_layer.setdefault(name, []).extend(ops)
+    return GraphCheck(dict(sorted(kernels.items())), per_layer,
+                      sorted({n for c in checks for n in c.unfused}), sorted({n for c in checks for n in c.fp16_casts_left}),
+                      sorted({n for c in checks for n in c.repaired}), dict(sorted(expected.items())))
+
+
+def _fixed_bytes(fp32_dir: Path, file_name: str, model_proto, layer_map: LayerMap) -> int:
+    """Bytes of one FP32 export file that are not quantizable weights: what every plan keeps."""
     sizes = {init.name: int(np.prod(init.dims)) for init in model_proto.graph.initializer}
     weights = {use.initializer for mapping in layer_map.mapped.values() for use in mapping.uses}
-    model_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+    model_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(file_name)])
     return model_bytes - 4 * sum(sizes[name] for name in weights)
 
 

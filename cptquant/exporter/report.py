@@ -24,14 +24,16 @@ def files_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def write_report(path: Path, report: ExportReport, other_files: list[Path], model_file: str) -> None:
+def write_report(path: Path, report: ExportReport, other_files: list[Path], model_files: str | list[str]) -> None:
     """The report states its own size too: rewrite until the size it states is the size it has.
 
-    `model_bytes` (model.onnx and its external data) is what the FP16/FP32 ratios compare, like for
+    `model_bytes` (model.onnx and its external data; a seq2seq export's encoder and decoder files, each with
+    its own copy of the weights it shares with the others) is what the FP16/FP32 ratios compare, like for
     like with the reference exports; `total_bytes` is everything in the folder.
     """
+    stems = [model_files] if isinstance(model_files, str) else model_files
     others = files_size(other_files)
-    model_bytes = files_size([p for p in other_files if p.name.startswith(model_file)])
+    model_bytes = files_size([p for p in other_files if any(p.name.startswith(stem) for stem in stems)])
     report.model_bytes = model_bytes
     report.ratio_vs_fp16 = round(report.fp16_reference_bytes / model_bytes, 4)
     report.ratio_vs_fp32 = round(report.fp32_reference_bytes / model_bytes, 4)
@@ -48,9 +50,12 @@ def write_report(path: Path, report: ExportReport, other_files: list[Path], mode
 
 def build_report(loaded: LoadedModel, plan: Plan, rewritten: dict[str, LoweredLayer], absent: list[str],
                  unquantized: dict[str, str], graph_check: GraphCheck, parity: Parity, fp32_dir: Path, fp16_dir: Path,
-                 timings: dict[str, float], fmt: str, opset: int, fingerprint: str) -> ExportReport:
-    fp32_bytes = files_size([p for p in fp32_dir.iterdir() if p.name.startswith(MODEL_FILE)])
-    fp16_bytes = files_size([p for p in fp16_dir.iterdir() if p.name.startswith(MODEL_FILE)])
+                 timings: dict[str, float], fmt: str, opset: int, fingerprint: str,
+                 model_files: tuple[str, ...] | list[str] = (MODEL_FILE,)) -> ExportReport:
+    def model_bytes(folder: Path) -> int:
+        return files_size([p for p in folder.iterdir() if any(p.name.startswith(stem) for stem in model_files)])
+
+    fp32_bytes, fp16_bytes = model_bytes(fp32_dir), model_bytes(fp16_dir)
     total_params = sum(r.bytes_fp32 // 4 for r in rewritten.values())
     weighted_bits = sum(r.bits * (r.bytes_fp32 // 4) for r in rewritten.values())
     return ExportReport(

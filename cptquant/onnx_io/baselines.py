@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..output_folder import CACHE_DIR_NAME
-from .onnx_export import MODEL_FILE, load_onnx, save_onnx
+from .onnx_export import MODEL_FILE, SEQ2SEQ_FILES, is_onnx_file, load_onnx, save_onnx
 
 if TYPE_CHECKING:
     from ..model_loading import LoadedModel
@@ -90,19 +90,22 @@ def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     fp16_folder.mkdir(parents=True, exist_ok=True)
-    model = convert_float_to_float16(load_onnx(fp32_folder / MODEL_FILE), keep_io_types=True,
-                                     disable_shape_infer=True)
-    save_onnx(model, fp16_folder / MODEL_FILE)
+    names = [name for name in SEQ2SEQ_FILES if (fp32_folder / name).is_file()] or [MODEL_FILE]  # a seq2seq export
+    for name in names:  # has several files, each converted alike
+        model = convert_float_to_float16(load_onnx(fp32_folder / name), keep_io_types=True,
+                                         disable_shape_infer=True)
+        save_onnx(model, fp16_folder / name)
+        del model
     _copy_side_files(fp32_folder, fp16_folder)
-    return fp16_folder / MODEL_FILE
+    return fp16_folder / names[0]
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
     """config.json, generation config and tokenizer: what ORTModelFor* needs beside model.onnx."""
     for path in src.iterdir():
-        if path.is_file() and not path.name.startswith(MODEL_FILE):
+        if path.is_file() and not is_onnx_file(path.name):
             shutil.copy2(path, dst / path.name)
 
 
 def side_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(MODEL_FILE))
+    return sorted(p for p in folder.iterdir() if p.is_file() and not is_onnx_file(p.name))

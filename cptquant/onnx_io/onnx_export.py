@@ -11,11 +11,25 @@ from pathlib import Path
 import onnx
 
 from ..errors import CptqError
-from ..model_loading import LoadedModel
+from ..model_loading import TASK_SEQ2SEQ, LoadedModel
 
 OPSET = 21
 TWO_GB = 2**31 - 1  # protobuf's limit for one file; above it weights go to external data
 MODEL_FILE = "model.onnx"
+# An encoder-decoder model's files, under the names optimum's ORTModelForSeq2SeqLM loads. The merged decoder
+# (both decoders in one file behind an If) is not written: the layer map and the lowering read the top-level
+# graph of a file, so the decoder and its with-past twin are rewritten as two files, each with its own weights.
+SEQ2SEQ_FILES = ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+
+
+def onnx_files(task: str) -> tuple[str, ...]:
+    """The ONNX files optimum writes for `task`: model.onnx, or the encoder and decoders of a seq2seq model."""
+    return SEQ2SEQ_FILES if task == TASK_SEQ2SEQ else (MODEL_FILE,)
+
+
+def is_onnx_file(name: str) -> bool:
+    """Whether a file of an export folder is (part of) one of its ONNX models: the file or its external data."""
+    return any(name.startswith(stem) for stem in (MODEL_FILE, *SEQ2SEQ_FILES))
 
 
 @contextlib.contextmanager
@@ -34,22 +48,41 @@ def _quiet():
             lg.setLevel(level)
 
 
+@contextlib.contextmanager
+def _use_cache_restored(model):
+    """optimum's seq2seq export turns `use_cache` on in the encoder's own config and leaves it so, after which
+    T5's encoder refuses every forward call ("use_cache can only be set to True if T5Stack is used as a
+    decoder"): every submodule config's flag goes back as it was."""
+    configs = {id(c): c for _, m in model.named_modules() if (c := getattr(m, "config", None)) is not None}
+    saved = {key: getattr(config, "use_cache", None) for key, config in configs.items()}
+    try:
+        yield
+    finally:
+        for key, config in configs.items():
+            if saved[key] is not None:
+                config.use_cache = saved[key]
+
+
 def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
-    """Write model.onnx (+ external data when large), config.json, generation config and tokenizer."""
+    """Write model.onnx (+ external data when large), config.json, generation config and tokenizer; for a
+    seq2seq model its SEQ2SEQ_FILES instead of model.onnx. Returns the first ONNX file."""
     from optimum.exporters.onnx import onnx_export_from_model
 
     folder.mkdir(parents=True, exist_ok=True)
+    files = onnx_files(loaded.task)
+    restored = _use_cache_restored(loaded.model) if files != (MODEL_FILE,) else contextlib.nullcontext()
     try:
-        with _quiet():
-            onnx_export_from_model(loaded.model, output=folder, task=loaded.task, opset=OPSET, do_validation=False)
+        with _quiet(), restored:
+            onnx_export_from_model(loaded.model, output=folder, task=loaded.task, opset=OPSET, do_validation=False,
+                                   no_post_process=files != (MODEL_FILE,))  # no merged decoder
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         raise CptqError(f"ONNX export of {loaded.display_name} failed: {str(exc).strip().splitlines()[0]}") from exc
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
-    model_path = folder / MODEL_FILE
-    if not model_path.is_file():
-        raise CptqError(f"the exporter wrote no {MODEL_FILE} (files: {sorted(p.name for p in folder.iterdir())})")
-    return model_path
+    for name in files:
+        if not (folder / name).is_file():
+            raise CptqError(f"the exporter wrote no {name} (files: {sorted(p.name for p in folder.iterdir())})")
+    return folder / files[0]
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

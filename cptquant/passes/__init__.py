@@ -35,7 +35,7 @@ from .common import GRANULARITIES, allocation_units, stored_weight_shape, time_f
 from .hot_rows import hot_rows, with_hot_rows
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
-from .task_loss import TaskLoss
+from .task_loss import LM_OBJECTIVES, LM_TASKS, TaskLoss
 from .tdmpq import CURVATURES, tdmpq_scores
 
 METHODS = ("cmpq", "pmpq", "tdmpq", "oracle")
@@ -57,6 +57,7 @@ class AnalysisOptions:
     clip: str = "absmax"
     cca: str = "cka"  # CMPQ similarity: cka, or cca / svcca / pwcca
     curvature: str = "fisher"  # TDMPQ second-order term: fisher or hutchinson
+    lm_loss: str = "kl"  # language models: KL from the FP32 predictions, or "ce" on the calibration text
     zero_points: str = "auto"  # asymmetric weights: auto (at 4 bits), always, never
     weight_format: str = "qdq"  # the export's --format: what a size budget counts differs for "dynamic"
     hot_rows: bool = True  # a 4-bit token embedding keeps the calibration text's tokens at 8 bits (hot_rows.py)
@@ -92,6 +93,8 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
         raise CptqError(f"granularity {options.granularity!r} must be one of: {', '.join(GRANULARITIES)}")
     if options.cca not in CCA_VARIANTS:
         raise CptqError(f"CCA variant {options.cca!r} must be one of: {', '.join(CCA_VARIANTS)}")
+    if options.lm_loss not in LM_OBJECTIVES:
+        raise CptqError(f"--lm-loss {options.lm_loss!r} must be one of: {', '.join(LM_OBJECTIVES)}")
     if options.curvature not in CURVATURES:
         raise CptqError(f"curvature {options.curvature!r} must be one of: {', '.join(CURVATURES)}")
     if options.zero_points not in ZERO_POINT_MODES:
@@ -141,7 +144,8 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
         units={unit: [layer.name for layer in layers] for unit, layers in units.items()},
         unit_params=unit_params, non_quantizable_params=other_params, scores={},
         calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
-                     "seq_len": calib.seq_len, "seed": options.seed},
+                     "seq_len": calib.seq_len, "seed": options.seed,
+                     **({"lm_loss": options.lm_loss} if loaded.task in LM_TASKS else {})},
     )
     if options.hot_rows and 4 in options.bit_widths:
         result.hot_rows = hot_rows(model, graph, calib, tokenized=loaded.tokenizer is not None)
@@ -157,7 +161,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     # TDMPQ's Gauss-Newton curvature reads the model's own output; only the other passes (and
     # Hutchinson's true Hessian) need the FP32 references of a reference-based loss.
     needs_references = "oracle" in methods or validate or options.curvature == "hutchinson"
-    loss = TaskLoss(loaded, calib, options.seed, references=needs_references)
+    loss = TaskLoss(loaded, calib, options.seed, references=needs_references, lm_objective=options.lm_loss)
     reference_seconds = time.perf_counter() - start
     needs_base = "oracle" in methods or validate
     start = time.perf_counter()
@@ -177,7 +181,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
             shared = 0.0
         elif method == "pmpq":
             scores = pmpq_scores(loaded, graph, calib, options.sparsity, options.granularity, options.block_size,
-                                 options.clip, result.hot_rows, options.seed, progress)
+                                 options.clip, result.hot_rows, options.seed, progress, lm_loss=options.lm_loss)
             shared = 0.0  # its references and base pass, on its subset, are inside its own time
         elif method == "tdmpq":
             scores = tdmpq_scores(model, graph, calib, loss, options.granularity, options.block_size, options.clip,

@@ -72,13 +72,13 @@ def _matched_sparsities(model: torch.nn.Module, layers, block_size: int, clip: s
 def pmpq_scores(loaded, graph: LayerGraph, calib: CalibrationSet, sparsities: tuple[float, ...] = (),
                 granularity: str = "layer", block_size: int = 32, clip: str = "absmax",
                 hot_rows: dict[str, list[int]] | None = None, seed: int = 0, progress: bool = True,
-                fraction: float = SAMPLE_FRACTION) -> dict[str, float]:
+                fraction: float = SAMPLE_FRACTION, lm_loss: str = "kl") -> dict[str, float]:
     """Task-loss increase per unit; `sparsities` empty: matched to the 4-bit error, else those fixed fractions."""
     model = loaded.model
     hot_rows = hot_rows or {}
     units = allocation_units(graph, granularity)
     subset = calibration_subset(calib, fraction)
-    replay = BlockReplay(model, graph, TaskLoss(loaded, subset, seed), granularity)
+    replay = BlockReplay(model, graph, TaskLoss(loaded, subset, seed, lm_objective=lm_loss), granularity)
     scores: dict[str, float] = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("PMPQ layers", total=len(units) * max(1, len(sparsities)))

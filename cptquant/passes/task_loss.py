@@ -1,8 +1,15 @@
 """The one task loss every pass measures damage with (PMPQ, TDMPQ, the oracle).
 
-It needs no labels: causal and masked LMs use their own training objective on the calibration
-text; classifiers and feature extractors are compared with the FP32 model's outputs, computed
-once here and reused by every pass.
+It needs no labels: every model is compared with its own FP32 outputs, computed once here and
+reused by every pass. Language models by the KL divergence from the FP32 next-token (or masked-
+token) distribution — an encoder-decoder's decoder re-reads its input (seq2seq_inputs.py); classifiers
+by KL of their logits; feature extractors by cosine distance.
+
+Why KL and not the LM's cross-entropy on the calibration text (the `ce` objective, kept for
+comparison): quantization damage is any change of what the model predicts. The change in
+cross-entropy is signed, and its sign belongs to the calibration text: on the trained small LM,
+rounding 11 of 26 layers to 4 bits *lowered* the calibration loss, and a plan that spends bytes
+by that sign does not transfer to other text (docs/ARCHITECTURE.md, "Task loss").
 """
 
 from __future__ import annotations
@@ -10,10 +17,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
+LM_TASKS = (TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ)  # predict tokens of the text itself
+LM_OBJECTIVES = ("kl", "ce")
+# The FP32 reference of a language model is kept as its top-k probabilities plus one bin for the rest:
+# KL over that coarsened distribution is a lower bound of the full KL (and 0 at FP32, with zero
+# gradient), for 2 MB where the full distribution of SmolLM2's 8,192 calibration tokens is 1.6 GB.
+REFERENCE_TOP_K = 64
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,17 +45,28 @@ def _sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class TaskLoss:
     """`batch_loss(model, i)` (differentiable) and `evaluate(model)` over the calibration set."""
 
-    def __init__(self, loaded, calib: CalibrationSet, seed: int = 0, references: bool = True):
-        """`references=False` skips the FP32 reference pass (1 FPE); only the curvature objective works then."""
+    def __init__(self, loaded, calib: CalibrationSet, seed: int = 0, references: bool = True,
+                 lm_objective: str = "kl"):
+        """`references=False` skips the FP32 reference pass (1 FPE); only the curvature objective works then.
+
+        `lm_objective`: "kl" (default) or "ce", the LM's own cross-entropy on the calibration text.
+        """
+        if lm_objective not in LM_OBJECTIVES:
+            raise ValueError(f"lm_objective must be one of {LM_OBJECTIVES}")
         self.task = loaded.task
         self.calib = calib
+        self.is_lm = self.task in LM_TASKS
+        self.lm_objective = lm_objective if self.is_lm else None
         self.inputs = [dict(b) for b in calib.batches]  # what the model is fed (MLM: with [MASK]s)
-        self.targets: list[torch.Tensor] = []  # MLM labels, or FP32 reference outputs
+        self.labels: list[torch.Tensor] = []  # MLM labels
+        self.targets: list = []  # FP32 reference outputs (LMs under KL: a _TopK per batch)
         if self.task == TASK_MASKED_LM:
             self._make_mlm_mask(loaded, seed)
-        elif self.task != TASK_CAUSAL_LM and references:
+        if references and self.lm_objective != "ce":
             with torch.no_grad():
-                self.targets = [self._output(loaded.model, b) for b in self.inputs]
+                for index, batch in enumerate(self.inputs):
+                    output = self._output(loaded.model, batch)
+                    self.targets.append(_TopK.of(self._predicted(output, index)) if self.is_lm else output)
 
     def _make_mlm_mask(self, loaded, seed: int) -> None:
         tokenizer = loaded.tokenizer
@@ -60,15 +84,15 @@ class TaskLoss:
             chosen[torch.arange(real.shape[0]), first_real] |= real.any(1)
             labels = torch.where(chosen, batch["input_ids"], torch.full_like(batch["input_ids"], -100))
             batch["input_ids"] = torch.where(chosen, torch.full_like(batch["input_ids"], mask_id), batch["input_ids"])
-            self.targets.append(labels)
+            self.labels.append(labels)
 
     def _output(self, model, batch) -> torch.Tensor:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
-        extra = {"use_cache": False} if self.task == TASK_CAUSAL_LM else {}
+        extra = {"use_cache": False} if self.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ) else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if self.task in CLASSIFIER_TASKS:
             return out.logits
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
+        if self.task in LM_TASKS:
             return out.logits
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
 
@@ -82,18 +106,26 @@ class TaskLoss:
     def _lm_labels(self, index: int) -> torch.Tensor:
         """Next-token (causal) or masked-token labels, -100 where nothing is predicted."""
         if self.task == TASK_MASKED_LM:
-            return self.targets[index]
+            return self.labels[index]
         batch = self.inputs[index]
+        if self.task == TASK_SEQ2SEQ:  # the decoder read the input shifted right: it predicts each input token
+            return batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         # Labels shifted left (last position ignored) instead of slicing the logits: no copy of them.
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100).roll(-1, dims=1)
         labels[:, -1] = -100
         return labels
 
+    def _predicted(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """The logits of the positions that predict something: [positions, vocab]."""
+        return logits.flatten(0, 1)[self._lm_labels(index).flatten() != -100]
+
     def loss_of(self, output: torch.Tensor, index: int) -> torch.Tensor:
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM):
+        if self.lm_objective == "ce":
             return F.cross_entropy(output.flatten(0, 1), self._lm_labels(index).flatten(), ignore_index=-100)
         if not self.targets:
             raise RuntimeError("this TaskLoss was built without FP32 references")
+        if self.is_lm:
+            return self.targets[index].kl_from(self._predicted(output, index))
         if self.task in CLASSIFIER_TASKS:  # per text, or per token (token classification)
             reference = F.log_softmax(self.targets[index], -1)
             return F.kl_div(F.log_softmax(output, -1), reference, log_target=True, reduction="batchmean")
@@ -109,7 +141,7 @@ class TaskLoss:
 
     def has_zero_gradient_at_reference(self) -> bool:
         """KL / cosine to the FP32 outputs are minimal (zero) at FP32: their gradient vanishes there."""
-        return self.task not in (TASK_CAUSAL_LM, TASK_MASKED_LM)
+        return self.lm_objective != "ce"
 
     def curvature_objective(self, output: torch.Tensor, index: int, gen: torch.Generator) -> torch.Tensor:
         """A scalar whose gradient g has E[g gᵀ] = the Gauss-Newton matrix of this batch's loss.
@@ -122,7 +154,7 @@ class TaskLoss:
         mean loss. The model must be at FP32: its own output stands in for the reference.
         """
         reference = output.detach()
-        if self.task in (TASK_CAUSAL_LM, TASK_MASKED_LM) + CLASSIFIER_TASKS:
+        if self.task in LM_TASKS + CLASSIFIER_TASKS:
             flat = output.flatten(0, -2)
             sampled = _sample_rows(F.softmax(reference.flatten(0, -2), -1), gen)
             if self.task in CLASSIFIER_TASKS:
@@ -138,3 +170,29 @@ class TaskLoss:
         z = torch.randn(reference.shape, generator=gen)
         direction = (z - (z * unit).sum(-1, keepdim=True) * unit) / norm
         return (direction * output).sum() / reference.shape[0] ** 0.5
+
+
+class _TopK:
+    """An FP32 next-token distribution kept as its top-k log-probabilities and the log-mass of the rest."""
+
+    def __init__(self, log_probs: torch.Tensor, indices: torch.Tensor, log_rest: torch.Tensor):
+        self.log_probs, self.indices, self.log_rest = log_probs, indices, log_rest
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> "_TopK":
+        log_probs = F.log_softmax(logits.float(), -1)
+        top, indices = log_probs.topk(min(REFERENCE_TOP_K, log_probs.shape[-1]), -1)
+        return cls(top, indices, _log_rest(top))
+
+    def kl_from(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean over positions of KL(reference ‖ softmax(logits)) on the top-k bins and the rest."""
+        log_q = F.log_softmax(logits, -1).gather(-1, self.indices)
+        p = self.log_probs.exp()
+        kl = (p * (self.log_probs - log_q)).sum(-1)
+        kl = kl + self.log_rest.exp() * (self.log_rest - _log_rest(log_q))
+        return kl.mean()
+
+
+def _log_rest(top_log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 - Σ exp(top)), kept finite where the top bins hold (almost) all the mass."""
+    return torch.log1p(-top_log_probs.exp().sum(-1).clamp_max(1 - 1e-6))

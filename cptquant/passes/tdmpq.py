@@ -8,15 +8,17 @@ from one backward pass per calibration batch (the reference code perturbed one w
 and read the sum of logits instead).
 
 Two choices that differ from the textbook recipe, both measured (docs/ARCHITECTURE.md):
-- The first-order term keeps its sign. On a model that is not at a minimum of the calibration
-  loss, 4-bit rounding of some layers lowers that loss, and the oracle measures exactly that; with
-  |g·δ| the rank correlation to the oracle on the trained small LM was 0.46, signed 0.99.
+- Under the default task losses (KL or cosine to the FP32 outputs) g = 0 at FP32, so the score is
+  the curvature term alone. Under a language model's `--lm-loss ce` the first-order term keeps its
+  sign: 4-bit rounding of some layers lowers the calibration text's loss, and the CE oracle measures
+  exactly that (with |g·δ| Spearman 0.46 against it on the small LM, signed 0.99) — but that sign
+  does not carry to other text, which is why KL is the default.
 - F is the Gauss-Newton diagonal, from a backward pass on labels drawn from the model's own
   prediction (task_loss.TaskLoss.curvature_objective), not the square of the batch gradient: that
-  "empirical Fisher" underestimates the curvature by about the number of tokens per batch. For
-  language models it is estimated on every 4th batch and g on the others (one backward per
-  batch: about 3 forward passes); losses measured against the FP32 outputs have g = 0 and spend
-  their one backward on F.
+  "empirical Fisher" underestimates the curvature by about the number of tokens per batch. Each
+  batch costs one backward (about 3 forward passes); under `ce`, F on every 4th batch and g on the
+  others. The full quadratic form (Σ g·δ)² with the same sampled labels (an unbiased estimate of
+  δᵀFδ) ranked worse than the diagonal on the small LM (0.93 against 0.99).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from .task_loss import TaskLoss
 
 CURVATURES = ("fisher", "hutchinson")
 PROBE_BITS = 4  # the error that matters most for allocation: the cheapest width
-# Language models: the Gauss-Newton backward runs on every 4th batch (from the first), the gradient on the
-# others, so that every batch costs one backward. A diagonal summed over a layer's weights needs few samples.
+# Language models under --lm-loss ce: the Gauss-Newton backward runs on every 4th batch (from the first), the
+# gradient on the others, so that every batch costs one backward. A diagonal summed over a layer's weights needs few samples.
 # Measured on the trained small LM (8 batches): Spearman 0.94 at 2.9 FPE; with the gradient on every batch
 # too, 0.98 at 3.6 FPE, and 4.4 on OPT-125M (4 batches), over the 4 FPE goal.
 LM_CURVATURE_EVERY = 4

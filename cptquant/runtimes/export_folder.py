@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import CptqError
 from ..model_loading import TASKS, LoadedModel
+from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import console
 from ..safety import check_file_hashes, refuse_custom_code
 
@@ -103,6 +104,9 @@ def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust
         model_path, report_path = _export_files(folder)
     refuse_custom_code(folder, trust_remote_code)  # before any transformers loader could import or prompt
     if loaded is None:  # during an export the report is written after this check
+        if not model_path.is_file() and (folder / SEQ2SEQ_FILES[0]).is_file():
+            raise CptqError(f"{folder} is an encoder-decoder export ({', '.join(SEQ2SEQ_FILES)}); cptq verify "
+                            "measures single-file exports only")
         if not report_path.is_file() or not model_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
             raise CptqError(f"{folder} is not a cptquant output folder (missing {', '.join(missing)})")
