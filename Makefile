@@ -50,7 +50,8 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -q -m unit
 
-# ruff (pyflakes, pycodestyle, bugbear) on the whole tree, mypy on the package; settings in pyproject.toml.
+# ruff (pyflakes, pycodestyle, bugbear, isort, pyupgrade) on the whole tree, mypy (strict) on the package;
+# settings in pyproject.toml.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy

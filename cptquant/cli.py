@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
 from .output_folder import install_startup_handlers, pause_point  # stdlib only
 
+if TYPE_CHECKING:
+    import typer
+
 
 @functools.cache
-def _apps():
+def _apps() -> tuple[typer.Typer, typer.Typer]:
     """(app, export_app): the `cptq` group and the `cptq-export` command, with the commands they import."""
     import typer
 
@@ -39,7 +43,7 @@ def _apps():
     return app, export_app
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> typer.Typer:
     if name == "app":
         return _apps()[0]
     if name == "export_app":

@@ -17,9 +17,10 @@ generation is decoder steps (their encoder runs once per text).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +28,17 @@ from .model_loading import TASK_CAUSAL_LM, TASK_SEQ2SEQ
 from .plan import uniform_plan
 from .quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
 from .quant.weight_quantizers import RoundToNearest
+
+if TYPE_CHECKING:
+    import onnx
+    import onnxruntime as ort
+    from transformers import PretrainedConfig
+
+    from .exporter.layer_map import WeightUse
+    from .layer_graph import LayerGraph
+    from .model_loading import LoadedModel
+    from .passes import AnalysisOptions
+    from .runtimes.base import RuntimeAdapter
 
 CANDIDATES = (FORMAT_QDQ, FORMAT_DYNAMIC)  # nbits is the kernel qdq becomes: measuring it again tells nothing
 SHAPES = ((1, 16), (1, 128), (8, 128))  # (batch, sequence): the shapes the encoder goals name
@@ -48,7 +60,7 @@ class FormatChoice:
     probe_cosine: dict[str, float] = field(default_factory=dict)  # format -> mean cosine to FP32
     seconds: float = 0.0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -57,8 +69,10 @@ def decoder_choice() -> FormatChoice:
                                     "as the int8 GEMM and rounds activations far less; not measured")
 
 
-def choose_format(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path, calibration=None,
-                  threads: int = 2, rounds: int = 9, max_seconds: float = 30.0) -> FormatChoice:
+def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: LayerGraph,
+                  uses: Mapping[str, Sequence[WeightUse]], fp32_dir: Path, work: Path,
+                  calibration: AnalysisOptions | None = None, threads: int = 2, rounds: int = 9,
+                  max_seconds: float = 30.0) -> FormatChoice:
     """Lower `model_proto` (the FP32 export in `fp32_dir`) in each candidate format, time and score them.
     `calibration` (AnalysisOptions or None: the offline corpus) gives the sentences the probes are scored on."""
     if loaded.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ):
@@ -105,7 +119,7 @@ POSITION_OFFSET_TYPES = ("roberta", "xlm-roberta", "camembert", "mpnet", "longfo
                          "xmod", "roberta-prelayernorm")
 
 
-def usable_positions(config) -> int:
+def usable_positions(config: PretrainedConfig) -> int:
     """The longest sequence the position table serves."""
     positions = int(getattr(config, "max_position_embeddings", 512) or 512)
     if getattr(config, "model_type", "") in POSITION_OFFSET_TYPES:
@@ -113,7 +127,7 @@ def usable_positions(config) -> int:
     return positions
 
 
-def calibration_texts(calibration) -> list[str]:
+def calibration_texts(calibration: AnalysisOptions | None) -> list[str]:
     """The first calibration texts the export reads anyway (the offline corpus is built once per process)."""
     from .passes.calibration import load_texts
 
@@ -128,11 +142,11 @@ def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def _interleaved_p50(adapter, sessions: dict, vocab_size: int, max_positions: int, rounds: int,
+def _interleaved_p50(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], vocab_size: int, max_positions: int, rounds: int,
                      max_seconds: float) -> dict[str, dict[str, float]]:
     """variant -> shape key -> median ms; variants rotate within each round so load falls on all alike."""
-    from .runtimes.base import timed
     from .onnx_io.inputs import feeds_for
+    from .runtimes.base import timed
 
     names = list(sessions)
     out: dict[str, dict[str, float]] = {n: {} for n in names}
@@ -156,7 +170,8 @@ def _interleaved_p50(adapter, sessions: dict, vocab_size: int, max_positions: in
     return out
 
 
-def _probe_cosine(adapter, reference, session, folder: Path, config, texts: list[str]) -> float:
+def _probe_cosine(adapter: RuntimeAdapter, reference: ort.InferenceSession, session: ort.InferenceSession,
+                  folder: Path, config: PretrainedConfig, texts: list[str]) -> float:
     """Mean cosine between the first outputs of `reference` and `session` (token outputs mean-pooled)."""
     from .onnx_io.inputs import feeds_for
     from .runtimes.quality import TextEncoder
@@ -175,11 +190,12 @@ def _probe_cosine(adapter, reference, session, folder: Path, config, texts: list
     return float(np.mean(cosines))
 
 
-def format_chooser(analysis=None, threads: int = 2) -> Callable[..., FormatChoice]:
+def format_chooser(analysis: AnalysisOptions | None = None, threads: int = 2) -> Callable[..., FormatChoice]:
     """What the command hands the exporter for `--format auto`: the exporter calls it on its FP32 export
     before the plan (it imports no runtime itself); the choice also sets the format a size budget counts."""
 
-    def choose(loaded, model_proto, graph, uses, fp32_dir: Path, work: Path) -> FormatChoice:
+    def choose(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: LayerGraph,
+               uses: Mapping[str, Sequence[WeightUse]], fp32_dir: Path, work: Path) -> FormatChoice:
         choice = choose_format(loaded, model_proto, graph, uses, fp32_dir, work, analysis, threads)
         if analysis is not None:
             analysis.weight_format = choice.format

@@ -95,9 +95,10 @@ def block_container(model: nn.Module) -> str | None:
 
 
 def _encoder_prefix(model: nn.Module) -> str | None:
-    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or not hasattr(model, "get_encoder"):
+    get_encoder = getattr(model, "get_encoder", None)  # a transformers encoder-decoder's, not nn.Module's
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or get_encoder is None:
         return None
-    encoder = model.get_encoder()
+    encoder = get_encoder()
     return next((name for name, module in model.named_modules() if module is encoder and name), None)
 
 
@@ -111,7 +112,8 @@ def _block_of(name: str, container: str | None) -> int | None:
 def build_layer_graph(model: nn.Module) -> LayerGraph:
     """Find every nn.Linear, Conv1D and nn.Embedding, with the LM head and its tie."""
     container = block_container(model)
-    output_embeddings = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)  # a transformers model's, not nn.Module's
+    output_embeddings = get_output_embeddings() if get_output_embeddings is not None else None
     param_owner: dict[int, str] = {}
     layers: list[Layer] = []
     unquantizable: dict[str, str] = {}
@@ -133,9 +135,23 @@ def build_layer_graph(model: nn.Module) -> LayerGraph:
         tied_to = param_owner.get(id(module.weight))
         param_owner.setdefault(id(module.weight), name)
         layers.append(Layer(name, role, _block_of(name, container), int(in_f), int(out_f), tied_to))
-    num_blocks = len(model.get_submodule(container)) if container else 0
+    num_blocks = len(_blocks(model, container)) if container else 0
     model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
     return LayerGraph(model_type=model_type, num_blocks=num_blocks, layers=layers, unquantizable=unquantizable)
+
+
+def _blocks(model: nn.Module, container: str) -> nn.ModuleList:
+    blocks = model.get_submodule(container)
+    assert isinstance(blocks, nn.ModuleList)  # block_container() names only a ModuleList
+    return blocks
+
+
+def _layer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of layer `name` (an nn.Linear, Conv1D or nn.Embedding: each has one)."""
+    weight = model.get_submodule(name).weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name}.weight is a {type(weight).__name__}, not a tensor")
+    return weight
 
 
 def weight_in_out(model: nn.Module, layer: Layer) -> torch.Tensor:
@@ -143,5 +159,5 @@ def weight_in_out(model: nn.Module, layer: Layer) -> torch.Tensor:
 
     Embedding tables come back as [hidden, rows] so that every layer's blocks run along dim 0.
     """
-    weight = model.get_submodule(layer.name).weight.detach()
+    weight = _layer_weight(model, layer.name).detach()
     return weight if layer.role == ROLE_CONV1D else weight.t()

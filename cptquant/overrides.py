@@ -10,18 +10,22 @@ with another (a tied LM head) is one tensor: pinning either pins both.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 from .errors import CptqError
-from .layer_graph import LayerGraph
+from .layer_graph import Layer, LayerGraph
 from .plan import SUPPORTED_BITS, LayerPlan, Plan, symmetric_for
+
+if TYPE_CHECKING:
+    from .passes import AnalysisOptions
 
 
 @dataclass(frozen=True)
 class Override:
     text: str  # as the user wrote it
-    pattern: re.Pattern
+    pattern: re.Pattern[str]
     bits: int
 
 
@@ -75,7 +79,7 @@ def apply_overrides(plan: Plan, pinned: dict[str, int], block_size: int, zero_po
     return plan
 
 
-def _stored(graph: LayerGraph) -> list:
+def _stored(graph: LayerGraph) -> list[Layer]:
     """The layers whose parameters the file holds: a tied LM head reads its embedding's (counted once, as the
     allocator counts them)."""
     return [layer for layer in graph.layers if not layer.tied_to]
@@ -87,7 +91,8 @@ def average_bits(plan: Plan, graph: LayerGraph) -> float:
     return sum(layer.num_params * plan.layers[layer.name].bits for layer in stored) / total if total else 0.0
 
 
-def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, hot_rows: dict[str, list[int]]):
+def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options: AnalysisOptions,
+                          hot_rows: dict[str, list[int]]) -> tuple[LayerGraph, AnalysisOptions]:
     """The layer graph of the unpinned layers and the budget left to them: what the allocator then shares out.
 
     --target-bits T over W weights: the rest get (T·W − Σ pinned weights·bits) / (W − pinned weights).
@@ -114,6 +119,8 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options, ho
             raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins leave "
                             f"{left:.3f} bits per weight to the other layers, below {widths[0]}")
         return sub_graph, replace(options, target_bits=min(left, widths[-1]))
+    if options.max_size_mb is None:
+        raise ValueError("budget_without_pinned needs a budget: --target-bits or --max-size-mb")
     pinned_bytes = 0
     for layer in graph.layers:
         if layer.name in pinned:  # priced as plan_from_scores prices it (a tied head: reading its table)

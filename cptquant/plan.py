@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import CptqError
 from .layer_graph import ROLE_EMBEDDING, LayerGraph
@@ -36,7 +37,7 @@ class Plan:
     method: str = "uniform"
     model: str = ""
     clip: str = "absmax"
-    meta: dict = field(default_factory=dict)  # scores, budget, seed... never timings
+    meta: dict[str, Any] = field(default_factory=dict)  # scores, budget, seed... never timings
     version: int = PLAN_VERSION
 
     def bits_of(self, name: str) -> int:
@@ -60,9 +61,9 @@ class Plan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def from_json(cls, text: str, source: str = "plan") -> "Plan":
-        def refuse_duplicates(pairs: list) -> dict:  # json keeps the last of two equal keys without a word
-            seen: set = set()
+    def from_json(cls, text: str, source: str = "plan") -> Plan:
+        def refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:  # json keeps the last of two equal keys without a word
+            seen: set[str] = set()
             for key, _ in pairs:
                 if key in seen:
                     raise CptqError(f"{source} names {key!r} twice; which entry is meant is ambiguous")
@@ -99,7 +100,7 @@ class Plan:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if path.is_dir():
             raise CptqError(f"plan file {path} is a folder, not a JSON file")
@@ -114,7 +115,7 @@ class Plan:
         return cls.from_json(text, source=str(path))
 
 
-def _layer_json(lp: LayerPlan) -> dict:
+def _layer_json(lp: LayerPlan) -> dict[str, Any]:
     entry = asdict(lp)
     if lp.hot_rows is None:
         del entry["hot_rows"]  # plans without hot rows stay as they were
@@ -136,7 +137,7 @@ def format_rows(rows: list[int]) -> str:
     return ",".join(parts)
 
 
-def parse_rows(value, what: str) -> list[int]:
+def parse_rows(value: object, what: str) -> list[int]:
     """`format_rows` back to a sorted list; a JSON list of ints is accepted too."""
     try:
         if isinstance(value, list):

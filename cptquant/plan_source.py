@@ -7,16 +7,35 @@ loaded model and its exported layer graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .errors import CptqError
 from .layer_graph import LayerGraph
 from .model_loading import LoadedModel
-from .overrides import (Override, Overrides, apply_overrides, average_bits, budget_without_pinned, parse_overrides,
-                        pinned_bits)
-from .plan import SUPPORTED_BITS, ZERO_POINT_MODES, Plan, apply_zero_points, check_block_size, fill_missing_layers, uniform_plan
+from .overrides import (
+    Override,
+    Overrides,
+    apply_overrides,
+    average_bits,
+    budget_without_pinned,
+    parse_overrides,
+    pinned_bits,
+)
+from .plan import (
+    SUPPORTED_BITS,
+    ZERO_POINT_MODES,
+    Plan,
+    apply_zero_points,
+    check_block_size,
+    fill_missing_layers,
+    uniform_plan,
+)
 from .quant.quantize import CLIP_METHODS
+
+if TYPE_CHECKING:
+    from .passes import AnalysisOptions
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 
@@ -26,9 +45,9 @@ RULE_METHOD = "rule"  # not a pass: the k_quant_mixed layer rule of llama.cpp an
 DEFAULT_METHOD = "tdmpq"
 
 
-def plan_factory(method: Optional[str], plan_file: Optional[Path | Plan], bits: Optional[int], block_size: int,
-                 clip: str, zero_points: str = "auto", analysis=None, progress: bool = True,
-                 report_extras: Optional[dict] = None, default_bits: Optional[int] = None,
+def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int,
+                 clip: str, zero_points: str = "auto", analysis: AnalysisOptions | None = None, progress: bool = True,
+                 report_extras: dict[str, Any] | None = None, default_bits: int | None = None,
                  overrides: Sequence[str] | Overrides = ()) -> PlanFactory:
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 
@@ -55,8 +74,9 @@ def plan_factory(method: Optional[str], plan_file: Optional[Path | Plan], bits: 
     return with_overrides
 
 
-def _base_factory(method, plan_file, bits, block_size, clip, zero_points, analysis, progress, report_extras,
-                  default_bits, pins: Overrides) -> PlanFactory:
+def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int, clip: str,
+                  zero_points: str, analysis: AnalysisOptions | None, progress: bool, report_extras: dict[str, Any],
+                  default_bits: int | None, pins: Overrides) -> PlanFactory:
     if zero_points not in ZERO_POINT_MODES:
         raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {zero_points!r}")
     given = [name for name, value in (("--method", method), ("--plan", plan_file), ("--bits", bits)) if value]
@@ -98,6 +118,8 @@ def _base_factory(method, plan_file, bits, block_size, clip, zero_points, analys
         raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS + (RULE_METHOD,))}")
     from .passes import analyze, check_options, plan_from_scores
 
+    if analysis is None:  # the API always passes its options; a caller of this module may not
+        raise ValueError(f"--method {method} needs AnalysisOptions (calibration and allocation settings)")
     check_options(analysis, (method,))
 
     def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
@@ -125,7 +147,7 @@ def _base_factory(method, plan_file, bits, block_size, clip, zero_points, analys
     return from_sensitivity
 
 
-def _rule_factory(block_size: int, clip: str, zero_points: str, analysis):
+def _rule_factory(block_size: int, clip: str, zero_points: str, analysis: AnalysisOptions | None) -> PlanFactory:
     """The k_quant_mixed rule (passes/rule.py): a fixed layer choice, so a budget cannot apply."""
     if analysis is not None and (analysis.target_bits is not None or analysis.max_size_mb is not None):
         raise CptqError("--method rule is a fixed layer choice; it takes no --target-bits or --max-size-mb")

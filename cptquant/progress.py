@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
+from typing import Any
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn,
-                           TimeElapsedColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from .output_folder import pause_point
 
@@ -29,16 +30,16 @@ class Steps:
         self.enabled = enabled
         self.task: TaskID = TaskID(0)  # set on entering
 
-    def __enter__(self):
+    def __enter__(self) -> Steps:
         self.progress.__enter__()
         self.task = self.progress.add_task(self.names[0], total=len(self.names))
         return self
 
-    def __exit__(self, *exc):
-        return self.progress.__exit__(*exc)
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
 
     @contextlib.contextmanager
-    def step(self, timings: dict[str, float]):
+    def step(self, timings: dict[str, float]) -> Iterator[None]:
         name = self.names[self.index]
         pause_point(name.split()[0].lower())  # tests: stop here (CPTQ_TEST_PAUSE_AT=quantize, write, …)
         self.progress.update(self.task, description=name)

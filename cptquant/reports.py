@@ -24,7 +24,7 @@ class LayerReport:
     """One planned layer as lowered: bits, kernels, bytes before (FP32) and after, rounding error."""
 
     bits: int
-    block_size: int
+    block_size: int | None  # None for a 16-bit layer: no blocks
     kernels: list[str]
     algorithm: str
     bytes_fp32: int

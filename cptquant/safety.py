@@ -98,7 +98,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_file_hashes(folder: Path, hashes, report_path: Path) -> None:
+def check_file_hashes(folder: Path, hashes: object, report_path: Path) -> None:
     """Every file the report describes is there, unchanged. Reports from before hashes have none to check."""
     if hashes is None:
         return

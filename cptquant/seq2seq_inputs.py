@@ -24,7 +24,7 @@ def decoder_reads_input(model: Any) -> Iterator[None]:
         yield
         return
 
-    def fill(module, args, kwargs):
+    def fill(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if any(kwargs.get(name) is not None for name in _DECODER_INPUTS):
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)

@@ -7,14 +7,13 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 import cptquant
 from cptquant.cli import export_app
 from cptquant.errors import CptqError
 from cptquant.testing import tiny_llama, tiny_opt
-
-from conftest import one_line_error
 
 runner = CliRunner()
 FAST = dict(calib_samples=16, seq_len=32)

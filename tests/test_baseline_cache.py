@@ -11,9 +11,9 @@ import torch
 from typer.testing import CliRunner
 
 from cptquant.cli import app
-from cptquant.onnx_io.baselines import FINGERPRINT_FILE, baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model
+from cptquant.onnx_io.baselines import FINGERPRINT_FILE, baseline_dir
 from cptquant.plan import uniform_plan
 
 runner = CliRunner()

@@ -12,8 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from cptquant.bench.kernels import kernel_census, slow_paths
 from cptquant.bench.llm import BUILDER_INT4, FP32, RULE, LlmResult, LlmVariant, goals, score_against_reference
 from cptquant.bench.llm_peers import build_ort_nbits
-from cptquant.onnx_io.onnx_export import MODEL_FILE, export_onnx
 from cptquant.model_loading import load_model
+from cptquant.onnx_io.onnx_export import MODEL_FILE, export_onnx
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.testing import save_tiny_model, tiny_llama
 

@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_opt
 from typer.testing import CliRunner
 
 from cptquant.cli import export_app
-
-from conftest import tiny_opt
 
 runner = CliRunner()
 

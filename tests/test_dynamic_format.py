@@ -11,14 +11,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from cptquant.exporter.graph_check import optimized_graph
 from cptquant.exporter.layer_map import WeightUse
-from cptquant.exporter.pipeline import export_quantized
 from cptquant.exporter.lowering import KernelChoice, Lowered, lower_model
+from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import wrap_model
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.plan import LayerPlan, Plan, uniform_plan
 from cptquant.quant.quantize import quantize_blocked
 from cptquant.quant.storage import FORMAT_DYNAMIC
-from cptquant.onnx_io.inputs import feeds_for
 from cptquant.testing import tiny_bert
 
 K, N = 96, 40

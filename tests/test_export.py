@@ -8,17 +8,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_opt
 
 from cptquant.corpus import sentences
 from cptquant.exporter.graph_check import optimized_graph
 from cptquant.exporter.pipeline import export_quantized
-from cptquant.quant.quantize import fake_quantize
 from cptquant.layer_graph import build_layer_graph, weight_in_out
 from cptquant.model_loading import wrap_model
-from cptquant.plan import Plan, uniform_plan
 from cptquant.onnx_io.inputs import feeds_for
-
-from conftest import tiny_bert_classifier, tiny_gpt2, tiny_opt
+from cptquant.plan import Plan, uniform_plan
+from cptquant.quant.quantize import fake_quantize
 
 
 def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +93,7 @@ def mixed_plan(model: str):
     return make
 
 
-@lru_cache(maxsize=None)
+@cache
 def _loaded(model: str):
     from cptquant.model_loading import wrap_model
     from cptquant.testing import tiny_bert, tiny_llama, tiny_opt, tiny_tokenizer

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from cptquant import format_choice
-from cptquant.format_choice import CANDIDATES, SHAPES, format_chooser
 from cptquant.exporter.pipeline import export_quantized
+from cptquant.format_choice import CANDIDATES, SHAPES, format_chooser
 from cptquant.model_loading import wrap_model
 from cptquant.plan import uniform_plan
 from cptquant.quant.storage import FORMAT_AUTO, FORMAT_QDQ

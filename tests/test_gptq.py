@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from cptquant.quant.gptq import gptq_quantize, inverse_hessian_cholesky
-from cptquant.quant.quantize import quantize_blocked
 from cptquant.layer_graph import ROLE_EMBEDDING, build_layer_graph
 from cptquant.model_loading import TASK_FEATURES, LoadedModel
 from cptquant.passes.calibration import CalibrationSet, build_calibration
 from cptquant.passes.hessian import collect_hessians
+from cptquant.quant.gptq import gptq_quantize, inverse_hessian_cholesky
+from cptquant.quant.quantize import quantize_blocked
 
 
 def _correlated_layer(k=128, n=48, tokens=2048, seed=0):

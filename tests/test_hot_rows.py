@@ -13,6 +13,7 @@ from cptquant.errors import CptqError
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.layer_graph import build_layer_graph
 from cptquant.model_loading import load_model
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.passes import AnalysisOptions, plan_from_scores
 from cptquant.passes.allocate import unit_bytes
 from cptquant.passes.calibration import build_calibration
@@ -20,7 +21,6 @@ from cptquant.passes.common import quantized_weight, replaced_weights, weight_pa
 from cptquant.passes.hot_rows import MAX_HOT_FRACTION, hot_rows, input_embedding
 from cptquant.plan import Plan, format_rows, parse_rows, uniform_plan
 from cptquant.quant.storage import NODE_BYTES, WeightShape
-from cptquant.onnx_io.inputs import feeds_for
 from cptquant.testing import save_tiny_model, tiny_bert, tiny_opt
 
 TABLE = "embeddings.word_embeddings"

@@ -9,11 +9,10 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from cptquant.cli import app, export_app
-
-from conftest import one_line_error
 
 runner = CliRunner()
 

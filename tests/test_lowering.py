@@ -17,8 +17,7 @@ from cptquant.exporter.lowering.gemm_to_matmul import GemmToMatMul
 from cptquant.exporter.lowering.matmul_qdq import MatMulToBlockedDq
 from cptquant.passes.allocate import unit_bytes
 from cptquant.plan import LayerPlan, Plan
-from cptquant.quant.storage import (FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ, NODE_BYTES, WeightShape,
-                                    weight_nbytes)
+from cptquant.quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ, NODE_BYTES, WeightShape, weight_nbytes
 
 ROWS, HIDDEN, FFN = 200, 64, 96
 USES = {"emb": [WeightUse("/emb/Gather", "Gather", "table", None, "out_in")],

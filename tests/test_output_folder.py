@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from cptquant import output_folder
 from cptquant.cli import app, export_app
 from cptquant.errors import CptqError
-
-from conftest import one_line_error
 
 runner = CliRunner()
 EXPORT = [str(Path(sys.executable).with_name("cptq-export"))]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 import typer
-from typer.testing import CliRunner
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from typer.testing import CliRunner
 
 from cptquant.commands.analyze import analyze as analyze_command
 from cptquant.errors import CptqError

@@ -13,10 +13,11 @@ from referencing import Registry, Resource
 
 from cptquant.api import short_verification
 from cptquant.exporter.pipeline import export_quantized
+from cptquant.layer_graph import LayerGraph
 from cptquant.model_loading import wrap_model
-from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.passes import AnalysisOptions
-from cptquant.plan import uniform_plan
+from cptquant.passes.measurements import CalibrationMeasurements
+from cptquant.plan import Plan, uniform_plan
 from cptquant.quant.storage import FORMAT_DYNAMIC
 from cptquant.reports import ExportReport, VerifyReport
 from cptquant.runtimes.verify import verify_output
@@ -85,6 +86,24 @@ def test_a_dynamic_causal_lm_export_report_matches_the_schema(tmp_path):
     assert {"genai_config", "outlier_ratio", "calibration_text"} <= set(report)
     assert _errors("export-report.schema.json", report) == []
     assert _errors("plan.schema.json", json.loads((tmp_path / "model.plan.json").read_text())) == []
+
+
+def test_a_report_with_16_bit_layers_matches_the_schema(tmp_path):
+    """A 16-bit layer has no block size: the report writes null there (found by mypy on build_report)."""
+    loaded = wrap_model(tiny_llama())
+
+    def plan_with_fp16_layers(_loaded: object, graph: LayerGraph) -> Plan:
+        plan = uniform_plan(graph, 4)
+        for name, lp in plan.layers.items():
+            if name.endswith("down_proj"):
+                plan.layers[name] = dataclasses.replace(lp, bits=16)
+        return plan
+
+    export_quantized(loaded, plan_with_fp16_layers, tmp_path / "model.onnx", progress=False)
+    report = json.loads((tmp_path / "model.report.json").read_text())
+    fp16 = [layer for layer in report["layers"].values() if layer["bits"] == 16]
+    assert fp16 and all(layer["block_size"] is None for layer in fp16)
+    assert _errors("export-report.schema.json", report) == []
 
 
 def test_the_schemas_refuse_what_the_writers_never_write(verified_export):

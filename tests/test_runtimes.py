@@ -18,16 +18,16 @@ from typer.testing import CliRunner
 
 from cptquant.cli import app
 from cptquant.errors import CptqError
-from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model, wrap_model
+from cptquant.onnx_io.baselines import baseline_dir
+from cptquant.onnx_io.inputs import feeds_for
 from cptquant.plan import uniform_plan
 from cptquant.runtimes.cpu import CpuAdapter
 from cptquant.runtimes.cuda import CudaAdapter
-from cptquant.onnx_io.inputs import feeds_for
+from cptquant.runtimes.gate import parse_fraction
 from cptquant.runtimes.quality import kl_divergence, score_tokens, score_variants, window_spans
 from cptquant.runtimes.speed import greedy_decode
-from cptquant.runtimes.gate import parse_fraction
 from cptquant.runtimes.verify import short_verification
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -521,7 +521,7 @@ def test_two_exports_in_one_folder_have_their_own_baselines(tiny_bert_source, tm
     folder = tmp_path / "deploy"
     export_quantized(load_model(str(tiny_bert_source)), lambda _l, graph: uniform_plan(graph, 8), folder / "int8.onnx",
                      progress=False)
-    # the second export writes config.json again (the same bytes): replacing a file takes force (output_folder.py)
+    # the second export writes config.json again (the same bytes): replacing a file takes force (output_folder/targets.py)
     export_quantized(load_model(str(tiny_bert_source)), lambda _l, graph: uniform_plan(graph, 4), folder / "int4.onnx",
                      progress=False, force=True)
     caches = {name: baseline_dir(folder, f"{name}.onnx") for name in ("int8", "int4")}

@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import one_line_error
 from typer.testing import CliRunner
 
 from cptquant.cli import app
-from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.model_loading import load_model
+from cptquant.onnx_io.baselines import baseline_dir
 from cptquant.plan import uniform_plan
-
-from conftest import one_line_error
 
 runner = CliRunner()
 

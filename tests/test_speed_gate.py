@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from cptquant.runtimes.speed_gate import (FAIL, INCONCLUSIVE, PASS, GateSettings, bootstrap_interval,
-                                          paired_log_ratios, speed_interval)
+from cptquant.runtimes.speed_gate import (
+    FAIL,
+    INCONCLUSIVE,
+    PASS,
+    GateSettings,
+    bootstrap_interval,
+    paired_log_ratios,
+    speed_interval,
+)
 
 
 def _noisy_probes(speedup: float, spread: float, seed: int = 1):

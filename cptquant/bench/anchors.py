@@ -6,9 +6,9 @@ from pathlib import Path
 
 import onnx
 
+from ..model_loading import LoadedModel
 from ..onnx_io.baselines import write_fp16
 from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, save_onnx
-from ..model_loading import LoadedModel
 
 FP32, FP16, ORT_INT8, ORT_INT4 = "FP32", "FP16", "ORT int8 dynamic", "ORT int4 RTN"
 

@@ -16,10 +16,12 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from ..onnx_io.onnx_export import MODEL_FILE
 from ..model_loading import load_model
+from ..onnx_io.onnx_export import MODEL_FILE
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
@@ -33,7 +35,7 @@ EXPORTS = {"cptq default (format chosen)": DEMO, "cptq --format qdq": DEMO + ("-
 DEFAULT = "cptq default (format chosen)"
 
 
-def build(root: Path, log=print) -> dict[str, Path]:
+def build(root: Path, log: Callable[[str], object] = print) -> dict[str, Path]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from ..onnx_io.onnx_export import export_onnx
@@ -56,20 +58,20 @@ def build(root: Path, log=print) -> dict[str, Path]:
     return paths
 
 
-def measure(paths: dict[str, Path], runs: int = 30) -> dict:
+def measure(paths: dict[str, Path], runs: int = 30) -> dict[str, Any]:
     loaded_config = load_model(None).config
     adapter = CpuAdapter(threads=2)
     sessions = {name: adapter.session(path) for name, path in paths.items()}
     encoder = TextEncoder(paths[FP32].parent, loaded_config)
     from ..corpus import evaluation_sentences, other_domain_sentences
 
-    quality = {}
+    quality: dict[str, dict[str, Any]] = {}
     for domain, texts in (("docstrings", evaluation_sentences(400)), ("other domain", other_domain_sentences()[:400])):
         q = measure_quality("feature-extraction", adapter, sessions, encoder, loaded_config,
                             QualitySettings.for_mode(False), EvalSet(texts), candidate=FP32, progress=False).to_dict()
         quality[domain] = {name: q[f"vs_{name}"] for name in paths if name != FP32}
     load_before = os.getloadavg()[0]
-    rounds: dict = {}
+    rounds: dict[str, dict[str, list[float]]] = {}
     latency = encoder_latency(adapter, sessions, loaded_config.vocab_size, loaded_config.max_position_embeddings,
                               SpeedSettings(encoder_shapes=SHAPES, warmup=5, runs=runs), progress=False,
                               rounds=rounds)
@@ -80,7 +82,7 @@ def measure(paths: dict[str, Path], runs: int = 30) -> dict:
             "format_choice": report.get("format_choice")}
 
 
-def section(results: dict) -> str:
+def section(results: dict[str, Any]) -> str:
     keys = [f"b{b}_s{s}" for b, s in SHAPES]
     lat = results["latency"]
     lines = ["## MiniLM encoder goals (issue 13)", "",
@@ -106,8 +108,10 @@ def section(results: dict) -> str:
     return "\n".join(lines + [""])
 
 
-def goal_lines(results: dict) -> list[str]:
-    mark = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
     lat, q = results["latency"], results["quality"]
     out = []
     d = DEFAULT

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnxruntime_genai as og
 
 
 @dataclass
@@ -31,7 +36,7 @@ class GenaiSpeedSettings:
     prefill_rounds: int = 5
 
 
-def _load(folder: Path, threads: int):
+def _load(folder: Path, threads: int) -> og.Model:
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
@@ -42,7 +47,7 @@ def _load(folder: Path, threads: int):
     return og.Model(config)
 
 
-def _generator(model, max_length: int):
+def _generator(model: og.Model, max_length: int) -> og.Generator:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -50,7 +55,7 @@ def _generator(model, max_length: int):
     return og.Generator(model, params)
 
 
-def _decode_steps(model, prompt: np.ndarray, new_tokens: int) -> tuple[list[float], list[int]]:
+def _decode_steps(model: og.Model, prompt: np.ndarray, new_tokens: int) -> tuple[list[float], list[int]]:
     generator = _generator(model, len(prompt) + new_tokens)
     generator.append_tokens(prompt)
     generator.generate_next_token()  # picks from the prompt's logits: no forward pass
@@ -63,7 +68,7 @@ def _decode_steps(model, prompt: np.ndarray, new_tokens: int) -> tuple[list[floa
     return steps, tokens
 
 
-def _prefill(model, prompt: np.ndarray) -> float:
+def _prefill(model: og.Model, prompt: np.ndarray) -> float:
     generator = _generator(model, len(prompt) + 1)
     start = time.perf_counter()
     generator.append_tokens(prompt)
@@ -71,7 +76,8 @@ def _prefill(model, prompt: np.ndarray) -> float:
 
 
 def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpeedSettings,
-            prefill_names: list[str] | None = None, log=print) -> dict[str, dict]:
+            prefill_names: list[str] | None = None,
+            log: Callable[[str], object] = print) -> dict[str, dict[str, Any]]:
     """name -> {"decode_ms": p50 per token, "decode_runs": steps, "prefill_ms": p50 (for prefill_names),
     "tokens": the greedy continuation of the first round}. `prompt_ids` holds at least prefill_tokens ids."""
     import onnxruntime_genai as og
@@ -109,7 +115,7 @@ def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpe
         order = prefill_names[r % max(len(prefill_names), 1):] + prefill_names[: r % max(len(prefill_names), 1)]
         for name in order:
             prefill[name].append(_prefill(models[name], long))
-    out: dict[str, dict] = {name: {"error": error} for name, error in errors.items()}
+    out: dict[str, dict[str, Any]] = {name: {"error": error} for name, error in errors.items()}
     for name in names:
         out[name] = {"decode_ms": float(np.median(steps[name]) * 1e3), "decode_runs": len(steps[name]),
                      "tokens": tokens[name]}

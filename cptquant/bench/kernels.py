@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -26,7 +27,7 @@ _DTYPES = {onnx.TensorProto.FLOAT: "FP32", onnx.TensorProto.FLOAT16: "FP16", onn
            onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.INT4: "int4", onnx.TensorProto.UINT4: "uint4"}
 
 
-def _attr(node: onnx.NodeProto, name: str):
+def _attr(node: onnx.NodeProto, name: str) -> Any:  # an attribute's value: int, float, str, tensor...
     return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
 
 
@@ -41,7 +42,7 @@ def kernel_census(model_path: Path) -> dict[str, int]:
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
-    census: Counter = Counter()
+    census: Counter[str] = Counter()
     for node in graph.node:
         if node.op_type in LOW_BIT:  # its packed weight may be small (a tiny test model's): always a layer
             if not any(name in initializers for name in node.input):

@@ -19,13 +19,21 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from ..onnx_io.baselines import side_files
 from ..onnx_io.onnx_export import MODEL_FILE, save_onnx
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+    from ..model_loading import LoadedModel
 
 GENAI_VENV = Path(os.environ.get("CPTQ_GENAI_VENV", ".venv-genai"))
 
@@ -35,7 +43,7 @@ class Built:
     name: str
     family: str  # "NNCF", "ORT MatMulNBits", "GenAI builder"
     path: Path  # the .onnx file
-    settings: dict = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -80,14 +88,15 @@ def fold_weight_transposes(model: onnx.ModelProto) -> int:
     return len(folded)
 
 
-def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig, calibration: list[dict]) -> Built:
+def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig,
+               calibration: list[dict[str, np.ndarray]]) -> Built:
     import nncf
 
     start = time.perf_counter()
     model = onnx.load(str(fp32_dir / MODEL_FILE))
     folded = fold_weight_transposes(model)
-    kwargs = dict(mode=getattr(nncf.CompressWeightsMode, config.mode), ratio=config.ratio, group_size=32,
-                  all_layers=config.all_layers)
+    kwargs: dict[str, Any] = dict(mode=getattr(nncf.CompressWeightsMode, config.mode), ratio=config.ratio,
+                                  group_size=32, all_layers=config.all_layers)
     if calibration:
         kwargs.update(dataset=nncf.Dataset(calibration), subset_size=len(calibration))
     if config.sensitivity:
@@ -113,35 +122,37 @@ def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig, calibration: l
 class _Reader:
     """ORT's CalibrationDataReader protocol over a list of feeds (GPTQ deep-copies and iterates it)."""
 
-    def __init__(self, feeds: list[dict]):
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
         self.feeds = feeds
         self._it = iter(feeds)
 
-    def get_next(self):
+    def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._it, None)
 
-    def rewind(self):
+    def rewind(self) -> None:
         self._it = iter(self.feeds)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         return iter(self.feeds)
 
-    def __deepcopy__(self, memo):
+    def __deepcopy__(self, memo: dict[int, object]) -> _Reader:
         return _Reader(self.feeds)
 
 
-def build_ort_nbits(fp32_dir: Path, out_dir: Path, algorithm: str, calibration: list[dict]) -> Built:
+def build_ort_nbits(fp32_dir: Path, out_dir: Path, algorithm: str,
+                    calibration: list[dict[str, np.ndarray]]) -> Built:
     """algorithm: "default" (RTN, symmetric), "k_quant" or "gptq"; block 32, MatMul weights only."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     start = time.perf_counter()
     model = onnx.load(str(fp32_dir / MODEL_FILE))
-    configs = {
+    configs: dict[str, Callable[[], object] | None] = {
         "default": None,
         "k_quant": lambda: mnq.KQuantWeightOnlyQuantConfig(),
         "gptq": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Reader(calibration), block_size=128),
     }
-    algo_config = configs[algorithm]() if configs[algorithm] else None
+    make_config = configs[algorithm]
+    algo_config = make_config() if make_config is not None else None
     quantizer = mnq.MatMulNBitsQuantizer(model, bits=4, block_size=32, is_symmetric=True, algo_config=algo_config)
     quantizer.process()
     proto = quantizer.model.model if hasattr(quantizer.model, "model") else quantizer.model
@@ -184,11 +195,12 @@ def build_genai(hf_dir: Path, out_dir: Path, name: str, extra_options: tuple[str
     return Built(name, "GenAI builder", out_dir / MODEL_FILE, settings, time.perf_counter() - start)
 
 
-def calibration_feeds(loaded, session, samples: int, seq_len: int) -> list[dict]:
+def calibration_feeds(loaded: LoadedModel, session: ort.InferenceSession, samples: int,
+                      seq_len: int) -> list[dict[str, np.ndarray]]:
     """Our calibration text (the offline corpus, as `cptq-export` reads it by default), one sample per
     feed, unpadded, with an empty KV cache: the inputs NNCF and ORT's GPTQ run the ONNX model on."""
-    from ..passes.calibration import build_calibration
     from ..onnx_io.inputs import feeds_for
+    from ..passes.calibration import build_calibration
 
     calib = build_calibration(loaded, None, "text", samples, seq_len, 0)
     feeds = []

@@ -20,6 +20,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 KIB = 1024
 
@@ -36,7 +37,7 @@ def _reset_peak() -> None:
 
 
 def measure_in_this_process(source: str | None, method: str, granularity: str, samples: int, seq_len: int,
-                            calib: str | None = None) -> dict:
+                            calib: str | None = None) -> dict[str, Any]:
     import torch
 
     from ..layer_graph import build_layer_graph
@@ -69,7 +70,7 @@ def measure_in_this_process(source: str | None, method: str, granularity: str, s
 
 
 def measure(source: str | None, method: str, granularity: str, samples: int, seq_len: int,
-            calib: str | None = None, timeout: float = 1800) -> dict | None:
+            calib: str | None = None, timeout: float = 1800) -> dict[str, Any] | None:
     """`measure_in_this_process` in a fresh Python process; None where /proc is missing (not Linux)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
@@ -78,7 +79,8 @@ def measure(source: str | None, method: str, granularity: str, samples: int, seq
     done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"pass memory probe failed ({method}): {done.stderr.strip()[-500:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])  # measure_in_this_process's
+    return figures
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 from datetime import date
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
@@ -13,11 +14,16 @@ from ..model_loading import TASK_CAUSAL_LM
 from .anchors import FP16, FP32, ORT_INT8
 from .run import ModelResult, Variant
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from matplotlib.axes import Axes
+
 
 def machine() -> str:
-    from ..runtimes.cpu import _cpu_model
-
     import os
+
+    from ..runtimes.cpu import _cpu_model
 
     return (f"{_cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"onnxruntime {ort.__version__}, CPU execution provider with 2 intra-op threads")
@@ -42,7 +48,7 @@ def _quality_cells(task: str, v: Variant) -> list[str]:
 
 
 def _p50(v: Variant, key: str) -> float:
-    return v.latency[key]["p50_ms"]
+    return float(v.latency[key]["p50_ms"])
 
 
 def model_section(result: ModelResult) -> str:
@@ -90,7 +96,7 @@ def model_section(result: ModelResult) -> str:
     return "\n".join(lines)
 
 
-def pareto_plot(results: list[ModelResult], path: Path, extra_panels=()) -> None:
+def pareto_plot(results: list[ModelResult], path: Path, extra_panels: Sequence[Callable[[Axes], None]] = ()) -> None:
     """One panel per model with quality figures, then one per callable in `extra_panels` (each draws on
     the axes it is given: the SmolLM2 section's panel)."""
     import matplotlib
@@ -110,8 +116,8 @@ def pareto_plot(results: list[ModelResult], path: Path, extra_panels=()) -> None
 
         def y(v: Variant) -> float:
             if causal:
-                return 100 * v.quality["ppl_increase"]  # linear axis: a quantized LM may even gain a little
-            return max(1 - v.quality["mean_cosine"], floor)
+                return 100 * float(v.quality["ppl_increase"])  # linear axis: a quantized LM may even gain a little
+            return max(1 - float(v.quality["mean_cosine"]), floor)
 
         families: dict[str, list[Variant]] = {}
         for v in result.variants:

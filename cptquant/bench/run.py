@@ -4,23 +4,26 @@ then quality and interleaved latency of every variant in the same run."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from ..exporter.pipeline import export_quantized, exported_layer_graph
-from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
+from ..layer_graph import LayerGraph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
-from ..passes import AnalysisOptions, analyze, plan_from_scores
+from ..passes import AnalysisOptions, AnalysisResult, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows
 from ..passes.measurements import CalibrationMeasurements
 from ..plan import Plan, apply_zero_points, uniform_plan
+from ..plan_source import PlanFactory
+from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..runtimes.base import model_bytes
 from ..runtimes.cpu import CpuAdapter
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from ..runtimes.speed import SpeedSettings, measure_latency
-from .pass_memory import measure as measure_pass_memory
 from .anchors import FP16, FP32, ORT_INT4, ORT_INT8, build_anchors
+from .pass_memory import measure as measure_pass_memory
 
 ANCHORS = (FP32, FP16, ORT_INT8, ORT_INT4)
 
@@ -57,8 +60,8 @@ class Variant:
     model_bytes: int
     average_bits: float | None = None
     budget: str = ""
-    quality: dict = field(default_factory=dict)
-    latency: dict = field(default_factory=dict)
+    quality: dict[str, Any] = field(default_factory=dict)
+    latency: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,18 +73,19 @@ class ModelResult:
     cost_fpe: dict[str, float]
     forward_s: float
     seconds: float
-    quality_settings: dict = field(default_factory=dict)
+    quality_settings: dict[str, Any] = field(default_factory=dict)
     latency_keys: list[str] = field(default_factory=list)
-    pass_memory: dict[str, dict] = field(default_factory=dict)  # method -> bench.pass_memory result
+    pass_memory: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> bench.pass_memory result
     num_blocks: int = 0
 
 
-def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name: str):
+def _plans(spec: ModelSpec, graph: LayerGraph, result: AnalysisResult, options: AnalysisOptions,
+           model_name: str) -> Iterator[tuple[str, str, Plan]]:
     """(method, budget label, plan) for every method at the default clustering and at each budget."""
     rankings = dict(result.scores)
     if result.oracle is not None:
         rankings["oracle"] = result.oracle
-    budgets: list[tuple[str, dict]] = [("KHM", {})] + [(f"{b:g} bits", {"target_bits": b}) for b in spec.target_bits]
+    budgets: list[tuple[str, dict[str, float]]] = [("KHM", {})] + [(f"{b:g} bits", {"target_bits": b}) for b in spec.target_bits]
     if spec.size_goal_mb:
         budgets.append((f"≤{spec.size_goal_mb:g} MB", {"max_size_mb": spec.size_goal_mb}))
     for method, scores in rankings.items():
@@ -96,12 +100,12 @@ def _plans(spec: ModelSpec, graph, result, options: AnalysisOptions, model_name:
                                                   hot_rows=result.hot_rows)
 
 
-def _fixed(plan: Plan):
+def _fixed(plan: Plan) -> PlanFactory:
     """A plan factory that returns `plan` whatever the model (the plans here are made before the exports)."""
     return lambda _loaded, _graph: plan
 
 
-def run_model(spec: ModelSpec, root: Path, progress: bool = True, log=print) -> ModelResult:
+def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[[str], object] = print) -> ModelResult:
     start = time.perf_counter()
     loaded = spec.load()
     log(f"[{spec.key}] anchors")

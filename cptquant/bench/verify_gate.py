@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def _cli(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
-def build_exports(root: Path, log=print) -> tuple[Path, Path, str]:
+def build_exports(root: Path, log: Callable[[str], object] = print) -> tuple[Path, Path, str]:
     """The demo export and its slowed twin (model.onnx replaced by the FP16 baseline), with their caches."""
     fast = root / "demo"
     if not (fast / "model.report.json").is_file():
@@ -132,7 +133,7 @@ def run_verify(folder: Path, runs: GateRuns) -> None:
     runs.intervals.append((check.get("low", check["measured"]), check.get("high", check["measured"])))
 
 
-def run_gate(root: Path, runs: int, busy_core: bool = True, log=print) -> GateResult:
+def run_gate(root: Path, runs: int, busy_core: bool = True, log: Callable[[str], object] = print) -> GateResult:
     fast_dir, slow_dir, fmt = build_exports(root, log)
     fast, slow = GateRuns("demo export"), GateRuns("slower than FP32 (every MatMul three times)")
     # One core kept busy by another process, as a CI neighbour would: a pure-Python spin loop.
@@ -177,7 +178,10 @@ def goal_lines(result: GateResult) -> list[str]:
     n = result.runs
     ok_fast = result.fast.exit_codes.count(0) == n
     ok_slow = result.slow.exit_codes.count(1) == n and result.slow.count("fail") == n
-    mark = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+
+    def mark(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
     return [f"- `cptq verify` with default thresholds passes {n} of {n} runs with one core busy: {mark(ok_fast)} — "
             f"{result.fast.exit_codes.count(0)} of {n} (speed check {result.fast.count('pass')} pass, "
             f"{result.fast.count('inconclusive')} inconclusive).",

@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import typer
 
@@ -27,13 +29,17 @@ def quiet_libraries() -> None:
         pass
 
 
-def user_errors(fn):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn CptqError into one line on stderr and exit code 2; SIGTERM/SIGHUP/SIGINT into one line and
     exit code 128 + the signal's number, after every staging folder has been removed."""
     from ..output_folder import Interrupted, handle_signals
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         quiet_libraries()
         try:
             with handle_signals():

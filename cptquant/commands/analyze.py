@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from typer import Argument, Option
 
 from ..errors import CptqError
-from ..output_folder import (Staging, check_writable, claim_output, commit, output_path, owned_files,
-                             refuse_folders_in_place, refuse_replacing)
+from ..output_folder import (
+    Staging,
+    check_writable,
+    claim_output,
+    commit,
+    output_path,
+    owned_files,
+    refuse_folders_in_place,
+    refuse_replacing,
+)
 from . import options
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from ..layer_graph import LayerGraph
+    from ..passes import AnalysisResult
 
 METHOD_CHOICES = ("cmpq", "pmpq", "tdmpq", "all")
 
@@ -21,9 +35,10 @@ def owned_by_analysis(name: str) -> bool:
     return name in ("scores.json", "scores.png") or (name.startswith("plan-") and name.endswith(".json"))
 
 
-def _depths(result, graph) -> dict[str, int]:
+def _depths(result: AnalysisResult, graph: LayerGraph) -> dict[str, int]:
     """Unit -> depth: its block, -1 for what comes before the blocks (embeddings), num_blocks after (head)."""
-    depths, seen_block = {}, False
+    depths: dict[str, int] = {}
+    seen_block = False
     for unit, names in result.units.items():
         block = graph[names[0]].block
         seen_block = seen_block or block is not None
@@ -31,7 +46,7 @@ def _depths(result, graph) -> dict[str, int]:
     return depths
 
 
-def _plot_depth(ax, result, series: dict, graph) -> None:
+def _plot_depth(ax: Axes, result: AnalysisResult, series: dict[str, dict[str, float]], graph: LayerGraph) -> None:
     """Mean score per depth, each series scaled to its largest: where each method puts the sensitivity."""
     depths = _depths(result, graph)
     xs = sorted(set(depths.values()))
@@ -48,11 +63,12 @@ def _plot_depth(ax, result, series: dict, graph) -> None:
     ax.legend(fontsize=7)
 
 
-def _plot(path: Path, result, plans: dict, graph=None) -> None:
+def _plot(path: Path, result: AnalysisResult, plans: dict[str, dict[str, int]], graph: LayerGraph | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     units = list(result.units)
     series = dict(result.scores)
@@ -60,7 +76,7 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
         series["oracle"] = result.oracle
     rows = len(series) + (graph is not None)
     fig, axes = plt.subplots(rows, 1, figsize=(max(8, len(units) * 0.25), 2.6 * rows), squeeze=False)
-    colours = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}
+    colours: dict[int | None, str] = {16: "tab:red", 8: "tab:orange", 4: "tab:green"}  # None: no plan, grey
     for ax, (method, scores) in zip(axes[:, 0], series.items()):
         values = [scores.get(unit, 0.0) for unit in units]
         bits = plans.get(method, {})
@@ -73,7 +89,7 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
     axes[len(series) - 1, 0].set_xticklabels(units, rotation=90, fontsize=6)
     if graph is not None:
         _plot_depth(axes[-1, 0], result, series, graph)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
+    handles = [Rectangle((0, 0), 1, 1, color=c) for c in colours.values()]
     fig.legend(handles, [f"{b} bits" for b in colours], loc="upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -81,12 +97,12 @@ def _plot(path: Path, result, plans: dict, graph=None) -> None:
 
 
 def analyze(
-    model: Optional[str] = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
+    model: str | None = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
     method: str = Option("cmpq", "--method", "-m", help="cmpq, pmpq, tdmpq or all."),
     validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
     out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
-    task: Optional[str] = options.TASK,
-    calib: Optional[str] = options.CALIB,
+    task: str | None = options.TASK,
+    calib: str | None = options.CALIB,
     text_field: str = options.TEXT_FIELD,
     calib_samples: int = options.CALIB_SAMPLES,
     seq_len: int = options.SEQ_LEN,
@@ -94,8 +110,8 @@ def analyze(
     sparsity: str = options.SPARSITY,
     bit_widths: str = options.BIT_WIDTHS,
     granularity: str = options.GRANULARITY,
-    target_bits: Optional[float] = options.TARGET_BITS,
-    max_size_mb: Optional[float] = options.MAX_SIZE_MB,
+    target_bits: float | None = options.TARGET_BITS,
+    max_size_mb: float | None = options.MAX_SIZE_MB,
     block_size: int = options.BLOCK_SIZE,
     clip: str = options.CLIP,
     cca: str = options.CCA,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -75,16 +74,16 @@ def print_summary(result: ExportResult, console: Console) -> None:
 
 @user_errors
 def export(
-    model: Optional[str] = typer.Argument(None, help="Hub id or local folder; omitted: the embedded MiniLM."),
+    model: str | None = typer.Argument(None, help="Hub id or local folder; omitted: the embedded MiniLM."),
     output: Path = typer.Option(Path("out/model.onnx"), "-o", "--output", help="model.onnx path, or a folder."),
-    method: Optional[str] = typer.Option(None, "--method",
-                                         help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq); or rule: "
-                                              "llama.cpp's k_quant_mixed layer rule (no measurement)."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
-    default_bits: Optional[int] = typer.Option(
+    method: str | None = typer.Option(None, "--method",
+                                      help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq); or rule: "
+                                           "llama.cpp's k_quant_mixed layer rule (no measurement)."),
+    plan: Path | None = typer.Option(None, "--plan", help="Use this plan JSON instead of a method."),
+    default_bits: int | None = typer.Option(
         None, "--default-bits", help="With --plan: bits (16, 8 or 4) for the layers the plan leaves out; without "
                                      "it a plan must name every layer."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
+    bits: int | None = typer.Option(None, "--bits", help="Uniform plan: every layer at 16, 8 or 4 bits."),
     block_size: int = options.BLOCK_SIZE,
     clip: str = options.CLIP,
     zero_points: str = options.ZERO_POINTS,
@@ -101,13 +100,13 @@ def export(
         DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
              "are scaled down before the int8 product (weights scaled up to match); 0: off."),
-    task: Optional[str] = options.TASK,
+    task: str | None = options.TASK,
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
     progress: bool = options.PROGRESS,
     verify: bool = typer.Option(True, "--verify/--no-verify",
                                 help="Measure quality and CPU latency against FP32/FP16 at the end (a few seconds)."),
-    calib: Optional[str] = options.CALIB,
+    calib: str | None = options.CALIB,
     text_field: str = options.TEXT_FIELD,
     calib_samples: int = options.CALIB_SAMPLES,
     seq_len: int = options.SEQ_LEN,
@@ -115,13 +114,13 @@ def export(
     sparsity: str = options.SPARSITY,
     bit_widths: str = options.BIT_WIDTHS,
     granularity: str = options.GRANULARITY,
-    target_bits: Optional[float] = options.TARGET_BITS,
-    max_size_mb: Optional[float] = options.MAX_SIZE_MB,
+    target_bits: float | None = options.TARGET_BITS,
+    max_size_mb: float | None = options.MAX_SIZE_MB,
     cca: str = options.CCA,
     curvature: str = options.CURVATURE,
     lm_loss: str = options.LM_LOSS,
     hot_rows: bool = options.HOT_ROWS,
-    override: Optional[list[str]] = typer.Option(
+    override: list[str] | None = typer.Option(
         None, "--override",
         help="PATTERN=BITS (repeatable): layers whose name the regular expression matches get BITS (16, 8 or 4), "
              "after the method's allocation and within its budget; e.g. --override lm_head=8 --override '.*down_proj=8'."),

@@ -7,7 +7,6 @@ Exit 0 when every threshold holds, 1 when one fails (each failure named with its
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,20 +26,20 @@ def verify(
     max_ppl_increase: str = typer.Option("2%", "--max-ppl-increase", help="Causal LM: largest relative perplexity rise."),
     max_accuracy_drop: str = typer.Option("1%", "--max-accuracy-drop",
                                           help="Classification / masked LM: largest accuracy drop (points)."),
-    max_kl: Optional[str] = typer.Option(None, "--max-kl",
-                                         help="Causal LM: largest mean KL divergence of the next-token distribution "
-                                              "from the baseline's (reported always; gated only when given)."),
+    max_kl: str | None = typer.Option(None, "--max-kl",
+                                      help="Causal LM: largest mean KL divergence of the next-token distribution "
+                                           "from the baseline's (reported always; gated only when given)."),
     min_cosine: str = typer.Option("0.99", "--min-cosine", help="Feature extraction: smallest mean cosine."),
     min_speedup: str = typer.Option("1.0", "--min-speedup", help="Smallest geometric-mean speed-up. Fails only when its whole "
                                         "95% interval (interleaved pairs, repeated while it straddles) is below it; "
                                         "INCONCLUSIVE otherwise."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
-    junit: Optional[Path] = typer.Option(None, "--junit", help="Write a JUnit XML file of the checks here."),
-    report_dir: Optional[Path] = typer.Option(None, "--report-dir", help="Where report.json/.md go (OUT_DIR/verify)."),
+    eval_file: Path | None = typer.Option(None, "--eval", help="Evaluation text: .txt lines or .jsonl {text, label}."),
+    junit: Path | None = typer.Option(None, "--junit", help="Write a JUnit XML file of the checks here."),
+    report_dir: Path | None = typer.Option(None, "--report-dir", help="Where report.json/.md go (OUT_DIR/verify)."),
     quick: bool = typer.Option(False, "--quick", help="Fewer texts, runs and shapes: a smoke test."),
     threads: int = typer.Option(2, "--threads", help="CPU EP intra-op threads."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),
-    source: Optional[str] = typer.Option(
+    source: str | None = typer.Option(
         None, "--source", help="Model (folder or hub id) to rebuild missing baselines from. Without it only the "
                                "report's source folder is used, and only when it runs no custom code."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code",

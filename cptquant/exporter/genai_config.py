@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -27,13 +28,13 @@ def genai_model_type(model_type: str | None) -> str | None:
     return GENAI_MODEL_TYPES.get(model_type or "")
 
 
-def _token_ids(value) -> list[int]:
+def _token_ids(value: int | list[int] | tuple[int, ...] | None) -> list[int]:
     if value is None:
         return []
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _config_value(config: dict, *keys: str):
+def _config_value(config: dict[str, Any], *keys: str) -> Any:
     """The first of `keys` the config.json sets (GPT-2's file says n_head/n_embd where Llama's says
     num_attention_heads/hidden_size)."""
     for key in keys:
@@ -42,7 +43,8 @@ def _config_value(config: dict, *keys: str):
     raise ValueError(f"config.json sets none of {', '.join(keys)}")
 
 
-def build_genai_config(model_path: Path, config: dict, generation: dict | None = None) -> dict:
+def build_genai_config(model_path: Path, config: dict[str, Any],
+                       generation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The GenAI configuration of the decoder at `model_path` (its graph is read without its weights).
 
     `config` is the folder's config.json, `generation` its generation_config.json (its ids win:

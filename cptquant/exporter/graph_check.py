@@ -12,6 +12,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -30,7 +31,7 @@ class GraphCheck:
     repaired: list[str] = field(default_factory=list)  # layers rewritten as MatMulNBits after a first check
     expected_kernels: dict[str, int] = field(default_factory=dict)  # kernel -> uses the rewrite planned for it
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"kernels": self.kernels, "expected_kernels": self.expected_kernels, "unfused": self.unfused,
                 "fp16_casts_left": self.fp16_casts_left, "written_as_matmulnbits_after_check": self.repaired}
 
@@ -74,7 +75,7 @@ def check_kernels(model_path: Path, rewritten: dict[str, LoweredLayer]) -> Graph
                 return owner[tensor[:end]]
         return None
 
-    kernels: Counter = Counter()
+    kernels: Counter[str] = Counter()
     per_layer: dict[str, list[str]] = {name: [] for name in rewritten}
     slow, casts = [], []  # layers whose weight is still dequantized / expanded / cast at run time
     for node in graph.node:

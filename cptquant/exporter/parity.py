@@ -21,7 +21,7 @@ class Parity:
     mean_cosine: float
     min_cosine: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | int]:
         return {"n_inputs": self.n_inputs, "max_abs_diff": self.max_abs_diff, "mean_cosine": self.mean_cosine,
                 "min_cosine": self.min_cosine}
 
@@ -42,7 +42,7 @@ def torch_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> np.ndarray:
         ids = torch.from_numpy(input_ids.astype(np.int64))
         kwargs = {"use_cache": False} if loaded.task == TASK_CAUSAL_LM else {}
         out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-    first = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    first: torch.Tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
     return first.float().numpy()
 
 
@@ -67,7 +67,8 @@ def seq2seq_torch_logits(loaded: LoadedModel, input_ids: np.ndarray, decoder_ids
         ids = torch.from_numpy(input_ids.astype(np.int64))
         out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids),
                            decoder_input_ids=torch.from_numpy(decoder_ids.astype(np.int64)), use_cache=False)
-    return out.logits.float().numpy()
+    logits: torch.Tensor = out.logits
+    return logits.float().numpy()
 
 
 def measure_seq2seq_parity(loaded: LoadedModel, folder: Path, n: int = 4) -> Parity:

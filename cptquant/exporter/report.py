@@ -4,13 +4,20 @@ measured, then written stating its own size."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnxruntime as ort
 
-from ..version import __version__
 from ..onnx_io.onnx_export import MODEL_FILE
 from ..plan import Plan
 from ..reports import ExportReport, LayerReport
+from ..version import __version__
+
+if TYPE_CHECKING:
+    from ..model_loading import LoadedModel
+    from .graph_check import GraphCheck
+    from .lowering import LoweredLayer
+    from .parity import Parity
 
 
 def files_size(paths: list[Path]) -> int:
@@ -41,8 +48,9 @@ def write_report(path: Path, report: ExportReport, other_files: list[Path], mode
     path.write_text(text)
 
 
-def build_report(loaded, plan: Plan, rewritten, absent, unquantized: dict[str, str], graph_check, parity,
-                 fp32_dir: Path, fp16_dir: Path, timings, fmt: str, opset: int, fingerprint: str,
+def build_report(loaded: LoadedModel, plan: Plan, rewritten: dict[str, LoweredLayer], absent: list[str],
+                 unquantized: dict[str, str], graph_check: GraphCheck, parity: Parity, fp32_dir: Path, fp16_dir: Path,
+                 timings: dict[str, float], fmt: str, opset: int, fingerprint: str,
                  model_files: tuple[str, ...] | list[str] = (MODEL_FILE,)) -> ExportReport:
     def model_bytes(folder: Path) -> int:
         return files_size([p for p in folder.iterdir() if any(p.name.startswith(stem) for stem in model_files)])

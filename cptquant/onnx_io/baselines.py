@@ -11,9 +11,13 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..output_folder import CACHE_DIR_NAME
 from .onnx_export import MODEL_FILE, SEQ2SEQ_FILES, is_onnx_file, load_onnx, save_onnx
+
+if TYPE_CHECKING:
+    from ..model_loading import LoadedModel
 
 FINGERPRINT_FILE = "fingerprint.json"
 
@@ -52,7 +56,7 @@ def remove_legacy_baselines(out_folder: Path, model_file: str = MODEL_FILE) -> P
     return old
 
 
-def baseline_fingerprint(loaded) -> str:
+def baseline_fingerprint(loaded: LoadedModel) -> str:
     """What the FP32 baseline is made of: the source weights (every tensor of the state dict, bytes and
     shape) and the export settings (task, opset). Recorded in the report and in the cache, so a cache
     (or a --source) that is not this export's model is recognised by content, not by file names."""

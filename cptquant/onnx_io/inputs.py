@@ -13,7 +13,8 @@ _NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float
              "tensor(float16)": np.float16}
 
 
-def feeds_for(session: ort.InferenceSession, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
+def feeds_for(session: ort.InferenceSession, input_ids: np.ndarray,
+              attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Feeds for one forward pass with an empty KV cache; batch and length from `input_ids`."""
     input_ids = np.asarray(input_ids, dtype=np.int64)
     batch, length = input_ids.shape

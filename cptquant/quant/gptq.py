@@ -73,7 +73,7 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
     weight[diag <= 0] = 0.0  # dead inputs: the row never contributes
     num_blocks = k // block_size
     scales = np.empty((num_blocks, n), dtype=np.float32)
-    zero_points = None if symmetric else np.empty((num_blocks, n), dtype=np.uint8)
+    zero_points = np.empty((num_blocks, n), dtype=np.uint8)  # returned only when asymmetric
     order = np.arange(k)
     if act_order:
         order = np.argsort(-diag, kind="stable")
@@ -107,4 +107,4 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
             errors[i] = (rows[i] - dequantized) / u[i, i]
             rows[i + 1 :] -= np.outer(u[i, i + 1 :], errors[i])
         weight[stop:] -= upper[start:stop, stop:].T @ errors
-    return QuantizedWeight(codes, scales, zero_points, bits, block_size)
+    return QuantizedWeight(codes, scales, None if symmetric else zero_points, bits, block_size)

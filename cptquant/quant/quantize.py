@@ -60,11 +60,13 @@ def _blocks(weight: np.ndarray, block_size: int) -> np.ndarray:
 
 def _symmetric_codes(blocks: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
-    return np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    codes: np.ndarray = np.clip(np.rint(blocks / scale[:, None, :]), -qmax - 1, qmax)
+    return codes
 
 
 def _asymmetric_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 2**bits - 1)
+    codes: np.ndarray = np.clip(np.rint(blocks / scale[:, None, :]) + zero_point[:, None, :], 0, 2**bits - 1)
+    return codes
 
 
 def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str) -> np.ndarray:
@@ -88,20 +90,18 @@ def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.nda
     lo = np.minimum(blocks.min(axis=1), 0.0)  # keep 0 exactly representable
     hi = np.maximum(blocks.max(axis=1), 0.0)
 
-    def params(lo_, hi_):
+    def params(lo_: np.ndarray, hi_: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scale = _safe_scale((hi_ - lo_) / levels)
         return scale, np.clip(np.rint(-lo_ / scale), 0, levels)
 
     if clip != "mse":
         return params(lo, hi)
-    best_scale = best_zp = None
+    best_scale, best_zp = params(lo * _MSE_RATIOS[0], hi * _MSE_RATIOS[0])  # the loop's first ratio: kept where no ratio is better
     best_err = np.full(lo.shape, np.inf, dtype=np.float32)
     for ratio in _MSE_RATIOS:
         scale, zp = params(lo * ratio, hi * ratio)
         q = _asymmetric_codes(blocks, scale, zp, bits)
         err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
-        if best_scale is None:
-            best_scale, best_zp = scale, zp
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -96,9 +97,8 @@ def _packed_length(length: int, bits: int) -> int:
 
 def _unsigned_codes(qw: QuantizedWeight) -> np.ndarray:
     """uint8 codes; symmetric ones shifted by 2^(bits-1), the zero point a kernel assumes without one."""
-    if qw.symmetric:
-        return (qw.q.astype(np.int16) + 2 ** (qw.bits - 1)).astype(np.uint8)
-    return qw.q.astype(np.uint8)
+    codes: np.ndarray = qw.q.astype(np.int16) + 2 ** (qw.bits - 1) if qw.symmetric else qw.q
+    return codes.astype(np.uint8)
 
 
 def _as_laid_out(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -115,10 +115,10 @@ def _as_laid_out(layout: dict[str, TensorLayout], arrays: dict[str, np.ndarray])
 class _Layout:
     """A storage whose bytes are the sum of its tensors' (`tensors()` takes the same arguments)."""
 
-    def tensors(self, *args, **kwargs) -> dict[str, TensorLayout]:
+    def tensors(self, *args: Any, **kwargs: Any) -> dict[str, TensorLayout]:
         raise NotImplementedError
 
-    def nbytes(self, *args, **kwargs) -> int:
+    def nbytes(self, *args: Any, **kwargs: Any) -> int:
         return sum(t.nbytes for t in self.tensors(*args, **kwargs).values())
 
 
@@ -139,7 +139,7 @@ class BlockedQdq(_Layout):
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
         """Codes as int8/uint8 holding the bit width's values (packed when written), float32 scales."""
         arrays = {"codes": qw.q, "scales": qw.scale}
-        if not qw.symmetric:
+        if qw.zero_point is not None:  # asymmetric
             arrays["zero_points"] = qw.zero_point
         k, n = qw.q.shape
         return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
@@ -166,7 +166,7 @@ class BlockedNBits(_Layout):
         codes = np.ascontiguousarray(_unsigned_codes(qw).T).reshape(n, blocks, qw.block_size)
         arrays = {"codes": pack_uint4_last_axis(codes) if qw.bits == 4 else codes,
                   "scales": np.ascontiguousarray(qw.scale.T).reshape(-1)}  # the kernel reads [N * blocks]
-        if not qw.symmetric:
+        if qw.zero_point is not None:  # asymmetric
             zp = np.ascontiguousarray(qw.zero_point.T)
             arrays["zero_points"] = (pack_uint4_last_axis(zp) if qw.bits == 4 else zp).reshape(-1)
         return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
@@ -204,7 +204,7 @@ class DynamicInt8(_Layout):
         column_scale = np.where(column_scale > 0, column_scale, 1).astype(np.float32)
         ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N], in (0, 1]: FP16 keeps it to 2^-11
         arrays = {"codes": qw.q.reshape(blocks, qw.block_size, n), "ratios": ratio.reshape(blocks, 1, n)}
-        if not qw.symmetric:
+        if qw.zero_point is not None:  # asymmetric
             arrays["zero_points"] = qw.zero_point.reshape(blocks, 1, n)
         arrays["column_scales"] = column_scale
         return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
@@ -219,7 +219,8 @@ class DynamicInt8(_Layout):
         if "zero_points" in arrays:
             expected = expected - arrays["zero_points"].astype(np.float32)
         int8 = np.rint(expected * ratios.reshape(blocks, 1, n)).reshape(blocks * block_size, n)
-        return int8 * arrays["column_scales"]
+        weight: np.ndarray = int8 * arrays["column_scales"]
+        return weight
 
 
 class BlockQuantizedTable(_Layout):
@@ -242,7 +243,7 @@ class BlockQuantizedTable(_Layout):
         codes = np.ascontiguousarray(_unsigned_codes(qw).T)
         arrays = {"codes": pack_uint4_last_axis(codes) if qw.bits == 4 else codes,
                   "scales": np.ascontiguousarray(qw.scale.T).astype(np.float16)}
-        if not qw.symmetric:
+        if qw.zero_point is not None:  # asymmetric
             zp = np.ascontiguousarray(qw.zero_point.T)
             arrays["zero_points"] = pack_uint4_last_axis(zp) if qw.bits == 4 else zp
         hidden, rows = qw.q.shape

@@ -8,7 +8,7 @@ tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,7 +21,11 @@ GPTQ_BITS = (4,)
 
 class RoundToNearest:
     name = "rtn"
-    used_calibration = False  # whether calibration text was read (the report records which)
+
+    @property
+    def used_calibration(self) -> bool:
+        """Whether calibration text was read (the report records which)."""
+        return False
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
@@ -45,7 +49,7 @@ class Gptq(RoundToNearest):
         self._collect = hessians
         self._wanted = wanted
         self._hessians: dict[str, np.ndarray] | None = None
-        self._done: dict[tuple, QuantizedWeight] = {}
+        self._done: dict[tuple[object, ...], QuantizedWeight] = {}
 
     def hessian(self, layer: str) -> np.ndarray | None:
         if self._hessians is None:
@@ -59,7 +63,8 @@ class Gptq(RoundToNearest):
     def used_calibration(self) -> bool:
         return bool(self._hessians)
 
-    def __call__(self, layer, weight_kn, bits, block_size, symmetric, clip, input_scale=None) -> QuantizedWeight:
+    def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                 clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)

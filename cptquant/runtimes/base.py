@@ -9,8 +9,10 @@ Peak memory is measured in a fresh process per variant: see memory.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -32,7 +34,7 @@ class RuntimeAdapter:
         options.log_severity_level = 3  # ORT's per-node placement warnings are not for our users
         return options
 
-    def providers(self) -> list:
+    def providers(self) -> list[str | tuple[str, dict[str, Any]]]:
         return [self.provider]
 
     def session(self, model_path: Path) -> ort.InferenceSession:
@@ -45,7 +47,8 @@ class RuntimeAdapter:
     def to_device(self, array: np.ndarray) -> ort.OrtValue:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
-    def run_bound(self, session: ort.InferenceSession, feeds: dict) -> dict[str, ort.OrtValue]:
+    def run_bound(self, session: ort.InferenceSession,
+                  feeds: Mapping[str, np.ndarray | ort.OrtValue]) -> dict[str, ort.OrtValue]:
         """One forward pass with IO binding; outputs stay where the provider put them.
 
         `feeds` values may be numpy arrays (copied to the device here) or OrtValues already there,
@@ -75,7 +78,7 @@ class LatencyStats:
     p90_ms: float
     runs: int
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, float | int]:
         return {"p50_ms": round(self.p50_ms, 4), "p90_ms": round(self.p90_ms, 4), "runs": self.runs}
 
 
@@ -85,7 +88,7 @@ def latency_stats(seconds: list[float]) -> LatencyStats:
     return LatencyStats(float(p50), float(p90), len(ms))
 
 
-def timed(fn) -> float:
+def timed(fn: Callable[..., object]) -> float:  # a lambda n=n: ... too
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

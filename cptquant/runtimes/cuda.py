@@ -13,6 +13,7 @@ import functools
 import shutil
 import subprocess
 import warnings
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -23,7 +24,7 @@ from .base import RuntimeAdapter
 PROVIDER = "CUDAExecutionProvider"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(device_id: int) -> tuple[bool, str]:
     """onnxruntime-gpu lists the CUDA EP even on a machine without a GPU; only a session tells."""
     if PROVIDER not in ort.get_available_providers():
@@ -81,7 +82,7 @@ class CudaAdapter(RuntimeAdapter):
     def available(self) -> tuple[bool, str]:
         return _probe(self._device_id)
 
-    def providers(self) -> list:
+    def providers(self) -> list[str | tuple[str, dict[str, Any]]]:
         return [(PROVIDER, {"device_id": self._device_id}), "CPUExecutionProvider"]
 
     def to_device(self, array: np.ndarray) -> ort.OrtValue:

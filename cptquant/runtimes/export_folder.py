@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import onnx
 
 from ..errors import CptqError
-from ..model_loading import TASKS
+from ..model_loading import TASKS, LoadedModel
 from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import console
 from ..safety import check_file_hashes, refuse_custom_code
@@ -26,10 +27,10 @@ BASELINES = ("fp32", "fp16")
 class OutputFolder:
     folder: Path
     model: Path
-    report: dict
+    report: dict[str, Any]
     config: Any
     task: str
-    signature: tuple = ()  # (input names, output names) of model.onnx
+    signature: tuple[tuple[str, ...], ...] = ()  # (input names, output names) of model.onnx
     trust_remote_code: bool = False  # from the command line only, never from the folder or its report
 
 
@@ -90,7 +91,7 @@ def _export_files(folder: Path) -> tuple[Path, Path]:
     return pairs[0] if pairs else default
 
 
-def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = False) -> OutputFolder:
+def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust_remote_code: bool = False) -> OutputFolder:
     """`folder` is an export's output folder, or the .onnx file of an export in it.
     `trust_remote_code` comes from the command line; custom code a folder names is refused without it."""
     folder = Path(folder).expanduser()
@@ -135,14 +136,20 @@ def inspect_output_folder(folder: Path, loaded=None, trust_remote_code: bool = F
     return OutputFolder(folder, model_path, report, config, task, signature, trust_remote_code)
 
 
-def ensure_baselines(out: OutputFolder, loaded=None, progress: bool = True, source: str | None = None) -> dict[str, Path]:
+def ensure_baselines(out: OutputFolder, loaded: LoadedModel | None = None, progress: bool = True,
+                     source: str | None = None) -> dict[str, Path]:
     """The FP32 and FP16 baselines from the exporter's cache; rebuilt from the model's source when missing,
     unreadable, or not this export's (other inputs or outputs, or another fingerprint of weights and settings).
 
     `source` (the command line's --source) says where to reload the model from; without it the report's
     source is followed only when safe.baseline_source allows it (a local folder naming no custom code)."""
-    from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, write_fingerprint,
-                                     write_fp16)
+    from ..onnx_io.baselines import (
+        baseline_dir,
+        baseline_fingerprint,
+        remove_legacy_baselines,
+        write_fingerprint,
+        write_fp16,
+    )
     from ..onnx_io.onnx_export import export_onnx
     from ..output_folder import Staging, claim_output, replace_dir
 
@@ -234,6 +241,6 @@ def _stale_reason(path: Path, out: OutputFolder) -> str | None:
     return f"outputs {_names(outputs)} instead of {_names(out.signature[1])}"
 
 
-def _names(names, keep: int = 4) -> str:
+def _names(names: Sequence[str], keep: int = 4) -> str:
     return ", ".join(names[:keep]) + (f" … ({len(names)} in all)" if len(names) > keep else "")
 

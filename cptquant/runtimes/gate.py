@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import CptqError
 from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_FEATURES, TASK_MASKED_LM
@@ -68,12 +69,12 @@ class Check:
         verdict = "PASS" if self.passed else "FAIL"
         return f"{verdict} [{self.ep}] {self.name}: {self._fmt(self.measured)} {relation} {self._fmt(self.threshold)}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"ep": self.ep, "name": self.name, "measured": self.measured, "threshold": self.threshold,
                 "comparison": "<=" if self.at_most else ">=", "passed": self.passed, "line": self.line()}
 
 
-def gate(ep: str, measured: dict, task: str, baseline: str, thresholds: Thresholds) -> list[Check]:
+def gate(ep: str, measured: dict[str, Any], task: str, baseline: str, thresholds: Thresholds) -> list[Check]:
     vs_quality = measured["quality"][f"vs_{baseline}"]
     checks = []
     if task == TASK_CAUSAL_LM:
@@ -113,12 +114,12 @@ class SpeedCheck(Check):
         tail = "; not failed: rerun on a quieter machine to settle it" if self.verdict == INCONCLUSIVE else ""
         return f"{self.verdict.upper()} [{self.ep}] {self.name}: {span} {where} {self._fmt(self.threshold)}{tail}"
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "low": self.low, "high": self.high, "confidence": self.confidence,
                 "rounds": self.rounds, "verdict": self.verdict}
 
 
-def speed_check(ep: str, baseline: str, vs: dict, threshold: float) -> Check:
+def speed_check(ep: str, baseline: str, vs: dict[str, Any], threshold: float) -> Check:
     interval = vs.get("speedup_interval")
     if interval is None:  # measured without a gate (the export's short verification): the point ratio
         return Check(ep, f"speed-up vs {baseline} (geometric mean of p50 ratios)", vs["geomean_speedup"],

@@ -19,8 +19,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .base import RuntimeAdapter
 
 
 def _status_kb(field: str) -> int | None:
@@ -33,7 +37,7 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
-def adapter_for(spec: str):
+def adapter_for(spec: str) -> RuntimeAdapter:
     from .cpu import CpuAdapter
     from .cuda import CudaAdapter
 
@@ -45,11 +49,14 @@ def adapter_for(spec: str):
     raise ValueError(f"unknown adapter spec {spec!r}")
 
 
-def adapter_spec(adapter) -> str:
-    return f"cpu:{adapter.threads}" if adapter.name == "cpu" else f"{adapter.name}:{adapter.device_id()}"
+def adapter_spec(adapter: RuntimeAdapter) -> str:
+    from .cpu import CpuAdapter
+
+    return f"cpu:{adapter.threads}" if isinstance(adapter, CpuAdapter) else f"{adapter.name}:{adapter.device_id()}"
 
 
-def measure_peak_rss(adapter, model_path: Path, vocab_size: int, length: int = 16, timeout_s: float = 600) -> dict:
+def measure_peak_rss(adapter: RuntimeAdapter, model_path: Path, vocab_size: int, length: int = 16,
+                     timeout_s: float = 600) -> dict[str, int | None]:
     """{"peak_rss_bytes", "rss_growth_bytes"} from a fresh process; None values when not measurable."""
     package_root = str(Path(__file__).resolve().parents[2])  # this checkout's cptquant, not another install
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
@@ -59,10 +66,11 @@ def measure_peak_rss(adapter, model_path: Path, vocab_size: int, length: int = 1
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"memory probe of {model_path} failed: {last}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    figures: dict[str, int | None] = json.loads(done.stdout.strip().splitlines()[-1])  # _probe's
+    return figures
 
 
-def _probe(spec: str, model_path: str, vocab_size: int, length: int) -> dict:
+def _probe(spec: str, model_path: str, vocab_size: int, length: int) -> dict[str, int | None]:
     import onnxruntime  # noqa: F401 - imported before the baseline reading, so its size is not billed
 
     from ..onnx_io.inputs import feeds_for

@@ -12,14 +12,20 @@ Every figure of the candidate is also stated against each baseline measured alon
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
 
 from ..model_loading import TASK_CAUSAL_LM
+from ..onnx_io.inputs import _NP_TYPES, feeds_for
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, timed
-from ..onnx_io.inputs import _NP_TYPES, feeds_for
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -32,7 +38,7 @@ class SpeedSettings:
     decode_rounds: int = 5
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "SpeedSettings":
+    def for_mode(cls, quick: bool) -> SpeedSettings:
         if quick:
             return cls(encoder_shapes=((1, 16), (1, 128)), warmup=3, runs=15, new_tokens=8, decode_rounds=3)
         return cls()
@@ -46,19 +52,19 @@ def _past_name(present: str) -> str:
     return "past_key_values" + present[len("present"):]
 
 
-def _rotations(names: list[str], rounds: int):
+def _rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
     for r in range(rounds):
         shift = r % len(names)
         yield names[shift:] + names[:shift]
 
 
-def encoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, max_positions: int,
+def encoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], vocab_size: int, max_positions: int,
                     settings: SpeedSettings, progress: bool = True,
-                    rounds: dict | None = None) -> dict[str, dict[str, dict]]:
+                    rounds: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """variant -> shape key ("b1_s16") -> LatencyStats dict. `rounds`, when given, receives every
     sample as shape key -> variant -> seconds per round (the speed gate pairs them by round)."""
     shapes = [(b, min(s, max_positions)) for b, s in settings.encoder_shapes]
-    out: dict[str, dict[str, dict]] = {name: {} for name in sessions}
+    out: dict[str, dict[str, Any]] = {name: {} for name in sessions}
     with progress_bar(progress) as bar:
         job = bar.add_task(f"latency on {adapter.name}", total=len(shapes) * (settings.runs + settings.warmup))
         for batch, length in shapes:
@@ -81,8 +87,9 @@ def encoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, ma
     return out
 
 
-def _decode_step_feeds(session, token: int, total_len: int, presents: dict) -> dict:
-    feeds = {}
+def _decode_step_feeds(session: ort.InferenceSession, token: int, total_len: int,
+                       presents: dict[str, ort.OrtValue]) -> dict[str, np.ndarray | ort.OrtValue]:
+    feeds: dict[str, np.ndarray | ort.OrtValue] = {}
     for arg in session.get_inputs():
         dtype = _NP_TYPES.get(arg.type, np.int64)
         if arg.name == "input_ids":
@@ -98,11 +105,12 @@ def _decode_step_feeds(session, token: int, total_len: int, presents: dict) -> d
     return feeds
 
 
-def greedy_decode(adapter: RuntimeAdapter, session, prompt: np.ndarray, new_tokens: int) -> tuple[float, list[float], list[int]]:
+def greedy_decode(adapter: RuntimeAdapter, session: ort.InferenceSession, prompt: np.ndarray,
+                  new_tokens: int) -> tuple[float, list[float], list[int]]:
     """Prefill seconds, per-step seconds for new_tokens - 1 cached steps, and the generated ids."""
-    outputs: dict = {}
+    outputs: dict[str, Any] = {}  # the last run's OrtValues, and "next": its greedy token
 
-    def prefill():
+    def prefill() -> None:
         outputs.update(adapter.run_bound(session, feeds_for(session, prompt)))
         outputs["next"] = int(outputs["logits"].numpy()[0, -1].argmax())
 
@@ -115,7 +123,7 @@ def greedy_decode(adapter: RuntimeAdapter, session, prompt: np.ndarray, new_toke
         presents = {_past_name(k): v for k, v in outputs.items() if k.startswith("present")}
         feeds = _decode_step_feeds(session, generated[-1], total_len, presents)
 
-        def step():
+        def step() -> None:
             outputs.update(adapter.run_bound(session, feeds))
             outputs["next"] = int(outputs["logits"].numpy()[0, -1].argmax())
 
@@ -124,8 +132,8 @@ def greedy_decode(adapter: RuntimeAdapter, session, prompt: np.ndarray, new_toke
     return prefill_s, step_s, generated
 
 
-def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, settings: SpeedSettings,
-                    progress: bool = True, rounds: dict | None = None) -> dict[str, dict[str, dict]]:
+def decoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], vocab_size: int, settings: SpeedSettings,
+                    progress: bool = True, rounds: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """variant -> figure -> LatencyStats dict (and tokens_per_s). `rounds` as in encoder_latency; a decode
     round's sample is the median of its steps."""
     prompt = _random_ids(vocab_size, 1, settings.prompt_tokens)
@@ -151,7 +159,7 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
     if rounds is not None:
         rounds[f"prefill_b1_s{settings.prompt_tokens}"] = prefill
         rounds["decode_per_token"] = decode_rounds
-    out: dict[str, dict] = {}
+    out: dict[str, dict[str, Any]] = {}
     for name in sessions:
         decode = latency_stats(steps[name])
         out[name] = {f"prefill_b1_s{settings.prompt_tokens}": latency_stats(prefill[name]).to_dict(),
@@ -160,8 +168,9 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict, vocab_size: int, se
     return out
 
 
-def measure_latency(task: str, adapter: RuntimeAdapter, sessions: dict, config, settings: SpeedSettings,
-                    progress: bool = True, rounds: dict | None = None) -> dict[str, dict]:
+def measure_latency(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], config: PretrainedConfig,
+                    settings: SpeedSettings, progress: bool = True,
+                    rounds: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     vocab_size = int(config.vocab_size)
     if task == TASK_CAUSAL_LM:
         return decoder_latency(adapter, sessions, vocab_size, settings, progress, rounds)
@@ -169,7 +178,7 @@ def measure_latency(task: str, adapter: RuntimeAdapter, sessions: dict, config, 
     return encoder_latency(adapter, sessions, vocab_size, max_positions, settings, progress, rounds)
 
 
-def speedups(latency: dict[str, dict], candidate: str, baseline: str) -> dict:
+def speedups(latency: dict[str, dict[str, Any]], candidate: str, baseline: str) -> dict[str, Any]:
     """baseline p50 / candidate p50 for each latency figure (above 1: the candidate is faster), and
     their geometric mean, which is what the speed gate reads; the same ratio of the p90s, and of the
     tokens per second (candidate / baseline) for decoders."""
@@ -179,7 +188,7 @@ def speedups(latency: dict[str, dict], candidate: str, baseline: str) -> dict:
 
     ratios = ratio("p50_ms")
     geomean = float(np.exp(np.mean(np.log(list(ratios.values()))))) if ratios else float("nan")
-    out = {"latency_speedup": ratios, "p90_speedup": ratio("p90_ms"), "geomean_speedup": round(geomean, 4)}
+    out: dict[str, Any] = {"latency_speedup": ratios, "p90_speedup": ratio("p90_ms"), "geomean_speedup": round(geomean, 4)}
     if "tokens_per_s" in latency[baseline]:
         out["tokens_per_s_ratio"] = round(latency[candidate]["tokens_per_s"] / latency[baseline]["tokens_per_s"], 4)
     return out

@@ -16,15 +16,20 @@ interval is below it, INCONCLUSIVE (exit 0, said so) when it straddles the thres
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnxruntime as ort
 
 from ..model_loading import TASK_CAUSAL_LM
-from .base import RuntimeAdapter, timed
 from ..onnx_io.inputs import feeds_for
+from .base import RuntimeAdapter, timed
 from .speed import SpeedSettings, _random_ids, greedy_decode
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 PASS, FAIL, INCONCLUSIVE = "pass", "fail", "inconclusive"
 
@@ -40,7 +45,7 @@ class GateSettings:
     seed: int = 0
 
     @classmethod
-    def for_mode(cls, quick: bool) -> "GateSettings":
+    def for_mode(cls, quick: bool) -> GateSettings:
         return cls(max_rounds=120, max_seconds=20.0) if quick else cls()
 
 
@@ -57,7 +62,7 @@ class SpeedInterval:
     threshold: float | None = None
     verdict: str = field(default=INCONCLUSIVE)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         for key in ("estimate", "low", "high", "added_seconds"):
             out[key] = round(out[key], 4)
@@ -95,7 +100,7 @@ def verdict(low: float, high: float, threshold: float) -> str:
     return INCONCLUSIVE
 
 
-def figure_probes(task: str, adapter: RuntimeAdapter, sessions: dict, config,
+def figure_probes(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession], config: PretrainedConfig,
                   settings: SpeedSettings) -> dict[str, Callable[[str], float]]:
     """figure -> (variant -> seconds of one run), the same figures and inputs as speed.measure_latency."""
     vocab_size = int(config.vocab_size)
@@ -117,7 +122,8 @@ def figure_probes(task: str, adapter: RuntimeAdapter, sessions: dict, config,
     return probes
 
 
-def _bound_probe(adapter: RuntimeAdapter, sessions: dict, bound: dict) -> Callable[[str], float]:
+def _bound_probe(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSession],
+                 bound: dict[str, dict[str, ort.OrtValue]]) -> Callable[[str], float]:
     """Seconds of one run of variant `n` on its inputs already on the device."""
     return lambda n: timed(lambda: adapter.run_bound(sessions[n], bound[n]))
 

@@ -9,26 +9,30 @@ variants, measure quality, then latency -> gate (gate.py) -> reports (verify_rep
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import onnxruntime as ort
 
-from ..version import __version__
 from ..errors import CptqError
+from ..model_loading import TASK_CLASSIFICATION, LoadedModel
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
-from ..model_loading import TASK_CLASSIFICATION
 from ..reports import VerifyReport
+from ..version import __version__
 from .base import RuntimeAdapter, model_bytes, timed
 from .cpu import CpuAdapter
 from .cuda import CudaAdapter
+from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
+from .gate import Check, Thresholds, gate
 from .memory import measure_peak_rss
 from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from .speed import SpeedSettings, measure_latency, speedups
-from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
-from .gate import Check, Thresholds, gate
 from .speed_gate import GateSettings, figure_probes, paired_log_ratios, speed_interval
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 CANDIDATE = VERIFY_CANDIDATE
 REPORT_DIR = VERIFY_REPORT_DIR  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
@@ -58,11 +62,12 @@ def select_adapters(ep: str, threads: int = 2) -> tuple[list[RuntimeAdapter], di
 # ---------------------------------------------------------------- measuring
 
 
-def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) -> tuple[dict, dict]:
+def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path],
+                  config: PretrainedConfig) -> tuple[dict[str, ort.InferenceSession], dict[str, dict[str, Any]]]:
     """Open each variant; per variant {bytes_on_disk, open_s, peak_rss_bytes, rss_growth_bytes}.
     Memory comes from a fresh process per variant (memory.py), so the order of opening does not bias it."""
-    sessions: dict[str, object] = {}
-    facts: dict[str, dict] = {}
+    sessions: dict[str, ort.InferenceSession] = {}
+    facts: dict[str, dict[str, Any]] = {}
     length = min(16, int(getattr(config, "max_position_embeddings", 16) or 16))
     for name, path in variants.items():
         try:
@@ -80,7 +85,7 @@ def open_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], config) ->
 
 def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFolder, eval_set: EvalSet | None,
                quality_settings: QualitySettings, speed_settings: SpeedSettings, progress: bool = True,
-               gated: tuple[str, float, GateSettings] | None = None) -> dict:
+               gated: tuple[str, float, GateSettings] | None = None) -> dict[str, Any]:
     """Quality and speed of the candidate and every baseline on one adapter, ratios included.
     `gated` (baseline, threshold, settings): that baseline's speed-up interval is measured until it is
     narrow or clear of the threshold (speed_gate.py); the others get the interval of the rounds taken."""
@@ -88,7 +93,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
     encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
     quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
                               CANDIDATE, progress)
-    rounds: dict = {}
+    rounds: dict[str, dict[str, list[float]]] = {}
     latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress, rounds)
     speed: dict[str, Any] = {"variants": {name: {**facts[name], "latency": latency[name]} for name in variants},
              "settings": asdict(speed_settings), "interleaved": True}
@@ -116,7 +121,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
 
 @dataclass
 class VerifyResult:
-    report: dict
+    report: dict[str, Any]
     checks: list[Check] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -127,7 +132,7 @@ class VerifyResult:
 
 def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresholds: Thresholds | None = None,
                   eval_set: EvalSet | None = None, quick: bool = False, threads: int = 2, progress: bool = True,
-                  loaded=None, quality_settings: QualitySettings | None = None,
+                  loaded: LoadedModel | None = None, quality_settings: QualitySettings | None = None,
                   speed_settings: SpeedSettings | None = None, trust_remote_code: bool = False,
                   source: str | None = None, gate_settings: GateSettings | None = None) -> VerifyResult:
     """`trust_remote_code` and `source` come from the command line only (see cptquant/safety.py)."""
@@ -198,8 +203,8 @@ def _calibration_overlap(out: OutputFolder, eval_set: EvalSet) -> str | None:
             "quality measured on them overstates the export")
 
 
-def short_verification(out_folder: Path, loaded_or_none=None, quick: bool = True,
-                       baselines: dict[str, Path] | None = None) -> dict:
+def short_verification(out_folder: Path, loaded_or_none: LoadedModel | None = None, quick: bool = True,
+                       baselines: dict[str, Path] | None = None) -> dict[str, Any]:
     """CPU figures for the export report: quality and latency against the FP32 and FP16 baselines.
 
     No thresholds and no files written; quick mode keeps it to a few seconds for MiniLM (64

@@ -9,11 +9,12 @@ import os
 import secrets
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 from .verify import VerifyResult
 
 
-def _markdown(report: dict) -> str:
+def _markdown(report: dict[str, Any]) -> str:
     lines = [f"# cptq verify: {report['model']} ({report['task']})", "",
              f"Output `{report['output']}`, gate baseline **{report['baseline']}**, "
              f"{'quick' if report['quick'] else 'full'} run, cptquant {report['cptquant_version']}, "

@@ -8,9 +8,8 @@ file by that: every layer's tensors together, in layer-map order, whatever order
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -56,8 +55,8 @@ class Site:
     hot_rows: int | None = None
     # A tied LM head that reads its token embedding's codes (set when the Lowering is made), and the
     # tables that embedding's Gather wrote, which the head then reads (set by the Gather pass).
-    table_site: "Site | None" = None
-    tables: list["WrittenTable"] = field(default_factory=list)
+    table_site: Site | None = None
+    tables: list[WrittenTable] = field(default_factory=list)
 
     @property
     def bits(self) -> int:

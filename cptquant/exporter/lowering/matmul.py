@@ -10,6 +10,7 @@ from ...quant.storage import stored_factors
 from .base import LoweringPass
 from .context import Site
 
+
 def int_tensor(values: np.ndarray, bits: int, signed: bool) -> ir.Tensor:
     """Integer codes as an ONNX int4/uint4/int8/uint8 tensor; 4-bit ones are written packed two per byte
     in raw_data (the int32_data field would spend a varint on each and outweigh the weights)."""
