@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from ...plan import Plan
+from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 from .base import LoweringPass
 from .context import MS_DOMAIN, KernelChoice, Lowering
@@ -72,7 +73,7 @@ def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
 
 
 def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
-                kernels: KernelChoice = KernelChoice(), quantizer=None,
+                kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                 smoothing: Mapping[str, np.ndarray] | None = None,
                 passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes) -> Lowered:
     """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.

@@ -20,6 +20,8 @@ from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 
 MS_DOMAIN = "com.microsoft"
+# The attribute values the passes write (onnx_ir.convenience.convert_attribute takes these and more).
+AttrValue = int | float | str | Sequence[int] | ir.TensorProtocol
 Key = tuple[int, int, int]  # (layer's place in the layer map, use, creation order): where it goes in the file
 
 
@@ -90,12 +92,35 @@ def tied_table_sites(sites: Sequence[Site], kernels: KernelChoice) -> None:
             site.table_site = table
 
 
+def name_of(item: ir.Value | ir.Node | None) -> str:
+    """The name of a value or node the lowering reads or writes: the exporter names every one, and the
+    names written are made from them."""
+    if item is None or item.name is None:
+        raise ValueError(f"the lowering expects a named value or node, found {item!r}")
+    return item.name
+
+
+def tensor_of(value: ir.Value | None) -> ir.TensorProtocol:
+    """The tensor an initializer holds (a weight, bias or factor the lowering reads or wrote)."""
+    if value is None or value.const_value is None:
+        raise ValueError(f"the lowering expects an initializer with its tensor, found {value!r}")
+    return value.const_value
+
+
+def input_of(node: ir.Node, index: int) -> ir.Value:
+    """`node`'s input `index`, which the lowering needs present (ONNX allows an omitted optional input)."""
+    value = node.inputs[index]
+    if value is None:
+        raise ValueError(f"node {node.name}: input {index} is missing")
+    return value
+
+
 class Names:
     """Unique names, as the file's: a taken name gets _1, _2... (names stay taken once given)."""
 
     def __init__(self, graph: ir.Graph):
-        self.taken = {node.name for node in graph} | set(graph.initializers)
-        self.taken |= {value.name for node in graph for value in node.outputs}
+        self.taken = {node.name for node in graph if node.name is not None} | set(graph.initializers)
+        self.taken |= {value.name for node in graph for value in node.outputs if value.name is not None}
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -106,7 +131,7 @@ class Names:
 
 
 def make_node(op: str, inputs: Sequence[ir.Value | None], outputs: Sequence[str], name: str, domain: str = "",
-              **attributes) -> ir.Node:
+              **attributes: AttrValue) -> ir.Node:
     """A node with its attributes in name order (onnx.helper's order: the same bytes as before)."""
     attrs = [ir.convenience.convert_attribute(key, value) for key, value in sorted(attributes.items())]
     return ir.Node(domain, op, list(inputs), attrs, outputs=[ir.Value(name=out) for out in outputs], name=name)
@@ -116,7 +141,7 @@ class Lowering:
     """The model being lowered, its sites, and the bookkeeping every pass shares."""
 
     def __init__(self, model: ir.Model, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
-                 kernels: KernelChoice = KernelChoice(), quantizer=None,
+                 kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                  smoothing: Mapping[str, np.ndarray] | None = None):
         self.model, self.graph, self.plan, self.kernels = model, model.graph, plan, kernels
         self.quantizer = quantizer or RoundToNearest()
@@ -138,7 +163,7 @@ class Lowering:
             # Every stored copy, once: a tied LM head's weight is its embedding's, counted there.
             stored = {use.initializer for use in layer_uses} - counted
             counted |= stored
-            self.fp32_bytes[layer] = sum(4 * self.initializer(name).const_value.size for name in stored)
+            self.fp32_bytes[layer] = sum(4 * tensor_of(self.initializer(name)).size for name in stored)
         tied_table_sites(self.sites, kernels)
         self._seq = 0
         self.created: list[tuple[Key, ir.Value]] = []  # initializers the passes added
@@ -157,7 +182,7 @@ class Lowering:
         return self.graph.initializers[name]
 
     def array(self, name: str) -> np.ndarray:
-        return self.initializer(name).const_value.numpy()
+        return tensor_of(self.initializer(name)).numpy()
 
     def weight_seen_by_consumer(self, site: Site) -> np.ndarray:
         weight = self.array(site.use.initializer)
@@ -192,11 +217,12 @@ class Lowering:
 
     def drop_initializer(self, value: ir.Value) -> None:
         """Remove an initializer a pass added and no node reads any more."""
-        self.graph.initializers.pop(value.name)
+        name = name_of(value)
+        self.graph.initializers.pop(name)
         self.created = [(key, created) for key, created in self.created if created is not value]
         for names in self.owned.values():
-            if value.name in names:
-                names.remove(value.name)
+            if name in names:
+                names.remove(name)
 
     def add_constant_node(self, site: Site, node: ir.Node, derived: bool = False, key: Key | None = None,
                           first: bool = False) -> ir.Value:
@@ -210,7 +236,7 @@ class Lowering:
             self.graph.insert_after(previous[-1], node)
         self.constant_nodes.append((key or self.key(site), node))
         if derived:
-            self.derived[site.layer].append(node.outputs[0].name)
+            self.derived[site.layer].append(name_of(node.outputs[0]))
         return node.outputs[0]
 
     def shape(self, site: Site, dims: tuple[int, ...]) -> ir.Value:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from .base import LoweringPass
-from .context import MS_DOMAIN, Site
+from .context import MS_DOMAIN, Site, name_of
 
 
 class Finish(LoweringPass):
@@ -30,9 +30,9 @@ class Finish(LoweringPass):
         else:
             graph.extend(constant)
         created = [value for _, value in sorted(lowering.created, key=lambda item: item[0])
-                   if value.name in graph.initializers and graph.initializers[value.name] is value]
+                   if graph.initializers.get(name_of(value)) is value]
         for value in created:
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(name_of(value))
         for value in created:
             graph.register_initializer(value)
         if any(node.domain == MS_DOMAIN for node in graph) and MS_DOMAIN not in model.opset_imports:

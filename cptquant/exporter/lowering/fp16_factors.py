@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from ...quant.storage import fp16_holds
 from .base import LoweringPass
-from .context import Site, make_node
+from .context import Site, make_node, name_of, tensor_of
 
 
 class StoreFactorsAsFp16(LoweringPass):
@@ -25,13 +25,13 @@ class StoreFactorsAsFp16(LoweringPass):
         self._check_model(model)
         lowering, modified = self.lowering, False
         for site, factors, name in lowering.factors:
-            values = factors.const_value.numpy()
+            values = tensor_of(factors).numpy()
             if not fp16_holds(values):
                 continue
             key = lowering.key_of(factors)
             half = lowering.add_initializer(site, f"{name}_fp16", ir.tensor(values.astype(np.float16)), key=key)
             # The Cast's output takes the float32 tensor's name: the kernels read the same name as before.
-            cast = make_node("Cast", [half], [factors.name], lowering.names.unique(f"{name}.Cast"),
+            cast = make_node("Cast", [half], [name_of(factors)], lowering.names.unique(f"{name}.Cast"),
                              to=ir.DataType.FLOAT)
             restored = lowering.add_constant_node(site, cast, derived=True, key=key, first=True)
             factors.replace_all_uses_with(restored)
@@ -41,5 +41,5 @@ class StoreFactorsAsFp16(LoweringPass):
 
     def check_after(self, site: Site) -> None:
         for owner, factors, _ in self.lowering.factors:
-            if owner is site and factors.is_initializer() and fp16_holds(factors.const_value.numpy()):
+            if owner is site and factors.is_initializer() and fp16_holds(tensor_of(factors).numpy()):
                 raise ir.passes.PostconditionError(f"{site.layer}: factors {factors.name} left in float32")

@@ -11,13 +11,13 @@ import onnx_ir as ir
 
 from ...quant.storage import Fp16Weight
 from .base import LoweringPass
-from .context import Site, make_node
+from .context import Lowering, Site, make_node, tensor_of
 
 
 class StoreWeightsAsFp16(LoweringPass):
     storage = Fp16Weight()
 
-    def __init__(self, lowering):
+    def __init__(self, lowering: Lowering):
         super().__init__(lowering)
         self._restored: dict[str, ir.Value] = {}  # FP32 initializer -> the Cast of its FP16 copy
 
@@ -30,11 +30,11 @@ class StoreWeightsAsFp16(LoweringPass):
         restored = self._restored.get(site.use.initializer)
         if restored is None:
             half = lowering.add_initializer(site, f"{base}.weight_fp16",
-                                            ir.tensor(weight.const_value.numpy().astype(np.float16)))
+                                            ir.tensor(tensor_of(weight).numpy().astype(np.float16)))
             cast = make_node("Cast", [half], [names.unique(f"{base}.weight_cast")], names.unique(f"{base}.Cast"),
                              to=ir.DataType.FLOAT)
             restored = self._restored[site.use.initializer] = lowering.add_constant_node(site, cast)
-            site.nbytes += self.storage.nbytes(weight.const_value.size)
+            site.nbytes += self.storage.nbytes(tensor_of(weight).size)
         reader = site.node
         if site.use.via_transpose:
             reader = next(node for node, _ in weight.uses() if node.name == site.use.via_transpose)

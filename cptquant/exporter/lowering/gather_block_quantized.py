@@ -19,7 +19,7 @@ from ...plan import HOT_ROW_BITS
 from ...quant.quantize import quantize_blocked
 from ...quant.storage import KERNEL_GATHER_BQ, BlockQuantizedTable, HotRowTable
 from .base import LoweringPass
-from .context import MS_DOMAIN, Site, WrittenTable, make_node
+from .context import MS_DOMAIN, AttrValue, Site, WrittenTable, input_of, make_node, name_of
 
 
 class GatherToBlockQuantized(LoweringPass):
@@ -34,34 +34,34 @@ class GatherToBlockQuantized(LoweringPass):
             raise ir.passes.PreconditionError(f"{site.layer}: expected a Gather, found {site.node.op_type}")
 
     def check_after(self, site: Site) -> None:
-        rows = site.node.inputs[0].producer()  # the Cast's input: one lookup, or a Where of two
+        rows = input_of(site.node, 0).producer()  # the Cast's input: one lookup, or a Where of two
         lookups = [rows] if rows is not None and rows.op_type != "Where" else [
-            value.producer() for value in (rows.inputs[1:] if rows is not None else [])]
+            value.producer() if value is not None else None for value in (rows.inputs[1:] if rows is not None else [])]
         if not lookups or any(node is None or node.op_type != KERNEL_GATHER_BQ for node in lookups):
             raise ir.passes.PostconditionError(f"{site.layer}: not lowered to GatherBlockQuantized")
 
     def lower(self, site: Site) -> None:
-        lowering, lp, gather = self.lowering, site.plan, site.node
+        lowering, lp, gather, gather_name = self.lowering, site.plan, site.node, name_of(site.node)
         axis = gather.attributes.get("axis")
         if axis is not None and axis.value != 0:
-            raise CptqError(f"node {gather.name}: embedding Gather on axis {axis.value} is not supported")
+            raise CptqError(f"node {gather_name}: embedding Gather on axis {axis.value} is not supported")
         table = lowering.weight_seen_by_consumer(site)  # [rows, hidden]
-        ids = gather.inputs[1]
+        ids = input_of(gather, 1)
         hot = np.asarray(lp.hot_rows if lp.bits == 4 and lp.hot_rows else [], dtype=np.int64)
         if not hot.size or hot.size == table.shape[0]:  # every row hot (a hand-written plan): an 8-bit table
             bits, symmetric = (lp.bits, lp.symmetric) if not hot.size else (HOT_ROW_BITS, True)
-            node, nbytes, sq_error = self._lookup(site, table, ids, bits, symmetric, site.base, gather.name, None)
+            node, nbytes, sq_error = self._lookup(site, table, ids, bits, symmetric, site.base, gather_name, None)
             nodes, hot = [node], hot[:0]
         else:
             nodes, nbytes, sq_error = self._hot_row_lookup(site, table, ids, hot)
-        cast = make_node("Cast", [nodes[-1].outputs[0]], [gather.outputs[0].name],
-                         lowering.names.unique(gather.name + "Cast"), to=ir.DataType.FLOAT)
+        cast = make_node("Cast", [nodes[-1].outputs[0]], [name_of(gather.outputs[0])],
+                         lowering.names.unique(gather_name + "Cast"), to=ir.DataType.FLOAT)
         lowering.replace(gather, nodes + [cast])
         site.node = cast
         site.kernels += [KERNEL_GATHER_BQ] * (2 if hot.size else 1)
         site.nbytes += nbytes
         site.mse = sq_error / table.size
-        site.hot_rows = len(lp.hot_rows) if hot.size else 0
+        site.hot_rows = hot.size
 
     def _lookup(self, site: Site, table: np.ndarray, ids: ir.Value, bits: int, symmetric: bool, base: str,
                 name: str, rows: np.ndarray | None) -> tuple[ir.Node, int, float]:
@@ -87,7 +87,7 @@ class GatherToBlockQuantized(LoweringPass):
 
     def _hot_row_lookup(self, site: Site, table: np.ndarray, ids: ir.Value,
                         hot: np.ndarray) -> tuple[list[ir.Node], int, float]:
-        lowering, lp, base, name = self.lowering, site.plan, site.base, site.node.name
+        lowering, lp, base, name = self.lowering, site.plan, site.base, name_of(site.node)
         unique = lowering.names.unique
         slot, cold = self.hot_table.slots(table.shape[0], hot)
 
@@ -100,8 +100,8 @@ class GatherToBlockQuantized(LoweringPass):
                                                    "is_hot_3d", "rows_fp16")}
         nodes = [make_node("Gather", [slots, ids], [out["slot"]], unique(f"{name}HotSlot"), axis=0)]
 
-        def then(op: str, inputs: list, output: str, suffix: str, **attrs) -> ir.Value:
-            nodes.append(make_node(op, inputs, [out[output]], unique(f"{name}{suffix}"), **attrs))
+        def then(op: str, inputs: list[ir.Value | None], output: str, suffix: str, **attrs: AttrValue) -> ir.Value:
+            nodes.append(make_node(op, inputs, [out[output]], unique(f"{name}{suffix}"), "", **attrs))
             return nodes[-1].outputs[0]
 
         slot32 = then("Cast", [nodes[0].outputs[0]], "slot32", "HotSlotCast", to=ir.DataType.INT32)

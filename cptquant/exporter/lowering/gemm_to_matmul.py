@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from .base import LoweringPass
-from .context import Site, make_node
+from .context import Site, make_node, name_of, tensor_of
 
 
 class GemmToMatMul(LoweringPass):
@@ -36,18 +36,18 @@ class GemmToMatMul(LoweringPass):
         weight = lowering.weight_seen_by_consumer(site)
         site.weight_kn = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)
         bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
-        mm_out = names.unique(gemm.outputs[0].name + "_matmul")  # taken even when unused: the names stay as before
+        output, gemm_name = name_of(gemm.outputs[0]), name_of(gemm)
+        mm_out = names.unique(output + "_matmul")  # taken even when unused: the names stay as before
         matmul = make_node("MatMul", [gemm.inputs[0], lowering.initializer(site.use.initializer)],
-                           [mm_out if bias is not None else gemm.outputs[0].name],
-                           names.unique(gemm.name.replace("Gemm", "MatMul")))
+                           [mm_out if bias is not None else output], names.unique(gemm_name.replace("Gemm", "MatMul")))
         nodes = [matmul]
         if bias is not None:
             if beta != 1.0:
                 if not bias.is_initializer():
                     raise CptqError(f"node {gemm.name}: Gemm with beta != 1 and a computed bias is not supported")
-                scaled = ir.tensor(bias.const_value.numpy() * np.float32(beta))
-                bias = lowering.add_initializer(site, bias.name + "_beta", scaled, owned=False)
-            nodes.append(make_node("Add", [matmul.outputs[0], bias], [gemm.outputs[0].name],
-                                   names.unique(gemm.name.replace("Gemm", "Add"))))
+                scaled = ir.tensor(tensor_of(bias).numpy() * np.float32(beta))
+                bias = lowering.add_initializer(site, name_of(bias) + "_beta", scaled, owned=False)
+            nodes.append(make_node("Add", [matmul.outputs[0], bias], [output],
+                                   names.unique(gemm_name.replace("Gemm", "Add"))))
         lowering.replace(gemm, nodes)
         site.node = matmul

@@ -11,7 +11,7 @@ from .base import LoweringPass
 from .context import Site
 
 
-def int_tensor(values: np.ndarray, bits: int, signed: bool) -> ir.Tensor:
+def int_tensor(values: np.ndarray, bits: int, signed: bool) -> ir.TensorProtocol:
     """Integer codes as an ONNX int4/uint4/int8/uint8 tensor; 4-bit ones are written packed two per byte
     in raw_data (the int32_data field would spend a varint on each and outweigh the weights)."""
     if bits == 4:
@@ -34,13 +34,13 @@ class MatMulLowering(LoweringPass):
             raise ir.passes.PreconditionError(f"{site.layer}: expected a MatMul, found {site.node.op_type}")
 
     def quantize(self, site: Site, weight_kn: np.ndarray, block_size: int | None = None,
-                 symmetric: bool | None = None, **kwargs) -> QuantizedWeight:
+                 symmetric: bool | None = None, input_scale: np.ndarray | None = None) -> QuantizedWeight:
         """The codes of the plan's bits and clip; block size and symmetry as planned unless given."""
         lp = site.plan
         site.algorithm = self.lowering.quantizer.algorithm_for(site.layer, lp.bits)
         return self.lowering.quantizer(site.layer, weight_kn, lp.bits, block_size or lp.block_size,
                                        lp.symmetric if symmetric is None else symmetric, self.lowering.plan.clip,
-                                       **kwargs)
+                                       input_scale=input_scale)
 
     def factors(self, site: Site, values: np.ndarray, name: str) -> tuple[ir.Value, np.ndarray, str]:
         """Float32 factors a kernel reads (block scales, block ratios), written as float32 and filed for

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ...quant.storage import FORMAT_DYNAMIC, KERNEL_DYNAMIC, DynamicInt8
-from .context import MS_DOMAIN, Site, make_node
+from .context import MS_DOMAIN, AttrValue, Site, make_node, name_of, tensor_of
 from .matmul import MatMulLowering, int_tensor
 
 
@@ -40,13 +40,14 @@ class MatMulToDynamicQuantize(MatMulLowering):
             codes, ratios, factor_type = self._expansion(site, arrays, qw.bits, qw.symmetric)
             effective = self.storage.effective_weight(arrays, ratios)
         column_scales = lowering.add_initializer(site, f"{base}.weight_scale", ir.tensor(arrays["column_scales"]))
-        name = names.unique(matmul.name + "DynamicQuantize")
-        inputs, replaced = [matmul.inputs[0], codes, column_scales], [matmul]
+        name = names.unique(name_of(matmul) + "DynamicQuantize")
+        inputs: list[ir.Value | None] = [matmul.inputs[0], codes, column_scales]
+        replaced = [matmul]
         bias_add = self._bias_add(matmul, n)
         if bias_add is not None:  # no zero point input: the weights are symmetric
             inputs += [None, bias_add[1]]
             replaced.append(bias_add[0])
-        node = make_node(KERNEL_DYNAMIC, inputs, [replaced[-1].outputs[0].name], name, domain=MS_DOMAIN)
+        node = make_node(KERNEL_DYNAMIC, inputs, [name_of(replaced[-1].outputs[0])], name, domain=MS_DOMAIN)
         lowering.replace(replaced, [node])
         site.node = node
         if smoothing is not None:
@@ -55,7 +56,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
         nbytes = self.storage.nbytes(k, n, lp.bits, qw.block_size, qw.symmetric, factor_type)
         self.record(site, nbytes, effective, weight_kn, qw.block_size)
 
-    def _expansion(self, site: Site, arrays: dict, bits: int, symmetric: bool) -> tuple[ir.Value, np.ndarray, str]:
+    def _expansion(self, site: Site, arrays: dict[str, np.ndarray], bits: int, symmetric: bool) -> tuple[ir.Value, np.ndarray, str]:
         """The 4-bit codes, ratios and zero points, and the constant ops that make int8 of them:
         int8 = Round((q - zp) * ratio). Returns the int8 value, the ratios as stored and their type."""
         lowering, base = self.lowering, site.base
@@ -83,7 +84,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
         bias = [_through_identity(v) for v in add.inputs if v is not out]
         if len(bias) != 1 or bias[0] is None or not bias[0].is_initializer():
             return None
-        tensor = bias[0].const_value
+        tensor = tensor_of(bias[0])
         if list(tensor.shape) != [n] or tensor.dtype != ir.DataType.FLOAT:
             return None
         return add, bias[0]
@@ -95,8 +96,9 @@ class MatMulToDynamicQuantize(MatMulLowering):
 
 def _through_identity(value: ir.Value | None) -> ir.Value | None:
     producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Identity" and producer.inputs[0].is_initializer():
-        return producer.inputs[0]
+    source = producer.inputs[0] if producer is not None and producer.op_type == "Identity" else None
+    if source is not None and source.is_initializer():
+        return source
     return value
 
 
@@ -106,8 +108,8 @@ class _Prelude:
     def __init__(self, lowering_pass: MatMulToDynamicQuantize, site: Site, base: str):
         self.lowering, self.site, self.base = lowering_pass.lowering, site, base
 
-    def add(self, op: str, inputs: list[ir.Value], **attrs) -> ir.Value:
+    def add(self, op: str, inputs: list[ir.Value], **attrs: AttrValue) -> ir.Value:
         names = self.lowering.names
         out = names.unique(self.base)
-        node = make_node(op, inputs, [out], names.unique(f"{self.base}.{op}"), **attrs)
+        node = make_node(op, inputs, [out], names.unique(f"{self.base}.{op}"), "", **attrs)
         return self.lowering.add_constant_node(self.site, node, derived=True)

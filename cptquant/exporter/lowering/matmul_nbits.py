@@ -12,7 +12,7 @@ import dataclasses
 import onnx_ir as ir
 
 from ...quant.storage import FORMAT_NBITS, KERNEL_MATMUL_NBITS, BlockedNBits
-from .context import MS_DOMAIN, Site, make_node
+from .context import MS_DOMAIN, Site, make_node, name_of
 from .matmul import MatMulLowering
 
 NBITS_ACCURACY_LEVEL = 4
@@ -34,7 +34,7 @@ class MatMulToNBits(MatMulLowering):
         inputs = [matmul.inputs[0], codes, scales]
         if not qw.symmetric:  # without zero points the kernel assumes 2^(bits-1): the symmetric case
             inputs.append(lowering.add_initializer(site, f"{base}.weight_zp", ir.tensor(arrays["zero_points"])))
-        node = make_node(KERNEL_MATMUL_NBITS, inputs, [matmul.outputs[0].name], names.unique(matmul.name + "NBits"),
+        node = make_node(KERNEL_MATMUL_NBITS, inputs, [name_of(matmul.outputs[0])], names.unique(name_of(matmul) + "NBits"),
                          domain=MS_DOMAIN, K=k, N=n, bits=qw.bits, block_size=qw.block_size,
                          accuracy_level=NBITS_ACCURACY_LEVEL)
         lowering.replace(matmul, [node])

@@ -11,7 +11,7 @@ import dataclasses
 import onnx_ir as ir
 
 from ...quant.storage import FORMAT_QDQ, KERNEL_MATMUL_NBITS, BlockedQdq
-from .context import Site, make_node
+from .context import Site, make_node, tensor_of
 from .matmul import MatMulLowering, int_tensor
 
 _QUANTIZED = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}
@@ -48,7 +48,7 @@ class MatMulToBlockedDq(MatMulLowering):
         if site.node.op_type != "MatMul" or dq is None or dq.op_type != "DequantizeLinear":
             raise ir.passes.PostconditionError(f"{site.layer}: the MatMul does not read a DequantizeLinear")
         codes = dq.inputs[0]
-        if not codes.is_initializer() or codes.const_value.dtype not in _QUANTIZED:
+        if codes is None or not codes.is_initializer() or tensor_of(codes).dtype not in _QUANTIZED:
             raise ir.passes.PostconditionError(f"{site.layer}: the DequantizeLinear does not read integer codes")
         if dq.attributes["axis"].value != 0 or dq.attributes["block_size"].value != site.plan.block_size:
             raise ir.passes.PostconditionError(f"{site.layer}: the DequantizeLinear is not blocked along K")

@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from ...quant.storage import InputSmoothing
 from .base import LoweringPass
-from .context import Site, make_node
+from .context import Site, input_of, make_node
 
 
 class SmoothInputs(LoweringPass):
@@ -23,17 +23,18 @@ class SmoothInputs(LoweringPass):
         return site.input_scale is not None
 
     def lower(self, site: Site) -> None:
-        lowering, names, base, node = self.lowering, self.lowering.names, site.base, site.node
-        inverse = (1 / site.input_scale).astype(np.float32)
+        lowering, names, base, node, scale = self.lowering, self.lowering.names, site.base, site.node, site.input_scale
+        assert scale is not None  # wanted() picks these sites
+        inverse = np.asarray(1 / scale).astype(np.float32)
         factors = lowering.add_initializer(site, f"{base}.input_smoothing", ir.tensor(inverse), owned=False)
         scaled = names.unique(f"{base}.input_smoothed")
         mul = make_node("Mul", [node.inputs[0], factors], [scaled], names.unique(f"{base}.SmoothInput"))
         lowering.graph.insert_before(node, mul)
         node.replace_input_with(0, mul.outputs[0])
         site.nbytes += self.storage.nbytes(inverse.size)
-        site.outlier_channels = int((site.input_scale > 1).sum())
+        site.outlier_channels = int(np.count_nonzero(scale > 1))
 
     def check_after(self, site: Site) -> None:
-        producer = site.node.inputs[0].producer()
+        producer = input_of(site.node, 0).producer()
         if producer is None or producer.op_type != "Mul":
             raise ir.passes.PostconditionError(f"{site.layer}: its kernel does not read the smoothed input")

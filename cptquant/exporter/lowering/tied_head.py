@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from ...quant.storage import KERNEL_MATMUL_NBITS, TiedHead
 from .base import LoweringPass
-from .context import MS_DOMAIN, Site, WrittenTable, make_node
+from .context import MS_DOMAIN, AttrValue, Site, WrittenTable, input_of, make_node, name_of, tensor_of
 from .matmul_nbits import NBITS_ACCURACY_LEVEL
 
 
@@ -34,20 +34,24 @@ class TiedHeadFromTable(LoweringPass):
         lowering, matmul, table_site = self.lowering, site.node, site.table_site
         assert table_site is not None
         tables = table_site.tables
-        rows, hidden = lowering.initializer(table_site.use.initializer).const_value.shape  # the table: [rows, hidden]
-        single = len(tables) == 1
-        nodes = [self._matmul(site, table, matmul.inputs[0], hidden,
-                              matmul.outputs[0].name if single else lowering.names.unique(f"{site.base}.logits_{i}"))
+        # the table: [rows, hidden]
+        rows, hidden = tensor_of(lowering.initializer(table_site.use.initializer)).shape.numpy()
+        single, output, name = len(tables) == 1, name_of(matmul.outputs[0]), name_of(matmul)
+        nodes = [self._matmul(site, table, input_of(matmul, 0), hidden,
+                              output if single else lowering.names.unique(f"{site.base}.logits_{i}"))
                  for i, table in enumerate(tables)]
         if not single:  # hot rows: the logits of each table, then back in vocabulary order
-            order = np.concatenate([t.rows for t in tables])
+            parts = [t.rows for t in tables if t.rows is not None]
+            if len(parts) != len(tables):
+                raise ir.passes.PreconditionError(f"{site.layer}: a table of several does not say its rows")
+            order = np.concatenate(parts)
             position = np.empty(rows, dtype=np.int32)
             position[order] = np.arange(rows, dtype=np.int32)
             index = lowering.add_initializer(site, f"{site.base}.vocabulary_order", ir.tensor(position), owned=False)
             joined = make_node("Concat", [n.outputs[0] for n in nodes], [lowering.names.unique(f"{site.base}.logits")],
-                               lowering.names.unique(matmul.name + "Concat"), axis=-1)
-            nodes += [joined, make_node("Gather", [joined.outputs[0], index], [matmul.outputs[0].name],
-                                        lowering.names.unique(matmul.name + "VocabularyOrder"), axis=-1)]
+                               lowering.names.unique(name + "Concat"), axis=-1)
+            nodes += [joined, make_node("Gather", [joined.outputs[0], index], [output],
+                                        lowering.names.unique(name + "VocabularyOrder"), axis=-1)]
             site.nbytes += int(position.nbytes)
         lowering.replace(matmul, nodes)
         site.node = nodes[-1]
@@ -56,13 +60,13 @@ class TiedHeadFromTable(LoweringPass):
 
     def _matmul(self, site: Site, table: WrittenTable, activations: ir.Value, hidden: int, output: str) -> ir.Node:
         lowering, names = self.lowering, self.lowering.names
-        codes_shape = table.codes.const_value.shape
+        codes_shape = tensor_of(table.codes).shape.numpy()
         rows, blocks = codes_shape[0], hidden // table.block_size
         suffix = "" if table.rows is None else f".{table.bits}bit_rows"
 
-        def folded(op: str, inputs: list[ir.Value], what: str, **attrs) -> ir.Value:
+        def folded(op: str, inputs: list[ir.Value | None], what: str, **attrs: AttrValue) -> ir.Value:
             node = make_node(op, inputs, [names.unique(f"{site.base}{suffix}.{what}")],
-                             names.unique(f"{site.base}{suffix}.{op}_{what}"), **attrs)
+                             names.unique(f"{site.base}{suffix}.{op}_{what}"), "", **attrs)
             return lowering.add_constant_node(site, node, derived=True)
 
         def shape(dims: tuple[int, ...], what: str) -> ir.Value:
@@ -79,7 +83,7 @@ class TiedHeadFromTable(LoweringPass):
         scales = folded("Reshape", [scales, shape((rows * blocks,), "scales")], "scales")
         inputs = [activations, codes, scales]
         if table.zero_points is not None:
-            zp_bytes = int(np.prod(table.zero_points.const_value.shape))
+            zp_bytes = int(np.prod(tensor_of(table.zero_points).shape.numpy()))
             inputs.append(folded("Reshape", [table.zero_points, shape((zp_bytes,), "zero_points")], "zero_points"))
         return make_node(KERNEL_MATMUL_NBITS, inputs, [output], names.unique(f"{site.base}{suffix}.MatMulNBits"),
                          domain=MS_DOMAIN, K=hidden, N=rows, bits=table.bits, block_size=table.block_size,
@@ -87,6 +91,7 @@ class TiedHeadFromTable(LoweringPass):
 
     def check_after(self, site: Site) -> None:
         node = site.node
-        kernels = [node] if node.op_type != "Gather" else [v.producer() for v in node.inputs[0].producer().inputs]
+        joined = input_of(node, 0).producer() if node.op_type == "Gather" else None
+        kernels = [node] if joined is None else [v.producer() if v is not None else None for v in joined.inputs]
         if any(k is None or k.op_type != KERNEL_MATMUL_NBITS or k.domain != MS_DOMAIN for k in kernels):
             raise ir.passes.PostconditionError(f"{site.layer}: not lowered to MatMulNBits over its table")
