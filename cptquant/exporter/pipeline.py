@@ -1,7 +1,7 @@
 """The export flow: torch model -> layer graph -> plan -> ONNX -> lowering -> checks -> report.
 
 Everything is written into a staging folder beside the output and moved into place at the end, all
-or nothing, under a lock on the output folder (cptquant/output_folder.py): a failed or interrupted
+or nothing, under a lock on the output folder (cptquant/output_folder/): a failed or interrupted
 export leaves nothing partial behind and never touches an existing output.
 """
 
