@@ -3,8 +3,8 @@
 Every pass, the Hessian collection and the task loss call a model with its calibration text alone. An
 encoder-decoder LM (T5, BART) also needs the decoder's input: while the context below is open, a call
 without one decodes the input itself, shifted right by the model's own rule (decoder start token first).
-The decoder then reproduces the text it was given, and the task loss (passes/task_loss.py) is its
-cross-entropy on the unshifted input: a label-free objective that runs every layer of both stacks.
+The decoder then reproduces the text it was given, and the task loss (passes/task_loss.py) compares its
+predictions of the unshifted input with FP32's: a label-free objective that runs every layer of both stacks.
 """
 
 from __future__ import annotations

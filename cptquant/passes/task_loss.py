@@ -90,9 +90,7 @@ class TaskLoss:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
         extra = {"use_cache": False} if self.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ) else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-        if self.task in CLASSIFIER_TASKS:
-            return out.logits
-        if self.task in LM_TASKS:
+        if self.task in CLASSIFIER_TASKS or self.task in LM_TASKS:
             return out.logits
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
 
@@ -115,9 +113,13 @@ class TaskLoss:
         labels[:, -1] = -100
         return labels
 
+    def _predicting(self, index: int) -> torch.Tensor:
+        """Which of the batch's flattened positions predict a token."""
+        return self._lm_labels(index).flatten() != -100
+
     def _predicted(self, logits: torch.Tensor, index: int) -> torch.Tensor:
         """The logits of the positions that predict something: [positions, vocab]."""
-        return logits.flatten(0, 1)[self._lm_labels(index).flatten() != -100]
+        return logits.flatten(0, 1)[self._predicting(index)]
 
     def loss_of(self, output: torch.Tensor, index: int) -> torch.Tensor:
         if self.lm_objective == "ce":
@@ -160,7 +162,7 @@ class TaskLoss:
             if self.task in CLASSIFIER_TASKS:
                 count = flat.shape[0]
             else:
-                keep = self._lm_labels(index).flatten() != -100
+                keep = self._predicting(index)
                 sampled = sampled.masked_fill(~keep, -100)
                 count = int(keep.sum())
             return F.cross_entropy(flat, sampled, ignore_index=-100, reduction="sum") / max(count, 1) ** 0.5
