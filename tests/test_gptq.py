@@ -9,7 +9,7 @@ import torch
 from cptquant.layer_graph import ROLE_EMBEDDING, build_layer_graph
 from cptquant.model_loading import TASK_FEATURES, LoadedModel
 from cptquant.passes.calibration import CalibrationSet, build_calibration
-from cptquant.passes.hessian import collect_hessians
+from cptquant.passes.hessian import BlockwiseHessians, collect_hessians, hessians_by_block
 from cptquant.quant.gptq import gptq_quantize, inverse_hessian_cholesky
 from cptquant.quant.quantize import quantize_blocked
 
@@ -168,3 +168,26 @@ def test_hessians_ignore_padded_tokens():
     for name in names:
         scale = np.abs(without[name]).max()
         np.testing.assert_allclose(with_padding[name], without[name], atol=1e-5 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bert", "albert"])
+def test_block_by_block_hessians_equal_the_one_pass_ones_bit_for_bit(family):
+    """The export measures Hessians one block at a time (memory: one block's at once); the codes GPTQ
+    writes must not change, so neither may a single bit of a Hessian. ALBERT runs one shared block for
+    all its layers: it is measured in one pass."""
+    from cptquant.model_loading import wrap_model
+    from cptquant.testing import tiny_tokenizer
+    from cptquant.tiny_families import build
+
+    loaded = wrap_model(build(family), None, tiny_tokenizer("opt"))
+    graph = build_layer_graph(loaded.model)
+    calib = build_calibration(loaded, samples=8, seq_len=32)
+    names = graph.names()
+    at_once = collect_hessians(loaded, graph, calib, names, progress=False)
+    by_block = hessians_by_block(loaded, graph, calib, names, progress=False)
+    assert isinstance(by_block, BlockwiseHessians) == (family != "albert")
+    assert set(by_block) == set(at_once)
+    for name in reversed(list(at_once)):  # asked out of order too: an earlier block is measured again
+        np.testing.assert_array_equal(by_block[name], at_once[name], err_msg=name)
+    if isinstance(by_block, BlockwiseHessians):
+        assert len(by_block.held) < len(at_once)  # one block's Hessians (or the head's) at a time

@@ -7,12 +7,14 @@ calls it only when it needs either; the calibration batches are built once and s
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from ..layer_graph import LayerGraph
 from . import AnalysisOptions
 from .calibration import CalibrationSet, build_calibration
-from .hessian import collect_hessians, collect_input_absmax
+from .hessian import collect_input_absmax, hessians_by_block
 
 
 class CalibrationMeasurements:
@@ -36,8 +38,9 @@ class CalibrationMeasurements:
             self._batches = build_calibration(loaded, o.calib, o.text_field, o.calib_samples, o.seq_len, o.seed)
         return self._batches
 
-    def hessians(self, loaded, graph: LayerGraph, names: list[str], progress: bool) -> dict[str, np.ndarray]:
-        return collect_hessians(loaded, graph, self._calibration(loaded), names, progress=progress)
+    def hessians(self, loaded, graph: LayerGraph, names: list[str], progress: bool) -> Mapping[str, np.ndarray]:
+        """Measured block by block as the lowering asks for them (hessian.BlockwiseHessians)."""
+        return hessians_by_block(loaded, graph, self._calibration(loaded), names, progress=progress)
 
     def input_peaks(self, loaded, graph: LayerGraph, names: list[str], progress: bool) -> dict[str, np.ndarray]:
         return collect_input_absmax(loaded, graph, self._calibration(loaded), names, progress=progress)

@@ -8,7 +8,7 @@ tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -39,16 +39,17 @@ class RoundToNearest:
 class Gptq(RoundToNearest):
     """GPTQ (act-order, group-wise scales) where a Hessian is known; round-to-nearest elsewhere.
 
-    `hessians(names)` is called once, lazily, with every layer that will need one; results are
-    memoised because the pipeline may rewrite the graph twice (see the MatMulNBits repair).
+    `hessians(names)` is called once, lazily, with every layer that will need one, and may measure each
+    Hessian only when it is read (passes/hessian.py's BlockwiseHessians); the codes are memoised because
+    the pipeline may rewrite the graph twice (see the MatMulNBits repair).
     """
 
     name = "gptq"
 
-    def __init__(self, hessians: Callable[[list[str]], dict[str, np.ndarray]], wanted: list[str]):
+    def __init__(self, hessians: Callable[[list[str]], Mapping[str, np.ndarray]], wanted: list[str]):
         self._collect = hessians
         self._wanted = wanted
-        self._hessians: dict[str, np.ndarray] | None = None
+        self._hessians: Mapping[str, np.ndarray] | None = None
         self._done: dict[tuple[object, ...], QuantizedWeight] = {}
 
     def hessian(self, layer: str) -> np.ndarray | None:
