@@ -14,9 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 from torch import nn
 
 from ..errors import CptqError
@@ -80,16 +83,26 @@ def _consumer_layout(node: onnx.NodeProto) -> str:
     return "in_out"
 
 
+def _stored_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
+    """An initializer's values without a copy: a view of its raw bytes, or a memory map of its external data."""
+    if base_dir is not None and uses_external_data(tensor) and tensor.data_type == onnx.TensorProto.FLOAT:
+        where = {entry.key: entry.value for entry in tensor.external_data}
+        return np.memmap(base_dir / where["location"], dtype=np.float32, mode="r", offset=int(where.get("offset", 0)),
+                         shape=tuple(tensor.dims))
+    if tensor.data_type == onnx.TensorProto.FLOAT and tensor.raw_data:
+        return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")
+
+
 def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph: LayerGraph,
-                    names: list[str] | None = None) -> LayerMap:
+                    names: list[str] | None = None, base_dir: Path | None = None) -> LayerMap:
+    """`base_dir`: where the proto's external weights lie when it was loaded without them (onnx_export's
+    load_onnx_lazily); each is then read through a memory map while it is compared, and let go."""
     initializers = {init.name: init for init in model_proto.graph.initializer}
     producers = {out: node for node in model_proto.graph.node for out in node.output}
-    cache: dict[str, np.ndarray] = {}
 
     def array(name: str) -> np.ndarray:
-        if name not in cache:
-            cache[name] = numpy_helper.to_array(initializers[name])
-        return cache[name]
+        return _stored_array(initializers[name], base_dir)
 
     # Every (node, initializer) pair where a weight-consuming op reads a constant 2-D weight.
     candidates: list[tuple[onnx.NodeProto, str, str | None]] = []

@@ -13,6 +13,7 @@ import os
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -36,7 +37,7 @@ from .genai_config import write_genai_config
 from .graph_check import GraphCheck, check_kernels
 from .layer_map import LayerMap, build_layer_map
 from .lowering import KernelChoice, lower_model
-from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, onnx_files, save_onnx
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx, load_onnx_lazily, onnx_files, save_onnx
 from .parity import measure_parity, measure_seq2seq_parity
 from .report import build_report, files_size, write_report
 
@@ -70,7 +71,7 @@ class Measurements(Protocol):
     def text_field(self) -> str: ...
 
     def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
-                 progress: bool) -> dict[str, np.ndarray]: ...
+                 progress: bool) -> Mapping[str, np.ndarray]: ...
 
     def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
                     progress: bool) -> dict[str, np.ndarray]: ...
@@ -134,13 +135,17 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path, model_proto=None):
     return graph, layer_maps[MODEL_FILE]
 
 
-def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict[str, Any]):
+def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict[str, Any],
+                               base_dirs: dict[str, Path | None] | None = None):
     """The layer graph over every ONNX file of the export (one, or a seq2seq model's encoder and decoders),
     each file's layer map, and the layers no file reads. One plan covers the graph; each file is lowered
     with the uses its own map found. A layer some file reads is planned; a weight several files store (the
-    shared embedding, decoder layers in both decoders) is quantized alike in each, and counted in each."""
+    shared embedding, decoder layers in both decoders) is quantized alike in each, and counted in each.
+    `base_dirs`: per file, where its external weights lie when its proto was loaded without them."""
     graph = build_layer_graph(loaded.model)
-    layer_maps = {name: build_layer_map(proto, loaded.model, graph) for name, proto in protos.items()}
+    base_dirs = base_dirs or {}
+    layer_maps = {name: build_layer_map(proto, loaded.model, graph, base_dir=base_dirs.get(name))
+                  for name, proto in protos.items()}
     used = {name for layer_map in layer_maps.values() for name in layer_map.mapped}
     # A tie's owner stays planned when its partners alone read the weight (BART's model.shared, read as the
     # encoder's and decoder's token embeddings): the passes give every tied layer its owner's bits.
@@ -207,16 +212,20 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 # (name in fp32_dir, name written): one file, or a seq2seq model's files under optimum's names
                 files = ([(MODEL_FILE, paths.model.name)] if onnx_files(loaded.task) == (MODEL_FILE,)
                          else [(name, name) for name in onnx_files(loaded.task)])
-                protos = {name: load_onnx(fp32_dir / name) for name, _ in files}
+                # a model over 2 GB: its graph alone; weights are memory-mapped one at a time when read
+                lazily = {name: load_onnx_lazily(fp32_dir / name) for name, _ in files}
+                protos = {name: proto for name, (proto, _) in lazily.items()}
+                base_dirs = {name: base for name, (_, base) in lazily.items()}
                 model_proto = protos[files[0][0]]
                 opset = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
             with steps.step(timings):
-                graph, layer_maps, absent = exported_files_layer_graph(loaded, fp32_dir, protos)
+                graph, layer_maps, absent = exported_files_layer_graph(loaded, fp32_dir, protos, base_dirs)
                 format_choice = None
                 if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
                     first_uses = layer_maps[files[0][0]].uses()  # its bytes; seq2seq models are not measured
-                    format_choice = choose_format(loaded, model_proto, graph, first_uses, fp32_dir,
-                                                  tmp / "format-probes")
+                    whole = model_proto if base_dirs[files[0][0]] is None else load_onnx(fp32_dir / files[0][0])
+                    format_choice = choose_format(loaded, whole, graph, first_uses, fp32_dir, tmp / "format-probes")
+                    del whole
                     fmt = format_choice.format
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
@@ -231,7 +240,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 per_file = {}  # file -> its layers as lowered
                 for name, out_name in files:
                     lowered = lower_model(protos.pop(name), layer_maps[name].uses(), plan, KernelChoice(fmt),
-                                          quantizer, smoothing)
+                                          quantizer, smoothing, base_dir=base_dirs[name])
                     per_file[name] = lowered.layers
                     save_onnx(lowered.model, out_dir / out_name)
                     del lowered
@@ -248,7 +257,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                         # Relu becoming FusedGemm); write MatMulNBits for them, which is what ORT would run.
                         repaired = graph_check.unfused
                         kernels = KernelChoice(fmt, {layer: FORMAT_NBITS for layer in repaired})
-                        lowered = lower_model(load_onnx(fp32_dir / name), uses, plan, kernels, quantizer, smoothing)
+                        source, base_dir = load_onnx_lazily(fp32_dir / name)
+                        lowered = lower_model(source, uses, plan, kernels, quantizer, smoothing, base_dir=base_dir)
                         per_file[name] = rewritten = lowered.layers
                         save_onnx(lowered.model, out_dir / out_name)
                         del lowered

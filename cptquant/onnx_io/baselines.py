@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..output_folder import CACHE_DIR_NAME
+from .float16 import convert_streamed, has_external_data
 from .onnx_export import MODEL_FILE, SEQ2SEQ_FILES, is_onnx_file, load_onnx, save_onnx
 
 if TYPE_CHECKING:
@@ -92,6 +93,9 @@ def write_fp16(fp32_folder: Path, fp16_folder: Path) -> Path:
     fp16_folder.mkdir(parents=True, exist_ok=True)
     names = [name for name in SEQ2SEQ_FILES if (fp32_folder / name).is_file()] or [MODEL_FILE]  # a seq2seq export
     for name in names:  # has several files, each converted alike
+        if has_external_data(fp32_folder / name):  # weights over 2 GB: one weight in memory at a time
+            convert_streamed(fp32_folder / name, fp16_folder / name)
+            continue
         model = convert_float_to_float16(load_onnx(fp32_folder / name), keep_io_types=True,
                                          disable_shape_infer=True)
         save_onnx(model, fp16_folder / name)

@@ -63,6 +63,14 @@ def _use_cache_restored(model):
                 config.use_cache = saved[key]
 
 
+def _post_process_fits(model) -> bool:
+    """Whether optimum's post-processing can run: it de-duplicates tied weights by serializing the whole model
+    in memory, which protobuf refuses above 2 GB (optimum then fails the export). Above that the tied head
+    keeps its own transposed copy, which the layer map prices and the lowering writes as its own weight."""
+    every_use = sum(p.numel() * p.element_size() for _, p in model.named_parameters(remove_duplicate=False))
+    return every_use < TWO_GB
+
+
 def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
     """Write model.onnx (+ external data when large), config.json, generation config and tokenizer; for a
     seq2seq model its SEQ2SEQ_FILES instead of model.onnx. Returns the first ONNX file."""
@@ -74,7 +82,8 @@ def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
     try:
         with _quiet(), restored:
             onnx_export_from_model(loaded.model, output=folder, task=loaded.task, opset=OPSET, do_validation=False,
-                                   no_post_process=files != (MODEL_FILE,))  # no merged decoder
+                                   # seq2seq: no merged decoder
+                                   no_post_process=files != (MODEL_FILE,) or not _post_process_fits(loaded.model))
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         raise CptqError(f"ONNX export of {loaded.display_name} failed: {str(exc).strip().splitlines()[0]}") from exc
     if loaded.tokenizer is not None:
@@ -87,6 +96,20 @@ def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
 
 def load_onnx(path: Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
+
+
+def load_onnx_lazily(path: Path) -> tuple[onnx.ModelProto, Path | None]:
+    """The file's graph, and where its external weights lie (None: it holds them all, and they are loaded).
+
+    A model over 2 GB keeps its weights in external data: those are not loaded here, but read one at a
+    time through a memory map by the layer map and the lowering (`base_dir`), so that the FP32 export is
+    never held in memory whole."""
+    from onnx.external_data_helper import uses_external_data
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if any(uses_external_data(tensor) for tensor in proto.graph.initializer):
+        return proto, path.parent
+    return proto, None  # it had no external data: complete as it is
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -75,23 +76,41 @@ def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
 def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
                 kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                 smoothing: Mapping[str, np.ndarray] | None = None,
-                passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes) -> Lowered:
+                passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes,
+                base_dir: Path | None = None) -> Lowered:
     """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.
 
     `kernels` chooses how each layer's 4/8-bit MatMul weights are written (--format, or per layer);
     `quantizer` turns MatMul weights into codes (round-to-nearest by default, or GPTQ); embedding tables
     are always round-to-nearest. `smoothing` (layer -> per-input-channel factors) scales outlier
     channels down before the int8 product of `--format dynamic` layers. `passes` makes the pass list.
+    `base_dir`: where `model`'s external weights lie when it was loaded without them (a model over 2 GB):
+    each is memory-mapped when read, and what the plan keeps in FP32 is read into the result at the end.
     """
     ir_model = ir.serde.deserialize_model(model)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(ir_model.graph, base_dir)
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     try:
         ir.passes.PassManager(passes(lowering))(ir_model)
     except ir.passes.PassError as exc:
         raise _user_error(exc) or exc
+    _read_kept_weights(ir_model)
     lowered = ir.serde.serialize_model(ir_model)
     _keep_source_layout(lowered, model)
     return Lowered(lowered, _records(lowering))
+
+
+def _read_kept_weights(model: ir.Model) -> None:
+    """The external weights the lowering left as they were (norms, biases, FP32 layers) into memory, so that
+    the written model holds them itself rather than pointing into the FP32 export's data file."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            kept = ir.tensor(np.array(tensor.numpy()), name=tensor.name, doc_string=tensor.doc_string)
+            kept.metadata_props.update(tensor.metadata_props)
+            tensor.release()
+            value.const_value = kept
 
 
 def _user_error(exc: BaseException | None) -> CptqError | None:

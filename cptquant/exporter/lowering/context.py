@@ -182,7 +182,12 @@ class Lowering:
         return self.graph.initializers[name]
 
     def array(self, name: str) -> np.ndarray:
-        return tensor_of(self.initializer(name)).numpy()
+        tensor = tensor_of(self.initializer(name))
+        if isinstance(tensor, ir.ExternalTensor):  # a large model's weight, memory-mapped: copied, then unmapped,
+            values = np.array(tensor.numpy())  # so that one weight at a time is resident
+            tensor.release()
+            return values
+        return tensor.numpy()
 
     def weight_seen_by_consumer(self, site: Site) -> np.ndarray:
         weight = self.array(site.use.initializer)

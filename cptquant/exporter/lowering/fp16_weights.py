@@ -30,7 +30,7 @@ class StoreWeightsAsFp16(LoweringPass):
         restored = self._restored.get(site.use.initializer)
         if restored is None:
             half = lowering.add_initializer(site, f"{base}.weight_fp16",
-                                            ir.tensor(tensor_of(weight).numpy().astype(np.float16)))
+                                            ir.tensor(lowering.array(site.use.initializer).astype(np.float16)))
             cast = make_node("Cast", [half], [names.unique(f"{base}.weight_cast")], names.unique(f"{base}.Cast"),
                              to=ir.DataType.FLOAT)
             restored = self._restored[site.use.initializer] = lowering.add_constant_node(site, cast)

@@ -1,0 +1,82 @@
+"""The FP16 baseline of an FP32 export, with ONNX Runtime's float16 converter, one weight at a time.
+
+The converter works on a whole in-memory model: for a model stored with external data (over 2 GB) that is
+the FP32 weights, their FP16 copies and a serialized proto at once. Here the converter sees the graph
+with every external FP32 weight replaced by a one-element stand-in (it only decides, per initializer,
+whether FP16 nodes read it, and retypes the graph); then each weight is read from the FP32 data file
+through a memory map, converted with the converter's own rounding (`convert_np_to_float16`) when the
+converter chose FP16 for it, and appended to the FP16 data file. Peak memory: the graph plus one weight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from onnx.external_data_helper import uses_external_data
+
+# convert_float_to_float16's defaults, which write_fp16's in-memory path uses too
+MIN_POSITIVE = 5.96e-08
+MAX_FINITE = 65504.0
+
+
+def _external_info(tensor: TensorProto) -> dict[str, str]:
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether any weight of the ONNX file at `path` is stored outside it (the graph alone is read)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return any(uses_external_data(tensor) for tensor in model.graph.initializer)
+
+
+def convert_streamed(source: Path, target: Path) -> None:
+    """Write `target` (+ `target`_data), the FP16 twin of `source`, whose weights are external data."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
+
+    model = onnx.load(str(source), load_external_data=False)
+    stand_ins: dict[str, tuple[list[int], dict[str, str]]] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor):
+            stand_ins[tensor.name] = (list(tensor.dims), _external_info(tensor))
+            del tensor.external_data[:]
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.dims[:]
+            tensor.dims.append(1)
+            tensor.raw_data = np.zeros(1, np.float32).tobytes()
+    model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    data_name = target.name + "_data"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    offset = 0
+    with open(target.parent / data_name, "wb") as data:
+        for tensor in model.graph.initializer:
+            if tensor.name not in stand_ins:
+                continue
+            dims, where = stand_ins[tensor.name]
+            stored = np.memmap(source.parent / where["location"], dtype=np.float32, mode="r",
+                               offset=int(where.get("offset", 0)), shape=(int(np.prod(dims)),))
+            array = (convert_np_to_float16(np.asarray(stored), MIN_POSITIVE, MAX_FINITE)
+                     if tensor.data_type == TensorProto.FLOAT16 else np.asarray(stored))
+            payload = array.tobytes()
+            del stored, array
+            tensor.ClearField("raw_data")
+            del tensor.dims[:]
+            tensor.dims.extend(dims)
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            data.write(payload)
+            offset += len(payload)
+            pad = -offset % 4096  # page-aligned, as onnx writes external data, so ORT can map each tensor
+            data.write(b"\0" * pad)
+            offset += pad
+    for info in model.graph.value_info:  # the converter typed the stand-ins' value infos with their one element
+        if info.name in stand_ins:
+            shape = info.type.tensor_type.shape
+            del shape.dim[:]
+            for size in stand_ins[info.name][0]:
+                shape.dim.add().dim_value = size
+    onnx.save_model(model, str(target))
