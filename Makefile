@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-unit test-matrix lint bench bench-quick bench-llm genai-builder clean
+.PHONY: install demo test test-unit test-matrix lint bench bench-quick bench-llm bench-large genai-builder clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench: $(BENCH_STAMP) $(GENAI_STAMP)
 # Only the SmolLM2 section (LLM peers, genai decode speed), into $(OUT)/bench-llm: for iterating.
 bench-llm: $(BENCH_STAMP) $(GENAI_STAMP)
 	$(BIN)/python -m cptquant.bench --only llm --out $(OUT)/bench-llm
+
+# Peak memory and time of exports of large random-weight OPT shapes (an hour or more; SHAPES="opt-640m opt-2.7b").
+bench-large: $(BENCH_STAMP)
+	$(BIN)/python -m cptquant.bench.large --out docs --shapes $(or $(SHAPES),opt-640m)
 
 bench-quick: $(BENCH_STAMP)
 	$(BIN)/python -m cptquant.bench --out docs --quick

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from rich.console import Console
@@ -13,6 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from .output_folder import pause_point
 
 console = Console(stderr=True)
+# Called with a step's name as it starts and with "after NAME" as it ends (bench/export_memory.py labels its
+# memory samples by step).
+step_listeners: list[Callable[[str], None]] = []
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -43,9 +46,13 @@ class Steps:
         name = self.names[self.index]
         pause_point(name.split()[0].lower())  # tests: stop here (CPTQ_TEST_PAUSE_AT=quantize, write, …)
         self.progress.update(self.task, description=name)
+        for listener in step_listeners:
+            listener(name)
         start = time.perf_counter()
         yield
         timings[name] = time.perf_counter() - start
+        for listener in step_listeners:
+            listener(f"after {name}")
         if self.enabled:
             console.print(f"[green]✓[/green] {name} [dim]({timings[name]:.1f}s)[/dim]")
         self.index += 1
