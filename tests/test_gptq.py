@@ -191,3 +191,30 @@ def test_block_by_block_hessians_equal_the_one_pass_ones_bit_for_bit(family):
         np.testing.assert_array_equal(by_block[name], at_once[name], err_msg=name)
     if isinstance(by_block, BlockwiseHessians):
         assert len(by_block.held) < len(at_once)  # one block's Hessians (or the head's) at a time
+
+
+def test_gptq_codes_are_memoised_before_the_hessian_is_asked_for():
+    """The MatMulNBits repair lowers the graph a second time: the codes come from the memo, and no Hessian
+    is asked for again (measured on demand, block by block, a second request would re-run the forward)."""
+    from collections.abc import Mapping
+
+    from cptquant.quant.weight_quantizers import Gptq
+
+    x, w = _correlated_layer(k=64, n=16)
+    asked = []
+
+    class Counting(Mapping):
+        def __getitem__(self, name):
+            asked.append(name)
+            return _hessian(x)
+
+        def __iter__(self):
+            return iter(["layer"])
+
+        def __len__(self):
+            return 1
+
+    quantizer = Gptq(lambda names: Counting(), ["layer"])
+    first = quantizer("layer", w, 4, 32, True, "absmax")
+    again = quantizer("layer", w, 4, 32, True, "absmax")
+    assert again is first and asked == ["layer"]

@@ -66,13 +66,14 @@ class Gptq(RoundToNearest):
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
+        scale_key = None if input_scale is None else input_scale.tobytes()
+        key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
+        if key in self._done:  # the second rewrite: no Hessian is asked for again (they are measured on demand)
+            return self._done[key]
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
             hessian = hessian / np.outer(input_scale, input_scale)
-        scale_key = None if input_scale is None else input_scale.tobytes()
-        key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
-        if key not in self._done:
-            self._done[key] = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
+        self._done[key] = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
         return self._done[key]
