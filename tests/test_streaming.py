@@ -69,3 +69,47 @@ def test_export_from_external_fp32_data_writes_the_same_bytes(case, tmp_path, mo
     _external_fp32_export(monkeypatch)
     streamed, report = export_case(*case, tmp_path / "streamed")
     assert streamed == in_memory
+
+
+@pytest.mark.parametrize("case", [("llama", "nbits", "rtn"), ("opt", "qdq", "gptq"), ("bert", "dynamic", "gptq")],
+                         ids="-".join)
+def test_large_model_export_path_computes_what_the_in_memory_path_does(case, tmp_path, monkeypatch):
+    """The path a model over 2 GB takes through optimum (no constant folding, external data gathered into one
+    file a weight at a time by onnx_export._StreamingOnnx, no post-processing), forced on tiny models: the same
+    codes, low-bit kernels for every layer (the export checks), and the same outputs under ONNX Runtime."""
+    from test_export_bytes import export_case
+
+    import cptquant.onnx_io.onnx_export as onnx_export
+
+    _, in_memory = export_case(*case, tmp_path / "memory")
+    monkeypatch.setattr(onnx_export, "_post_process_fits", lambda model: False)
+    monkeypatch.setenv("FORCE_ONNX_EXTERNAL_DATA", "1")  # optimum gathers external data even below 2 GB
+    real_gather = onnx_export.gather_external_data
+    gathered = []
+    monkeypatch.setattr(onnx_export, "gather_external_data",
+                        lambda *args: gathered.append(args[2]) or real_gather(*args))
+    _, large = export_case(*case, tmp_path / "large")
+    assert gathered == ["model.onnx_data"]
+    assert large["graph_check"]["kernels"] == in_memory["graph_check"]["kernels"]
+    for name, layer in in_memory["layers"].items():
+        assert large["layers"][name]["bits"] == layer["bits"] and large["layers"][name]["weight_mse"] == pytest.approx(layer["weight_mse"], rel=1e-5), name
+    feeds = _feeds(ort.InferenceSession(str(tmp_path / "memory" / "model.onnx"), providers=["CPUExecutionProvider"]))
+    outputs = [ort.InferenceSession(str(tmp_path / folder / "model.onnx"), providers=["CPUExecutionProvider"])
+               .run(None, feeds)[0] for folder in ("memory", "large")]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+
+
+def _feeds(session: ort.InferenceSession) -> dict[str, np.ndarray]:
+    """Two sequences of 5 tokens, no past: ids, a full mask, positions, empty KV caches."""
+    feeds = {}
+    for spec in session.get_inputs():
+        if spec.name == "input_ids":
+            feeds[spec.name] = np.array([[5, 17, 99, 312, 45], [8, 600, 21, 3, 77]], np.int64)
+        elif spec.name in ("attention_mask", "token_type_ids"):
+            feeds[spec.name] = (np.ones if spec.name == "attention_mask" else np.zeros)((2, 5), np.int64)
+        elif spec.name == "position_ids":
+            feeds[spec.name] = np.tile(np.arange(5, dtype=np.int64), (2, 1))
+        else:  # past_key_values.N.key/value: [batch, heads, 0, head size]
+            shape = [2 if d == "batch_size" else 0 if not isinstance(d, int) else d for d in spec.shape]
+            feeds[spec.name] = np.zeros(shape, np.float32)
+    return feeds

@@ -6,7 +6,9 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 
@@ -63,12 +65,93 @@ def _use_cache_restored(model):
                 config.use_cache = saved[key]
 
 
-def _post_process_fits(model) -> bool:
-    """Whether optimum's post-processing can run: it de-duplicates tied weights by serializing the whole model
-    in memory, which protobuf refuses above 2 GB (optimum then fails the export). Above that the tied head
-    keeps its own transposed copy, which the layer map prices and the lowering writes as its own weight."""
+def _post_process_fits(model: Any) -> bool:
+    """Whether the model takes the in-memory export path. optimum's post-processing de-duplicates tied weights
+    by serializing the whole model in memory, which protobuf refuses above 2 GB (optimum then fails the
+    export): above that it is skipped, and the tied head keeps its own copy, which the layer map prices and
+    the lowering writes as its own weight. The same models are exported without constant folding and with
+    their external data gathered a weight at a time (_StreamingOnnx)."""
     every_use = sum(p.numel() * p.element_size() for _, p in model.named_parameters(remove_duplicate=False))
     return every_use < TWO_GB
+
+
+class _StreamingOnnx:
+    """Stands in for the `onnx` module inside optimum's exporter while a model over 2 GB is exported.
+
+    torch writes such a model's weights one file per tensor; optimum then gathers them into one
+    `model.onnx_data` by loading every weight into memory and saving again ("probably too memory heavy
+    for large models", its comment says): a whole copy of the model beside the torch weights. Here `load`
+    reads the graph alone and `save` appends each weight's bytes to the one data file in turn, so the
+    gathering holds one weight at a time. Everything else is the real module."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(onnx, name)
+
+    @staticmethod
+    def load(path: str, load_external_data: bool = True, **kwargs: Any) -> onnx.ModelProto:
+        return onnx.load(path, load_external_data=False, **kwargs)
+
+    @staticmethod
+    def save(model: onnx.ModelProto, path: str, save_as_external_data: bool = False, all_tensors_to_one_file: bool = True,
+             location: str | None = None, size_threshold: int = 1024, **_: Any) -> None:
+        target = Path(path)
+        if not save_as_external_data or not all_tensors_to_one_file or location is None:
+            raise CptqError("cptquant's streamed external data only gathers into one file (optimum changed?)")
+        gather_external_data(model, target.parent, location, size_threshold)
+        onnx.save_model(model, str(target))
+
+
+def _read_external(tensor: onnx.TensorProto, base: Path) -> bytes:
+    where = {entry.key: entry.value for entry in tensor.external_data}
+    with open(base / where["location"], "rb") as data:
+        data.seek(int(where.get("offset", 0)))
+        return data.read(int(where["length"])) if "length" in where else data.read()
+
+
+def gather_external_data(model: onnx.ModelProto, base: Path, location: str, size_threshold: int) -> None:
+    """Every initializer of `model` (its data in files under `base`, or inline) at least `size_threshold`
+    bytes into `base / location`, one at a time, page-aligned; tensors of node attributes (Constant values)
+    inline, since the per-tensor files are deleted afterwards."""
+    from onnx.external_data_helper import uses_external_data
+
+    offset = 0
+    with open(base / location, "wb") as gathered:
+        for tensor in model.graph.initializer:
+            payload = _read_external(tensor, base) if uses_external_data(tensor) else tensor.raw_data
+            if not uses_external_data(tensor) and len(payload) < size_threshold:
+                continue
+            tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            gathered.write(payload)
+            offset += len(payload)
+            pad = -offset % 4096
+            gathered.write(b"\0" * pad)
+            offset += pad
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and uses_external_data(attribute.t):
+                attribute.t.raw_data = _read_external(attribute.t, base)
+                del attribute.t.external_data[:]
+                attribute.t.data_location = onnx.TensorProto.DEFAULT
+
+
+@contextlib.contextmanager
+def _streamed_external_data(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    import optimum.exporters.onnx.convert as convert
+
+    real = convert.onnx
+    convert.onnx = _StreamingOnnx()
+    try:
+        yield
+    finally:
+        convert.onnx = real
 
 
 def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
@@ -79,11 +162,16 @@ def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     files = onnx_files(loaded.task)
     restored = _use_cache_restored(loaded.model) if files != (MODEL_FILE,) else contextlib.nullcontext()
+    large = not _post_process_fits(loaded.model)
     try:
-        with _quiet(), restored:
+        with _quiet(), restored, _streamed_external_data(large):
             onnx_export_from_model(loaded.model, output=folder, task=loaded.task, opset=OPSET, do_validation=False,
                                    # seq2seq: no merged decoder
-                                   no_post_process=files != (MODEL_FILE,) or not _post_process_fits(loaded.model))
+                                   no_post_process=files != (MODEL_FILE,) or large,
+                                   # folding writes a transposed copy of every Linear weight while the torch
+                                   # weights are held: above 2 GB the Transposes stay (the layer map follows
+                                   # them, ORT folds them at session start)
+                                   do_constant_folding=not large)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
         raise CptqError(f"ONNX export of {loaded.display_name} failed: {str(exc).strip().splitlines()[0]}") from exc
     if loaded.tokenizer is not None:
