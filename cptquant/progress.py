@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,6 +18,16 @@ console = Console(stderr=True)
 # Called with a step's name as it starts and with "after NAME" as it ends (bench/export_memory.py labels its
 # memory samples by step).
 step_listeners: list[Callable[[str], None]] = []
+
+
+def release_freed_memory() -> None:
+    """Hand what Python and the C heap have freed back to the operating system (gc, then glibc's malloc_trim):
+    a step's peak would otherwise carry the heap the steps before it freed but the allocator kept."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def progress_bar(enabled: bool = True) -> Progress:
@@ -51,6 +63,7 @@ class Steps:
         start = time.perf_counter()
         yield
         timings[name] = time.perf_counter() - start
+        release_freed_memory()
         for listener in step_listeners:
             listener(f"after {name}")
         if self.enabled:

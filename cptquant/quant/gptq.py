@@ -30,7 +30,8 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01) -> tuple[n
     """The upper Cholesky factor U of (dampened H)⁻¹ (so H⁻¹ = Uᵀ U), float64, and the dead-input mask.
 
     Inputs that are always zero (H_ii = 0) get H_ii = 1: their weight rows are irrelevant and are
-    zeroed by the caller, and the 1 keeps H invertible.
+    zeroed by the caller, and the 1 keeps H invertible. At most three K x K float64 matrices live at once
+    (K = 10240 on OPT-2.7B's fc2: 0.84 GB each), each freed as soon as the next exists.
     """
     h = np.array(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
@@ -40,14 +41,18 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01) -> tuple[n
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     base = damp * float(np.mean(np.diag(h)))
-    eye = torch.eye(h.shape[0], dtype=torch.float64)
-    flipped = torch.from_numpy(h).flip(0, 1)
     for factor in _DAMP_RETRIES:
         # With J the row reversal, J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J,
         # so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, no full inverse.
-        lower, info = torch.linalg.cholesky_ex(flipped + factor * base * eye)
+        damped = torch.from_numpy(h).flip(0, 1)  # a copy; the dampening goes onto its diagonal in place
+        damped.diagonal().add_(factor * base)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
+            del h
+            eye = torch.eye(lower.shape[0], dtype=torch.float64)
             lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
+            del lower, eye
             return lower_inv.flip(0, 1).numpy(), dead
     raise np.linalg.LinAlgError("the Hessian is not positive definite even after dampening")
 
