@@ -217,4 +217,20 @@ def test_gptq_codes_are_memoised_before_the_hessian_is_asked_for():
     quantizer = Gptq(lambda names: Counting(), ["layer"])
     first = quantizer("layer", w, 4, 32, True, "absmax")
     again = quantizer("layer", w, 4, 32, True, "absmax")
-    assert again is first and asked == ["layer"]
+    assert asked == ["layer"]
+    np.testing.assert_array_equal(again.q, first.q)
+    assert again.q.dtype == first.q.dtype and again.scale is first.scale
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_memoised_codes_are_packed_two_per_byte_and_come_back_equal(symmetric):
+    from cptquant.quant.weight_quantizers import _PackedCodes
+
+    x, w = _correlated_layer(k=64, n=16)
+    quantized = gptq_quantize(w, _hessian(x), 4, 32, symmetric, "absmax", act_order=True)
+    packed = _PackedCodes.pack(quantized)
+    assert packed.packed.nbytes * 2 == quantized.q.nbytes
+    back = packed.unpack()
+    assert back.q.dtype == quantized.q.dtype
+    np.testing.assert_array_equal(back.q, quantized.q)
+    assert {int(v) for v in np.unique(quantized.q)} <= set(range(-8, 8) if symmetric else range(16))

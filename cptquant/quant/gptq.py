@@ -26,14 +26,16 @@ LAZY_ROWS = 128
 _DAMP_RETRIES = (1.0, 10.0, 100.0)
 
 
-def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01,
+                             overwrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The upper Cholesky factor U of (dampened H)⁻¹ (so H⁻¹ = Uᵀ U), float64, and the dead-input mask.
 
     Inputs that are always zero (H_ii = 0) get H_ii = 1: their weight rows are irrelevant and are
     zeroed by the caller, and the 1 keeps H invertible. At most three K x K float64 matrices live at once
-    (K = 10240 on OPT-2.7B's fc2: 0.84 GB each), each freed as soon as the next exists.
+    (K = 10240 on OPT-2.7B's fc2: 0.84 GB each), each freed as soon as the next exists; with `overwrite`
+    a float64 `hessian` is used (and changed) in place instead of copied.
     """
-    h = np.array(hessian, dtype=np.float64)
+    h = np.asarray(hessian, dtype=np.float64) if overwrite else np.array(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square, got shape {h.shape}")
     dead = np.diag(h) <= 0
@@ -85,7 +87,9 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
         scales[:], zp = block_params(weight.reshape(num_blocks, block_size, n), bits, symmetric, clip)
         if zp is not None:
             zero_points[:] = zp
-    upper = inverse_hessian_cholesky(np.asarray(hessian)[np.ix_(order, order)], damp)[0].astype(np.float32)
+    # the reordered Hessian is a copy of our own: factorised in place
+    upper = inverse_hessian_cholesky(np.asarray(hessian)[np.ix_(order, order)], damp, overwrite=True)[0]
+    upper = upper.astype(np.float32)
     weight = weight[order]  # row j is input order[j]; identity order without act_order
 
     codes = np.empty((k, n), dtype=np.int8 if symmetric else np.uint8)

@@ -9,6 +9,7 @@ tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class Gptq(RoundToNearest):
         self._collect = hessians
         self._wanted = wanted
         self._hessians: Mapping[str, np.ndarray] | None = None
-        self._done: dict[tuple[object, ...], QuantizedWeight] = {}
+        self._done: dict[tuple[object, ...], _PackedCodes] = {}
 
     def hessian(self, layer: str) -> np.ndarray | None:
         if self._hessians is None:
@@ -69,11 +70,36 @@ class Gptq(RoundToNearest):
         scale_key = None if input_scale is None else input_scale.tobytes()
         key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
         if key in self._done:  # the second rewrite: no Hessian is asked for again (they are measured on demand)
-            return self._done[key]
+            return self._done[key].unpack()
         hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
             hessian = hessian / np.outer(input_scale, input_scale)
-        self._done[key] = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
-        return self._done[key]
+        quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
+        self._done[key] = _PackedCodes.pack(quantized)
+        return quantized
+
+
+@dataclass
+class _PackedCodes:
+    """A 4-bit QuantizedWeight kept for the second rewrite with two codes per byte (its int8 codes would take
+    a quarter of the model's FP32 bytes for the whole export)."""
+
+    packed: np.ndarray  # uint8 [K / 2, N]: row 2i in the low nibble, row 2i + 1 in the high one
+    like: QuantizedWeight  # scales, zero points and sizes; its codes array is empty
+
+    @staticmethod
+    def pack(weight: QuantizedWeight) -> _PackedCodes:
+        if weight.bits > 4 or weight.q.shape[0] % 2:
+            raise ValueError(f"only 4-bit codes with an even K are packed, not {weight.bits} bits / K {weight.q.shape[0]}")
+        nibbles = weight.q.view(np.uint8) & 0x0F  # int8 two's complement: the low nibble is the 4-bit code
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)
+        return _PackedCodes(packed, replace(weight, q=np.empty((0,) + weight.q.shape[1:], weight.q.dtype)))
+
+    def unpack(self) -> QuantizedWeight:
+        rows = np.empty((2 * self.packed.shape[0], self.packed.shape[1]), np.uint8)
+        rows[0::2], rows[1::2] = self.packed & 0x0F, self.packed >> 4
+        if self.like.q.dtype == np.int8:  # symmetric: codes in [-8, 7], sign-extended from the nibble
+            return replace(self.like, q=((rows ^ 8).astype(np.int8) - np.int8(8)))
+        return replace(self.like, q=rows)
