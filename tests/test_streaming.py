@@ -10,7 +10,8 @@ from onnx import numpy_helper
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from cptquant.model_loading import wrap_model
-from cptquant.onnx_io.float16 import convert_streamed, has_external_data
+from cptquant.onnx_io.external_data import has_external_data
+from cptquant.onnx_io.float16 import convert_streamed
 from cptquant.onnx_io.onnx_export import export_onnx, load_onnx
 from cptquant.testing import tiny_llama, tiny_tokenizer
 

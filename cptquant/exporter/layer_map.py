@@ -23,6 +23,7 @@ from onnx.external_data_helper import uses_external_data
 from torch import nn
 
 from ..errors import CptqError
+from ..onnx_io.external_data import external_location
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 
 WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
@@ -86,9 +87,8 @@ def _consumer_layout(node: onnx.NodeProto) -> str:
 def _stored_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray:
     """An initializer's values without a copy: a view of its raw bytes, or a memory map of its external data."""
     if base_dir is not None and uses_external_data(tensor) and tensor.data_type == onnx.TensorProto.FLOAT:
-        where = {entry.key: entry.value for entry in tensor.external_data}
-        return np.memmap(base_dir / where["location"], dtype=np.float32, mode="r", offset=int(where.get("offset", 0)),
-                         shape=tuple(tensor.dims))
+        location, offset, _ = external_location(tensor)
+        return np.memmap(base_dir / location, dtype=np.float32, mode="r", offset=offset, shape=tuple(tensor.dims))
     if tensor.data_type == onnx.TensorProto.FLOAT and tensor.raw_data:
         return np.frombuffer(tensor.raw_data, dtype=np.float32).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")

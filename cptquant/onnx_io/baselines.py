@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..output_folder import CACHE_DIR_NAME
-from .float16 import convert_streamed, has_external_data
+from .external_data import has_external_data
+from .float16 import convert_streamed
 from .onnx_export import MODEL_FILE, SEQ2SEQ_FILES, is_onnx_file, load_onnx, save_onnx
 
 if TYPE_CHECKING:

@@ -17,19 +17,11 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
 
+from .external_data import ExternalDataWriter, external_location
+
 # convert_float_to_float16's defaults, which write_fp16's in-memory path uses too
 MIN_POSITIVE = 5.96e-08
 MAX_FINITE = 65504.0
-
-
-def _external_info(tensor: TensorProto) -> dict[str, str]:
-    return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def has_external_data(path: Path) -> bool:
-    """Whether any weight of the ONNX file at `path` is stored outside it (the graph alone is read)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return any(uses_external_data(tensor) for tensor in model.graph.initializer)
 
 
 def convert_streamed(source: Path, target: Path) -> None:
@@ -37,42 +29,31 @@ def convert_streamed(source: Path, target: Path) -> None:
     from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
 
     model = onnx.load(str(source), load_external_data=False)
-    stand_ins: dict[str, tuple[list[int], dict[str, str]]] = {}
+    stand_ins: dict[str, tuple[list[int], tuple[str, int, int | None]]] = {}
     for tensor in model.graph.initializer:
         if tensor.data_type == TensorProto.FLOAT and uses_external_data(tensor):
-            stand_ins[tensor.name] = (list(tensor.dims), _external_info(tensor))
+            stand_ins[tensor.name] = (list(tensor.dims), external_location(tensor))
             del tensor.external_data[:]
             tensor.data_location = TensorProto.DEFAULT
             del tensor.dims[:]
             tensor.dims.append(1)
             tensor.raw_data = np.zeros(1, np.float32).tobytes()
     model = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    data_name = target.name + "_data"
     target.parent.mkdir(parents=True, exist_ok=True)
-    offset = 0
-    with open(target.parent / data_name, "wb") as data:
+    with ExternalDataWriter(target.parent, target.name + "_data") as data:
         for tensor in model.graph.initializer:
             if tensor.name not in stand_ins:
                 continue
-            dims, where = stand_ins[tensor.name]
-            stored = np.memmap(source.parent / where["location"], dtype=np.float32, mode="r",
-                               offset=int(where.get("offset", 0)), shape=(int(np.prod(dims)),))
+            dims, (location, offset, _) = stand_ins[tensor.name]
+            stored = np.memmap(source.parent / location, dtype=np.float32, mode="r", offset=offset,
+                               shape=(int(np.prod(dims)),))
             array = (convert_np_to_float16(np.asarray(stored), MIN_POSITIVE, MAX_FINITE)
                      if tensor.data_type == TensorProto.FLOAT16 else np.asarray(stored))
             payload = array.tobytes()
             del stored, array
-            tensor.ClearField("raw_data")
             del tensor.dims[:]
             tensor.dims.extend(dims)
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(payload)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            data.write(payload)
-            offset += len(payload)
-            pad = -offset % 4096  # page-aligned, as onnx writes external data, so ORT can map each tensor
-            data.write(b"\0" * pad)
-            offset += pad
+            data.append(tensor, payload)
     for info in model.graph.value_info:  # the converter typed the stand-ins' value infos with their one element
         if info.name in stand_ins:
             shape = info.type.tensor_type.shape

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from ..errors import CptqError
 from ..model_loading import TASK_SEQ2SEQ, LoadedModel
+from .external_data import ExternalDataWriter, read_external
 
 OPSET = 21
 TWO_GB = 2**31 - 1  # protobuf's limit for one file; above it weights go to external data
@@ -101,40 +103,20 @@ class _StreamingOnnx:
         onnx.save_model(model, str(target))
 
 
-def _read_external(tensor: onnx.TensorProto, base: Path) -> bytes:
-    where = {entry.key: entry.value for entry in tensor.external_data}
-    with open(base / where["location"], "rb") as data:
-        data.seek(int(where.get("offset", 0)))
-        return data.read(int(where["length"])) if "length" in where else data.read()
-
-
 def gather_external_data(model: onnx.ModelProto, base: Path, location: str, size_threshold: int) -> None:
     """Every initializer of `model` (its data in files under `base`, or inline) at least `size_threshold`
-    bytes into `base / location`, one at a time, page-aligned; tensors of node attributes (Constant values)
-    inline, since the per-tensor files are deleted afterwards."""
-    from onnx.external_data_helper import uses_external_data
-
-    offset = 0
-    with open(base / location, "wb") as gathered:
+    bytes into `base / location`, one at a time; tensors of node attributes (Constant values) inline, since
+    the per-tensor files are deleted afterwards."""
+    with ExternalDataWriter(base, location) as gathered:
         for tensor in model.graph.initializer:
-            payload = _read_external(tensor, base) if uses_external_data(tensor) else tensor.raw_data
-            if not uses_external_data(tensor) and len(payload) < size_threshold:
-                continue
-            tensor.ClearField("raw_data")
-            del tensor.external_data[:]
-            tensor.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(payload)))):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            gathered.write(payload)
-            offset += len(payload)
-            pad = -offset % 4096
-            gathered.write(b"\0" * pad)
-            offset += pad
+            external = uses_external_data(tensor)
+            payload = read_external(tensor, base) if external else tensor.raw_data
+            if external or len(payload) >= size_threshold:
+                gathered.append(tensor, payload)
     for node in model.graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.TENSOR and uses_external_data(attribute.t):
-                attribute.t.raw_data = _read_external(attribute.t, base)
+                attribute.t.raw_data = read_external(attribute.t, base)
                 del attribute.t.external_data[:]
                 attribute.t.data_location = onnx.TensorProto.DEFAULT
 
@@ -192,8 +174,6 @@ def load_onnx_lazily(path: Path) -> tuple[onnx.ModelProto, Path | None]:
     A model over 2 GB keeps its weights in external data: those are not loaded here, but read one at a
     time through a memory map by the layer map and the lowering (`base_dir`), so that the FP32 export is
     never held in memory whole."""
-    from onnx.external_data_helper import uses_external_data
-
     proto = onnx.load(str(path), load_external_data=False)
     if any(uses_external_data(tensor) for tensor in proto.graph.initializer):
         return proto, path.parent

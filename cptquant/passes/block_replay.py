@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -28,6 +30,20 @@ def _tensor_bytes(value) -> int:
     if isinstance(value, (tuple, list)):
         return sum(_tensor_bytes(v) for v in value)
     return 0
+
+
+@contextlib.contextmanager
+def replaying(blocks: list, saved_output: Callable[[], Any]) -> Iterator[None]:
+    """`blocks` (the first blocks of the stack) return `saved_output()` without computing: the model's next
+    block gets the output the unchanged model computed for the batch in flight (also GPTQ's block-by-block
+    Hessians, hessian.BlockwiseHessians)."""
+    for block in blocks:
+        block.forward = lambda *_args, **_kwargs: saved_output()
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
 
 
 class BlockReplay:
@@ -95,23 +111,9 @@ class BlockReplay:
             starts[unit] = max(replayable, default=-1)
         return starts
 
-    @contextlib.contextmanager
     def _replaying(self, last: int):
         """Blocks 0..last return the kept output of block `last` for the current batch, without computing."""
-        if last < 0:
-            yield
-            return
-
-        def replay(*_args, **_kwargs):
-            return self.outputs[last][self.batch]
-
-        for block in self.blocks[: last + 1]:
-            block.forward = replay
-        try:
-            yield
-        finally:
-            for block in self.blocks[: last + 1]:
-                del block.forward  # back to the class's forward
+        return replaying(self.blocks[: last + 1], lambda: self.outputs[last][self.batch])
 
     @torch.no_grad()
     def evaluate_unit(self, unit: str) -> float:

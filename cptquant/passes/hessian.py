@@ -21,6 +21,7 @@ import torch
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, block_container
 from .calibration import CalibrationSet
+from .block_replay import replaying
 from .common import forward_options, progress_bar
 
 
@@ -46,16 +47,27 @@ def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return flat
 
 
+class _BlockDone(Exception):
+    """Raised after the last block a pass needs: the rest of the model does not run."""
+
+
 def _hooked_forward(model, calib: CalibrationSet, handles: list, mask_in_flight: list, label: str, progress: bool,
-                    after_batch=None) -> None:
-    """One no-grad pass over the calibration set for hooks that read the batch's mask; removes the hooks."""
+                    after_batch=None, before_batch=None, options: dict | None = None) -> None:
+    """One no-grad pass over the calibration set for hooks that read the batch's mask; removes the hooks.
+    `before_batch(index)` runs before each batch; a hook may end a batch early by raising _BlockDone."""
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), progress_bar(progress) as bar:
             task = bar.add_task(label, total=len(calib.batches))
-            for batch in calib.batches:
+            for index, batch in enumerate(calib.batches):
+                if before_batch is not None:
+                    before_batch(index)
                 mask_in_flight[:] = [batch["attention_mask"]]
-                model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                try:
+                    model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                          **(options or {}))
+                except _BlockDone:
+                    pass
                 if after_batch is not None:
                     after_batch()
                 bar.advance(task)
@@ -115,10 +127,6 @@ def _hooks(model, graph: LayerGraph, layer_names: list[str]):
     return accumulators, handles, mask_in_flight, lambda: last.update(x=None, gram=None)
 
 
-class _BlockDone(Exception):
-    """Raised after the last block a phase needs: the rest of the model does not run."""
-
-
 class BlockwiseHessians(Mapping[str, np.ndarray]):
     """The Hessians of `collect_hessians`, equal to the last bit, measured one block at a time on demand.
 
@@ -166,41 +174,19 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
         wanted = [name for name, p in self.phase.items() if p == phase]
         self.held = {}  # the previous phase's Hessians go before this phase's are made
         accumulators, handles, mask_in_flight, reset = _hooks(self.model, self.graph, wanted)
-        saved_from, outputs = self.position, []
+        outputs: list = []
         if phase < self.tail:
             def stop_after(_module, _args, output):
                 outputs.append(output)
                 raise _BlockDone
             handles.append(self.blocks[phase].register_forward_hook(stop_after))
-        replayed = self.blocks[: saved_from + 1]
-        batch_index = [0]
-
-        def replay(*_args, **_kwargs):
-            return self.saved[batch_index[0]]
-
-        for block in replayed:
-            block.forward = replay
+        batch = [0]
         label = f"Hessians, block {phase + 1} of {self.tail}" if phase < self.tail else "Hessians, head"
-        device = next(self.model.parameters()).device
-        options = forward_options(self.model)  # no KV cache: the replayed blocks would leave holes in it
-        try:
-            with progress_bar(self.progress) as bar:
-                task = bar.add_task(label, total=len(self.calib.batches))
-                for index, batch in enumerate(self.calib.batches):
-                    batch_index[0] = index
-                    mask_in_flight[:] = [batch["attention_mask"]]
-                    try:
-                        self.model(input_ids=batch["input_ids"].to(device),
-                                   attention_mask=batch["attention_mask"].to(device), **options)
-                    except _BlockDone:
-                        pass
-                    reset()
-                    bar.advance(task)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for block in replayed:
-                del block.forward  # back to the class's forward
+        with replaying(self.blocks[: self.position + 1], lambda: self.saved[batch[0]]):
+            # no KV cache: the replayed blocks would leave holes in it
+            _hooked_forward(self.model, self.calib, handles, mask_in_flight, label, self.progress, after_batch=reset,
+                            before_batch=lambda index: batch.__setitem__(0, index),
+                            options=forward_options(self.model))
         if phase < self.tail:
             self.position, self.saved = phase, outputs
         self.held = _finished(accumulators)
