@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,7 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
         return accumulators.setdefault(key, PairAccumulator(seed + len(accumulators)))
 
     def watch_block(index: int, block_units: list[str]) -> None:
-        def hook(block: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: object) -> None:
+        def hook(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
             reference = batch.rows(_first_tensor(output))
             for unit in block_units:
                 with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):

@@ -248,7 +248,8 @@ def hessians_by_block(loaded: LoadedModel, graph: LayerGraph, calib: Calibration
 
 
 @torch.no_grad()
-def _each_block_runs_once(model: torch.nn.Module, blocks: list[torch.nn.Module], calib: CalibrationSet) -> bool:
+def _each_block_runs_once(model: torch.nn.Module, blocks: list[torch.nn.Module],
+                          calib: CalibrationSet) -> bool:
     """Whether one forward calls every block once, in order: not so where blocks share weights and run
     repeatedly (ALBERT's one layer group serves all its layers), which one pass per block cannot follow."""
     calls: list[int] = []
