@@ -183,6 +183,12 @@ def test_size_budget_counts_scales_and_fixed_params_and_is_never_exceeded():
         budget_bits(scores, params, (16, 8, 4), max_size_mb=0.005, fixed_bytes=4 * fixed, weights=weights)
 
 
+def test_a_budget_needs_a_target_or_a_size():
+    # Neither given used to fail on `None * MB` (a TypeError) instead of saying what is missing.
+    with pytest.raises(ValueError, match="target_bits or max_size_mb"):
+        budget_bits({"a": 1.0}, {"a": 4096}, (16, 8, 4))
+
+
 def test_plan_is_byte_identical_for_same_seed_and_respects_granularity():
     model = tiny_gpt2()
     graph = build_layer_graph(model)

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any, TypedDict
 
 import torch
 
 from ..errors import CptqError
-from ..layer_graph import LayerGraph
+from ..layer_graph import Layer, LayerGraph
+from ..model_loading import LoadedModel
 from ..output_folder import pause_point
 from ..plan import (
     SUPPORTED_BITS,
@@ -29,12 +32,13 @@ from ..quant.quantize import CLIP_METHODS
 from ..quant.storage import WeightShape
 from .allocate import FIXED_PARAM_BYTES, budget_bits, cluster_bits
 from .block_replay import BlockReplay
-from .calibration import MIN_SAMPLES, MIN_SEQ_LEN, build_calibration
-from .cmpq import CCA_VARIANTS, cmpq_scores
+from .calibration import MIN_SAMPLES, MIN_SEQ_LEN, calibration_for
+from .cmpq import cmpq_scores
 from .common import GRANULARITIES, allocation_units, stored_weight_shape, time_forward, unit_of
 from .hot_rows import hot_rows, with_hot_rows
 from .oracle import oracle_scores, spearman
 from .pmpq import pmpq_scores
+from .similarity import CCA_VARIANTS
 from .task_loss import LM_OBJECTIVES, LM_TASKS, TaskLoss
 from .tdmpq import CURVATURES, tdmpq_scores
 
@@ -63,6 +67,20 @@ class AnalysisOptions:
     hot_rows: bool = True  # a 4-bit token embedding keeps the calibration text's tokens at 8 bits (hot_rows.py)
 
 
+class _CalibrationSummary(TypedDict):
+    source: str
+    samples: int
+    tokens: int
+    seq_len: int
+    seed: int
+
+
+class CalibrationSummary(_CalibrationSummary, total=False):
+    """What an analysis calibrated on, for its report."""
+
+    lm_loss: str  # language models only: the task loss's objective
+
+
 @dataclass
 class AnalysisResult:
     task: str
@@ -71,12 +89,12 @@ class AnalysisResult:
     unit_params: dict[str, int]  # quantizable weights per unit (shared parameters counted once)
     non_quantizable_params: int  # biases, norms...: stored as FP16 whatever the plan
     scores: dict[str, dict[str, float]]  # method -> unit -> score (higher = more sensitive)
+    calibration: CalibrationSummary
     oracle: dict[str, float] | None = None
     spearman: dict[str, float] = field(default_factory=dict)  # method -> rank correlation with the oracle
     cost_fpe: dict[str, float] = field(default_factory=dict)  # method -> cost in forward-pass equivalents
     seconds: dict[str, float] = field(default_factory=dict)  # method (and "forward", "setup") -> wall seconds
     base_loss: float | None = None
-    calibration: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     hot_rows: dict[str, list[int]] = field(default_factory=dict)  # table -> rows kept at 8 bits when at 4
 
@@ -117,35 +135,36 @@ def check_options(options: AnalysisOptions, methods: tuple[str, ...] = ()) -> No
     check_block_size(options.block_size)
 
 
-def _param_counts(model: torch.nn.Module, graph: LayerGraph, units: dict) -> tuple[dict[str, int], int]:
+def _param_counts(model: torch.nn.Module, graph: LayerGraph,
+                  units: dict[str, list[Layer]]) -> tuple[dict[str, int], int]:
     unit_params = {unit: sum(layer.num_params for layer in layers) for unit, layers in units.items()}
     quantizable = {id(model.get_submodule(layer.name).weight) for layers in units.values() for layer in layers}
     other = sum(p.numel() for p in model.parameters() if id(p) not in quantizable)
     return unit_params, other
 
 
-def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, validate: bool = False,
-            progress: bool = True, forward_repeats: int = 3) -> AnalysisResult:
+def analyze(loaded: LoadedModel, graph: LayerGraph, methods: Iterable[str], options: AnalysisOptions,
+            validate: bool = False, progress: bool = True, forward_repeats: int = 3) -> AnalysisResult:
     """Score every allocation unit of `loaded` (a LoadedModel) with each method; the oracle too when validating.
 
     The FPE unit is the median of `forward_repeats` plain forward passes: 3 where costs are compared
     (analyze, bench), 1 in an export, which only reports its cost.
     """
-    methods = tuple(dict.fromkeys(methods))
-    check_options(options, methods)
+    wanted = tuple(dict.fromkeys(methods))
+    check_options(options, wanted)
     model = loaded.model
     model.eval()
     units = allocation_units(graph, options.granularity)
     unit_params, other_params = _param_counts(model, graph, units)
-    calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
-                              options.seed)
+    calib = calibration_for(loaded, options)
+    summary = CalibrationSummary(source=calib.source, samples=calib.num_samples, tokens=calib.num_tokens,
+                                 seq_len=calib.seq_len, seed=options.seed)
+    if loaded.task in LM_TASKS:
+        summary["lm_loss"] = options.lm_loss
     result = AnalysisResult(
         task=loaded.task, granularity=options.granularity,
         units={unit: [layer.name for layer in layers] for unit, layers in units.items()},
-        unit_params=unit_params, non_quantizable_params=other_params, scores={},
-        calibration={"source": calib.source, "samples": calib.num_samples, "tokens": calib.num_tokens,
-                     "seq_len": calib.seq_len, "seed": options.seed,
-                     **({"lm_loss": options.lm_loss} if loaded.task in LM_TASKS else {})},
+        unit_params=unit_params, non_quantizable_params=other_params, scores={}, calibration=summary,
     )
     if options.hot_rows and 4 in options.bit_widths:
         result.hot_rows = hot_rows(model, graph, calib, tokenized=loaded.tokenizer is not None)
@@ -160,10 +179,10 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     start = time.perf_counter()
     # TDMPQ's Gauss-Newton curvature reads the model's own output; only the other passes (and
     # Hutchinson's true Hessian) need the FP32 references of a reference-based loss.
-    needs_references = "oracle" in methods or validate or options.curvature == "hutchinson"
+    needs_references = "oracle" in wanted or validate or options.curvature == "hutchinson"
     loss = TaskLoss(loaded, calib, options.seed, references=needs_references, lm_objective=options.lm_loss)
     reference_seconds = time.perf_counter() - start
-    needs_base = "oracle" in methods or validate
+    needs_base = "oracle" in wanted or validate
     start = time.perf_counter()
     # The unchanged pass: base loss, and the block outputs the oracle replays (PMPQ replays its own subset).
     replay = BlockReplay(model, graph, loss, options.granularity) if needs_base else None
@@ -171,7 +190,7 @@ def analyze(loaded, graph: LayerGraph, methods, options: AnalysisOptions, valida
     base_seconds = time.perf_counter() - start
     result.seconds["setup"] = reference_seconds + base_seconds
 
-    run_order = [m for m in METHODS if m in methods or (m == "oracle" and validate)]
+    run_order = [m for m in METHODS if m in wanted or (m == "oracle" and validate)]
     pause_point("analysis")  # tests: stop mid-analysis (CPTQ_TEST_PAUSE_AT=analysis)
     for method in run_order:
         start = time.perf_counter()
@@ -221,7 +240,7 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     hot_rows = hot_rows or {}
     check_options(options)
     units = allocation_units(graph, options.granularity)
-    unit_scores = {}
+    unit_scores: dict[str, float] = {}
     for unit, layers in units.items():
         if unit in scores:
             unit_scores[unit] = _significant(float(scores[unit]))
@@ -243,7 +262,7 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     # Measured from the FP32 export when the exporter annotated the graph; else biases and norms in FP32.
     fixed_bytes = (graph.fixed_bytes if graph.fixed_bytes is not None
                    else FIXED_PARAM_BYTES * non_quantizable_params)
-    budget = None
+    budget: dict[str, float | None] | None = None
     centres: list[float] = []
     if options.target_bits is not None or options.max_size_mb is not None:
         unit_bits = budget_bits(unit_scores, unit_params, options.bit_widths, target_bits=options.target_bits,
@@ -255,12 +274,12 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         unit_bits, centres = cluster_bits(unit_scores, options.bit_widths, options.seed)
     total = sum(unit_params.values())
     average_bits = sum(unit_params[u] * unit_bits[u] for u in units) / total if total else 0.0
-    layers = {}
+    layer_plans: dict[str, LayerPlan] = {}
     for layer in graph.layers:
         unit = unit_of(graph, layer, options.granularity)
-        layers[layer.name] = LayerPlan(bits=unit_bits[unit], block_size=options.block_size, symmetric=True,
-                                       score=unit_scores[unit])
-    meta = {
+        layer_plans[layer.name] = LayerPlan(bits=unit_bits[unit], block_size=options.block_size, symmetric=True,
+                                            score=unit_scores[unit])
+    meta: dict[str, Any] = {
         "granularity": options.granularity,
         "bit_widths": sorted(set(options.bit_widths), reverse=True),
         "seed": options.seed,
@@ -270,5 +289,5 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
         "average_bits": _significant(average_bits),
         "unit_scores": unit_scores,
     }
-    plan = Plan(layers=layers, method=method, model=model_name, clip=options.clip, meta=meta)
+    plan = Plan(layers=layer_plans, method=method, model=model_name, clip=options.clip, meta=meta)
     return with_hot_rows(apply_zero_points(plan, options.zero_points), hot_rows)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import CptqError
 from ..plan import symmetric_for
@@ -28,40 +29,41 @@ MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
 FIXED_PARAM_BYTES = 4  # biases and norms stay FP32 in the export
 
 
-def khm_cluster(values: np.ndarray, k: int, p: float = KHM_P, seed: int = 0,
-                max_iter: int = 200) -> tuple[np.ndarray, np.ndarray]:
+def khm_cluster(values: npt.ArrayLike, k: int, p: float = KHM_P, seed: int = 0,
+                max_iter: int = 200) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.intp]]:
     """1-D k-harmonic means. Returns (centres sorted high to low, rank of each value's cluster: 0 = highest)."""
-    values = np.asarray(values, dtype=np.float64)
-    distinct = np.unique(values)
+    points = np.asarray(values, dtype=np.float64)
+    distinct = np.unique(points)
     if len(distinct) <= k:
         # As many clusters as distinct values (duplicates share one): nothing to optimise.
         centres = distinct[::-1]
-        return centres, np.array([int(np.flatnonzero(centres == v)[0]) for v in values])
+        return centres, np.array([int(np.flatnonzero(centres == v)[0]) for v in points])
     span = float(distinct[-1] - distinct[0])
     # Deterministic start: evenly spaced quantiles, nudged by a seeded jitter far below the data's spread.
-    centres = np.quantile(values, (np.arange(k) + 0.5) / k)
+    centres = np.quantile(points, (np.arange(k) + 0.5) / k)
     centres = centres + np.random.default_rng(seed).uniform(-1e-6, 1e-6, k) * span
     floor = 1e-9 * span  # a point sitting on a centre would divide by zero
     for _ in range(max_iter):
-        distance = np.maximum(np.abs(values[:, None] - centres[None, :]), floor)
+        distance = np.maximum(np.abs(points[:, None] - centres[None, :]), floor)
         # KHM update: m_j = Σ_i q_ij x_i / Σ_i q_ij with q_ij = d_ij^-(p+2) / (Σ_l d_il^-p)^2
         q = distance ** -(p + 2) / (distance ** -p).sum(1, keepdims=True) ** 2
-        updated = (q * values[:, None]).sum(0) / q.sum(0)
+        updated = (q * points[:, None]).sum(0) / q.sum(0)
         if np.max(np.abs(updated - centres)) <= 1e-12 * span:
             centres = updated
             break
         centres = updated
     centres = np.sort(centres)[::-1]
     # Hard assignment: nearest centre; on a tie the higher centre (more bits) wins.
-    labels = np.argmin(np.abs(values[:, None] - centres[None, :]), axis=1)
+    labels = np.argmin(np.abs(points[:, None] - centres[None, :]), axis=1)
     return centres, labels
 
 
-def log_scale(scores: np.ndarray) -> np.ndarray:
+def log_scale(scores: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     """log10 of the scores, with zero or negative ones clamped just below the smallest positive one."""
     positive = scores[scores > 0]
     floor = positive.min() / 10 if len(positive) else 1.0
-    return np.log10(np.maximum(scores, floor))
+    logs: npt.NDArray[np.float64] = np.log10(np.maximum(scores, floor))
+    return logs
 
 
 def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: int = 0) -> tuple[dict[str, int], list[float]]:
@@ -119,12 +121,16 @@ def budget_bits(scores: dict[str, float], params: dict[str, int], bit_widths: tu
 
         budget = target_bits * total
         unit = "bits"
-    else:
+    elif max_size_mb is not None and weights is not None:
+        shapes = weights
+
         def cost(name: str, bits: int) -> float:
-            return unit_bytes(weights[name], bits, block_size, zero_points, weight_format)
+            return unit_bytes(shapes[name], bits, block_size, zero_points, weight_format)
 
         budget = max_size_mb * MB - fixed_bytes
         unit = "bytes"
+    else:
+        raise ValueError("a budget needs target_bits or max_size_mb")
     chosen = {name: widths[0] for name in names}
     spent = sum(cost(n, chosen[n]) for n in names)
     if spent > budget * (1 + 1e-12):

@@ -12,28 +12,19 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from ..layer_graph import LayerGraph, block_container
-from .common import allocation_units, weight_param
+from .common import allocation_units, transformer_blocks, weight_param
 from .task_loss import TaskLoss
 
 DEFAULT_BUDGET_FRACTION = 0.5
 
 
-def _tensor_bytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(v) for v in value)
-    return 0
-
-
 @contextlib.contextmanager
-def replaying(blocks: list, saved_output: Callable[[], Any]) -> Iterator[None]:
+def replaying(blocks: Sequence[torch.nn.Module], saved_output: Callable[[], object]) -> Iterator[None]:
     """`blocks` (the first blocks of the stack) return `saved_output()` without computing: the model's next
     block gets the output the unchanged model computed for the batch in flight (also GPTQ's block-by-block
     Hessians, hessian.BlockwiseHessians)."""
@@ -50,15 +41,16 @@ class BlockReplay:
     """The base loss, plus `evaluate_unit(unit)`: the loss with only the unit's blocks onward recomputed."""
 
     def __init__(self, model: torch.nn.Module, graph: LayerGraph, loss: TaskLoss, granularity: str,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None) -> None:
         self.model, self.loss = model, loss
-        container = block_container(model)
-        self.blocks = list(model.get_submodule(container)) if container and graph.num_blocks else []
+        self.blocks = transformer_blocks(model, block_container(model) if graph.num_blocks else None)
         if budget_bytes is None:
             budget_bytes = int(DEFAULT_BUDGET_FRACTION * sum(p.numel() * p.element_size() for p in model.parameters()))
         self.kept = self._blocks_within(budget_bytes)
-        self.outputs: dict[int, list] = {j: [] for j in self.kept}  # block -> its output per batch
+        # block -> its output per batch, as the block returned it (a tensor, or a tuple starting with one)
+        self.outputs: dict[int, list[object]] = {j: [] for j in self.kept}
         self.batch = 0
+        self.base_loss: float  # set by the base pass
         self.unit_start = self._base_pass(graph, granularity)
 
     def _blocks_within(self, budget_bytes: int) -> list[int]:
@@ -77,15 +69,15 @@ class BlockReplay:
     @torch.no_grad()
     def _base_pass(self, graph: LayerGraph, granularity: str) -> dict[str, int]:
         """Run the unchanged model once: base loss, kept outputs, and the order things first happen in."""
-        events: dict[tuple, int] = {}  # ("use", id(module)) / ("end", block) -> position in the first batch
+        events: dict[tuple[str, int], int] = {}  # ("use", id(module)) / ("end", block) -> position in the first batch
 
-        def note(key):
+        def note(key: tuple[str, int]) -> None:
             events.setdefault(key, len(events))
 
         layer_modules = {layer.name: self.model.get_submodule(layer.name) for layer in graph.layers}
         handles = [m.register_forward_pre_hook(lambda m, _args: note(("use", id(m)))) for m in layer_modules.values()]
         for j, block in enumerate(self.blocks):
-            def after_block(_module, _args, output, j=j):
+            def after_block(_module: torch.nn.Module, _args: tuple[object, ...], output: object, j: int = j) -> None:
                 note(("end", j))
                 if j in self.outputs:
                     self.outputs[j].append(output)
@@ -103,7 +95,7 @@ class BlockReplay:
             if position is not None:
                 param = weight_param(self.model, layer)
                 first_use[param] = min(position, first_use.get(param, position))
-        starts = {}
+        starts: dict[str, int] = {}
         for unit, layers in allocation_units(graph, granularity).items():
             uses = [first_use[p] for p in (weight_param(self.model, layer) for layer in layers) if p in first_use]
             begin = min(uses, default=-1)
@@ -111,7 +103,7 @@ class BlockReplay:
             starts[unit] = max(replayable, default=-1)
         return starts
 
-    def _replaying(self, last: int):
+    def _replaying(self, last: int) -> contextlib.AbstractContextManager[None]:
         """Blocks 0..last return the kept output of block `last` for the current batch, without computing."""
         return replaying(self.blocks[: last + 1], lambda: self.outputs[last][self.batch])
 

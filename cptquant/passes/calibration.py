@@ -10,11 +10,13 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
 from ..corpus import calibration_sentences
 from ..errors import CptqError
+from ..model_loading import LoadedModel
 
 MIN_SAMPLES = 8
 MIN_SEQ_LEN = 8
@@ -29,7 +31,7 @@ class CalibrationSet:
     batches: list[dict[str, torch.Tensor]]  # each: input_ids, attention_mask ([B, T], right-padded)
     source: str
     seq_len: int
-    meta: dict = field(default_factory=dict)
+    meta: dict[str, int] = field(default_factory=dict)  # samples, seed; a subset's: subset_of
 
     @property
     def num_samples(self) -> int:
@@ -40,7 +42,17 @@ class CalibrationSet:
         return sum(int(b["attention_mask"].sum()) for b in self.batches)
 
 
-def max_positions(config) -> int | None:
+class CalibrationSpec(Protocol):
+    """Which calibration text, and how much of it (AnalysisOptions has these fields)."""
+
+    calib: str | None
+    text_field: str
+    calib_samples: int
+    seq_len: int
+    seed: int
+
+
+def max_positions(config: object) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "n_ctx"):
         value = getattr(config, attr, None)
         if isinstance(value, int) and value > 0:
@@ -111,7 +123,9 @@ def _texts_from_hub(spec: str, text_field: str) -> list[str]:
 
 def _offline_corpus_texts(seq_len: int) -> list[str]:
     """Consecutive corpus sentences packed into samples of about `seq_len` tokens (words * 1.3)."""
-    samples, current, words = [], [], 0
+    samples: list[str] = []
+    current: list[str] = []
+    words = 0
     for sentence in calibration_sentences():  # never the held-out evaluation sentences
         current.append(sentence)
         words += len(sentence.split())
@@ -167,7 +181,7 @@ def _batched(rows: list[list[int]], pad_id: int) -> list[dict[str, torch.Tensor]
     return [_pad(rows[i : i + BATCH_SIZE], pad_id) for i in range(0, len(rows), BATCH_SIZE)]
 
 
-def build_calibration(loaded, calib: str | None = None, text_field: str = "text", samples: int = 64,
+def build_calibration(loaded: LoadedModel, calib: str | None = None, text_field: str = "text", samples: int = 64,
                       seq_len: int = 128, seed: int = 0) -> CalibrationSet:
     """Tokenized calibration batches for `loaded` (a LoadedModel); deterministic for a given seed."""
     if samples < MIN_SAMPLES:
@@ -185,7 +199,7 @@ def build_calibration(loaded, calib: str | None = None, text_field: str = "text"
         if calib is not None:
             raise CptqError("this model has no tokenizer, so --calib text cannot be tokenized")
         gen = torch.Generator().manual_seed(seed)
-        rows = []
+        rows: list[list[int]] = []
         for _ in range(samples):
             length = rng.randint(max(2, seq_len // 2), seq_len)
             rows.append(torch.randint(0, vocab, (length,), generator=gen).tolist())
@@ -203,6 +217,11 @@ def build_calibration(loaded, calib: str | None = None, text_field: str = "text"
     rows = rows[:samples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return CalibrationSet(_batched(rows, pad_id), source, seq_len, {"samples": len(rows), "seed": seed})
+
+
+def calibration_for(loaded: LoadedModel, spec: CalibrationSpec) -> CalibrationSet:
+    """`build_calibration` with the text and amounts that `spec` (AnalysisOptions) names."""
+    return build_calibration(loaded, spec.calib, spec.text_field, spec.calib_samples, spec.seq_len, spec.seed)
 
 
 def calibration_subset(calib: CalibrationSet, fraction: float) -> CalibrationSet:

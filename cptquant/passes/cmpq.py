@@ -27,132 +27,38 @@ the blocks after it, and whether rounding raises or lowers the loss (docs/ARCHIT
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph, block_container
 from .calibration import CalibrationSet, calibration_subset
-from .common import allocation_units, forward_options, progress_bar, quantized_weight, replaced_weights, \
-    unit_of, weight_param
+from .common import (
+    allocation_units,
+    forward_options,
+    progress_bar,
+    quantized_weight,
+    replaced_weights,
+    transformer_blocks,
+    unit_of,
+    weight_param,
+)
+from .similarity import PairAccumulator
 
-CCA_VARIANTS = ("cka", "cca", "svcca", "pwcca")
 BITS = 4  # the width the allocator weighs every other width against (damage(b) = score·4^(4−b))
 SAMPLE_FRACTION = 1 / 8  # of the calibration samples; one block re-run per layer makes each sample ~8 forwards
-PROJECTION_DIM = 128  # wider outputs are sketched to this many features, the same projection on both sides
-MAX_COMPONENTS = 32
-SVCCA_VARIANCE = 0.99
-EIGEN_FLOOR = 1e-9  # principal components below this fraction of the largest are numerical noise
 
 
-class PairAccumulator:
-    """Running float64 sums for the joint covariance of an output y and its change e = y_quantized - y."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self.projection: torch.Tensor | None = None
-        self.n = 0
-        self.sums: list[torch.Tensor] | None = None
-
-    def projection_for(self, width: int) -> torch.Tensor | None:
-        """The fixed sketch of outputs `width` wide (None when narrow enough to keep whole)."""
-        if width > PROJECTION_DIM and self.projection is None:
-            gen = torch.Generator().manual_seed(self.seed)
-            self.projection = torch.randn(width, PROJECTION_DIM, generator=gen) / math.sqrt(PROJECTION_DIM)
-        return self.projection if width > PROJECTION_DIM else None
-
-    def add(self, y: torch.Tensor, e: torch.Tensor, sketched: bool = False) -> None:
-        y, e = y.float(), e.float()
-        projection = None if sketched else self.projection_for(y.shape[1])
-        if projection is not None:
-            y, e = y @ projection, e @ projection
-        terms = [t.double() for t in (y.sum(0), e.sum(0), y.T @ y, y.T @ e, e.T @ e)]
-        self.sums = terms if self.sums is None else [a + b for a, b in zip(self.sums, terms)]
-        self.n += y.shape[0]
-
-    def score(self, variant: str) -> float:
-        if not self.n:
-            return 0.0
-        # Second moments, not covariances: a quantization error that shifts every token alike (BERT's
-        # one-row token-type table) is invisible once means are removed, yet it is among the most harmful.
-        cyy, cye, cee = (t / self.n for t in self.sums[2:])
-        # The quantized output q = y + e: its second moment and its cross-moment with y.
-        cyq, cqq = cyy + cye, cyy + cye + cye.T + cee
-        if variant == "cka":
-            return linear_cka_distance(cyy, cyq, cqq)
-        return canonical_score(cyy, cyq, cqq, self.n, variant)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Small eigenproblems: with several threads on a busy machine each took 50x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def linear_cka_distance(cyy: torch.Tensor, cyq: torch.Tensor, cqq: torch.Tensor) -> float:
-    """1 - linear CKA of y and q from their (uncentred) feature moments: 1 - |Y'Q|^2 / (|Y'Y| |Q'Q|)."""
-    denominator = float(cyy.norm() * cqq.norm())
-    if denominator <= 0:
-        return 0.0  # a constant-zero output has nothing to lose
-    return float(1.0 - (cyq * cyq).sum() / denominator)
-
-
-def _principal(cov: torch.Tensor, n_rows: int, variant: str) -> torch.Tensor:
-    """The top principal directions of the FP32 output (columns), at most MAX_COMPONENTS and n_rows / 4."""
-    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
-    values, vectors = values.flip(0).clamp_min(0.0), vectors.flip(1)
-    if values[0] <= 0:
-        return vectors[:, :0]
-    k = min(MAX_COMPONENTS, max(1, n_rows // 4), int((values > values[0] * EIGEN_FLOOR).sum()))
-    if variant == "svcca":
-        explained = torch.cumsum(values, 0) / values.sum()
-        k = min(k, int(torch.searchsorted(explained, torch.tensor(SVCCA_VARIANCE, dtype=values.dtype))) + 1)
-    return vectors[:, :k]
-
-
-def _whitener(cov: torch.Tensor) -> torch.Tensor:
-    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
-    keep = values > values.max() * EIGEN_FLOOR
-    return vectors[:, keep] / values[keep].sqrt()
-
-
-def canonical_score(cyy: torch.Tensor, cyq: torch.Tensor, cqq: torch.Tensor, n_rows: int, variant: str) -> float:
-    """1 - mean canonical correlation of y and q within y's top principal subspace (PWCCA: weighted).
-
-    Both sides are projected on the same principal directions, those of the FP32 output: with a
-    basis of its own for q, nearly equal eigenvalues let the two bases turn against each other, and
-    that mismatch, not the quantization error, dominated 1 - rho (Spearman against the oracle swung
-    between 0.56 and 0.88 with the number of components on MiniLM; shared, 0.77-0.84).
-    """
-    with _one_thread():
-        basis = _principal(cyy, n_rows, variant)
-        if not basis.shape[1]:
-            return 0.0  # a constant output has nothing to lose
-        a, c, b = (basis.T @ m @ basis for m in (cyy, cyq, cqq))
-        wa, wb = _whitener(a), _whitener(b)
-        left, rho, _ = torch.linalg.svd(wa.T @ c @ wb, full_matrices=False)
-        rho = rho.clamp(0.0, 1.0)
-        if variant != "pwcca":
-            return float(1.0 - rho.mean())
-        # PWCCA: weight each canonical pair by how much of y projects on its variate.
-        loadings = (a @ (wa @ left)).abs().sum(0)
-        weights = loadings / loadings.sum()
-        return float(1.0 - (weights * rho).sum())
-
-
-def _first_tensor(value) -> torch.Tensor | None:
+def _first_tensor(value: object) -> torch.Tensor:
+    """A block's hidden-state output: the tensor itself, or the first item of its tuple."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    return None
+    raise TypeError(f"a block returned {type(value).__name__}, not its hidden states")
 
 
 class _Batch:
@@ -173,7 +79,7 @@ class _Batch:
 
 def _quantized(model: torch.nn.Module, layers: list[Layer], block_size: int, clip: str,
                hot_rows: dict[str, list[int]]) -> dict[torch.nn.Parameter, torch.Tensor]:
-    new = {}
+    new: dict[torch.nn.Parameter, torch.Tensor] = {}
     for layer in layers:
         param = weight_param(model, layer)
         if param not in new:
@@ -194,8 +100,19 @@ class _Stop(Exception):
     """Raised once the first block's input is known: the rest of the forward pass is not needed."""
 
 
-def _hidden_states(args, kwargs) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
+def _hidden_states(args: tuple[object, ...], kwargs: dict[str, object]) -> torch.Tensor:
+    hidden = args[0] if args else kwargs["hidden_states"]
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"a block's hidden states are a {type(hidden).__name__}, not a tensor")
+    return hidden
+
+
+class _Sketch(NamedTuple):
+    """A wide linear layer's weight, bias and 4-bit change, each times the projection P: [in, PROJECTION_DIM]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    delta: torch.Tensor
 
 
 def cmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, granularity: str = "layer",
@@ -225,8 +142,7 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
     """One forward pass over a calibration subset; each block re-run once per unit inside it."""
     hot_rows = hot_rows or {}
     units = allocation_units(graph, granularity)
-    container = block_container(model) if graph.num_blocks else None
-    blocks = list(model.get_submodule(container)) if container else []
+    blocks = transformer_blocks(model, block_container(model) if graph.num_blocks else None)
     in_block: dict[int, list[str]] = {}
     front: list[str] = []  # embedding units: measured at the first block's input, where they are combined
     outside: list[Layer] = []  # the rest, and tied heads: measured at their own output
@@ -242,13 +158,13 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
             outside.append(layer)  # a tied LM head: its own damage at the logits, added to its embedding's
     accumulators: dict[str, PairAccumulator] = {}  # per unit, or per outside layer
     batch = _Batch()
-    handles = []
+    handles: list[RemovableHandle] = []
 
     def accumulator(key: str) -> PairAccumulator:
         return accumulators.setdefault(key, PairAccumulator(seed + len(accumulators)))
 
     def watch_block(index: int, block_units: list[str]) -> None:
-        def hook(block, args, kwargs, output):
+        def hook(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
             reference = batch.rows(_first_tensor(output))
             for unit in block_units:
                 with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):
@@ -256,13 +172,13 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
                 accumulator(unit).add(reference, changed - reference)
         handles.append(blocks[index].register_forward_hook(hook, with_kwargs=True))
 
-    sketches: dict[str, tuple] = {}  # wide linear layer -> (W'P, b'P, delta'P), computed once
+    sketches: dict[str, _Sketch] = {}  # wide linear layer -> (W'P, b'P, delta'P), computed once
 
     def watch_layer(layer: Layer) -> None:
         module = model.get_submodule(layer.name)
         owner = graph[layer.tied_to] if layer.tied_to else layer
 
-        def hook(_module, args, output):
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             acc = accumulator(layer.name)
             param = weight_param(model, owner)
             projection = acc.projection_for(output.shape[-1]) if layer.role != ROLE_EMBEDDING else None
@@ -277,8 +193,9 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
                 as_in_out = (param.detach() if layer.role == ROLE_CONV1D else param.detach().T)  # [in, out]
                 delta_in_out = delta if layer.role == ROLE_CONV1D else delta.T
                 bias = getattr(module, "bias", None)
-                sketches[layer.name] = (as_in_out @ projection, None if bias is None else bias.detach() @ projection,
-                                        delta_in_out @ projection)
+                sketches[layer.name] = _Sketch(as_in_out @ projection,
+                                               None if bias is None else bias.detach() @ projection,
+                                               delta_in_out @ projection)
             weight_p, bias_p, delta_p = sketches[layer.name]
             x = batch.rows(args[0])
             y = x @ weight_p + (bias_p if bias_p is not None else 0)
@@ -287,7 +204,7 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
 
     first_input: list[torch.Tensor] = []
 
-    def record_first_input(_block, args, kwargs):
+    def record_first_input(_block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
         first_input.append(batch.rows(_hidden_states(args, kwargs)))
         if batch.stop_after_front:
             raise _Stop

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +15,10 @@ from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 from ..plan import HOT_ROW_BITS
 from ..quant.quantize import fake_quantize
 from ..quant.storage import WeightShape
+from .calibration import CalibrationSet
+
+if TYPE_CHECKING:  # rich is imported when a bar is made: `import cptquant` stays quick
+    from rich.progress import Progress
 
 GRANULARITIES = ("layer", "block")
 
@@ -57,7 +63,20 @@ def stored_weight_shape(graph: LayerGraph, layer: Layer, hot_rows: dict[str, lis
 
 
 def weight_param(model: torch.nn.Module, layer: Layer) -> torch.nn.Parameter:
-    return model.get_submodule(layer.name).weight
+    weight = model.get_submodule(layer.name).weight
+    if not isinstance(weight, torch.nn.Parameter):  # the layer graph holds Linear, Conv1D and Embedding only
+        raise TypeError(f"{layer.name}.weight is a {type(weight).__name__}, not a parameter")
+    return weight
+
+
+def transformer_blocks(model: torch.nn.Module, container: str | None) -> list[torch.nn.Module]:
+    """The blocks of the ModuleList named `container` (layer_graph.block_container), in order; none for None."""
+    if container is None:
+        return []
+    blocks = model.get_submodule(container)
+    if not isinstance(blocks, torch.nn.ModuleList):  # block_container() names only a ModuleList
+        raise TypeError(f"{container} is a {type(blocks).__name__}, not a list of blocks")
+    return list(blocks)
 
 
 def fitting_block_size(in_features: int, block_size: int) -> int:
@@ -101,7 +120,7 @@ def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size
 
 
 @contextlib.contextmanager
-def restored_afterwards(params):
+def restored_afterwards(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Whatever happens to `params` inside comes undone: the originals come back bit for bit."""
     saved = {param: param.detach().clone() for param in params}
     try:
@@ -113,7 +132,8 @@ def restored_afterwards(params):
 
 
 @contextlib.contextmanager
-def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter, torch.Tensor]):
+def replaced_weights(model: torch.nn.Module,
+                     new_values: Mapping[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
     """Temporarily overwrite parameters in place; the originals come back bit for bit."""
     with restored_afterwards(new_values):
         with torch.no_grad():
@@ -122,13 +142,13 @@ def replaced_weights(model: torch.nn.Module, new_values: dict[torch.nn.Parameter
         yield
 
 
-def forward_options(model: torch.nn.Module) -> dict:
+def forward_options(model: torch.nn.Module) -> dict[str, bool]:
     """Keyword arguments for a plain scoring forward pass: no KV cache where the model would build one."""
     return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
 
 
 @torch.no_grad()
-def time_forward(model: torch.nn.Module, calib, repeats: int = 3) -> float:
+def time_forward(model: torch.nn.Module, calib: CalibrationSet, repeats: int = 3) -> float:
     """Seconds for one plain forward pass over the calibration set: the unit of cost (1 FPE).
 
     The median of `repeats` passes: one pass slowed by another process would make every cost look small.
@@ -144,7 +164,7 @@ def time_forward(model: torch.nn.Module, calib, repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def progress_bar(enabled: bool):
+def progress_bar(enabled: bool) -> Progress:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -13,16 +13,23 @@ export costs one forward pass and holds one block's Hessians plus one block's ou
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, block_container
-from .calibration import CalibrationSet
+from ..model_loading import LoadedModel
 from .block_replay import replaying
-from .common import forward_options, progress_bar
+from .calibration import CalibrationSet
+from .common import forward_options, progress_bar, transformer_blocks
+
+Hessian = npt.NDArray[np.float64]  # [K, K], K the layer's input size
 
 
 class _HessianAccumulator:
@@ -34,8 +41,11 @@ class _HessianAccumulator:
         self.sum = gram.double() if self.sum is None else self.sum + gram
         self.tokens += tokens
 
-    def hessian(self) -> np.ndarray:
-        return (self.sum / self.tokens).cpu().numpy()
+    def hessian(self) -> Hessian:
+        if self.sum is None:
+            raise ValueError("no input was accumulated")  # _finished() reports such layers first
+        hessian: Hessian = (self.sum / self.tokens).cpu().numpy()
+        return hessian
 
 
 def _real_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -51,8 +61,10 @@ class _BlockDone(Exception):
     """Raised after the last block a pass needs: the rest of the model does not run."""
 
 
-def _hooked_forward(model, calib: CalibrationSet, handles: list, mask_in_flight: list, label: str, progress: bool,
-                    after_batch=None, before_batch=None, options: dict | None = None) -> None:
+def _hooked_forward(model: torch.nn.Module, calib: CalibrationSet, handles: list[RemovableHandle],
+                    mask_in_flight: list[torch.Tensor], label: str, progress: bool,
+                    after_batch: Callable[[], None] | None = None, before_batch: Callable[[int], None] | None = None,
+                    options: dict[str, bool] | None = None) -> None:
     """One no-grad pass over the calibration set for hooks that read the batch's mask; removes the hooks.
     `before_batch(index)` runs before each batch; a hook may end a batch early by raising _BlockDone."""
     device = next(model.parameters()).device
@@ -76,8 +88,8 @@ def _hooked_forward(model, calib: CalibrationSet, handles: list, mask_in_flight:
             handle.remove()
 
 
-def collect_hessians(loaded, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
-                     progress: bool = True) -> dict[str, np.ndarray]:
+def collect_hessians(loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
+                     progress: bool = True) -> dict[str, Hessian]:
     """Hessians [K, K] (float64, normalised by the number of real tokens) keyed by layer name, all at once.
 
     Embedding layers in `layer_names` are left out of the result. A tied LM head is hooked like
@@ -88,43 +100,75 @@ def collect_hessians(loaded, graph: LayerGraph, calib: CalibrationSet, layer_nam
     return _finished(accumulators)
 
 
-def _finished(accumulators: dict[str, _HessianAccumulator]) -> dict[str, np.ndarray]:
+def _finished(accumulators: dict[str, _HessianAccumulator]) -> dict[str, Hessian]:
     missing = [name for name, acc in accumulators.items() if acc.tokens == 0]
     if missing:
         raise CptqError(f"no calibration input reached these layers, so GPTQ has no Hessian: {', '.join(missing)}")
     return {name: acc.hessian() for name, acc in accumulators.items()}
 
 
-def _hooks(model, graph: LayerGraph, layer_names: list[str]):
+@dataclass
+class _LastInput:
+    """The input the last hooked layer read, and its xᵀx over real tokens.
+
+    q/k/v (and gate/up) read the same tensor: its xᵀx is computed once per call chain. Holding a
+    reference to the last input keeps the identity test sound (the tensor cannot be freed and reused).
+    """
+
+    x: torch.Tensor | None = None
+    gram: torch.Tensor | None = None
+    tokens: int = 0
+
+    def reset(self) -> None:
+        self.x, self.gram = None, None
+
+
+# A forward pre-hook registered with_kwargs=True: (module, args, kwargs).
+_PreHook = Callable[[torch.nn.Module, tuple[object, ...], dict[str, object]], None]
+
+
+def _layer_input(args: tuple[object, ...], kwargs: dict[str, object]) -> object:
+    return args[0] if args else kwargs.get("input", kwargs.get("x"))
+
+
+class _Hooks(NamedTuple):
     """An accumulator and a pre-hook per non-embedding layer; the mask slot the forward fills; the reset to
     call after each batch."""
+
+    accumulators: dict[str, _HessianAccumulator]
+    handles: list[RemovableHandle]
+    mask_in_flight: list[torch.Tensor]
+    reset: Callable[[], None]
+
+
+def _hooks(model: torch.nn.Module, graph: LayerGraph, layer_names: list[str]) -> _Hooks:
     accumulators: dict[str, _HessianAccumulator] = {}
     mask_in_flight: list[torch.Tensor] = []
-    # q/k/v (and gate/up) read the same tensor: its xᵀx is computed once per call chain. Holding a
-    # reference to the last input keeps the identity test sound (the tensor cannot be freed and reused).
-    last: dict = {"x": None, "gram": None, "tokens": 0}
+    last = _LastInput()
 
-    def hook_for(acc: _HessianAccumulator):
-        def hook(_module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+    def hook_for(acc: _HessianAccumulator) -> _PreHook:
+        def hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            x = _layer_input(args, kwargs)
             if not isinstance(x, torch.Tensor):
                 return
-            if x is not last["x"]:
+            gram, tokens = last.gram, last.tokens
+            if x is not last.x or gram is None:
                 rows = _real_rows(x, mask_in_flight[0]).float()
                 # float32 product per batch (fast), float64 running sum across batches.
-                last.update(x=x, gram=rows.T @ rows, tokens=rows.shape[0])
-            acc.add(last["gram"], last["tokens"])
+                gram, tokens = rows.T @ rows, rows.shape[0]
+                last.x, last.gram, last.tokens = x, gram, tokens
+            acc.add(gram, tokens)
 
         return hook
 
-    handles = []
+    handles: list[RemovableHandle] = []
     for name in layer_names:
         layer = graph[name]
         if layer.role == ROLE_EMBEDDING:
             continue
         acc = accumulators[name] = _HessianAccumulator()
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(acc), with_kwargs=True))
-    return accumulators, handles, mask_in_flight, lambda: last.update(x=None, gram=None)
+    return _Hooks(accumulators, handles, mask_in_flight, last.reset)
 
 
 class BlockwiseHessians(Mapping[str, np.ndarray]):
@@ -137,24 +181,24 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
     in the layer map's order, which is the blocks' order).
     """
 
-    def __init__(self, loaded, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
-                 progress: bool = True):
+    def __init__(self, loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
+                 progress: bool = True) -> None:
         self.model, self.graph, self.calib, self.progress = loaded.model, graph, calib, progress
         container = block_container(self.model)
-        self.blocks = list(self.model.get_submodule(container)) if container and graph.num_blocks else []
+        self.blocks = transformer_blocks(self.model, container if graph.num_blocks else None)
         self.tail = len(self.blocks)
         names = [name for name in layer_names if graph[name].role != ROLE_EMBEDDING]
         self.phase = {name: self._phase_of(name, container) for name in names}
-        self.held: dict[str, np.ndarray] = {}
+        self.held: dict[str, Hessian] = {}
         self.position = -1  # the last block whose outputs are saved
-        self.saved: list = []  # its output for each calibration batch
+        self.saved: list[object] = []  # its output for each calibration batch, as the block returned it
 
     def _phase_of(self, name: str, container: str | None) -> int:
         block = self.graph[name].block
         inside = container is not None and name.startswith(container + ".")
         return block if block is not None and inside and block < self.tail else self.tail
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> Hessian:
         if name not in self.phase:
             raise KeyError(name)
         if name not in self.held:
@@ -174,9 +218,9 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
         wanted = [name for name, p in self.phase.items() if p == phase]
         self.held = {}  # the previous phase's Hessians go before this phase's are made
         accumulators, handles, mask_in_flight, reset = _hooks(self.model, self.graph, wanted)
-        outputs: list = []
+        outputs: list[object] = []
         if phase < self.tail:
-            def stop_after(_module, _args, output):
+            def stop_after(_module: torch.nn.Module, _args: tuple[object, ...], output: object) -> None:
                 outputs.append(output)
                 raise _BlockDone
             handles.append(self.blocks[phase].register_forward_hook(stop_after))
@@ -192,19 +236,20 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
         self.held = _finished(accumulators)
 
 
-def hessians_by_block(loaded, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
-                      progress: bool = True) -> Mapping[str, np.ndarray]:
+def hessians_by_block(loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
+                      progress: bool = True) -> Mapping[str, Hessian]:
     """`collect_hessians`' result, block by block where the model has one stack of blocks (BlockwiseHessians;
     an encoder-decoder's decoder blocks would all fall to the tail, so it is measured at once)."""
     container = block_container(loaded.model) if graph.num_blocks else None
     if (container is None or getattr(loaded.model.config, "is_encoder_decoder", False)
-            or not _each_block_runs_once(loaded.model, list(loaded.model.get_submodule(container)), calib)):
+            or not _each_block_runs_once(loaded.model, transformer_blocks(loaded.model, container), calib)):
         return collect_hessians(loaded, graph, calib, layer_names, progress)
     return BlockwiseHessians(loaded, graph, calib, layer_names, progress)
 
 
 @torch.no_grad()
-def _each_block_runs_once(model, blocks: list, calib: CalibrationSet) -> bool:
+def _each_block_runs_once(model: torch.nn.Module, blocks: list[torch.nn.Module],
+                          calib: CalibrationSet) -> bool:
     """Whether one forward calls every block once, in order: not so where blocks share weights and run
     repeatedly (ALBERT's one layer group serves all its layers), which one pass per block cannot follow."""
     calls: list[int] = []
@@ -220,8 +265,8 @@ def _each_block_runs_once(model, blocks: list, calib: CalibrationSet) -> bool:
     return calls == list(range(len(blocks)))
 
 
-def collect_input_absmax(loaded, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
-                         progress: bool = True) -> dict[str, np.ndarray]:
+def collect_input_absmax(loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
+                         progress: bool = True) -> dict[str, npt.NDArray[np.float32]]:
     """Largest |x| per input channel [K] of each layer's input over the real calibration tokens.
 
     `--format dynamic` quantizes a layer's whole input with one scale at run time; a few channels
@@ -231,9 +276,9 @@ def collect_input_absmax(loaded, graph: LayerGraph, calib: CalibrationSet, layer
     absmax: dict[str, torch.Tensor] = {}
     mask_in_flight: list[torch.Tensor] = []
 
-    def hook_for(name: str):
-        def hook(_module, args, kwargs):
-            x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+    def hook_for(name: str) -> _PreHook:
+        def hook(_module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            x = _layer_input(args, kwargs)
             if isinstance(x, torch.Tensor):
                 peak = _real_rows(x, mask_in_flight[0]).float().abs().amax(dim=0)
                 absmax[name] = peak if name not in absmax else torch.maximum(absmax[name], peak)

@@ -26,8 +26,9 @@ from collections import Counter
 import torch
 
 from ..layer_graph import LayerGraph
+from ..model_loading import LoadedModel
 from ..plan import Plan
-from .calibration import CalibrationSet, build_calibration
+from .calibration import CalibrationSet, CalibrationSpec, calibration_for
 
 # At most this share of a table's rows is hot: beyond it the 8-bit rows cost more than they save.
 MAX_HOT_FRACTION = 1 / 8
@@ -35,10 +36,11 @@ MAX_HOT_FRACTION = 1 / 8
 
 def input_embedding(model: torch.nn.Module, graph: LayerGraph) -> str | None:
     """The layer name of the token embedding table, or None if it has none or shares its weight."""
-    if not hasattr(model, "get_input_embeddings"):
+    get_input_embeddings = getattr(model, "get_input_embeddings", None)  # a transformers model's, not nn.Module's
+    if not callable(get_input_embeddings):
         return None
-    table = model.get_input_embeddings()
-    name = next((n for n, m in model.named_modules() if m is table), None)
+    table = get_input_embeddings()
+    name: str | None = next((n for n, m in model.named_modules() if m is table), None)
     if name is None or name not in graph:
         return None
     if graph[name].tied_to:
@@ -60,7 +62,7 @@ def hot_rows(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, t
     name = input_embedding(model, graph)
     if name is None or not tokenized:
         return {}
-    counts: Counter = Counter()
+    counts: Counter[int] = Counter()
     for batch in calib.batches:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
@@ -74,10 +76,10 @@ def hot_rows(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, t
     return {name: sorted(ranked)} if ranked else {}
 
 
-def calibration_hot_rows(loaded, graph: LayerGraph, options) -> dict[str, list[int]]:
+def calibration_hot_rows(loaded: LoadedModel, graph: LayerGraph,
+                         options: CalibrationSpec) -> dict[str, list[int]]:
     """Hot rows from the calibration text of `options` (AnalysisOptions), for plans made without a pass."""
-    calib = build_calibration(loaded, options.calib, options.text_field, options.calib_samples, options.seq_len,
-                              options.seed)
+    calib = calibration_for(loaded, options)
     return hot_rows(loaded.model, graph, calib, tokenized=loaded.tokenizer is not None)
 
 

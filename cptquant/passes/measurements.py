@@ -10,17 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import numpy.typing as npt
 
 from ..layer_graph import LayerGraph
+from ..model_loading import LoadedModel
 from . import AnalysisOptions
-from .calibration import CalibrationSet, build_calibration
+from .calibration import CalibrationSet, calibration_for
 from .hessian import collect_input_absmax, hessians_by_block
 
 
 class CalibrationMeasurements:
     """Hessians and input peaks on the calibration text that `options` names (the offline corpus by default)."""
 
-    def __init__(self, options: AnalysisOptions | None = None):
+    def __init__(self, options: AnalysisOptions | None = None) -> None:
         self.options = options or AnalysisOptions()
         self._batches: CalibrationSet | None = None
 
@@ -32,15 +34,16 @@ class CalibrationMeasurements:
     def text_field(self) -> str:
         return self.options.text_field
 
-    def _calibration(self, loaded) -> CalibrationSet:
+    def _calibration(self, loaded: LoadedModel) -> CalibrationSet:
         if self._batches is None:
-            o = self.options
-            self._batches = build_calibration(loaded, o.calib, o.text_field, o.calib_samples, o.seq_len, o.seed)
+            self._batches = calibration_for(loaded, self.options)
         return self._batches
 
-    def hessians(self, loaded, graph: LayerGraph, names: list[str], progress: bool) -> Mapping[str, np.ndarray]:
+    def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                 progress: bool) -> Mapping[str, npt.NDArray[np.float64]]:
         """Measured block by block as the lowering asks for them (hessian.BlockwiseHessians)."""
         return hessians_by_block(loaded, graph, self._calibration(loaded), names, progress=progress)
 
-    def input_peaks(self, loaded, graph: LayerGraph, names: list[str], progress: bool) -> dict[str, np.ndarray]:
+    def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                    progress: bool) -> dict[str, npt.NDArray[np.float32]]:
         return collect_input_absmax(loaded, graph, self._calibration(loaded), names, progress=progress)

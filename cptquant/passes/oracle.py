@@ -12,8 +12,8 @@ import torch
 from scipy.stats import spearmanr
 
 from ..layer_graph import LayerGraph
-from .calibration import CalibrationSet
 from .block_replay import BlockReplay
+from .calibration import CalibrationSet
 from .common import allocation_units, progress_bar, quantized_weight, replaced_weights, weight_param
 from .task_loss import TaskLoss
 
@@ -27,11 +27,11 @@ def oracle_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
     units = allocation_units(graph, granularity)
     hot_rows = hot_rows or {}
     replay = replay or BlockReplay(model, graph, loss, granularity)
-    scores = {}
+    scores: dict[str, float] = {}
     with progress_bar(progress) as bar:
         task = bar.add_task("Oracle layers", total=len(units))
         for unit, layers in units.items():
-            quantized = {}
+            quantized: dict[torch.nn.Parameter, torch.Tensor] = {}
             for layer in layers:
                 param = weight_param(model, layer)
                 quantized.setdefault(param, quantized_weight(model, layer, ORACLE_BITS, block_size, clip,

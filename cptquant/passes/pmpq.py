@@ -14,10 +14,10 @@ with the embedding: that parameter is pruned once, under the embedding's name, a
 
 from __future__ import annotations
 
-
 import torch
 
-from ..layer_graph import LayerGraph
+from ..layer_graph import Layer, LayerGraph
+from ..model_loading import LoadedModel
 from .block_replay import BlockReplay
 from .calibration import CalibrationSet, calibration_subset
 from .common import allocation_units, progress_bar, quantized_weight, restored_afterwards, weight_param
@@ -58,9 +58,9 @@ def matched_sparsity(weight: torch.Tensor, error_norm_sq: float) -> float:
     return min(count, weight.numel()) / weight.numel()
 
 
-def _matched_sparsities(model: torch.nn.Module, layers, block_size: int, clip: str,
+def _matched_sparsities(model: torch.nn.Module, layers: list[Layer], block_size: int, clip: str,
                         hot_rows: dict[str, list[int]]) -> dict[torch.nn.Parameter, float]:
-    amounts = {}
+    amounts: dict[torch.nn.Parameter, float] = {}
     for layer in layers:
         param = weight_param(model, layer)
         if param not in amounts:  # a shared parameter is pruned once, by its owner's error
@@ -69,7 +69,7 @@ def _matched_sparsities(model: torch.nn.Module, layers, block_size: int, clip: s
     return amounts
 
 
-def pmpq_scores(loaded, graph: LayerGraph, calib: CalibrationSet, sparsities: tuple[float, ...] = (),
+def pmpq_scores(loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, sparsities: tuple[float, ...] = (),
                 granularity: str = "layer", block_size: int = 32, clip: str = "absmax",
                 hot_rows: dict[str, list[int]] | None = None, seed: int = 0, progress: bool = True,
                 fraction: float = SAMPLE_FRACTION, lm_loss: str = "kl") -> dict[str, float]:

@@ -49,8 +49,8 @@ def rule_plan(graph: LayerGraph, block_size: int, model_name: str = "") -> Plan:
     heads = {layer.name for layer in graph.layers if layer.role == ROLE_LM_HEAD}
     more |= heads
     more |= {layer.tied_to for layer in graph.layers if layer.name in heads and layer.tied_to}
-    layers = {layer.name: LayerPlan(bits=MORE_BITS if layer.name in more else BASE_BITS, block_size=block_size)
-              for layer in graph.layers}
+    layer_plans = {layer.name: LayerPlan(bits=MORE_BITS if layer.name in more else BASE_BITS, block_size=block_size)
+                   for layer in graph.layers}
     meta = {"allocation": "k_quant_mixed rule (llama.cpp Q4_K_M use_more_bits)",
             "more_bits_blocks": sorted(b for b in graph.blocks() if use_more_bits(b, graph.num_blocks))}
-    return Plan(layers=layers, method=RULE_METHOD, model=model_name, meta=meta)
+    return Plan(layers=layer_plans, method=RULE_METHOD, model=model_name, meta=meta)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ, LoadedModel
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
@@ -45,8 +45,8 @@ def _sample_rows(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 class TaskLoss:
     """`batch_loss(model, i)` (differentiable) and `evaluate(model)` over the calibration set."""
 
-    def __init__(self, loaded, calib: CalibrationSet, seed: int = 0, references: bool = True,
-                 lm_objective: str = "kl"):
+    def __init__(self, loaded: LoadedModel, calib: CalibrationSet, seed: int = 0, references: bool = True,
+                 lm_objective: str = "kl") -> None:
         """`references=False` skips the FP32 reference pass (1 FPE); only the curvature objective works then.
 
         `lm_objective`: "kl" (default) or "ce", the LM's own cross-entropy on the calibration text.
@@ -59,7 +59,7 @@ class TaskLoss:
         self.lm_objective = lm_objective if self.is_lm else None
         self.inputs = [dict(b) for b in calib.batches]  # what the model is fed (MLM: with [MASK]s)
         self.labels: list[torch.Tensor] = []  # MLM labels
-        self.targets: list = []  # FP32 reference outputs (LMs under KL: a _TopK per batch)
+        self.targets: list[_TopK | torch.Tensor] = []  # FP32 reference outputs (LMs: a _TopK per batch)
         if self.task == TASK_MASKED_LM:
             self._make_mlm_mask(loaded, seed)
         if references and self.lm_objective != "ce":
@@ -68,7 +68,7 @@ class TaskLoss:
                     output = self._output(loaded.model, batch)
                     self.targets.append(_TopK.of(self._predicted(output, index)) if self.is_lm else output)
 
-    def _make_mlm_mask(self, loaded, seed: int) -> None:
+    def _make_mlm_mask(self, loaded: LoadedModel, seed: int) -> None:
         tokenizer = loaded.tokenizer
         mask_id = tokenizer.mask_token_id if tokenizer is not None and tokenizer.mask_token_id is not None \
             else int(loaded.config.vocab_size) - 1
@@ -86,19 +86,20 @@ class TaskLoss:
             batch["input_ids"] = torch.where(chosen, torch.full_like(batch["input_ids"], mask_id), batch["input_ids"])
             self.labels.append(labels)
 
-    def _output(self, model, batch) -> torch.Tensor:
+    def _output(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # No KV cache: nothing reads it, and blocks replayed by BlockReplay could not fill it.
         extra = {"use_cache": False} if self.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ) else {}
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         if self.task in CLASSIFIER_TASKS or self.task in LM_TASKS:
-            return out.logits
+            logits: torch.Tensor = out.logits
+            return logits
         return mean_pool(out.last_hidden_state, batch["attention_mask"])
 
-    def output(self, model, index: int) -> torch.Tensor:
+    def output(self, model: torch.nn.Module, index: int) -> torch.Tensor:
         """What the loss reads: logits, or pooled embeddings (feature extraction)."""
         return self._output(model, self.inputs[index])
 
-    def batch_loss(self, model, index: int) -> torch.Tensor:
+    def batch_loss(self, model: torch.nn.Module, index: int) -> torch.Tensor:
         return self.loss_of(self.output(model, index), index)
 
     def _lm_labels(self, index: int) -> torch.Tensor:
@@ -126,18 +127,19 @@ class TaskLoss:
             return F.cross_entropy(output.flatten(0, 1), self._lm_labels(index).flatten(), ignore_index=-100)
         if not self.targets:
             raise RuntimeError("this TaskLoss was built without FP32 references")
-        if self.is_lm:
-            return self.targets[index].kl_from(self._predicted(output, index))
+        target = self.targets[index]
+        if isinstance(target, _TopK):  # a language model's
+            return target.kl_from(self._predicted(output, index))
         if self.task in CLASSIFIER_TASKS:  # per text, or per token (token classification)
-            reference = F.log_softmax(self.targets[index], -1)
+            reference = F.log_softmax(target, -1)
             return F.kl_div(F.log_softmax(output, -1), reference, log_target=True, reduction="batchmean")
-        return (1.0 - F.cosine_similarity(output, self.targets[index], dim=-1)).mean()
+        return (1.0 - F.cosine_similarity(output, target, dim=-1)).mean()
 
     def batch_weight(self, index: int) -> float:
         return float(self.inputs[index]["input_ids"].shape[0]) / self.calib.num_samples
 
     @torch.no_grad()
-    def evaluate(self, model) -> float:
+    def evaluate(self, model: torch.nn.Module) -> float:
         """Sample-weighted mean loss over the calibration set."""
         return sum(self.batch_weight(i) * float(self.batch_loss(model, i)) for i in range(len(self.inputs)))
 
@@ -165,23 +167,25 @@ class TaskLoss:
                 keep = self._predicting(index)
                 sampled = sampled.masked_fill(~keep, -100)
                 count = int(keep.sum())
-            return F.cross_entropy(flat, sampled, ignore_index=-100, reduction="sum") / max(count, 1) ** 0.5
+            root_count: float = max(count, 1) ** 0.5
+            return F.cross_entropy(flat, sampled, ignore_index=-100, reduction="sum") / root_count
         # 1 - cos(e, r) at e = r has Hessian (I - r̂ r̂ᵀ) / |r|² in e.
-        norm = reference.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        norm: torch.Tensor = reference.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         unit = reference / norm
         z = torch.randn(reference.shape, generator=gen)
         direction = (z - (z * unit).sum(-1, keepdim=True) * unit) / norm
-        return (direction * output).sum() / reference.shape[0] ** 0.5
+        root_rows: float = reference.shape[0] ** 0.5
+        return (direction * output).sum() / root_rows
 
 
 class _TopK:
     """An FP32 next-token distribution kept as its top-k log-probabilities and the log-mass of the rest."""
 
-    def __init__(self, log_probs: torch.Tensor, indices: torch.Tensor, log_rest: torch.Tensor):
+    def __init__(self, log_probs: torch.Tensor, indices: torch.Tensor, log_rest: torch.Tensor) -> None:
         self.log_probs, self.indices, self.log_rest = log_probs, indices, log_rest
 
     @classmethod
-    def of(cls, logits: torch.Tensor) -> "_TopK":
+    def of(cls, logits: torch.Tensor) -> _TopK:
         log_probs = F.log_softmax(logits.float(), -1)
         top, indices = log_probs.topk(min(REFERENCE_TOP_K, log_probs.shape[-1]), -1)
         return cls(top, indices, _log_rest(top))

@@ -24,9 +24,11 @@ Two choices that differ from the textbook recipe, both measured (docs/ARCHITECTU
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.hooks import RemovableHandle
 
 from ..layer_graph import LayerGraph
 from .calibration import CalibrationSet
@@ -108,7 +110,7 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
             p.requires_grad_(flag)
             p.grad = None
     rescale = 1.0 / curvature_weight if curvature_weight else 0.0  # the batches that estimated F stand for all
-    scores = {}
+    scores: dict[str, float] = {}
     for unit, layers in units.items():
         unit_params = {weight_param(model, layer): None for layer in layers}
         scale_first = 1.0 / first_weight if first_weight else 0.0
@@ -123,14 +125,19 @@ class _GradientReducer:
     at once, never a copy of the model.
     """
 
-    def __init__(self, targets, errors, first, second):
+    def __init__(self, targets: list[torch.nn.Parameter], errors: dict[torch.nn.Parameter, torch.Tensor],
+                 first: dict[torch.nn.Parameter, float], second: dict[torch.nn.Parameter, float]) -> None:
         self.weight, self.term = 0.0, "first"
-        self.handles = [p.register_post_accumulate_grad_hook(self._hook(p, errors[p], first, second))
-                        for p in targets]
+        # torch leaves Tensor.register_post_accumulate_grad_hook unannotated
+        self.handles: list[RemovableHandle] = [
+            p.register_post_accumulate_grad_hook(self._hook(p, errors[p], first, second))  # type: ignore[no-untyped-call]
+            for p in targets]
 
-    def _hook(self, param, error, first, second):
-        def reduce(p):
+    def _hook(self, param: torch.nn.Parameter, error: torch.Tensor, first: dict[torch.nn.Parameter, float],
+              second: dict[torch.nn.Parameter, float]) -> Callable[[torch.Tensor], None]:
+        def reduce(p: torch.Tensor) -> None:
             grad = p.grad
+            assert grad is not None  # the hook runs once the gradient has been accumulated
             if grad.is_sparse:  # an embedding's gradient: only the rows of the batch's tokens
                 grad = grad.coalesce()
                 product = grad.values().mul_(error[grad.indices()[0]]).flatten()
@@ -145,14 +152,16 @@ class _GradientReducer:
 
     def backward(self, objective: torch.Tensor, weight: float, term: str, retain_graph: bool = False) -> None:
         self.weight, self.term = weight, term
-        objective.backward(retain_graph=retain_graph)
+        torch.autograd.backward(objective, retain_graph=retain_graph)  # objective.backward(), annotated
 
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def _hutchinson_step(objective, targets, errors, first, second, weight, gen) -> None:
+def _hutchinson_step(objective: torch.Tensor, targets: list[torch.nn.Parameter],
+                     errors: dict[torch.nn.Parameter, torch.Tensor], first: dict[torch.nn.Parameter, float],
+                     second: dict[torch.nn.Parameter, float], weight: float, gen: torch.Generator) -> None:
     """d = z ⊙ Hz with Rademacher z: one double backward, so all gradients are held at once here."""
     # allow_unused: a layer the loss never reads (BERT's pooler under mean pooling) has g = 0.
     grads = torch.autograd.grad(objective, targets, create_graph=True, allow_unused=True, materialize_grads=True)
