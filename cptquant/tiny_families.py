@@ -9,10 +9,26 @@ every Linear in-feature is a multiple of the 32-wide quantization block.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .testing import (BOS_ID, EOS_ID, PAD_ID, TINY_FFN, TINY_HEADS, TINY_HIDDEN, TINY_LAYERS, TINY_MAX_POSITIONS,
-                      TINY_VOCAB, seeded_model)
+from .testing import (
+    BOS_ID,
+    EOS_ID,
+    PAD_ID,
+    TINY_FFN,
+    TINY_HEADS,
+    TINY_HIDDEN,
+    TINY_LAYERS,
+    TINY_MAX_POSITIONS,
+    TINY_VOCAB,
+    seeded_model,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Keyword arguments of a transformers config class (ints, floats, flags, strings, lists of strings, None).
+ConfigKwargs = dict[str, object]
 
 FEATURES = "feature-extraction"
 CLASSIFICATION = "text-classification"
@@ -37,32 +53,32 @@ class Family:
     config_class: str  # transformers class name
     model_class: str
     task: str
-    config: dict
+    config: ConfigKwargs
 
-    def build(self, seed: int = 0) -> Any:
+    def build(self, seed: int = 0) -> PreTrainedModel:
         import transformers
 
         config = getattr(transformers, self.config_class)(**self.config)
-        model_class = getattr(transformers, self.model_class)
+        model_class: type[PreTrainedModel] = getattr(transformers, self.model_class)
         return seeded_model(lambda: model_class(config), seed)
 
 
-def _common(**extra) -> dict:
-    base = dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_FFN,
+def _common(**extra: object) -> ConfigKwargs:
+    base: ConfigKwargs = dict(vocab_size=TINY_VOCAB, hidden_size=TINY_HIDDEN, intermediate_size=TINY_FFN,
                 num_hidden_layers=TINY_LAYERS, num_attention_heads=TINY_HEADS,
                 max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID, num_labels=2)
     base.update(extra)
     return base
 
 
-def _decoder(**extra) -> dict:
+def _decoder(**extra: object) -> ConfigKwargs:
     return _common(bos_token_id=BOS_ID, eos_token_id=EOS_ID, **extra)
 
 
-_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_NO_DROPOUT: ConfigKwargs = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 # name -> (config class, model class prefix, task, config kwargs)
-_SPECS: dict[str, tuple[str, str, str, dict]] = {
+_SPECS: dict[str, tuple[str, str, str, ConfigKwargs]] = {
     # Encoders
     "bert": ("BertConfig", "Bert", CLASSIFICATION, _common(**_NO_DROPOUT)),
     "bert-token": ("BertConfig", "Bert", TOKEN_CLASSIFICATION, _common(**_NO_DROPOUT)),
@@ -146,7 +162,7 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def build(name: str, seed: int = 0) -> Any:
+def build(name: str, seed: int = 0) -> PreTrainedModel:
     """The tiny model of family `name` (a key of FAMILIES), FP32, eval mode, seeded weights."""
     return FAMILIES[name].build(seed)
 

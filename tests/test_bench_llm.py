@@ -1,7 +1,9 @@
-"""The SmolLM2 section of the bench: its quality loop, its kernel census and its goals (bench/llm.py)."""
+"""The SmolLM2 section of the bench: its quality loop, its kernel census, its goals and its build records
+(bench/llm_quality.py, kernels.py, llm_report.py, llm_builds.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +11,14 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from cptquant.bench.clock import Clock
+from cptquant.bench.genai_speed import GenaiSpeedSettings
 from cptquant.bench.kernels import kernel_census, slow_paths
-from cptquant.bench.llm import BUILDER_INT4, FP32, RULE, LlmResult, LlmVariant, goals, score_against_reference
+from cptquant.bench.llm_builds import BuildRecords, Made, VariantBuilder
 from cptquant.bench.llm_peers import build_ort_nbits
+from cptquant.bench.llm_quality import score_against_reference
+from cptquant.bench.llm_report import goals
+from cptquant.bench.llm_types import BUILDER_INT4, FP32, RULE, LlmResult, LlmVariant, RunSettings
 from cptquant.model_loading import load_model
 from cptquant.onnx_io.onnx_export import MODEL_FILE, export_onnx
 from cptquant.runtimes.cpu import CpuAdapter
@@ -69,6 +76,11 @@ def _v(name, family, mb, kl, bits=None, dppl=0.1, decode=None, prefill=None) -> 
                       speed=speed)
 
 
+def _run_settings() -> RunSettings:
+    return {"tokens": 1000, "window": 512, "stride": 448, "calibration_samples": 32, "seq_len": 128,
+            "ort_gptq_samples": 16, "speed": GenaiSpeedSettings(prefill_tokens=256), "eval_text": "test"}
+
+
 def test_goals_name_the_peer_points_no_cptq_point_dominates():
     result = LlmResult([
         _v(FP32, FP32, 540, 0.0, decode=40.0, prefill=300.0),
@@ -76,7 +88,7 @@ def test_goals_name_the_peer_points_no_cptq_point_dominates():
         _v(RULE, "cptq", 105, 0.20, bits=4.6),
         _v("peer dominated", "NNCF", 120, 0.30),
         _v("peer smaller", "ORT MatMulNBits", 90, 0.40),
-        _v(BUILDER_INT4, "GenAI builder", 86, 0.25, decode=14.0)], {}, {}, {}, {"speed": {"prefill_tokens": 256}})
+        _v(BUILDER_INT4, "GenAI builder", 86, 0.25, decode=14.0)], {}, {}, {}, _run_settings())
     lines = "\n".join(goals(result))
     assert "Pareto (for every peer point (MB, KL) a cptq point with ≤ MB and ≤ KL): **not met** — 2 of 4" in lines
     assert "peer smaller (90.0 MB" in lines and "GenAI builder int4 (86.0 MB" in lines
@@ -84,3 +96,36 @@ def test_goals_name_the_peer_points_no_cptq_point_dominates():
     assert "≤ 4.5 average bits, Δ perplexity ≤ +7 % and KL ≤ 0.10: **met**" in lines
     assert "no cptq variant as small" in lines  # 100 MB > the builder's 86 MB: not met, whatever the speed
     assert "prefill (256 tokens, onnxruntime-genai) no slower than FP32: **not met** — cptq a 0.97×" in lines
+
+
+def test_a_failed_build_is_kept_as_a_finding_and_reused_with_its_record(tmp_path: Path):
+    model = tmp_path / "fp32" / MODEL_FILE
+    model.parent.mkdir()
+    model.write_bytes(b"onnx")
+
+    def fails() -> Made:
+        raise RuntimeError("no kernel for this\nsecond line")
+
+    def never() -> Made:
+        raise AssertionError("a recorded variant is not built again")
+
+    first = VariantBuilder(BuildRecords(tmp_path, reuse=False), Clock(lambda m: None, "[test]"), model.parent,
+                           log=lambda m: None)
+    first.build(FP32, FP32, lambda: Made(model, {"ratio": 0.8}, 4.5))
+    first.build("broken", "cptq", fails)
+    assert [v.error for v in first.variants] == ["", "RuntimeError: no kernel for this"]
+    assert set(json.loads((tmp_path / "builds.json").read_text())) == {FP32, "broken"}
+
+    again = VariantBuilder(BuildRecords(tmp_path, reuse=True), Clock(lambda m: None, "[test]"), model.parent,
+                           log=lambda m: None)
+    again.build(FP32, FP32, never)
+    again.build("broken", "cptq", never)
+    fp32, broken = again.variants
+    assert (fp32.path, fp32.average_bits) == (model, 4.5)
+    assert fp32.settings == {"ratio": 0.8, "built": "in an earlier run (--reuse)"}
+    assert broken.error == "RuntimeError: no kernel for this" and not broken.ok
+
+
+def test_an_unmeasured_variant_is_written_with_empty_figures():
+    written = LlmVariant("x", "cptq", Path("x/model.onnx"), error="not built").to_dict()
+    assert (written["path"], written["quality"], written["speed"]) == ("x/model.onnx", {}, {})

@@ -8,18 +8,21 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import CptqError
 from ..model_loading import load_model
 from ..runtimes.quality import EvalSet
-from ..errors import CptqError
+from . import encoder_goals
 from .anchors import FP32, ORT_INT8
-from .llm import LlmResult, LlmSettings, plot_panel, run_llm, write_alone
-from .llm import goals as llm_goals
-from .llm import section as llm_section
+from .llm import run_llm
+from .llm_report import goals as llm_goals
+from .llm_report import plot_panel, write_alone
+from .llm_report import section as llm_section
+from .llm_types import LlmResult, LlmSettings
 from .report import pareto_plot, write_markdown
 from .run import ModelResult, ModelSpec, Variant, run_model
-from . import encoder_goals
 from .verify_gate import goal_lines as gate_goal_lines
 from .verify_gate import run_gate
 from .verify_gate import section as gate_section
@@ -161,7 +164,7 @@ def goals(results: list[ModelResult]) -> str:
 SPEARMAN_GOALS = {"minilm": 0.8, "tiny-lm": 0.7}
 
 
-def _method_goals(results: list[ModelResult], mark) -> list[str]:
+def _method_goals(results: list[ModelResult], mark: Callable[[bool], str]) -> list[str]:
     lines = []
     for r in results:
         goal, nan = SPEARMAN_GOALS.get(r.spec.key), float("nan")
@@ -177,7 +180,7 @@ def _method_goals(results: list[ModelResult], mark) -> list[str]:
     return lines
 
 
-def _smollm2_section(log, reuse: bool = False, tokens: int | None = None) -> LlmResult | None:
+def _smollm2_section(log: Callable[[str], object], reuse: bool = False, tokens: int | None = None) -> LlmResult | None:
     """The SmolLM2 section, or None (with the reason on stderr) where SmolLM2 cannot be had."""
     settings = LlmSettings()
     settings.tokens = tokens or settings.tokens

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 
@@ -34,6 +34,17 @@ class GenaiSpeedSettings:
     decode_rounds: int = 5
     prefill_tokens: int = 256
     prefill_rounds: int = 5
+
+
+class GenaiFigures(TypedDict, total=False):
+    """One folder's figures; prefill only for the names asked, `error` alone when GenAI could not run it."""
+
+    decode_ms: float  # median per cached step
+    decode_runs: int  # cached steps timed
+    tokens: list[int]  # the greedy continuation of the first round
+    prefill_ms: float  # median over rounds
+    prefill_runs: int
+    error: str
 
 
 def _load(folder: Path, threads: int) -> og.Model:
@@ -77,7 +88,7 @@ def _prefill(model: og.Model, prompt: np.ndarray) -> float:
 
 def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpeedSettings,
             prefill_names: list[str] | None = None,
-            log: Callable[[str], object] = print) -> dict[str, dict[str, Any]]:
+            log: Callable[[str], object] = print) -> dict[str, GenaiFigures]:
     """name -> {"decode_ms": p50 per token, "decode_runs": steps, "prefill_ms": p50 (for prefill_names),
     "tokens": the greedy continuation of the first round}. `prompt_ids` holds at least prefill_tokens ids."""
     import onnxruntime_genai as og
@@ -115,7 +126,7 @@ def measure(folders: dict[str, Path], prompt_ids: np.ndarray, settings: GenaiSpe
         order = prefill_names[r % max(len(prefill_names), 1):] + prefill_names[: r % max(len(prefill_names), 1)]
         for name in order:
             prefill[name].append(_prefill(models[name], long))
-    out: dict[str, dict[str, Any]] = {name: {"error": error} for name, error in errors.items()}
+    out: dict[str, GenaiFigures] = {name: {"error": error} for name, error in errors.items()}
     for name in names:
         out[name] = {"decode_ms": float(np.median(steps[name]) * 1e3), "decode_runs": len(steps[name]),
                      "tokens": tokens[name]}

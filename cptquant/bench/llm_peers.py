@@ -29,6 +29,7 @@ import onnx
 
 from ..onnx_io.baselines import side_files
 from ..onnx_io.onnx_export import MODEL_FILE, save_onnx
+from .llm_types import Setting
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -43,7 +44,7 @@ class Built:
     name: str
     family: str  # "NNCF", "ORT MatMulNBits", "GenAI builder"
     path: Path  # the .onnx file
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Setting] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -109,7 +110,7 @@ def build_nncf(fp32_dir: Path, out_dir: Path, config: NncfConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_onnx(compressed, out_dir / MODEL_FILE)
     _with_side_files(fp32_dir, out_dir)
-    settings = {"mode": config.mode, "ratio": config.ratio, "group_size": 32, "all_layers": config.all_layers,
+    settings: dict[str, Setting] = {"mode": config.mode, "ratio": config.ratio, "group_size": 32, "all_layers": config.all_layers,
                 "sensitivity_metric": config.sensitivity or "default (MAX_ACTIVATION_VARIANCE)",
                 "awq": config.awq, "scale_estimation": config.scale_estimation,
                 "calibration_samples": len(calibration), "weight Transposes folded first": folded}
@@ -159,7 +160,7 @@ def build_ort_nbits(fp32_dir: Path, out_dir: Path, algorithm: str,
     out_dir.mkdir(parents=True, exist_ok=True)
     save_onnx(proto, out_dir / MODEL_FILE)
     _with_side_files(fp32_dir, out_dir)
-    settings = {"algorithm": algorithm, "bits": 4, "block_size": 32, "symmetric": algorithm == "default"}
+    settings: dict[str, Setting] = {"algorithm": algorithm, "bits": 4, "block_size": 32, "symmetric": algorithm == "default"}
     if algorithm == "gptq":
         settings["calibration_samples"] = len(calibration)
     return Built(f"ORT MatMulNBits {algorithm}", "ORT MatMulNBits", out_dir / MODEL_FILE, settings,
@@ -190,7 +191,7 @@ def build_genai(hf_dir: Path, out_dir: Path, name: str, extra_options: tuple[str
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         raise RuntimeError(f"GenAI builder failed ({' '.join(extra_options) or 'int4'}): {' | '.join(tail)}")
-    settings = {"command": " ".join(["python -m onnxruntime_genai.models.builder -i SMOLLM2 -o OUT -p int4 -e cpu"]
+    settings: dict[str, Setting] = {"command": " ".join(["python -m onnxruntime_genai.models.builder -i SMOLLM2 -o OUT -p int4 -e cpu"]
                                     + (["--extra_options", *extra_options] if extra_options else []))}
     return Built(name, "GenAI builder", out_dir / MODEL_FILE, settings, time.perf_counter() - start)
 

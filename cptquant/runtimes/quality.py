@@ -43,7 +43,7 @@ from .encoder_outputs import (
 from .eval_text import EvalSet, TextEncoder, evaluation_texts, load_eval_file
 from .lm_scores import TokenScores, kl_divergence, log_softmax, score_tokens, score_variants, token_stream, window_spans
 
-# Names other modules import from here (bench/llm.py, bench/__main__.py, api.py, tests).
+# Names other modules import from here (bench/llm_quality.py, bench/__main__.py, api.py, tests).
 _log_softmax = log_softmax
 __all__ = ["EvalSet", "Quality", "QualitySettings", "TextEncoder", "TokenScores", "evaluation_texts", "kl_divergence",
            "load_eval_file", "measure_quality", "score_tokens", "score_variants", "token_stream", "window_spans"]
