@@ -9,9 +9,11 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from ..onnx_io.onnx_export import load_onnx_lazily, save_onnx
 from ..plan import Plan
@@ -20,26 +22,42 @@ from ..quant.weight_quantizers import RoundToNearest
 from .fp32_files import Fp32Files
 from .graph_check import GraphCheck, check_kernels
 from .layer_map import LayerMap
-from .lowering import KernelChoice, LoweredLayer, lower_model
+from .lowering import KernelChoice, Lowered, LoweredLayer, lower_model
 
 Records = dict[str, LoweredLayer]  # layer -> how it was lowered in one file (or, merged, in all of them)
 
 
-def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], plan: Plan, fmt: str,
-                quantizer: RoundToNearest, smoothing: Mapping[str, np.ndarray], out_dir: Path) -> dict[str, Records]:
+@dataclass(frozen=True)
+class FileLowering:
+    """What every file of the export is lowered with: the plan, the format, GPTQ or round-to-nearest, and
+    the input smoothing factors of --format dynamic."""
+
+    plan: Plan
+    fmt: str
+    quantizer: RoundToNearest
+    smoothing: Mapping[str, np.ndarray]
+
+    def lower(self, source: onnx.ModelProto, layer_map: LayerMap, base_dir: Path | None,
+              kernels: KernelChoice | None = None) -> Lowered:
+        """One file, with `kernels` instead of the format's own where given (the check's repair)."""
+        kernels = kernels if kernels is not None else KernelChoice(self.fmt)
+        return lower_model(source, layer_map.uses(), self.plan, kernels, self.quantizer, self.smoothing,
+                           base_dir=base_dir)
+
+
+def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: FileLowering,
+                out_dir: Path) -> dict[str, Records]:
     """Lower and write each file in turn (its FP32 graph let go of as it is lowered): file -> its records."""
     per_file: dict[str, Records] = {}
     for name, out_name in fp32.names:
-        lowered = lower_model(fp32.take(name), layer_maps[name].uses(), plan, KernelChoice(fmt), quantizer,
-                              smoothing, base_dir=fp32.base_dirs[name])
+        lowered = lowering.lower(fp32.take(name), layer_maps[name], fp32.base_dirs[name])
         per_file[name] = lowered.layers
         save_onnx(lowered.model, out_dir / out_name)
         del lowered
     return per_file
 
 
-def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], plan: Plan, fmt: str,
-                quantizer: RoundToNearest, smoothing: Mapping[str, np.ndarray], out_dir: Path,
+def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: FileLowering, out_dir: Path,
                 per_file: dict[str, Records]) -> tuple[GraphCheck, Records]:
     """The kernels ORT runs in each written file (a qdq layer it would not fuse is written again as
     MatMulNBits), as one check over the files, and the layers' records merged over the files. Raises
@@ -48,14 +66,13 @@ def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], plan: Plan,
     lowered_files = dict(per_file)
     for name, out_name in fp32.names:
         graph_check = check_kernels(out_dir / out_name, lowered_files[name])
-        if graph_check.unfused and fmt == FORMAT_QDQ:
+        if graph_check.unfused and lowering.fmt == FORMAT_QDQ:
             # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add + Relu becoming
             # FusedGemm); write MatMulNBits for them, which is what ORT would run.
             repaired = graph_check.unfused
-            kernels = KernelChoice(fmt, {layer: FORMAT_NBITS for layer in repaired})
+            kernels = KernelChoice(lowering.fmt, {layer: FORMAT_NBITS for layer in repaired})
             source, base_dir = load_onnx_lazily(fp32.folder / name)
-            lowered = lower_model(source, layer_maps[name].uses(), plan, kernels, quantizer, smoothing,
-                                  base_dir=base_dir)
+            lowered = lowering.lower(source, layer_maps[name], base_dir, kernels)
             del source
             lowered_files[name] = lowered.layers
             save_onnx(lowered.model, out_dir / out_name)

@@ -36,7 +36,7 @@ from ..safety import file_sha256
 from ..seq2seq_inputs import decoder_reads_input
 from .calibration_inputs import DEFAULT_OUTLIER_RATIO, Measurements, input_smoothing, weight_quantizer
 from .exported_graph import exported_files_layer_graph, exported_layer_graph
-from .file_lowering import check_files, lower_files
+from .file_lowering import FileLowering, check_files, lower_files
 from .fp32_files import Fp32Files, open_fp32_files
 from .genai_config import write_genai_config
 from .install import OutputPaths, install, resolve_output
@@ -133,12 +133,12 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 smoothing = (input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                per_file = lower_files(fp32, layer_maps, plan, fmt, quantizer, smoothing, out_dir)
+                lowering = FileLowering(plan, fmt, quantizer, smoothing)
+                per_file = lower_files(fp32, layer_maps, lowering, out_dir)
                 for side in side_files(fp32.folder):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):
-                graph_check, rewritten = check_files(fp32, layer_maps, plan, fmt, quantizer, smoothing, out_dir,
-                                                     per_file)
+                graph_check, rewritten = check_files(fp32, layer_maps, lowering, out_dir, per_file)
             with steps.step(timings):
                 parity = (measure_seq2seq_parity(loaded, out_dir) if loaded.task == TASK_SEQ2SEQ
                           else measure_parity(loaded, model_path))
