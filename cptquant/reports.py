@@ -10,6 +10,7 @@ parity, quality, speed) stay plain JSON objects here; the schemas name their fie
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypedDict
 
@@ -25,7 +26,7 @@ class AnalysisSummary(TypedDict):
     method: str
     cost_fpe: dict[str, float]  # method -> cost in forward-pass equivalents
     seconds: dict[str, float]  # method (and "forward", "setup") -> wall seconds
-    calibration: dict[str, Any]  # what text, how many samples (passes.AnalysisResult.calibration)
+    calibration: Mapping[str, Any]  # what text, how many samples (passes.AnalysisResult.calibration)
     notes: list[str]
 
 
