@@ -70,8 +70,9 @@ def _load(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, task: str
     return load_model(os.fspath(model) if model is not None else None, task, trust_remote_code)
 
 
-def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.onnx", *, tokenizer: PreTrainedTokenizerBase | None = None,
-           task: str | None = None, method: str | None = None, bits: int | None = None,
+def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.onnx", *,
+           tokenizer: PreTrainedTokenizerBase | None = None, task: str | None = None, method: str | None = None,
+           bits: int | None = None,
            plan: str | os.PathLike[str] | Plan | None = None, default_bits: int | None = None,
            target_bits: float | None = None, max_size_mb: float | None = None, overrides: Sequence[str] = (),
            calibration: str | os.PathLike[str] | AnalysisOptions | None = None, text_field: str = "text",
