@@ -13,26 +13,32 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .errors import CptqError
 
 if TYPE_CHECKING:  # the heavy modules load when a function runs, not on `import cptquant`
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
     from .exporter.pipeline import ExportResult
     from .layer_graph import LayerGraph
+    from .model_loading import LoadedModel
     from .passes import AnalysisOptions, AnalysisResult
     from .plan import Plan
+    from .reports import ReportExtras
     from .runtimes.verify import VerifyResult
 
-ModelLike = Any  # None | str | os.PathLike | transformers.PreTrainedModel
+# None: the embedded MiniLM; a hub id or folder; or a model in memory
+ModelLike: TypeAlias = "str | os.PathLike[str] | PreTrainedModel | None"
 
 
-def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, text_field: str, calib_samples: int,
+def _calibration(calibration: str | os.PathLike[str] | AnalysisOptions | None, *, text_field: str, calib_samples: int,
                  seq_len: int, seed: int, bit_widths: Sequence[int], granularity: str, target_bits: float | None,
                  max_size_mb: float | None, block_size: int, clip: str, zero_points: str, hot_rows: bool,
-                 sparsity: Sequence[float], cca: str, curvature: str, lm_loss: str) -> "AnalysisOptions":
+                 sparsity: Sequence[float], cca: str, curvature: str, lm_loss: str) -> AnalysisOptions:
     """AnalysisOptions from keyword arguments, or the caller's own (then the budget arguments must be unset)."""
     from .passes import AnalysisOptions
     from .passes.calibration import check_calibration_file
@@ -51,14 +57,11 @@ def _calibration(calibration: "str | os.PathLike | AnalysisOptions | None", *, t
     return options
 
 
-def _is_in_memory(model: ModelLike) -> bool:
-    return model is not None and not isinstance(model, (str, os.PathLike))
-
-
-def _load(model: ModelLike, tokenizer, task: str | None, trust_remote_code: bool):
+def _load(model: ModelLike, tokenizer: PreTrainedTokenizerBase | None, task: str | None,
+          trust_remote_code: bool) -> LoadedModel:
     from .model_loading import load_model, wrap_model
 
-    if _is_in_memory(model):
+    if model is not None and not isinstance(model, (str, os.PathLike)):  # in memory
         if not hasattr(model, "config") or not hasattr(model, "named_modules"):
             raise CptqError(f"model must be a hub id, a folder or a transformers PreTrainedModel, not {type(model).__name__}")
         return wrap_model(model, task, tokenizer, name=getattr(model.config, "name_or_path", "") or type(model).__name__)
@@ -67,17 +70,18 @@ def _load(model: ModelLike, tokenizer, task: str | None, trust_remote_code: bool
     return load_model(os.fspath(model) if model is not None else None, task, trust_remote_code)
 
 
-def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx", *, tokenizer=None,
-           task: str | None = None, method: str | None = None, bits: int | None = None,
-           plan: "str | os.PathLike | Plan | None" = None, default_bits: int | None = None,
+def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.onnx", *,
+           tokenizer: PreTrainedTokenizerBase | None = None, task: str | None = None, method: str | None = None,
+           bits: int | None = None,
+           plan: str | os.PathLike[str] | Plan | None = None, default_bits: int | None = None,
            target_bits: float | None = None, max_size_mb: float | None = None, overrides: Sequence[str] = (),
-           calibration: "str | os.PathLike | AnalysisOptions | None" = None, text_field: str = "text",
+           calibration: str | os.PathLike[str] | AnalysisOptions | None = None, text_field: str = "text",
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
            weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
            granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
            curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
-           trust_remote_code: bool = False) -> "ExportResult":
+           trust_remote_code: bool = False) -> ExportResult:
     """Export `model` to a mixed-precision ONNX folder (`output`: a folder, or the path of its .onnx file).
 
     The plan comes from one of `method` (cmpq, pmpq, tdmpq — the default — oracle or rule), `bits` (uniform
@@ -89,12 +93,12 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
     defaults to qdq so that a script's output does not depend on the machine it runs on.
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
+    from .format_choice import format_chooser
     from .model_loading import TASK_SEQ2SEQ, normalize_task
     from .output_folder import claim_output
     from .passes import check_options
     from .passes.measurements import CalibrationMeasurements
     from .plan_source import plan_factory
-    from .format_choice import format_chooser
     from .quant.storage import FORMAT_AUTO, FORMATS
     from .quant.weight_quantizers import ALGORITHMS
 
@@ -112,13 +116,13 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
                             lm_loss=lm_loss)
     analysis.weight_format = weight_format  # a size budget counts the bytes of this format
     task = normalize_task(task) if task else None
-    report_extras: dict = {}
+    report_extras: ReportExtras = {}
     plan_source = Path(plan) if isinstance(plan, (str, os.PathLike)) else plan
     make_plan = plan_factory(method, plan_source, bits, block_size, clip, zero_points, analysis, progress,
                              report_extras, default_bits, overrides)
     check_options(analysis)  # also with bits or plan: calibration settings GPTQ will use
     output = Path(output)
-    source = None if _is_in_memory(model) or model is None else os.fspath(model)
+    source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None  # None: in memory or embedded
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads
         loaded = _load(model, tokenizer, task, trust_remote_code)
@@ -132,7 +136,7 @@ def export(model: ModelLike = None, output: str | os.PathLike = "out/model.onnx"
                                 choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None)
 
 
-def short_verification(folder: Path, loaded, baselines: dict[str, Path]) -> dict:
+def short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict[str, Any]:
     """The CPU figures an export adds to its report: the API chains them into the export (the exporter
     imports no runtime), measured on the staged folder against its staged baselines."""
     from .runtimes.verify import short_verification as measure
@@ -143,15 +147,15 @@ def short_verification(folder: Path, loaded, baselines: dict[str, Path]) -> dict
 @dataclass
 class Analysis:
     """What `analyze` measured: per-unit scores (`result`), the layer graph, and each method's plan."""
-    result: "AnalysisResult"
-    graph: "LayerGraph"
-    plans: dict[str, "Plan"]
+    result: AnalysisResult
+    graph: LayerGraph
+    plans: dict[str, Plan]
     model: str
 
 
-def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
+def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | None = None, task: str | None = None,
             methods: Sequence[str] = ("tdmpq",), validate: bool = False, target_bits: float | None = None,
-            max_size_mb: float | None = None, calibration: "str | os.PathLike | AnalysisOptions | None" = None,
+            max_size_mb: float | None = None, calibration: str | os.PathLike[str] | AnalysisOptions | None = None,
             text_field: str = "text", calib_samples: int = 64, seq_len: int = 128, seed: int = 0,
             bit_widths: Sequence[int] = (16, 8, 4), granularity: str = "layer", block_size: int = 32,
             clip: str = "absmax", zero_points: str = "auto", hot_rows: bool = True,
@@ -160,7 +164,8 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     """Score every layer's sensitivity with each of `methods` (cmpq, pmpq, tdmpq) and allocate bits; with
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
     from .layer_graph import build_layer_graph
-    from .passes import analyze as run_analysis, check_options, plan_from_scores
+    from .passes import analyze as run_analysis
+    from .passes import check_options, plan_from_scores
     from .seq2seq_inputs import decoder_reads_input
 
     methods = tuple(methods)
@@ -180,11 +185,11 @@ def analyze(model: ModelLike = None, *, tokenizer=None, task: str | None = None,
     return Analysis(result, graph, plans, loaded.display_name)
 
 
-def verify(folder: str | os.PathLike, *, baseline: str = "fp32", ep: str = "auto",
+def verify(folder: str | os.PathLike[str], *, baseline: str = "fp32", ep: str = "auto",
            max_ppl_increase: float = 0.02, max_accuracy_drop: float = 0.01, min_cosine: float = 0.99,
-           min_speedup: float = 1.0, max_kl: float | None = None, eval_file: str | os.PathLike | None = None,
+           min_speedup: float = 1.0, max_kl: float | None = None, eval_file: str | os.PathLike[str] | None = None,
            quick: bool = False, threads: int = 2, progress: bool = False, source: str | None = None,
-           trust_remote_code: bool = False) -> "VerifyResult":
+           trust_remote_code: bool = False) -> VerifyResult:
     """Measure an export (its folder, or its .onnx file) against its FP32/FP16 baselines on each execution
     provider; `result.passed` says whether every threshold held, `result.checks` names each with its value.
     Fractions are plain numbers (0.02 = 2 %). Writes nothing (see runtimes.verify_reports.write_reports)."""

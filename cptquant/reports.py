@@ -10,13 +10,30 @@ parity, quality, speed) stay plain JSON objects here; the schemas name their fie
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from .model_loading import TASK_CAUSAL_LM
 
 EXPORT_REPORT_VERSION = 1
 VERIFY_REPORT_VERSION = 1
+
+
+class AnalysisSummary(TypedDict):
+    """A sensitivity method's cost and calibration (plan_source.py records it while the plan is made)."""
+
+    method: str
+    cost_fpe: dict[str, float]  # method -> cost in forward-pass equivalents
+    seconds: dict[str, float]  # method (and "forward", "setup") -> wall seconds
+    calibration: Mapping[str, Any]  # what text, how many samples (passes.AnalysisResult.calibration)
+    notes: list[str]
+
+
+class ReportExtras(TypedDict, total=False):
+    """What the plan factory leaves for the export report while it runs; the exporter reads it after the plan."""
+
+    analysis: AnalysisSummary
 
 
 @dataclass
@@ -78,7 +95,7 @@ class ExportReport:
     outlier_ratio: float | None = None  # --format dynamic only
     genai_config: str | None = None  # causal LMs only: the genai_config.json written (None: none could be)
     calibration_text: dict[str, Any] | None = None  # when calibration text was read: what --eval must not overlap
-    analysis: dict[str, Any] | None = None  # a sensitivity method's cost and calibration
+    analysis: AnalysisSummary | None = None  # a sensitivity method's cost and calibration
     verification: dict[str, Any] | None = None  # the short CPU verification (or why it has no figures)
     format_choice: dict[str, Any] | None = None  # --format auto: the format measured fastest, why, the timings
     # an encoder-decoder export's ONNX files, which model_bytes counts in full: each stores its own copy of the

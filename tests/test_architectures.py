@@ -17,12 +17,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_report_schemas import _errors
 
 import cptquant
-from cptquant.tiny_families import (CAUSAL_LM, CLASSIFICATION, FAMILIES, FEATURES, MASKED_LM, SEQ2SEQ,
-                                    TOKEN_CLASSIFICATION)
-
-from test_report_schemas import _errors
+from cptquant.tiny_families import (
+    CAUSAL_LM,
+    CLASSIFICATION,
+    FAMILIES,
+    FEATURES,
+    MASKED_LM,
+    SEQ2SEQ,
+    TOKEN_CLASSIFICATION,
+)
 
 ORT_CLASSES = {FEATURES: "ORTModelForFeatureExtraction", CLASSIFICATION: "ORTModelForSequenceClassification",
                TOKEN_CLASSIFICATION: "ORTModelForTokenClassification", MASKED_LM: "ORTModelForMaskedLM",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING
 
 from typer import Option
 
 from ..errors import CptqError
 from ..plan import DEFAULT_BLOCK_SIZE
+
+if TYPE_CHECKING:  # the passes (torch) load when a command runs, not on --help
+    from ..passes import AnalysisOptions
 
 CALIB = Option(None, "--calib", help="Calibration text: a text file, JSONL (see --text-field), or hf:NAME[:CONFIG]:SPLIT.")
 TEXT_FIELD = Option("text", "--text-field", help="JSONL field holding the text.")
@@ -50,10 +53,10 @@ def ints(text: str, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in values)
 
 
-def analysis_options(calib: Optional[str], text_field: str, calib_samples: int, seq_len: int, seed: int,
-                     sparsity: str, bit_widths: str, granularity: str, target_bits: Optional[float],
-                     max_size_mb: Optional[float], block_size: int, clip: str, cca: str, curvature: str,
-                     zero_points: str = "auto", hot_rows: bool = True, lm_loss: str = "kl"):
+def analysis_options(calib: str | None, text_field: str, calib_samples: int, seq_len: int, seed: int,
+                     sparsity: str, bit_widths: str, granularity: str, target_bits: float | None,
+                     max_size_mb: float | None, block_size: int, clip: str, cca: str, curvature: str,
+                     zero_points: str = "auto", hot_rows: bool = True, lm_loss: str = "kl") -> AnalysisOptions:
     from ..passes import AnalysisOptions
     from ..passes.calibration import check_calibration_file
 

@@ -12,19 +12,20 @@ them (`_one_owner_per_use`), and a tied layer left with none is read through its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 from torch import nn
 
 from ..errors import CptqError
-from ..onnx_io.external_data import external_location
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
+from ..onnx_io.external_data import external_location
 
 WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
 
@@ -57,7 +58,7 @@ class LayerMap:
 
 
 def _scope(node: onnx.NodeProto) -> str:
-    return node.name.lstrip("/").rsplit("/", 1)[0].replace("/", ".")
+    return _scope_of_node(node.name)
 
 
 def _matches_scope(layer_name: str, scope: str) -> bool:
@@ -65,7 +66,9 @@ def _matches_scope(layer_name: str, scope: str) -> bool:
 
 
 def _torch_weight(model: nn.Module, layer: Layer) -> np.ndarray:
-    return model.get_submodule(layer.name).weight.detach().float().cpu().numpy()
+    weight = model.get_submodule(layer.name).weight
+    assert isinstance(weight, torch.Tensor)  # a layer of the graph has a weight (nn.Module types it Tensor | Module)
+    return weight.detach().float().cpu().numpy()
 
 
 def _expected_views(layer: Layer, weight: np.ndarray) -> dict[str, np.ndarray]:
@@ -175,7 +178,7 @@ def _one_owner_per_use(mapped: dict[str, LayerMapping], graph: LayerGraph) -> di
         op_type = next(u.op_type for u in mapped[layers[0]].uses if u.node == node)
         scope = _scope_of_node(node)
 
-        def preference(name: str) -> tuple:
+        def preference(name: str) -> tuple[bool, bool, bool, bool, int]:
             layer = graph[name]
             fits = (op_type == "Gather") == (layer.role == ROLE_EMBEDDING)
             return (not fits, name != scope, not _matches_scope(name, scope), layer.tied_to is not None, order[name])
@@ -195,7 +198,8 @@ def _one_owner_per_use(mapped: dict[str, LayerMapping], graph: LayerGraph) -> di
     return read_through
 
 
-def _value_present(views, initializers, array) -> bool:
+def _value_present(views: dict[str, np.ndarray], initializers: dict[str, onnx.TensorProto],
+                   array: Callable[[str], np.ndarray]) -> bool:
     """Whether the weight is stored anywhere in the file (then it is used in a way we cannot rewrite)."""
     shapes = {tuple(v.shape) for v in views.values()}
     for name, init in initializers.items():

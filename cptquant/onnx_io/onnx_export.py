@@ -8,7 +8,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx
 from onnx.external_data_helper import uses_external_data
@@ -16,6 +16,9 @@ from onnx.external_data_helper import uses_external_data
 from ..errors import CptqError
 from ..model_loading import TASK_SEQ2SEQ, LoadedModel
 from .external_data import ExternalDataWriter, read_external
+
+if TYPE_CHECKING:  # torch loads with the exporter, not on import
+    from torch import nn
 
 OPSET = 21
 TWO_GB = 2**31 - 1  # protobuf's limit for one file; above it weights go to external data
@@ -37,7 +40,7 @@ def is_onnx_file(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet():
+def _quiet() -> Iterator[None]:
     """The exporter prints tracer warnings by the hundred; they say nothing to our users."""
     loggers = [logging.getLogger(n) for n in ("optimum", "transformers", "torch.onnx")]
     levels = [lg.level for lg in loggers]
@@ -53,7 +56,7 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _use_cache_restored(model):
+def _use_cache_restored(model: nn.Module) -> Iterator[None]:
     """optimum's seq2seq export turns `use_cache` on in the encoder's own config and leaves it so, after which
     T5's encoder refuses every forward call ("use_cache can only be set to True if T5Stack is used as a
     decoder"): every submodule config's flag goes back as it was."""
@@ -67,7 +70,7 @@ def _use_cache_restored(model):
                 config.use_cache = saved[key]
 
 
-def _post_process_fits(model: Any) -> bool:
+def _post_process_fits(model: nn.Module) -> bool:
     """Whether the model takes the in-memory export path. optimum's post-processing de-duplicates tied weights
     by serializing the whole model in memory, which protobuf refuses above 2 GB (optimum then fails the
     export): above that it is skipped, and the tied head keeps its own copy, which the layer map prices and

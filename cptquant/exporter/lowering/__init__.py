@@ -94,7 +94,10 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     try:
         ir.passes.PassManager(passes(lowering))(ir_model)
     except ir.passes.PassError as exc:
-        raise _user_error(exc) or exc
+        user_error = _user_error(exc)
+        if user_error is None:
+            raise
+        raise user_error from None  # the one line the user reads; the pass manager's wrapping is noise
     _read_kept_weights(ir_model)
     lowered = ir.serde.serialize_model(ir_model)
     _keep_source_layout(lowered, model)

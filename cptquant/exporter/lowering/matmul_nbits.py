@@ -24,7 +24,7 @@ class MatMulToNBits(MatMulLowering):
     storage = BlockedNBits()
 
     def lower(self, site: Site) -> None:
-        lowering, names, lp, base, matmul = self.lowering, self.lowering.names, site.plan, site.base, site.node
+        lowering, names, base, matmul = self.lowering, self.lowering.names, site.base, site.node
         weight_kn = lowering.weight_kn(site)
         qw = self.quantize(site, weight_kn)
         k, n = qw.q.shape

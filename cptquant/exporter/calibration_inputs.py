@@ -1,0 +1,75 @@
+"""What the lowering reads from calibration text: GPTQ's weight quantizer (input Hessians) and the input
+smoothing factors of `--format dynamic` (input peaks). The API measures them (passes/measurements.py) and
+hands them over as `Measurements`, so that the exporter runs no pass itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import CptqError
+from ..layer_graph import ROLE_EMBEDDING, LayerGraph
+from ..model_loading import LoadedModel
+from ..plan import Plan
+from ..quant.weight_quantizers import GPTQ_BITS, Gptq, RoundToNearest
+
+# --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
+# median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
+# MiniLM's FFN inputs have 1-4 such channels (peaks ~28 against a median of ~1.9). At 6 the one extra Mul per
+# such layer cost MiniLM 1-3 % of latency and won back most of the quality that per-tensor activations lose.
+DEFAULT_OUTLIER_RATIO = 6.0
+
+
+class Measurements(Protocol):
+    """What the lowering reads from calibration text; the API builds it (passes/measurements.py), so the
+    exporter runs no pass. `calib` / `text_field` name the text for the report."""
+
+    @property
+    def calib(self) -> str | None: ...
+
+    @property
+    def text_field(self) -> str: ...
+
+    def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                 progress: bool) -> Mapping[str, np.ndarray]: ...
+
+    def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
+                    progress: bool) -> dict[str, np.ndarray]: ...
+
+
+def _needs(calibration: Measurements | None, what: str) -> Measurements:
+    if calibration is None:  # a library caller's mistake: the API always passes one
+        raise CptqError(f"{what} needs calibration measurements (calibration=CalibrationMeasurements(...))")
+    return calibration
+
+
+def weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan,
+                     calibration: Measurements | None, progress: bool) -> RoundToNearest:
+    """Round-to-nearest, or GPTQ for the planned 4-bit MatMul layers (Hessians measured when first asked)."""
+    if algorithm == "rtn":
+        return RoundToNearest()
+    wanted = [name for name, lp in plan.layers.items()
+              if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
+    if not wanted:
+        return Gptq(lambda names: {}, wanted)
+    measured = _needs(calibration, "--algorithm gptq")
+    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted)
+
+
+def input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration: Measurements | None,
+                    ratio: float, progress: bool) -> dict[str, np.ndarray]:
+    """Per-input-channel factors s of each 4/8-bit MatMul layer: sqrt(peak / median peak) where the peak
+    exceeds `ratio` x the median (SmoothQuant's alpha = 0.5, against the median channel), else 1."""
+    names = [name for name, lp in plan.layers.items() if lp.bits < 16 and graph[name].role != ROLE_EMBEDDING]
+    if not names:
+        return {}
+    peaks = _needs(calibration, "--format dynamic with --outlier-ratio").input_peaks(loaded, graph, names, progress)
+    factors = {}
+    for name, peak in peaks.items():
+        median = np.median(peak)
+        if median > 0 and (peak > ratio * median).any():
+            factors[name] = np.where(peak > ratio * median, np.sqrt(peak / median), 1).astype(np.float32)
+    return factors
