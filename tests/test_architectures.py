@@ -199,7 +199,3 @@ def test_encoder_decoder_folder_through_the_command(tmp_path):
     assert "encoder-decoder" in report["verification"]["error"]
     refused = runner.invoke(app, ["verify", str(out), "--quick"])
     assert refused.exit_code == 2 and "encoder-decoder export" in refused.stderr, refused.output
-    budget = runner.invoke(export_app, [str(folder), "--method", "tdmpq", "--max-size-mb", "1", "-o",
-                                        str(tmp_path / "budget"), "--no-progress"])
-    assert budget.exit_code == 2 and "--max-size-mb is not supported for encoder-decoder" in budget.stderr
-    assert not (tmp_path / "budget").exists()
