@@ -80,7 +80,6 @@ class Measurements(Protocol):
 NOT_IN_ONNX = ("no initializer of the exported graph holds its weight (unused by this task's outputs, or folded "
                "into another constant by the exporter)")
 READ_THROUGH = "its weight is tied to {}, which reads it in the ONNX files (quantized as planned there)"
-NO_SEQ2SEQ_VERIFY = "the short verification measures single-file exports; an encoder-decoder export has none yet"
 
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
@@ -285,9 +284,10 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 write_fp16(fp32_dir, fp16_dir)
             if verify:  # measured on the staged folder: nothing is in place before everything is done
                 with steps.step(timings):
-                    verification = ({"error": NO_SEQ2SEQ_VERIFY} if loaded.task == TASK_SEQ2SEQ else
-                                    _short_verification(verify, model_path, loaded,
-                                                        {"fp32": fp32_dir / MODEL_FILE, "fp16": fp16_dir / MODEL_FILE}))
+                    # an encoder-decoder's three files: named by their folder, as its baselines by model.onnx's path
+                    verification = _short_verification(verify, out_dir if loaded.task == TASK_SEQ2SEQ else model_path,
+                                                       loaded, {"fp32": fp32_dir / MODEL_FILE,
+                                                                "fp16": fp16_dir / MODEL_FILE})
             with steps.step(timings):
                 plan_path = out_dir / paths.plan.name
                 plan.save(plan_path)
