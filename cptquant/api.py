@@ -94,7 +94,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
     from .format_choice import format_chooser
-    from .model_loading import TASK_SEQ2SEQ, normalize_task
+    from .model_loading import normalize_task
     from .output_folder import claim_output
     from .passes import check_options
     from .passes.measurements import CalibrationMeasurements
@@ -126,9 +126,6 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads
         loaded = _load(model, tokenizer, task, trust_remote_code)
-        if loaded.task == TASK_SEQ2SEQ and analysis.max_size_mb is not None:
-            raise CptqError("--max-size-mb is not supported for encoder-decoder models: the budget counts each "
-                            "layer once, but the decoder files each store their own copy (use --target-bits)")
         return export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
                                 report_extras=report_extras, verify=short_verification if verify else None,
                                 algorithm=algorithm, calibration=CalibrationMeasurements(analysis),

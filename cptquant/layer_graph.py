@@ -53,6 +53,10 @@ class LayerGraph:
     # head is assumed to (optimum's export with accelerate installed; without it the export may hold a
     # second, transposed copy, which is then priced and written as a weight of its own).
     heads_reading_table: set[str] | None = None
+    # Layers whose weight several ONNX files of the export store (an encoder-decoder's decoder layers in both
+    # decoder files, its shared table in all three) -> how many; set by the exporter. A size budget counts
+    # every copy, since each is bytes in the output folder. Layers not named here are stored once.
+    stored_copies: dict[str, int] = field(default_factory=dict)
 
     def names(self) -> list[str]:
         return [layer.name for layer in self.layers]

@@ -186,12 +186,16 @@ def test_encoder_decoder_generates_like_torch(name, setting, tmp_path):
 
 
 def test_encoder_decoder_folder_through_the_command(tmp_path):
-    """A saved T5 folder through cptq-export (its task detected from the config, --format auto keeping qdq);
-    what an encoder-decoder export cannot do yet is refused in one line: a size budget (the decoder files
-    each store their own copy) and `cptq verify`."""
+    """A saved T5 folder through cptq-export (its task detected from the config, --format auto keeping qdq, the
+    short verification measured on its three files), then `cptq verify` on the folder: teacher-forced quality and
+    generation agreement against FP32 and FP16, the encoder pass and the decode step timed, the report valid;
+    with the baseline cache gone, verify rebuilds it from the local source folder."""
+    import shutil
+
     from typer.testing import CliRunner
 
     from cptquant.cli import app, export_app
+    from cptquant.onnx_io.baselines import baseline_dir
 
     folder = tmp_path / "tiny-t5"
     FAMILIES["t5"].build().save_pretrained(folder)
@@ -202,10 +206,22 @@ def test_encoder_decoder_folder_through_the_command(tmp_path):
     report = json.loads((out / "model.report.json").read_text())
     assert report["task"] == SEQ2SEQ and report["format_choice"]["format"] == "qdq"
     assert set(SEQ2SEQ_FILES) <= {p.name for p in out.iterdir()}
-    assert "encoder-decoder" in report["verification"]["error"]
-    refused = runner.invoke(app, ["verify", str(out), "--quick"])
-    assert refused.exit_code == 2 and "encoder-decoder export" in refused.stderr, refused.output
-    budget = runner.invoke(export_app, [str(folder), "--method", "tdmpq", "--max-size-mb", "1", "-o",
-                                        str(tmp_path / "budget"), "--no-progress"])
-    assert budget.exit_code == 2 and "--max-size-mb is not supported for encoder-decoder" in budget.stderr
-    assert not (tmp_path / "budget").exists()
+    short = report["verification"]
+    assert "error" not in short, short
+    assert short["quality"]["task"] == SEQ2SEQ and short["quality"]["vs_fp32"]["top1_agreement"] >= 0.95
+    assert short["speed"]["variants"]["quantized"]["bytes_on_disk"] == report["model_bytes"]
+    assert _errors("export-report.schema.json", report) == []
+    shutil.rmtree(baseline_dir(out))  # verify rebuilds the FP32/FP16 files from the report's local source
+    verified = runner.invoke(app, ["verify", str(out), "--quick", "--min-speedup", "0", "--no-progress"])
+    assert verified.exit_code == 0, verified.output
+    assert "PASS [cpu] perplexity increase vs fp32" in verified.stdout
+    written = json.loads((out / "verify" / "report.json").read_text())
+    assert _errors("verify-report.schema.json", written) == []
+    cpu = written["eps"]["cpu"]
+    vs = cpu["quality"]["vs_fp32"]
+    assert vs["kl_divergence"] < 0.01 and vs["top1_agreement"] >= 0.95 and vs["generation_exact_match"] >= 0.5
+    assert {"encoder_b1_s16", "encoder_b1_s128", "decode_per_token"} <= set(cpu["speed"]["vs_fp32"]["latency_speedup"])
+    assert written["variants"]["quantized"] == str(out.resolve())
+    strict = runner.invoke(app, ["verify", str(out), "--quick", "--min-speedup", "0", "--max-ppl-increase", "0",
+                                 "--max-kl", "0", "--no-progress"])
+    assert strict.exit_code == 1 and "FAIL [cpu] mean KL divergence from fp32" in strict.stdout, strict.output

@@ -216,6 +216,26 @@ def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, metho
     assert report["analysis"]["method"] == method and report["analysis"]["cost_fpe"][method] > 0
 
 
+# Between all-4-bit (0.580 MB as priced) and all-8-bit (0.844 MB) for the tiny T5 of cptquant/tiny_families.py.
+def test_encoder_decoder_export_meets_its_size_budget_on_disk(tmp_path):
+    """The budget counts every byte of the output's ONNX files: a decoder layer once per decoder file that stores
+    it, the shared table once per file; what lands on disk is within the budget and close to it."""
+    from cptquant.tiny_families import FAMILIES
+
+    folder = tmp_path / "tiny-t5"
+    FAMILIES["t5"].build().save_pretrained(folder)
+    budget_mb = 0.62
+    out = tmp_path / "out"
+    result = run_export(str(folder), "--method", "tdmpq", "--max-size-mb", str(budget_mb), "--calib-samples", "8",
+                        "--seq-len", "32", "-o", str(out), "--no-verify")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "model.report.json").read_text())
+    on_disk = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".onnx" or ".onnx" in p.name)
+    assert report["model_bytes"] == on_disk
+    assert 0.97 * budget_mb * 1e6 <= on_disk <= budget_mb * 1e6, on_disk
+    assert len({entry["bits"] for entry in report["layers"].values()}) >= 2  # a real trade-off was made
+
+
 def test_same_seed_same_plan_bytes(opt_folder, tmp_path):
     plans = []
     for name in ("a", "b"):

@@ -17,7 +17,16 @@ from cptquant.exporter.lowering.gemm_to_matmul import GemmToMatMul
 from cptquant.exporter.lowering.matmul_qdq import MatMulToBlockedDq
 from cptquant.passes.allocate import unit_bytes
 from cptquant.plan import LayerPlan, Plan
-from cptquant.quant.storage import FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ, NODE_BYTES, WeightShape, weight_nbytes
+from cptquant.quant.storage import (
+    FORMAT_DYNAMIC,
+    FORMAT_NBITS,
+    FORMAT_QDQ,
+    FP16_NODE_BYTES,
+    NODE_BYTES,
+    ZERO_POINT_NODE_BYTES,
+    WeightShape,
+    weight_nbytes,
+)
 
 ROWS, HIDDEN, FFN = 200, 64, 96
 USES = {"emb": [WeightUse("/emb/Gather", "Gather", "table", None, "out_in")],
@@ -66,7 +75,9 @@ def test_bytes_written_are_the_storage_models(fmt, bits, symmetric):
     total = unit_bytes(list(SHAPES.values()), bits, 32, "never" if symmetric else "always", fmt)
     written = sum(r.bytes_after for r in lowered.layers.values())
     expansions = 3 * sum(not s.table for s in SHAPES.values()) if fmt == FORMAT_DYNAMIC and bits == 4 else 0
-    assert 0 <= total - written <= NODE_BYTES * (1 + expansions) + sum(4 * s.k for s in SHAPES.values() if not s.table)
+    names = (FP16_NODE_BYTES if bits == 16 else 0 if symmetric else ZERO_POINT_NODE_BYTES) * len(SHAPES)
+    assert 0 <= total - written <= (NODE_BYTES * (1 + expansions) + names
+                                    + sum(4 * s.k for s in SHAPES.values() if not s.table))
 
 
 def test_hot_row_tables_are_priced_as_written():

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult
-from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_TOKEN_CLASSIFICATION
+from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ, TASK_TOKEN_CLASSIFICATION
 from . import options, user_errors
 
 
@@ -61,7 +61,8 @@ def print_summary(result: ExportResult, console: Console) -> None:
         # n_examples counts scored tokens for language models, texts for the other tasks
         unit = {TASK_CAUSAL_LM: "tokens of held-out text",
                 TASK_MASKED_LM: "masked tokens of held-out text",
-                TASK_TOKEN_CLASSIFICATION: "tokens of held-out text"}.get(verification["quality"]["task"], "held-out texts")
+                TASK_TOKEN_CLASSIFICATION: "tokens of held-out text",
+                TASK_SEQ2SEQ: "teacher-forced tokens of held-out text"}.get(verification["quality"]["task"], "held-out texts")
         console.print(
             f"vs FP32 on {verification['quality']['n_examples']} {unit}: {quality}\n"
             f"CPU latency speed-up (p50, {verification['device']}): "

@@ -7,6 +7,8 @@ budgets are exact.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +64,16 @@ def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict
                                 for name in unused})
     graph.fixed_bytes = sum(_fixed_bytes(fp32_dir, name, proto, layer_maps[name]) for name, proto in protos.items())
     graph.heads_reading_table = set().union(*(_heads_reading_table(graph, m) for m in layer_maps.values()))
+    graph.stored_copies = stored_copies(graph, layer_maps.values())
     return graph, layer_maps, absent
+
+
+def stored_copies(graph: LayerGraph, layer_maps: Iterable[LayerMap]) -> dict[str, int]:
+    """Layers not stored exactly once -> how many files store their weight, each its own copy, which a size
+    budget counts: an encoder-decoder's decoder layers are in both decoders, and a tie's owner that no file
+    reads by its own name (BART's model.shared, read as the token embeddings) is stored as those."""
+    counts = Counter(name for layer_map in layer_maps for name in layer_map.mapped)
+    return {layer.name: counts[layer.name] for layer in graph.layers if counts[layer.name] != 1}
 
 
 def _heads_reading_table(graph: LayerGraph, layer_map: LayerMap) -> set[str]:

@@ -22,7 +22,7 @@ import numpy.typing as npt
 
 from ..errors import CptqError
 from ..plan import symmetric_for
-from ..quant.storage import NODE_BYTES, WeightShape, weight_nbytes
+from ..quant.storage import FP16_NODE_BYTES, NODE_BYTES, ZERO_POINT_NODE_BYTES, WeightShape, weight_nbytes
 
 KHM_P = 3.5
 MB = 1_000_000  # size budgets are decimal megabytes, like file sizes
@@ -78,20 +78,26 @@ def cluster_bits(scores: dict[str, float], bit_widths: tuple[int, ...], seed: in
 def unit_bytes(weights: Sequence[WeightShape], bits: int, block_size: int, zero_points: str = "auto",
                weight_format: str = "qdq") -> int:
     """Bytes the exporter writes for a unit's weights at `bits` (quant/storage.py), plus its nodes and
-    names (`NODE_BYTES`, and as much again for a table's hot-row lookup)."""
-    if bits >= 16:
-        return sum(weight_nbytes(w, bits, block_size, True, weight_format) for w in weights)
+    names (`NODE_BYTES`, and as much again for a table's hot-row lookup). A weight that several ONNX files
+    store (`WeightShape.copies`: an encoder-decoder's decoder layers) counts once per file, nodes included."""
+    if bits >= 16:  # a tied head reads its table's FP16 copy through the table's Cast
+        return sum(w.copies * (weight_nbytes(w, bits, block_size, True, weight_format)
+                               + (0 if w.tied_head else FP16_NODE_BYTES)) for w in weights)
     symmetric = symmetric_for(bits, zero_points)
-    nbytes = sum(weight_nbytes(w, bits, block_size, symmetric, weight_format) for w in weights)
+    nbytes = sum(w.copies * weight_nbytes(w, bits, block_size, symmetric, weight_format) for w in weights)
     # Measured on a tiny OPT (the longest layer names of the test models): a hot-row lookup's ten nodes take
     # ~2.1 KB; a tied head's MatMulNBits with the Reshape/Cast nodes adapting a table's tensors ~0.8 KB per
     # table read, its Concat and Gather back to vocabulary order ~0.2 KB.
-    hot_tables = sum(1 for w in weights if w.table and w.hot_rows and bits == 4)
-    tables_read = sum(2 if w.hot_rows and bits == 4 else 1 for w in weights if w.tied_head)
-    heads_hot = sum(1 for w in weights if w.tied_head and w.hot_rows and bits == 4)
+    hot_tables = sum(w.copies for w in weights if w.table and w.hot_rows and bits == 4)
+    tables_read = sum(w.copies * (2 if w.hot_rows and bits == 4 else 1) for w in weights if w.tied_head)
+    heads_hot = sum(w.copies for w in weights if w.tied_head and w.hot_rows and bits == 4)
     # --format dynamic at 4 bits: the constant-folded int8 expansion of each MatMul weight, ~1.7 KB of nodes.
-    expansions = sum(1 for w in weights if not w.table and not w.tied_head) if weight_format == "dynamic" and bits == 4 else 0
-    return nbytes + NODE_BYTES * (1 + 4 * hot_tables + 2 * tables_read + heads_hot + 3 * expansions)
+    expansions = (sum(w.copies for w in weights if not w.table and not w.tied_head)
+                  if weight_format == "dynamic" and bits == 4 else 0)
+    files = max((w.copies for w in weights), default=1)  # the unit's own nodes, in each file that stores it
+    zero_points_named = 0 if symmetric else sum(w.copies for w in weights)
+    return (nbytes + NODE_BYTES * (files + 4 * hot_tables + 2 * tables_read + heads_hot + 3 * expansions)
+            + ZERO_POINT_NODE_BYTES * zero_points_named)
 
 
 def predicted_damage(score: float, bits: int) -> float:

@@ -59,7 +59,8 @@ def stored_weight_shape(graph: LayerGraph, layer: Layer, hot_rows: dict[str, lis
     reads_table = bool(layer.tied_to) and (graph.heads_reading_table is None
                                            or layer.name in graph.heads_reading_table)
     hot = len(hot_rows.get(layer.tied_to or layer.name, ())) if table or reads_table else 0
-    return WeightShape(layer.in_features, layer.out_features, table, hot, tied_head=reads_table)
+    return WeightShape(layer.in_features, layer.out_features, table, hot, tied_head=reads_table,
+                       copies=graph.stored_copies.get(layer.name, 1))
 
 
 def weight_param(model: torch.nn.Module, layer: Layer) -> torch.nn.Parameter:

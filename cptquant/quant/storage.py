@@ -39,6 +39,12 @@ LOW_BIT_KERNELS = (KERNEL_MATMUL_NBITS, KERNEL_GATHER_BQ, KERNEL_DYNAMIC)
 # layer measured on a tiny OPT in --format qdq, whose layer names are long, plus a margin; 256 before, which let a size
 # budget be overshot by 1 %).
 NODE_BYTES = 640
+# What an asymmetric weight's zero-point tensor adds besides its bytes: its initializer's name and header
+# (~110 bytes per layer measured on a tiny T5 at 4 bits, whose zero points the 8-bit layers of the OPT above lack).
+ZERO_POINT_NODE_BYTES = 128
+# A 16-bit weight's Cast back to float32 and the names of its FP16 initializer and cast output (~230 bytes per
+# layer measured on a tiny T5).
+FP16_NODE_BYTES = 256
 
 _DTYPE_BITS = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "int32": 32, "int64": 64,
                "float16": 16, "float32": 32}
@@ -328,6 +334,7 @@ class WeightShape:
     table: bool = False
     hot_rows: int = 0  # a table's rows kept at 8 bits when it is at 4 (a tied head: its table's)
     tied_head: bool = False  # an LM head that shares a token embedding's parameter (the table is priced there)
+    copies: int = 1  # ONNX files of the export that each store it (an encoder-decoder's decoders: 2)
 
 
 def weight_nbytes(weight: WeightShape, bits: int, block_size: int, symmetric: bool, weight_format: str) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 import onnx
 
 from ..errors import CptqError
-from ..model_loading import TASKS, LoadedModel
+from ..model_loading import TASK_SEQ2SEQ, TASKS, LoadedModel
 from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import console
 from ..safety import check_file_hashes, refuse_custom_code
@@ -77,6 +77,29 @@ def check_model_file(model_path: Path) -> tuple[tuple[str, ...], tuple[str, ...]
     return tuple(i.name for i in model.graph.input), tuple(o.name for o in model.graph.output)
 
 
+def model_files(model_path: Path, task: str) -> list[Path]:
+    """The ONNX files of the variant named by `model_path`: that file, or an encoder-decoder export's three
+    files beside it (optimum's names; the export, its report and its baseline cache keep the model's name)."""
+    if task == TASK_SEQ2SEQ:
+        return [model_path.parent / name for name in SEQ2SEQ_FILES]
+    return [model_path]
+
+
+def check_variant(model_path: Path, task: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """check_model_file over every file of a variant; several files' input and output names are each
+    prefixed by their file's name, so that two variants match only file by file."""
+    files = model_files(model_path, task)
+    if len(files) == 1:
+        return check_model_file(files[0])
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for path in files:
+        file_inputs, file_outputs = check_model_file(path)
+        inputs += [f"{path.name}:{name}" for name in file_inputs]
+        outputs += [f"{path.name}:{name}" for name in file_outputs]
+    return tuple(inputs), tuple(outputs)
+
+
 def _export_files(folder: Path) -> tuple[Path, Path]:
     """(model, report) of the export in `folder`: model.onnx and model.report.json, or else the one
     NAME.onnx with a NAME.report.json beside it (what `cptq-export -o folder/NAME.onnx` writes)."""
@@ -84,7 +107,7 @@ def _export_files(folder: Path) -> tuple[Path, Path]:
     if default[0].exists() or default[1].exists():
         return default
     pairs = [(folder / (r.name[: -len(".report.json")] + ".onnx"), r) for r in sorted(folder.glob("*.report.json"))]
-    pairs = [pair for pair in pairs if pair[0].is_file()]
+    pairs = [pair for pair in pairs if pair[0].is_file() or (folder / SEQ2SEQ_FILES[0]).is_file()]
     if len(pairs) > 1:
         raise CptqError(f"{folder} holds several exports ({', '.join(m.name for m, _ in pairs)}); "
                         "give the .onnx file of the one to verify")
@@ -104,10 +127,7 @@ def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust
         model_path, report_path = _export_files(folder)
     refuse_custom_code(folder, trust_remote_code)  # before any transformers loader could import or prompt
     if loaded is None:  # during an export the report is written after this check
-        if not model_path.is_file() and (folder / SEQ2SEQ_FILES[0]).is_file():
-            raise CptqError(f"{folder} is an encoder-decoder export ({', '.join(SEQ2SEQ_FILES)}); cptq verify "
-                            "measures single-file exports only")
-        if not report_path.is_file() or not model_path.is_file():
+        if not report_path.is_file():
             missing = [p.name for p in (model_path, report_path) if not p.is_file()]
             raise CptqError(f"{folder} is not a cptquant output folder (missing {', '.join(missing)})")
         try:
@@ -117,10 +137,13 @@ def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust
             raise CptqError(f"{report_path} is not a cptquant report (unreadable JSON or no \"task\")") from None
         if task not in TASKS:
             raise CptqError(f"{report_path}: unknown task {task!r}")
+        missing = [p.name for p in model_files(model_path, task) if not p.is_file()]
+        if missing:
+            raise CptqError(f"{folder} is not a cptquant output folder (missing {', '.join(missing)})")
     else:
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         task = loaded.task
-    signature = check_model_file(model_path)
+    signature = check_variant(model_path, task)
     if loaded is not None:
         config = loaded.config
     else:
@@ -207,7 +230,7 @@ def _cache_problem(cache: Path, out: OutputFolder) -> str | None:
     from ..onnx_io.baselines import read_fingerprint
 
     fp32 = cache / "fp32" / MODEL_FILE
-    if not fp32.is_file():
+    if not all(path.is_file() for path in model_files(fp32, out.task)):
         return "is missing"
     why = _stale_or_unreadable(fp32, out)
     if why:
@@ -223,7 +246,7 @@ def _cache_problem(cache: Path, out: OutputFolder) -> str | None:
 
 
 def _stale_or_unreadable(path: Path, out: OutputFolder) -> str | None:
-    if not path.is_file():
+    if not all(p.is_file() for p in model_files(path, out.task)):
         return "missing"
     try:
         return _stale_reason(path, out)
@@ -233,7 +256,7 @@ def _stale_or_unreadable(path: Path, out: OutputFolder) -> str | None:
 
 def _stale_reason(path: Path, out: OutputFolder) -> str | None:
     """Why the baseline at `path` is not one of this export's model, or None when its inputs and outputs match."""
-    inputs, outputs = check_model_file(path)
+    inputs, outputs = check_variant(path, out.task)
     if not out.signature or (set(inputs), set(outputs)) == (set(out.signature[0]), set(out.signature[1])):
         return None
     if set(inputs) != set(out.signature[0]):

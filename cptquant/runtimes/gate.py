@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CptqError
-from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_FEATURES, TASK_MASKED_LM
+from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_FEATURES, TASK_MASKED_LM, TASK_SEQ2SEQ
 from ..output_folder import VERIFY_CANDIDATE
 from .speed_gate import INCONCLUSIVE, PASS
 
@@ -77,7 +77,7 @@ class Check:
 def gate(ep: str, measured: dict[str, Any], task: str, baseline: str, thresholds: Thresholds) -> list[Check]:
     vs_quality = measured["quality"][f"vs_{baseline}"]
     checks = []
-    if task == TASK_CAUSAL_LM:
+    if task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ):  # an encoder-decoder: teacher-forced (runtimes/seq2seq.py)
         checks.append(Check(ep, f"perplexity increase vs {baseline}", vs_quality["ppl_increase"],
                             thresholds.max_ppl_increase, True, percent=True))
         if thresholds.max_kl is not None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import onnxruntime as ort
 
 from ..errors import CptqError
-from ..model_loading import TASK_CLASSIFICATION, LoadedModel
+from ..model_loading import TASK_CLASSIFICATION, TASK_SEQ2SEQ, LoadedModel
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
 from ..reports import VerifyReport
 from ..version import __version__
@@ -28,6 +28,7 @@ from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_ou
 from .gate import Check, Thresholds, gate
 from .memory import measure_peak_rss
 from .quality import EvalSet, QualitySettings, TextEncoder, measure_quality
+from .seq2seq import open_seq2seq_sessions, seq2seq_latency, seq2seq_probes, seq2seq_quality
 from .speed import SpeedSettings, measure_latency, speedups
 from .speed_gate import GateSettings, figure_probes, paired_log_ratios, speed_interval
 
@@ -89,12 +90,17 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
     """Quality and speed of the candidate and every baseline on one adapter, ratios included.
     `gated` (baseline, threshold, settings): that baseline's speed-up interval is measured until it is
     narrow or clear of the threshold (speed_gate.py); the others get the interval of the rounds taken."""
-    sessions, facts = open_sessions(adapter, variants, out.config)
+    # An encoder-decoder export is three files per variant, measured by runtimes/seq2seq.py; the rest is shared.
+    by_files = out.task == TASK_SEQ2SEQ
+    open_all, quality_of, latency_of, probes_of = ((open_seq2seq_sessions, seq2seq_quality, seq2seq_latency,
+                                                    seq2seq_probes) if by_files else
+                                                   (open_sessions, measure_quality, measure_latency, figure_probes))
+    sessions, facts = open_all(adapter, variants, out.config)
     encoder = TextEncoder(out.folder, out.config, out.trust_remote_code)
-    quality = measure_quality(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
-                              CANDIDATE, progress)
+    quality = quality_of(out.task, adapter, sessions, encoder, out.config, quality_settings, eval_set,
+                         CANDIDATE, progress)
     rounds: dict[str, dict[str, list[float]]] = {}
-    latency = measure_latency(out.task, adapter, sessions, out.config, speed_settings, progress, rounds)
+    latency = latency_of(out.task, adapter, sessions, out.config, speed_settings, progress, rounds)
     speed: dict[str, Any] = {"variants": {name: {**facts[name], "latency": latency[name]} for name in variants},
              "settings": asdict(speed_settings), "interleaved": True}
     cand = facts[CANDIDATE]
@@ -110,7 +116,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
         }
         if gated is not None:
             baseline, threshold, gate_settings = gated
-            probes = (figure_probes(out.task, adapter, sessions, out.config, speed_settings) if base == baseline
+            probes = (probes_of(out.task, adapter, sessions, out.config, speed_settings) if base == baseline
                       else None)
             interval = speed_interval(paired_log_ratios(rounds, CANDIDATE, base), threshold, gate_settings, probes,
                                       CANDIDATE, base)
@@ -171,7 +177,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         baseline=baseline,
         quick=quick,
         thresholds=asdict(thresholds),
-        variants={name: str(path) for name, path in variants.items()},
+        variants={name: str(path.parent if out.task == TASK_SEQ2SEQ else path) for name, path in variants.items()},
         eps=per_ep,
         skipped_eps=skipped,
         checks=[c.to_dict() for c in result.checks],
