@@ -421,3 +421,29 @@ def test_encoder_decoder_replays_its_encoder_blocks_exactly(family):
         assert replay.kept == [0, 1] and replay.base_loss == full.base_loss
         assert oracle_scores(model, graph, calib, loss, granularity="layer", replay=replay, progress=False) == \
             oracle_scores(model, graph, calib, loss, granularity="layer", replay=full, progress=False)
+
+
+def test_one_export_calibrates_once_and_rereads_a_changed_file(tmp_path):
+    """The plan's pass, GPTQ, smoothing and hot rows share one CalibrationSet per model and spec."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from cptquant.model_loading import embedded_model_path
+    from cptquant.passes.calibration import calibration_for
+
+    loaded = wrap_model(tiny_bert(), tokenizer=AutoTokenizer.from_pretrained(embedded_model_path()))
+    options = AnalysisOptions(calib_samples=8, seq_len=16)
+    first = calibration_for(loaded, options)
+    assert calibration_for(loaded, AnalysisOptions(calib_samples=8, seq_len=16)) is first
+    assert calibration_for(loaded, AnalysisOptions(calib_samples=8, seq_len=16, seed=1)) is not first
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n".join(f"Sentence {i} is about the first topic of the file." for i in range(12)))
+    from_file = calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16))
+    assert calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16)) is from_file
+    text.write_text("\n".join(f"Line {i} now says something else entirely, and longer than before." for i in range(12)))
+    os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 1_000_000))
+    again = calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16))
+    assert again is not from_file
+    assert not torch.equal(again.batches[0]["input_ids"], from_file.batches[0]["input_ids"])

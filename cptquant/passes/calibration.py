@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -219,9 +220,30 @@ def build_calibration(loaded: LoadedModel, calib: str | None = None, text_field:
     return CalibrationSet(_batched(rows, pad_id), source, seq_len, {"samples": len(rows), "seed": seed})
 
 
+# Calibration sets already built, per torch model: one export calibrates once, and the plan's pass, GPTQ's
+# Hessians, input smoothing and hot rows all read the same batches (no reader changes them in place).
+_BUILT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[object, ...], CalibrationSet]] = \
+    weakref.WeakKeyDictionary()
+
+
 def calibration_for(loaded: LoadedModel, spec: CalibrationSpec) -> CalibrationSet:
-    """`build_calibration` with the text and amounts that `spec` (AnalysisOptions) names."""
-    return build_calibration(loaded, spec.calib, spec.text_field, spec.calib_samples, spec.seq_len, spec.seed)
+    """`build_calibration` with the text and amounts that `spec` (AnalysisOptions) names, built once per
+    model and spec (a calibration file is read again when it changed since)."""
+    key = (spec.calib, _file_state(spec.calib), spec.text_field, spec.calib_samples, spec.seq_len, spec.seed,
+           loaded.task, id(loaded.tokenizer))
+    built = _BUILT.setdefault(loaded.model, {})
+    if key not in built:
+        built[key] = build_calibration(loaded, spec.calib, spec.text_field, spec.calib_samples, spec.seq_len,
+                                       spec.seed)
+    return built[key]
+
+
+def _file_state(calib: str | None) -> tuple[int, int] | None:
+    try:
+        stat = Path(calib).stat() if calib else None
+    except (OSError, ValueError):  # a dataset name, not a file
+        return None
+    return (stat.st_mtime_ns, stat.st_size) if stat is not None else None
 
 
 def calibration_subset(calib: CalibrationSet, fraction: float) -> CalibrationSet:
