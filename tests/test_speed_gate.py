@@ -86,7 +86,7 @@ def test_the_bench_slower_model_computes_the_same_outputs(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from cptquant.bench.verify_gate import _write_repeated_matmuls
+    from cptquant.bench.verify_gate import write_repeated_matmuls
 
     w = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
@@ -94,7 +94,7 @@ def test_the_bench_slower_model_computes_the_same_outputs(tmp_path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])],
                               [numpy_helper.from_array(w, "w")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
-    _write_repeated_matmuls(tmp_path / "fp32.onnx", tmp_path / "slow.onnx")
+    write_repeated_matmuls(tmp_path / "fp32.onnx", tmp_path / "slow.onnx")
     slow = onnx.load(str(tmp_path / "slow.onnx"))
     assert [n.op_type for n in slow.graph.node].count("MatMul") == 3
     assert len({i for n in slow.graph.node if n.op_type == "MatMul" for i in n.input[1:]}) == 3

@@ -71,7 +71,7 @@ def build_exports(root: Path, log: Callable[[str], object] = print) -> tuple[Pat
     shutil.rmtree(slow, ignore_errors=True)
     shutil.copytree(fast, slow, ignore=shutil.ignore_patterns("verify"))
     cache = baseline_dir(fast)
-    _write_repeated_matmuls(cache / "fp32" / "model.onnx", slow / "model.onnx")
+    write_repeated_matmuls(cache / "fp32" / "model.onnx", slow / "model.onnx")
     report = json.loads((slow / "model.report.json").read_text())
     report["sha256"]["model.onnx"] = file_sha256(slow / "model.onnx")  # cptq verify checks it
     report["files"]["model.onnx"] = (slow / "model.onnx").stat().st_size
@@ -82,7 +82,7 @@ def build_exports(root: Path, log: Callable[[str], object] = print) -> tuple[Pat
     return fast, slow, fmt
 
 
-def _write_repeated_matmuls(fp32: Path, out: Path, copies: int = 3) -> None:
+def write_repeated_matmuls(fp32: Path, out: Path, copies: int = 3) -> None:
     """Every MatMul with a constant weight W becomes (x @ W + x @ W' + ...) / copies, each W' a separate copy of
     W (ORT merges identical nodes, not nodes reading different initializers)."""
     import onnx
