@@ -33,6 +33,7 @@ from ..safety import file_sha256
 from ..seq2seq_inputs import decoder_reads_input
 from ..onnx_io.baselines import (baseline_dir, baseline_fingerprint, remove_legacy_baselines, side_files,
                                  write_fingerprint, write_fp16)
+from .attention_fusion import ATTENTION_CHOICES, ATTENTION_GQA, AttentionChoice, attention_for_export
 from .genai_config import write_genai_config
 from .graph_check import GraphCheck, check_kernels
 from .layer_map import LayerMap, build_layer_map
@@ -182,7 +183,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                      verify: Verifier | None = None, algorithm: str = "rtn",
                      calibration: Measurements | None = None,
                      outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
-                     choose_format: FormatChooser | None = None) -> ExportResult:
+                     choose_format: FormatChooser | None = None, attention: str = ATTENTION_GQA) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
     `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
@@ -190,9 +191,13 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     verification), its CPU figures against the FP32/FP16 baselines join the report too. With `fmt` dynamic
     and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
     each layer's int8 product. With `fmt` auto, `choose_format` measures the format on the FP32 export.
+    `attention` gqa: a Llama/Mistral/Qwen2 decoder's attention becomes GroupQueryAttention where it gives the
+    FP32 export's outputs (exporter/attention_fusion.py); optimum: kept as optimum wrote it.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if attention not in ATTENTION_CHOICES:
+        raise CptqError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if fmt == FORMAT_AUTO and choose_format is None:
         raise CptqError("--format auto needs a format chooser (cptquant/format_choice.py)")
     paths = resolve_output(out, force, loaded.source)
@@ -227,6 +232,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     format_choice = choose_format(loaded, whole, graph, first_uses, fp32_dir, tmp / "format-probes")
                     del whole
                     fmt = format_choice.format
+                fused: AttentionChoice | None = None
+                if loaded.task == TASK_CAUSAL_LM and len(files) == 1:  # proved on the FP32 export (a few seconds)
+                    fused = attention_for_export(attention, loaded, model_proto, fp32_dir / files[0][0],
+                                                 layer_maps[files[0][0]].uses(), base_dirs[files[0][0]], tmp)
+                spec = fused.spec if fused is not None else None
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -240,7 +250,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 per_file = {}  # file -> its layers as lowered
                 for name, out_name in files:
                     lowered = lower_model(protos.pop(name), layer_maps[name].uses(), plan, KernelChoice(fmt),
-                                          quantizer, smoothing, base_dir=base_dirs[name])
+                                          quantizer, smoothing, base_dir=base_dirs[name], attention=spec)
                     per_file[name] = lowered.layers
                     save_onnx(lowered.model, out_dir / out_name)
                     del lowered
@@ -258,7 +268,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                         repaired = graph_check.unfused
                         kernels = KernelChoice(fmt, {layer: FORMAT_NBITS for layer in repaired})
                         source, base_dir = load_onnx_lazily(fp32_dir / name)
-                        lowered = lower_model(source, uses, plan, kernels, quantizer, smoothing, base_dir=base_dir)
+                        lowered = lower_model(source, uses, plan, kernels, quantizer, smoothing, base_dir=base_dir,
+                                              attention=spec)
                         per_file[name] = rewritten = lowered.layers
                         save_onnx(lowered.model, out_dir / out_name)
                         del lowered
@@ -292,6 +303,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                       [name for name, _ in files])
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
+                report.attention = fused.note if fused is not None else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None
                 report.model_files = [out_name for _, out_name in files] if len(files) > 1 else None
                 if read_text:  # what `cptq verify --eval` must not overlap (None: the offline corpus)

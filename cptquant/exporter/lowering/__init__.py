@@ -31,13 +31,14 @@ from .fp16_factors import StoreFactorsAsFp16
 from .fp16_weights import StoreWeightsAsFp16
 from .gather_block_quantized import GatherToBlockQuantized
 from .gemm_to_matmul import GemmToMatMul
+from .group_query_attention import AttentionSpec, GroupQueryAttentionFusion
 from .matmul_dynamic import MatMulToDynamicQuantize
 from .matmul_nbits import MatMulToNBits
 from .matmul_qdq import MatMulToBlockedDq
 from .smooth_inputs import SmoothInputs
 from .tied_head import TiedHeadFromTable
 
-__all__ = ["KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
+__all__ = ["AttentionSpec", "KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
 
 
 @dataclass
@@ -77,7 +78,7 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
                 kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                 smoothing: Mapping[str, np.ndarray] | None = None,
                 passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes,
-                base_dir: Path | None = None) -> Lowered:
+                base_dir: Path | None = None, attention: AttentionSpec | None = None) -> Lowered:
     """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.
 
     `kernels` chooses how each layer's 4/8-bit MatMul weights are written (--format, or per layer);
@@ -86,10 +87,17 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     channels down before the int8 product of `--format dynamic` layers. `passes` makes the pass list.
     `base_dir`: where `model`'s external weights lie when it was loaded without them (a model over 2 GB):
     each is memory-mapped when read, and what the plan keeps in FP32 is read into the result at the end.
+    `attention`: a decoder's attention is first rewritten into GroupQueryAttention (group_query_attention.py;
+    exporter/attention_fusion.py decides it), before the weights are lowered.
     """
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
+    if attention is not None:
+        try:
+            ir.passes.PassManager([GroupQueryAttentionFusion(attention)])(ir_model)
+        except ir.passes.PassError as exc:
+            raise _user_error(exc) or exc
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     try:
         ir.passes.PassManager(passes(lowering))(ir_model)
