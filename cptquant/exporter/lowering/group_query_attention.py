@@ -31,7 +31,7 @@ on a prefill and decode steps and keeps the original when they differ.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,7 +117,7 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
         self.graph = graph
         self.taken = {node.name for node in graph} | {v.name for node in graph for v in node.outputs}
         self.taken |= set(graph.initializers) | {v.name for v in graph.inputs}
-        inputs = {value.name: value for value in graph.inputs}
+        inputs = {value.name: value for value in graph.inputs if value.name is not None}
         outputs = {value.name: value for value in graph.outputs}
         nodes = {node.name: node for node in graph}
         shared = _Shared(self, inputs)
@@ -125,13 +125,13 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
             q, k, v = (_projection(nodes[name]) for name in (layer.q, layer.k, layer.v))
             o_proj = nodes[layer.o]
             base = f"/model/layers.{layer.index}/self_attn"
-            new = [self._node(ROTARY, [q, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/q_rotary", MS_DOMAIN),
-                   self._node(ROTARY, [k, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/k_rotary", MS_DOMAIN)]
+            new = [self._node(ROTARY, [q, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/q_rotary", domain=MS_DOMAIN),
+                   self._node(ROTARY, [k, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/k_rotary", domain=MS_DOMAIN)]
             attention = self._node(
                 GQA, [new[0].outputs[0], new[1].outputs[0], v, inputs[f"past_key_values.{layer.index}.key"],
                       inputs[f"past_key_values.{layer.index}.value"], shared.seqlens_k, shared.total_length,
-                      None, None, None, shared.bias], f"{base}/{GQA}", MS_DOMAIN, outputs=3,
-                num_heads=spec.num_heads, kv_num_heads=spec.kv_num_heads)
+                      None, None, None, shared.bias], f"{base}/{GQA}", domain=MS_DOMAIN, outputs=3,
+                attributes={"num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads})
             new.append(attention)
             graph.insert_before(o_proj, new)
             o_proj.replace_input_with(0, attention.outputs[0])
@@ -152,10 +152,10 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
         self.taken.add(name)
         return name
 
-    def _node(self, op: str, inputs: Sequence[ir.Value | None], name: str, domain: str = "", outputs: int = 1,
-              **attributes: AttrValue) -> ir.Node:
+    def _node(self, op: str, inputs: Sequence[ir.Value | None], name: str, *, domain: str = "", outputs: int = 1,
+              attributes: Mapping[str, AttrValue] | None = None) -> ir.Node:
         name = self._unique(name)
-        attrs = [ir.convenience.convert_attribute(key, value) for key, value in sorted(attributes.items())]
+        attrs = [ir.convenience.convert_attribute(key, value) for key, value in sorted((attributes or {}).items())]
         outs = [ir.Value(name=self._unique(f"{name}_output_{i}")) for i in range(outputs)]
         return ir.Node(domain, op, list(inputs), attrs, outputs=outs, name=name)
 
@@ -175,7 +175,7 @@ class _Shared:
         nodes: list[ir.Node] = []
 
         def add(op: str, args: Sequence[ir.Value | None], what: str, **attrs: AttrValue) -> ir.Value:
-            nodes.append(node(op, args, f"{base}/{what}", **attrs))
+            nodes.append(node(op, args, f"{base}/{what}", attributes=attrs))
             return nodes[-1].outputs[0]
 
         # cos/sin [max positions, head_dim / 2] as transformers computes them (positions x inverse
