@@ -101,9 +101,29 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     assert note["kernel"] == "GroupQueryAttention" and note["layers"] == loaded.model.config.num_hidden_layers
     assert kept.report["attention"] == {"kernel": "optimum", "why": "--attention optimum"}
     ops = collections.Counter(n.op_type for n in onnx.load(str(fused.paths.model)).graph.node)
-    assert ops["GroupQueryAttention"] == loaded.model.config.num_hidden_layers
+    layers = loaded.model.config.num_hidden_layers
+    assert ops["GroupQueryAttention"] == layers
     assert fused.report["graph_check"]["unfused"] == []
     assert fused.report["files"]["model.onnx"] < kept.report["files"]["model.onnx"]
+    # q/k/v and gate/up read one input each: one MatMulNBits per group (fused_kernels.py), per layer 4 of 7
+    kernels = fused.report["graph_check"]["kernels"]
+    assert kernels["MatMulNBits(bits=8)"] == 4 * layers + 1  # + the LM head
+    assert kept.report["graph_check"]["kernels"]["MatMulNBits(bits=8)"] == 7 * layers + 1
+    assert ops["Split"] == 2 * layers
+    logits = [_logits(result.paths.model) for result in (fused, kept)]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5 * max(1.0, float(np.abs(logits[1]).max())))
+
+
+def _logits(path) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = np.arange(5, 17, dtype=np.int64)[None]
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(12, dtype=np.int64)[None]}
+    for value in session.get_inputs():
+        if value.name.startswith("past_key_values."):
+            feeds[value.name] = np.zeros((1, 2, 0, 16), np.float32)
+    return session.run(["logits"], feeds)[0]
 
 
 @pytest.mark.parametrize("name,why", [("qwen3", "not qwen3"), ("gemma2", "not gemma2")])

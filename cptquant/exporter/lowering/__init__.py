@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from ...plan import Plan
+from ...quant.storage import FORMAT_NBITS, FORMAT_QDQ
 from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 from .base import LoweringPass
@@ -29,6 +30,7 @@ from .context import MS_DOMAIN, KernelChoice, Lowering
 from .finish import Finish
 from .fp16_factors import StoreFactorsAsFp16
 from .fp16_weights import StoreWeightsAsFp16
+from .fused_kernels import FuseSiblingKernels
 from .gather_block_quantized import GatherToBlockQuantized
 from .gemm_to_matmul import GemmToMatMul
 from .group_query_attention import AttentionSpec, GroupQueryAttentionFusion
@@ -88,7 +90,9 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     `base_dir`: where `model`'s external weights lie when it was loaded without them (a model over 2 GB):
     each is memory-mapped when read, and what the plan keeps in FP32 is read into the result at the end.
     `attention`: a decoder's attention is first rewritten into GroupQueryAttention (group_query_attention.py;
-    exporter/attention_fusion.py decides it), before the weights are lowered.
+    exporter/attention_fusion.py decides it), before the weights are lowered; such a file already needs ORT's
+    com.microsoft ops, so its qdq layers are written as the MatMulNBits ORT would fuse them into, and kernels
+    that read one input (q/k/v, gate/up) are fused into one (fused_kernels.py).
     """
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
@@ -98,6 +102,10 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
             ir.passes.PassManager([GroupQueryAttentionFusion(attention)])(ir_model)
         except ir.passes.PassError as exc:
             raise _user_error(exc) or exc
+        if kernels.default == FORMAT_QDQ:
+            kernels = KernelChoice(FORMAT_NBITS, {layer: FORMAT_NBITS if fmt == FORMAT_QDQ else fmt
+                                                  for layer, fmt in kernels.per_layer.items()})
+        passes = _with_sibling_fusion(passes)
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     try:
         ir.passes.PassManager(passes(lowering))(ir_model)
@@ -107,6 +115,15 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     lowered = ir.serde.serialize_model(ir_model)
     _keep_source_layout(lowered, model)
     return Lowered(lowered, _records(lowering))
+
+
+def _with_sibling_fusion(passes: Callable[[Lowering], list[LoweringPass]]) -> Callable[[Lowering], list[LoweringPass]]:
+    """`passes`, with sibling MatMulNBits fused once every kernel and its FP16 factors are written (before Finish)."""
+    def make(lowering: Lowering) -> list[LoweringPass]:
+        made = passes(lowering)
+        at = next((i for i, p in enumerate(made) if isinstance(p, Finish)), len(made))
+        return made[:at] + [FuseSiblingKernels(lowering)] + made[at:]
+    return make
 
 
 def _read_kept_weights(model: ir.Model) -> None:
