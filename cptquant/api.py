@@ -81,7 +81,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
            granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
            curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
-           trust_remote_code: bool = False) -> ExportResult:
+           trust_remote_code: bool = False, attention: str = "gqa") -> ExportResult:
     """Export `model` to a mixed-precision ONNX folder (`output`: a folder, or the path of its .onnx file).
 
     The plan comes from one of `method` (cmpq, pmpq, tdmpq — the default — oracle or rule), `bits` (uniform
@@ -90,7 +90,9 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     `hf:NAME:SPLIT`, or full AnalysisOptions; the offline corpus when None. Returns the paths written,
     the plan and the report (the same as model.report.json). `weight_format` "auto" (the command line's
     default) measures which MatMul kernel is fastest on this machine (cptquant/format_choice.py); the API
-    defaults to qdq so that a script's output does not depend on the machine it runs on.
+    defaults to qdq so that a script's output does not depend on the machine it runs on. `attention` "gqa"
+    writes a Llama/Mistral/Qwen2 decoder's attention as GroupQueryAttention where that is proved exact on the
+    export, "optimum" keeps optimum's graph (exporter/attention_fusion.py).
     """
     from .exporter.pipeline import DEFAULT_OUTLIER_RATIO, export_quantized, resolve_output
     from .format_choice import format_chooser
@@ -130,7 +132,8 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
                                 report_extras=report_extras, verify=short_verification if verify else None,
                                 algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
                                 outlier_ratio=outlier_ratio,
-                                choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None)
+                                choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None,
+                                attention=attention)
 
 
 def short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict[str, Any]:

@@ -94,6 +94,9 @@ class ExportReport:
     ratio_vs_fp32: float = 0.0
     outlier_ratio: float | None = None  # --format dynamic only
     genai_config: str | None = None  # causal LMs only: the genai_config.json written (None: none could be)
+    # causal LMs only: the attention written (exporter/attention_fusion.py): GroupQueryAttention and how far its
+    # logits/presents were from optimum's graph, or optimum's own and why
+    attention: dict[str, Any] | None = None
     calibration_text: dict[str, Any] | None = None  # when calibration text was read: what --eval must not overlap
     analysis: AnalysisSummary | None = None  # a sensitivity method's cost and calibration
     verification: dict[str, Any] | None = None  # the short CPU verification (or why it has no figures)
@@ -112,6 +115,8 @@ class ExportReport:
                 del data[optional]
         if self.task != TASK_CAUSAL_LM:  # a causal LM states its genai_config.json, null when none was written
             del data["genai_config"]
+        if data["attention"] is None:
+            del data["attention"]
         return data
 
     def to_json(self) -> str:

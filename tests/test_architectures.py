@@ -70,7 +70,8 @@ def test_family_exports_and_loads_in_optimum(name, setting, tmp_path):
     quantized = [n for n, lp in result.plan.layers.items() if lp.bits < 16]
     assert quantized, "nothing was quantized"
     check = report["graph_check"]
-    assert check["unfused"] == [] and sum(check["kernels"].values()) >= len(quantized), check
+    # every quantized layer reaches its low-bit kernel(s); a decoder's q/k/v and gate/up may share one (fused)
+    assert check["unfused"] == [] and sum(check["expected_kernels"].values()) >= len(quantized), check
     assert set(report["layers_unquantized"]) >= set(report["layers_not_in_onnx"])
     if setting == "tdmpq5":
         assert report["average_bits"] <= 5.0 + 1e-6

@@ -101,6 +101,11 @@ def export(
         DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
              "are scaled down before the int8 product (weights scaled up to match); 0: off."),
+    attention: str = typer.Option(
+        "gqa", "--attention",
+        help="Causal LMs: gqa writes a Llama/Mistral/Qwen2 decoder's attention as ORT's GroupQueryAttention when "
+             "its outputs match optimum's graph on the export (checked, else kept; the report says which); "
+             "optimum keeps optimum's attention ops."),
     task: str | None = options.TASK,
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
@@ -136,5 +141,6 @@ def export(
                           zero_points=zero_points, hot_rows=hot_rows, outlier_ratio=outlier_ratio,
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
-                          lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code)
+                          lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code,
+                          attention=attention)
     print_summary(result, Console(markup=False))  # paths, model names, errors are text: `out[/x]` is no markup tag

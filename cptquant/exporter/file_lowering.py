@@ -23,6 +23,7 @@ from .fp32_files import Fp32Files
 from .graph_check import GraphCheck, check_kernels
 from .layer_map import LayerMap
 from .lowering import KernelChoice, Lowered, LoweredLayer, lower_model
+from .lowering.group_query_attention import AttentionSpec
 
 Records = dict[str, LoweredLayer]  # layer -> how it was lowered in one file (or, merged, in all of them)
 
@@ -36,13 +37,14 @@ class FileLowering:
     fmt: str
     quantizer: RoundToNearest
     smoothing: Mapping[str, np.ndarray]
+    attention: AttentionSpec | None = None  # a decoder's attention rewritten into GroupQueryAttention first
 
     def lower(self, source: onnx.ModelProto, layer_map: LayerMap, base_dir: Path | None,
               kernels: KernelChoice | None = None) -> Lowered:
         """One file, with `kernels` instead of the format's own where given (the check's repair)."""
         kernels = kernels if kernels is not None else KernelChoice(self.fmt)
         return lower_model(source, layer_map.uses(), self.plan, kernels, self.quantizer, self.smoothing,
-                           base_dir=base_dir)
+                           base_dir=base_dir, attention=self.attention)
 
 
 def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: FileLowering,

@@ -64,23 +64,25 @@ def optimized_graph(model_path: Path) -> onnx.ModelProto:
 
 def check_kernels(model_path: Path, rewritten: dict[str, LoweredLayer]) -> GraphCheck:
     graph = optimized_graph(model_path).graph
-    owner = {init: record.name for record in rewritten.values()
-             for init in record.new_initializers + record.derived_tensors}
+    owners: dict[str, list[str]] = {}  # a tensor computed from several layers' weights (a fused kernel's) has each
+    for record in rewritten.values():
+        for init in record.new_initializers + record.derived_tensors:
+            owners.setdefault(init, []).append(record.name)
 
-    def layer_of(tensor: str) -> str | None:
+    def layers_of(tensor: str) -> list[str]:
         # ORT renames the weights it repacks (`<name>_T`, ...): the longest of our own initializer names that
         # starts the tensor's name owns it (one dictionary lookup per prefix length, not a scan of every name).
         for end in range(len(tensor), 0, -1):
-            if tensor[:end] in owner:
-                return owner[tensor[:end]]
-        return None
+            if tensor[:end] in owners:
+                return owners[tensor[:end]]
+        return []
 
     kernels: Counter[str] = Counter()
     per_layer: dict[str, list[str]] = {name: [] for name in rewritten}
     slow, casts = [], []  # layers whose weight is still dequantized / expanded / cast at run time
     for node in graph.node:
         label = node.op_type if _bits(node) is None else f"{node.op_type}(bits={_bits(node)})"
-        layers = {layer for layer in map(layer_of, node.input) if layer is not None}
+        layers = {layer for tensor in node.input for layer in layers_of(tensor)}
         if node.op_type in LOW_BIT_KERNELS:
             kernels[label] += 1
         for layer in layers:

@@ -34,6 +34,7 @@ from ..quant.weight_quantizers import ALGORITHMS
 from ..reports import ExportReport, ReportExtras
 from ..safety import file_sha256
 from ..seq2seq_inputs import decoder_reads_input
+from .attention_fusion import ATTENTION_CHOICES, ATTENTION_GQA, AttentionChoice, attention_for_export
 from .calibration_inputs import DEFAULT_OUTLIER_RATIO, Measurements, input_smoothing, weight_quantizer
 from .exported_graph import exported_files_layer_graph, exported_layer_graph
 from .file_lowering import FileLowering, check_files, lower_files
@@ -84,7 +85,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                      verify: Verifier | None = None, algorithm: str = "rtn",
                      calibration: Measurements | None = None,
                      outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
-                     choose_format: FormatChooser | None = None) -> ExportResult:
+                     choose_format: FormatChooser | None = None, attention: str = ATTENTION_GQA) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
     `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
@@ -92,9 +93,13 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     verification), its CPU figures against the FP32/FP16 baselines join the report too. With `fmt` dynamic
     and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
     each layer's int8 product. With `fmt` auto, `choose_format` measures the format on the FP32 export.
+    `attention` gqa: a Llama/Mistral/Qwen2 decoder's attention becomes GroupQueryAttention where it gives the
+    FP32 export's outputs (exporter/attention_fusion.py); optimum: kept as optimum wrote it.
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
+    if attention not in ATTENTION_CHOICES:
+        raise CptqError(f"--attention must be one of {', '.join(ATTENTION_CHOICES)}, not {attention!r}")
     if fmt == FORMAT_AUTO and choose_format is None:
         raise CptqError("--format auto needs a format chooser (cptquant/format_choice.py)")
     extras = report_extras if report_extras is not None else ReportExtras()
@@ -123,6 +128,11 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     format_choice = choose_format(loaded, whole, graph, first_uses, fp32.folder, tmp / "format-probes")
                     del whole
                     fmt = format_choice.format
+                fused: AttentionChoice | None = None
+                if loaded.task == TASK_CAUSAL_LM and len(fp32.names) == 1:  # proved on the FP32 export (seconds)
+                    fused = attention_for_export(attention, loaded, fp32.protos[fp32.first], fp32.folder / fp32.first,
+                                                 layer_maps[fp32.first].uses(), fp32.base_dirs[fp32.first], tmp)
+                spec = fused.spec if fused is not None else None
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
@@ -132,7 +142,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 smoothing = (input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                lowering = FileLowering(plan, fmt, quantizer, smoothing)
+                lowering = FileLowering(plan, fmt, quantizer, smoothing, spec)
                 per_file = lower_files(fp32, layer_maps, lowering, out_dir)
                 for side in side_files(fp32.folder):
                     shutil.copy2(side, out_dir / side.name)
@@ -160,6 +170,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                       [name for name, _ in fp32.names])
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
+                report.attention = fused.note if fused is not None else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None
                 report.model_files = fp32.written if len(fp32.names) > 1 else None
                 read_text = (bool(smoothing) or quantizer.used_calibration or "analysis" in extras

@@ -22,6 +22,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from ...plan import Plan
+from ...quant.storage import FORMAT_NBITS, FORMAT_QDQ
 from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 from .base import LoweringPass
@@ -29,15 +30,17 @@ from .context import MS_DOMAIN, KernelChoice, Lowering
 from .finish import Finish
 from .fp16_factors import StoreFactorsAsFp16
 from .fp16_weights import StoreWeightsAsFp16
+from .fused_kernels import FuseSiblingKernels
 from .gather_block_quantized import GatherToBlockQuantized
 from .gemm_to_matmul import GemmToMatMul
+from .group_query_attention import AttentionSpec, GroupQueryAttentionFusion
 from .matmul_dynamic import MatMulToDynamicQuantize
 from .matmul_nbits import MatMulToNBits
 from .matmul_qdq import MatMulToBlockedDq
 from .smooth_inputs import SmoothInputs
 from .tied_head import TiedHeadFromTable
 
-__all__ = ["KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
+__all__ = ["AttentionSpec", "KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
 
 
 @dataclass
@@ -77,7 +80,7 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
                 kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                 smoothing: Mapping[str, np.ndarray] | None = None,
                 passes: Callable[[Lowering], list[LoweringPass]] = lowering_passes,
-                base_dir: Path | None = None) -> Lowered:
+                base_dir: Path | None = None, attention: AttentionSpec | None = None) -> Lowered:
     """Apply `plan` to the layers whose weights `uses` locates in `model`; `model` is left as it was.
 
     `kernels` chooses how each layer's 4/8-bit MatMul weights are written (--format, or per layer);
@@ -86,22 +89,45 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     channels down before the int8 product of `--format dynamic` layers. `passes` makes the pass list.
     `base_dir`: where `model`'s external weights lie when it was loaded without them (a model over 2 GB):
     each is memory-mapped when read, and what the plan keeps in FP32 is read into the result at the end.
+    `attention`: a decoder's attention is first rewritten into GroupQueryAttention (group_query_attention.py;
+    exporter/attention_fusion.py decides it), before the weights are lowered; such a file already needs ORT's
+    com.microsoft ops, so its qdq layers are written as the MatMulNBits ORT would fuse them into, and kernels
+    that read one input (q/k/v, gate/up) are fused into one (fused_kernels.py).
     """
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
+    if attention is not None:
+        _run_passes(ir_model, [GroupQueryAttentionFusion(attention)])
+        if kernels.default == FORMAT_QDQ:
+            kernels = KernelChoice(FORMAT_NBITS, {layer: FORMAT_NBITS if fmt == FORMAT_QDQ else fmt
+                                                  for layer, fmt in kernels.per_layer.items()})
+        passes = _with_sibling_fusion(passes)
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
+    _run_passes(ir_model, passes(lowering))
+    _read_kept_weights(ir_model)
+    lowered = ir.serde.serialize_model(ir_model)
+    _keep_source_layout(lowered, model)
+    return Lowered(lowered, _records(lowering))
+
+
+def _run_passes(ir_model: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
     try:
-        ir.passes.PassManager(passes(lowering))(ir_model)
+        ir.passes.PassManager(pass_list)(ir_model)
     except ir.passes.PassError as exc:
         user_error = _user_error(exc)
         if user_error is None:
             raise
         raise user_error from None  # the one line the user reads; the pass manager's wrapping is noise
-    _read_kept_weights(ir_model)
-    lowered = ir.serde.serialize_model(ir_model)
-    _keep_source_layout(lowered, model)
-    return Lowered(lowered, _records(lowering))
+
+
+def _with_sibling_fusion(passes: Callable[[Lowering], list[LoweringPass]]) -> Callable[[Lowering], list[LoweringPass]]:
+    """`passes`, with sibling MatMulNBits fused once every kernel and its FP16 factors are written (before Finish)."""
+    def make(lowering: Lowering) -> list[LoweringPass]:
+        made = passes(lowering)
+        at = next((i for i, p in enumerate(made) if isinstance(p, Finish)), len(made))
+        return made[:at] + [FuseSiblingKernels(lowering)] + made[at:]
+    return make
 
 
 def _read_kept_weights(model: ir.Model) -> None:

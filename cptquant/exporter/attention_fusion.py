@@ -1,0 +1,173 @@
+"""Whether a causal LM's attention is written as GroupQueryAttention, proved on the export itself.
+
+`choose_attention` decides it for one export: the architecture must be one where the rewrite
+(lowering/group_query_attention.py) computes what transformers computes — Llama, Mistral or Qwen2
+style (standard rotary on the whole head, inverse frequencies fixed at load time, no sliding window,
+no q/k norm; a q/k/v bias is followed) — and then the rewritten FP32 graph must give the original's
+logits and presents, under ONNX Runtime on CPU, on a left-padded batch of two: the prefill and a few
+decode steps. Otherwise the export keeps optimum's attention, and the report says why in one line.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from ..model_loading import TASK_CAUSAL_LM, LoadedModel
+from .layer_map import WeightUse
+from .lowering.group_query_attention import GQA, AttentionLayer, AttentionSpec, GroupQueryAttentionFusion
+
+ATTENTION_GQA, ATTENTION_OPTIMUM = "gqa", "optimum"
+ATTENTION_CHOICES = (ATTENTION_GQA, ATTENTION_OPTIMUM)
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+# transformers' rope types whose inverse frequencies do not change with the sequence length
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+# |rewritten - original| / max(1, max |original|), on logits of real tokens and on presents: float32 sums in
+# another order differ by ~1e-6 of the scale; a wrong mask or rotary by whole units.
+TOLERANCE = 1e-4
+_LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj$")
+
+
+@dataclass
+class AttentionChoice:
+    spec: AttentionSpec | None  # None: optimum's attention is kept
+    note: dict[str, Any]  # for the report: the kernel, layers and measured difference, or why not
+
+    @property
+    def fused(self) -> bool:
+        return self.spec is not None
+
+
+def kept(why: str) -> AttentionChoice:
+    return AttentionChoice(None, {"kernel": "optimum", "why": why})
+
+
+def attention_for_export(choice: str, loaded: LoadedModel, model: onnx.ModelProto, model_path: Path,
+                         uses: Mapping[str, Sequence[WeightUse]], base_dir: Path | None = None,
+                         scratch: Path | None = None) -> AttentionChoice:
+    """`--attention`: gqa tries the rewrite (choose_attention); optimum keeps optimum's graph."""
+    if choice == ATTENTION_OPTIMUM:
+        return kept("--attention optimum")
+    return choose_attention(loaded, model, model_path, uses, base_dir, scratch)
+
+
+def attention_spec(loaded: LoadedModel, uses: Mapping[str, Sequence[WeightUse]]) -> AttentionSpec | str:
+    """The rewrite's spec for this model, or why the rewrite does not apply (one line)."""
+    config = loaded.model.config
+    model_type = getattr(config, "model_type", None)
+    if loaded.task != TASK_CAUSAL_LM or model_type not in MODEL_TYPES:
+        return f"GroupQueryAttention is written for {', '.join(MODEL_TYPES)} decoders, not {model_type}"
+    if getattr(config, "sliding_window", None) and (model_type != "qwen2" or getattr(config, "use_sliding_window", False)):
+        return "sliding-window attention is not rewritten"
+    rotary = getattr(getattr(loaded.model, "model", None), "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", None)
+    if rotary is None or not hasattr(rotary, "inv_freq") or rope_type not in STATIC_ROPE:
+        return f"rotary embedding of type {rope_type} (GroupQueryAttention needs fixed frequencies)"
+    heads = int(config.num_attention_heads)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    inv_freq = rotary.inv_freq.detach().float().cpu().numpy()
+    if 2 * inv_freq.size != head_dim or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return "partial rotary embedding is not rewritten"
+    nodes: dict[int, dict[str, str]] = {}
+    for layer, layer_uses in uses.items():
+        match = _LAYER.match(layer)
+        matmuls = [use.node for use in layer_uses if use.op_type == "MatMul"]
+        if match and len(matmuls) == 1:
+            nodes.setdefault(int(match.group(1)), {})[match.group(2)] = matmuls[0]
+    layers = config.num_hidden_layers
+    if sorted(nodes) != list(range(layers)) or any(len(found) != 4 for found in nodes.values()):
+        return "the layer map did not find every layer's q/k/v/o projection MatMul"
+    return AttentionSpec(heads, kv_heads, head_dim, inv_freq, float(getattr(rotary, "attention_scaling", 1.0)),
+                         int(config.max_position_embeddings),
+                         tuple(AttentionLayer(i, n["q"], n["k"], n["v"], n["o"]) for i, n in sorted(nodes.items())))
+
+
+def fuse(model: onnx.ModelProto, spec: AttentionSpec, base_dir: Path | None = None) -> ir.Model:
+    """The rewritten model (onnx-ir; `model` is left as it was)."""
+    ir_model = ir.serde.deserialize_model(model)
+    if base_dir is not None:
+        ir.external_data.set_base_dir(ir_model.graph, base_dir)
+    ir.passes.PassManager([GroupQueryAttentionFusion(spec)])(ir_model)
+    return ir_model
+
+
+def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Path,
+                     uses: Mapping[str, Sequence[WeightUse]], base_dir: Path | None = None,
+                     scratch: Path | None = None) -> AttentionChoice:
+    """Rewrite the FP32 export `model` (saved at `model_path`) and prove the rewrite against it."""
+    spec = attention_spec(loaded, uses)
+    if isinstance(spec, str):
+        return kept(spec)
+    try:
+        rewritten = fuse(model, spec, base_dir)
+    except ir.passes.PassError as exc:
+        cause = exc.__cause__ or exc
+        return kept(f"the rewrite did not apply: {str(cause).splitlines()[0]}")
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        path = Path(folder) / "attention.onnx"
+        ir.save(rewritten, path, external_data="attention.onnx.data")
+        del rewritten
+        difference = compare(model_path, path, spec, int(loaded.model.config.vocab_size))
+    if difference > TOLERANCE:
+        return kept(f"the GroupQueryAttention graph differed from optimum's by {difference:.2e} "
+                    f"(relative, > {TOLERANCE:g}) on a left-padded prefill and decode steps")
+    return AttentionChoice(spec, {"kernel": GQA, "layers": len(spec.layers), "max_relative_difference": difference})
+
+
+def compare(original: Path, rewritten: Path, spec: AttentionSpec, vocab: int, decode_steps: int = 3,
+            seed: int = 0) -> float:
+    """The largest relative difference of logits (real tokens) and presents between the two decoders, on a
+    batch of two prompts (7 tokens, and 4 left-padded to 7: optimum's and transformers' padding), then
+    `decode_steps` greedy steps (the original's tokens fed to both, each with its own cache)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
+    sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                for path in (original, rewritten)]
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(2, 7)).astype(np.int64)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, :3] = 0
+    pasts = [_empty_past(session, spec) for session in sessions]
+    worst = 0.0
+    for _ in range(decode_steps + 1):
+        positions = np.cumsum(mask, axis=1) - 1
+        positions = np.where(mask == 0, 1, positions)[:, -ids.shape[1]:]
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        results = []
+        for session, past in zip(sessions, pasts):
+            names = [o.name for o in session.get_outputs()]
+            results.append(dict(zip(names, session.run(names, {**feeds, **past}))))
+        expected, got = results
+        real = mask[:, -ids.shape[1]:].astype(bool)
+        worst = max(worst, _relative(expected["logits"][real], got["logits"][real]))
+        for name in expected:
+            if name.startswith("present."):
+                worst = max(worst, _relative(expected[name], got[name]))
+        pasts = [{name.replace("present.", "past_key_values."): value for name, value in result.items()
+                  if name.startswith("present.")} for result in results]
+        ids = expected["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+    return worst
+
+
+def _empty_past(session: ort.InferenceSession, spec: AttentionSpec) -> dict[str, np.ndarray]:
+    return {i.name: np.zeros((2, spec.kv_num_heads, 0, spec.head_dim), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}
+
+
+def _relative(expected: np.ndarray, got: np.ndarray) -> float:
+    if expected.shape != got.shape:
+        return float("inf")
+    if not np.isfinite(got).all():
+        return float("inf")
+    return float(np.abs(got - expected).max() / max(1.0, float(np.abs(expected).max())))
