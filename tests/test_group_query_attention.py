@@ -100,6 +100,8 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     note = fused.report["attention"]
     assert note["kernel"] == "GroupQueryAttention" and note["layers"] == loaded.model.config.num_hidden_layers
     assert kept.report["attention"] == {"kernel": "optimum", "why": "--attention optimum"}
+    # the default qdq is written as MatMulNBits in a GroupQueryAttention file, and the report says what is written
+    assert fused.report["weight_format"] == "nbits" and kept.report["weight_format"] == "qdq"
     ops = collections.Counter(n.op_type for n in onnx.load(str(fused.paths.model)).graph.node)
     layers = loaded.model.config.num_hidden_layers
     assert ops["GroupQueryAttention"] == layers
