@@ -263,6 +263,7 @@ def test_gptq_beats_round_to_nearest_at_4_bits(tmp_path):
         cosines[algorithm] = report["parity_vs_torch_fp32"]["mean_cosine"]
         layer_algorithms = {entry["algorithm"] for name, entry in report["layers"].items() if "embed" not in name}
         assert layer_algorithms == {algorithm}
+        assert "attention: GroupQueryAttention in 2 layers (proved against optimum's graph" in " ".join(result.output.split())
     assert cosines["gptq"] > cosines["rtn"], cosines
 
 

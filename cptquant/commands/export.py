@@ -52,6 +52,12 @@ def print_summary(result: ExportResult, console: Console) -> None:
         f"parity vs torch FP32 on {parity['n_inputs']} inputs: cosine mean {parity['mean_cosine']:.5f} "
         f"(min {parity['min_cosine']:.5f}), max |diff| {parity['max_abs_diff']:.4g}"
     )
+    attention = report.get("attention")
+    if attention and attention.get("kernel") == "GroupQueryAttention":
+        console.print(f"attention: GroupQueryAttention in {attention['layers']} layers (proved against optimum's "
+                      f"graph: max relative difference {attention['max_relative_difference']:.2g})")
+    elif attention:
+        console.print(f"attention: optimum's graph kept — {attention.get('why', 'not rewritten')}")
     verification = report.get("verification")
     if verification and "error" in verification:
         console.print(f"verification skipped: {verification['error']}", style="yellow")
