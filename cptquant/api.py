@@ -26,7 +26,8 @@ if TYPE_CHECKING:  # the heavy modules load when a function runs, not on `import
     from .exporter.pipeline import ExportResult
     from .layer_graph import LayerGraph
     from .model_loading import LoadedModel
-    from .passes import AnalysisOptions, AnalysisResult
+    from .options import AnalysisOptions, CalibrationOptions
+    from .passes import AnalysisResult
     from .plan import Plan
     from .reports import ReportExtras
     from .runtimes.verify import VerifyResult
@@ -35,25 +36,30 @@ if TYPE_CHECKING:  # the heavy modules load when a function runs, not on `import
 ModelLike: TypeAlias = "str | os.PathLike[str] | PreTrainedModel | None"
 
 
-def _calibration(calibration: str | os.PathLike[str] | AnalysisOptions | None, *, text_field: str, calib_samples: int,
+def _calibration(calibration: str | os.PathLike[str] | CalibrationOptions | AnalysisOptions | None, *,
+                 text_field: str, calib_samples: int,
                  seq_len: int, seed: int, bit_widths: Sequence[int], granularity: str, target_bits: float | None,
                  max_size_mb: float | None, block_size: int, clip: str, zero_points: str, hot_rows: bool,
                  sparsity: Sequence[float], cca: str, curvature: str, lm_loss: str) -> AnalysisOptions:
-    """AnalysisOptions from keyword arguments, or the caller's own (then the budget arguments must be unset)."""
-    from .passes import AnalysisOptions
+    """AnalysisOptions from keyword arguments (each part validated as it is made; cptquant/options.py), or the
+    caller's own (then the budget arguments must be unset); a CalibrationOptions replaces the calibration ones."""
+    from .options import AllocationOptions, AnalysisOptions, CalibrationOptions, QuantizationOptions
     from .passes.calibration import check_calibration_file
 
     if isinstance(calibration, AnalysisOptions):
         if target_bits is not None or max_size_mb is not None:
             raise CptqError("give the budget inside the AnalysisOptions passed as calibration, not beside it")
         return calibration
-    calib = os.fspath(calibration) if calibration is not None else None
-    options = AnalysisOptions(calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len,
-                              seed=seed, sparsity=tuple(sparsity), bit_widths=tuple(bit_widths),
-                              granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb,
-                              block_size=block_size, clip=clip, cca=cca, curvature=curvature,
-                              zero_points=zero_points, hot_rows=hot_rows, lm_loss=lm_loss)
-    check_calibration_file(calib, text_field)  # a missing or binary file fails before any model loads
+    spec = calibration if isinstance(calibration, CalibrationOptions) else CalibrationOptions(
+        calib=os.fspath(calibration) if calibration is not None else None, text_field=text_field,
+        calib_samples=calib_samples, seq_len=seq_len, seed=seed)
+    options = AnalysisOptions(
+        calibration=spec,
+        allocation=AllocationOptions(bit_widths=tuple(bit_widths), granularity=granularity, target_bits=target_bits,
+                                     max_size_mb=max_size_mb, sparsity=tuple(sparsity), cca=cca,
+                                     curvature=curvature, lm_loss=lm_loss, hot_rows=hot_rows),
+        quantization=QuantizationOptions(block_size=block_size, clip=clip, zero_points=zero_points))
+    check_calibration_file(spec.calib, spec.text_field)  # a missing or binary file fails before any model loads
     return options
 
 
@@ -75,7 +81,8 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
            bits: int | None = None,
            plan: str | os.PathLike[str] | Plan | None = None, default_bits: int | None = None,
            target_bits: float | None = None, max_size_mb: float | None = None, overrides: Sequence[str] = (),
-           calibration: str | os.PathLike[str] | AnalysisOptions | None = None, text_field: str = "text",
+           calibration: str | os.PathLike[str] | CalibrationOptions | AnalysisOptions | None = None,
+           text_field: str = "text",
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
            weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
@@ -87,7 +94,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     The plan comes from one of `method` (cmpq, pmpq, tdmpq — the default — oracle or rule), `bits` (uniform
     16, 8 or 4) or `plan` (a plan file or Plan); `target_bits` / `max_size_mb` set a method's budget;
     `overrides` are `PATTERN=BITS` pins (see cptquant/overrides.py). `calibration` is a text file, JSONL,
-    `hf:NAME:SPLIT`, or full AnalysisOptions; the offline corpus when None. Returns the paths written,
+    `hf:NAME:SPLIT`, CalibrationOptions, or full AnalysisOptions; the offline corpus when None. Returns the paths written,
     the plan and the report (the same as model.report.json). `weight_format` "auto" (the command line's
     default) measures which MatMul kernel is fastest on this machine (cptquant/format_choice.py); the API
     defaults to qdq so that a script's output does not depend on the machine it runs on. `attention` "gqa"
@@ -98,7 +105,6 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     from .format_choice import format_chooser
     from .model_loading import normalize_task
     from .output_folder import claim_output
-    from .passes import check_options
     from .passes.measurements import CalibrationMeasurements
     from .plan_source import plan_factory
     from .quant.storage import FORMAT_AUTO, FORMATS
@@ -116,13 +122,11 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
                             max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
                             hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
                             lm_loss=lm_loss)
-    analysis.weight_format = weight_format  # a size budget counts the bytes of this format
+    analysis = analysis.replaced(weight_format=weight_format)  # a size budget counts the bytes of this format
     task = normalize_task(task) if task else None
     report_extras: ReportExtras = {}
     plan_source = Path(plan) if isinstance(plan, (str, os.PathLike)) else plan
-    make_plan = plan_factory(method, plan_source, bits, block_size, clip, zero_points, analysis, progress,
-                             report_extras, default_bits, overrides)
-    check_options(analysis)  # also with bits or plan: calibration settings GPTQ will use
+    make_plan = plan_factory(method, plan_source, bits, analysis, progress, report_extras, default_bits, overrides)
     output = Path(output)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None  # None: in memory or embedded
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
@@ -130,7 +134,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
         loaded = _load(model, tokenizer, task, trust_remote_code)
         return export_quantized(loaded, make_plan, output, force=force, progress=progress, fmt=weight_format,
                                 report_extras=report_extras, verify=short_verification if verify else None,
-                                algorithm=algorithm, calibration=CalibrationMeasurements(analysis),
+                                algorithm=algorithm, calibration=CalibrationMeasurements(analysis.calibration),
                                 outlier_ratio=outlier_ratio,
                                 choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None,
                                 attention=attention)
@@ -155,7 +159,8 @@ class Analysis:
 
 def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | None = None, task: str | None = None,
             methods: Sequence[str] = ("tdmpq",), validate: bool = False, target_bits: float | None = None,
-            max_size_mb: float | None = None, calibration: str | os.PathLike[str] | AnalysisOptions | None = None,
+            max_size_mb: float | None = None,
+            calibration: str | os.PathLike[str] | CalibrationOptions | AnalysisOptions | None = None,
             text_field: str = "text", calib_samples: int = 64, seq_len: int = 128, seed: int = 0,
             bit_widths: Sequence[int] = (16, 8, 4), granularity: str = "layer", block_size: int = 32,
             clip: str = "absmax", zero_points: str = "auto", hot_rows: bool = True,
@@ -165,7 +170,7 @@ def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | Non
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
     from .layer_graph import build_layer_graph
     from .passes import analyze as run_analysis
-    from .passes import check_options, plan_from_scores
+    from .passes import check_methods, plan_from_scores
     from .seq2seq_inputs import decoder_reads_input
 
     methods = tuple(methods)
@@ -173,8 +178,8 @@ def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | Non
                            seed=seed, bit_widths=bit_widths, granularity=granularity, target_bits=target_bits,
                            max_size_mb=max_size_mb, block_size=block_size, clip=clip, zero_points=zero_points,
                            hot_rows=hot_rows, sparsity=sparsity, cca=cca, curvature=curvature,
-                            lm_loss=lm_loss)
-    check_options(options, methods)  # fail before loading a model
+                           lm_loss=lm_loss)
+    check_methods(methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
     graph = build_layer_graph(loaded.model)
     with decoder_reads_input(loaded.model):  # an encoder-decoder model decodes its calibration text

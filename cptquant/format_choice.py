@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .exporter.layer_map import WeightUse
     from .layer_graph import LayerGraph
     from .model_loading import LoadedModel
-    from .passes import AnalysisOptions
+    from .options import AnalysisOptions
     from .runtimes.base import RuntimeAdapter
 
 CANDIDATES = (FORMAT_QDQ, FORMAT_DYNAMIC)  # nbits is the kernel qdq becomes: measuring it again tells nothing
@@ -133,7 +133,8 @@ def calibration_texts(calibration: AnalysisOptions | None) -> list[str]:
 
     if calibration is None:
         return load_texts(None)[0][:QUALITY_TEXTS]
-    return load_texts(calibration.calib, calibration.text_field, calibration.seq_len)[0][:QUALITY_TEXTS]
+    spec = calibration.calibration
+    return load_texts(spec.calib, spec.text_field, spec.seq_len)[0][:QUALITY_TEXTS]
 
 
 def _load() -> float:

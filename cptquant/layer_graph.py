@@ -19,7 +19,7 @@ ROLE_EMBEDDING = "embedding"  # nn.Embedding: table [rows, hidden], quantized al
 ROLE_LM_HEAD = "lm_head"  # output projection; often tied to the input embedding
 
 _BLOCK_INDEX = re.compile(r"\.(\d+)(\.|$)")
-# The smallest quantization block (plan.check_block_size): a layer whose input size it does not divide
+# The smallest quantization block (options.check_block_size): a layer whose input size it does not divide
 # cannot be blocked at any size, e.g. MPNet's and T5's relative-position bias tables (buckets x heads).
 MIN_BLOCK_SIZE = 16
 

@@ -12,14 +12,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from .errors import CptqError
 from .layer_graph import Layer, LayerGraph
-from .plan import SUPPORTED_BITS, LayerPlan, Plan, symmetric_for
-
-if TYPE_CHECKING:
-    from .passes import AnalysisOptions
+from .options import SUPPORTED_BITS, AnalysisOptions
+from .plan import LayerPlan, Plan, symmetric_for
 
 
 @dataclass(frozen=True)
@@ -101,34 +98,35 @@ def budget_without_pinned(graph: LayerGraph, pinned: dict[str, int], options: An
     from .passes.allocate import MB, unit_bytes
     from .passes.common import stored_weight_shape
 
+    budget, quantization = options.allocation, options.quantization
     rest = [layer for layer in graph.layers if layer.name not in pinned]
     sub_graph = replace(graph, layers=rest, unquantizable=dict(graph.unquantizable))
-    widths = sorted(set(options.bit_widths))
-    if options.target_bits is not None:
+    widths = sorted(set(budget.bit_widths))
+    if budget.target_bits is not None:
         stored = _stored(graph)
         total = sum(layer.num_params for layer in stored)
         rest_params = sum(layer.num_params for layer in stored if layer.name not in pinned)
         pinned_cost = sum(layer.num_params * pinned[layer.name] for layer in stored if layer.name in pinned)
         if not rest_params:
-            if pinned_cost > options.target_bits * total:
-                raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins every layer, "
+            if pinned_cost > budget.target_bits * total:
+                raise CptqError(f"--target-bits {budget.target_bits} cannot be met: the --override pins every layer, "
                                 f"at {pinned_cost / total:.3f} bits per weight")
             return sub_graph, options
-        left = (options.target_bits * total - pinned_cost) / rest_params
+        left = (budget.target_bits * total - pinned_cost) / rest_params
         if left < widths[0]:
-            raise CptqError(f"--target-bits {options.target_bits} cannot be met: the --override pins leave "
+            raise CptqError(f"--target-bits {budget.target_bits} cannot be met: the --override pins leave "
                             f"{left:.3f} bits per weight to the other layers, below {widths[0]}")
-        return sub_graph, replace(options, target_bits=min(left, widths[-1]))
-    if options.max_size_mb is None:
+        return sub_graph, options.replaced(target_bits=min(left, widths[-1]))
+    if budget.max_size_mb is None:
         raise ValueError("budget_without_pinned needs a budget: --target-bits or --max-size-mb")
     pinned_bytes = 0
     for layer in graph.layers:
         if layer.name in pinned:  # priced as plan_from_scores prices it (a tied head: reading its table)
             shape = stored_weight_shape(graph, layer, hot_rows)
-            pinned_bytes += unit_bytes([shape], pinned[layer.name], options.block_size, options.zero_points,
+            pinned_bytes += unit_bytes([shape], pinned[layer.name], quantization.block_size, quantization.zero_points,
                                        options.weight_format)
-    left_mb = options.max_size_mb - pinned_bytes / MB
+    left_mb = budget.max_size_mb - pinned_bytes / MB
     if left_mb <= 0:
-        raise CptqError(f"--max-size-mb {options.max_size_mb} cannot be met: the --override pins alone take "
+        raise CptqError(f"--max-size-mb {budget.max_size_mb} cannot be met: the --override pins alone take "
                         f"{pinned_bytes / MB:.3f} MB")
-    return sub_graph, replace(options, max_size_mb=left_mb)
+    return sub_graph, options.replaced(max_size_mb=left_mb)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .errors import CptqError
 from .layer_graph import LayerGraph
 from .model_loading import LoadedModel
+from .options import SUPPORTED_BITS, AnalysisOptions, QuantizationOptions
 from .overrides import (
     Override,
     Overrides,
@@ -23,20 +23,8 @@ from .overrides import (
     parse_overrides,
     pinned_bits,
 )
-from .plan import (
-    SUPPORTED_BITS,
-    ZERO_POINT_MODES,
-    Plan,
-    apply_zero_points,
-    check_block_size,
-    fill_missing_layers,
-    uniform_plan,
-)
-from .quant.quantize import CLIP_METHODS
+from .plan import Plan, apply_zero_points, fill_missing_layers, uniform_plan
 from .reports import ReportExtras
-
-if TYPE_CHECKING:
-    from .passes import AnalysisOptions
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
 
@@ -46,12 +34,14 @@ RULE_METHOD = "rule"  # not a pass: the k_quant_mixed layer rule of llama.cpp an
 DEFAULT_METHOD = "tdmpq"
 
 
-def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int,
-                 clip: str, zero_points: str = "auto", analysis: AnalysisOptions | None = None, progress: bool = True,
+def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None,
+                 analysis: AnalysisOptions | None = None, progress: bool = True,
                  report_extras: ReportExtras | None = None, default_bits: int | None = None,
                  overrides: Sequence[str] | Overrides = ()) -> PlanFactory:
     """Decide where the plan comes from: a file, a uniform bit width, or a sensitivity method.
 
+    `analysis` holds the calibration, allocation and quantization settings (already validated); without it
+    the defaults, and no hot rows for a plan made without a pass.
     A sensitivity method records its cost and calibration in `report_extras` for the export report.
     `default_bits` fills the layers a plan file leaves out (without it such a plan is refused).
     `overrides` (`PATTERN=BITS` texts, overrides.py) pin layers after the allocation, within its budget.
@@ -59,15 +49,15 @@ def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | 
     report_extras = {} if report_extras is None else report_extras
     parsed = [o for o in overrides if isinstance(o, Override)]  # the API may pass Override records itself
     pins: Overrides = tuple(parsed) if len(parsed) == len(overrides) else parse_overrides([str(o) for o in overrides])
-    base = _base_factory(method, plan_file, bits, block_size, clip, zero_points, analysis, progress, report_extras,
-                         default_bits, pins)
+    base = _base_factory(method, plan_file, bits, analysis, progress, report_extras, default_bits, pins)
+    quantization = _quantization(analysis)
     if not pins:
         return base
 
     def with_overrides(loaded: LoadedModel, graph: LayerGraph) -> Plan:
         plan = base(loaded, graph)
         pinned = pinned_bits(pins, graph)
-        plan = apply_overrides(plan, pinned, block_size, zero_points)
+        plan = apply_overrides(plan, pinned, quantization.block_size, quantization.zero_points)
         if "average_bits" in plan.meta:
             plan.meta["average_bits"] = round(average_bits(plan, graph), 6)
         return plan
@@ -75,17 +65,18 @@ def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | 
     return with_overrides
 
 
-def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None, block_size: int, clip: str,
-                  zero_points: str, analysis: AnalysisOptions | None, progress: bool, report_extras: ReportExtras,
+def _quantization(analysis: AnalysisOptions | None) -> QuantizationOptions:
+    return analysis.quantization if analysis is not None else QuantizationOptions()
+
+
+def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int | None,
+                  analysis: AnalysisOptions | None, progress: bool, report_extras: ReportExtras,
                   default_bits: int | None, pins: Overrides) -> PlanFactory:
-    if zero_points not in ZERO_POINT_MODES:
-        raise CptqError(f"--zero-points must be one of {', '.join(ZERO_POINT_MODES)}, not {zero_points!r}")
+    quantization = _quantization(analysis)
+    block_size, clip, zero_points = quantization.block_size, quantization.clip, quantization.zero_points
     given = [name for name, value in (("--method", method), ("--plan", plan_file), ("--bits", bits)) if value]
     if len(given) > 1:
         raise CptqError(f"give only one of --method, --plan and --bits (got {' and '.join(given)})")
-    if clip not in CLIP_METHODS:
-        raise CptqError(f"--clip must be one of {', '.join(CLIP_METHODS)}, not {clip!r}")
-    check_block_size(block_size)
     if default_bits is not None:
         if plan_file is None:
             raise CptqError("--default-bits applies to --plan only (it fills the layers a plan file leaves out)")
@@ -99,10 +90,10 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
             plan = uniform_plan(graph, bits, block_size)
             plan.clip = clip
             plan = apply_zero_points(plan, zero_points)
-            if bits == 4 and analysis is not None and analysis.hot_rows:
+            if bits == 4 and analysis is not None and analysis.allocation.hot_rows:
                 from .passes.hot_rows import calibration_hot_rows, with_hot_rows
 
-                plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
+                plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis.calibration))
             return plan
 
         return uniform
@@ -114,31 +105,30 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
         return lambda loaded, graph: fill_missing_layers(plan, graph, default_bits, block_size, zero_points)
     method = method or DEFAULT_METHOD
     if method == RULE_METHOD:
-        return _rule_factory(block_size, clip, zero_points, analysis)
+        return _rule_factory(analysis)
     if method not in PASS_METHODS:
         raise CptqError(f"unknown method {method!r}; use one of {', '.join(PASS_METHODS + (RULE_METHOD,))}")
-    from .passes import analyze, check_options, plan_from_scores
+    from .passes import analyze, plan_from_scores
 
-    if analysis is None:  # the API always passes its options; a caller of this module may not
-        raise ValueError(f"--method {method} needs AnalysisOptions (calibration and allocation settings)")
-    check_options(analysis, (method,))
+    options = analysis if analysis is not None else AnalysisOptions()
+    allocation = options.allocation
 
     def from_sensitivity(loaded: LoadedModel, graph: LayerGraph) -> Plan:
-        result = analyze(loaded, graph, (method,), analysis, validate=False, progress=progress, forward_repeats=1)
+        result = analyze(loaded, graph, (method,), options, validate=False, progress=progress, forward_repeats=1)
         scores = result.oracle if method == "oracle" else result.scores[method]
         assert scores is not None  # analyze() scores every method it is given, the oracle included
-        budgeted = analysis.target_bits is not None or analysis.max_size_mb is not None
+        budgeted = allocation.target_bits is not None or allocation.max_size_mb is not None
         if pins and budgeted:  # the pinned layers' cost comes out of the budget; the method shares out the rest
-            if analysis.granularity != "layer":
+            if allocation.granularity != "layer":
                 raise CptqError("--override with a budget needs --granularity layer (a block's layers share one width)")
             pinned = pinned_bits(pins, graph)
-            sub_graph, sub_options = budget_without_pinned(graph, pinned, analysis, result.hot_rows)
+            sub_graph, sub_options = budget_without_pinned(graph, pinned, options, result.hot_rows)
             plan = (plan_from_scores(sub_graph, scores, method, sub_options, loaded.display_name,
                                      non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
-                    if sub_graph.layers else Plan({}, method=method, model=loaded.display_name, clip=analysis.clip))
-            plan.meta["budget"] = {"target_bits": analysis.target_bits, "max_size_mb": analysis.max_size_mb}
+                    if sub_graph.layers else Plan({}, method=method, model=loaded.display_name, clip=clip))
+            plan.meta["budget"] = {"target_bits": allocation.target_bits, "max_size_mb": allocation.max_size_mb}
         else:
-            plan = plan_from_scores(graph, scores, method, analysis, loaded.display_name,
+            plan = plan_from_scores(graph, scores, method, options, loaded.display_name,
                                     non_quantizable_params=result.non_quantizable_params, hot_rows=result.hot_rows)
         # Timings go to the report (the plan stays byte-identical for the same inputs).
         report_extras["analysis"] = {"method": method, "cost_fpe": result.cost_fpe, "seconds": result.seconds,
@@ -148,21 +138,23 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
     return from_sensitivity
 
 
-def _rule_factory(block_size: int, clip: str, zero_points: str, analysis: AnalysisOptions | None) -> PlanFactory:
+def _rule_factory(analysis: AnalysisOptions | None) -> PlanFactory:
     """The k_quant_mixed rule (passes/rule.py): a fixed layer choice, so a budget cannot apply."""
-    if analysis is not None and (analysis.target_bits is not None or analysis.max_size_mb is not None):
+    quantization = _quantization(analysis)
+    budget = analysis.allocation if analysis is not None else None
+    if budget is not None and (budget.target_bits is not None or budget.max_size_mb is not None):
         raise CptqError("--method rule is a fixed layer choice; it takes no --target-bits or --max-size-mb")
 
     def rule(loaded: LoadedModel, graph: LayerGraph) -> Plan:
         from .passes.rule import rule_plan
 
-        plan = rule_plan(graph, block_size, loaded.display_name)
-        plan.clip = clip
-        plan = apply_zero_points(plan, zero_points)
-        if analysis is not None and analysis.hot_rows:
+        plan = rule_plan(graph, quantization.block_size, loaded.display_name)
+        plan.clip = quantization.clip
+        plan = apply_zero_points(plan, quantization.zero_points)
+        if analysis is not None and analysis.allocation.hot_rows:
             from .passes.hot_rows import calibration_hot_rows, with_hot_rows
 
-            plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis))
+            plan = with_hot_rows(plan, calibration_hot_rows(loaded, graph, analysis.calibration))
         return plan
 
     return rule

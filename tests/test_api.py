@@ -91,30 +91,30 @@ def test_override_is_counted_in_the_budget(tmp_path):
 def test_override_budget_arithmetic():
     """What the pins leave to the other layers: bits per weight, or megabytes as the exporter writes them."""
     from cptquant.layer_graph import build_layer_graph
+    from cptquant.options import AnalysisOptions
     from cptquant.overrides import budget_without_pinned, parse_overrides, pinned_bits
-    from cptquant.passes import AnalysisOptions
 
     graph = build_layer_graph(tiny_llama())
     total = sum(layer.num_params for layer in graph.layers)
     pinned = pinned_bits(parse_overrides(["lm_head=8"]), graph)
     assert pinned == {"lm_head": 8}  # untied: the embedding stays free
     head = graph["lm_head"].num_params
-    sub_graph, options = budget_without_pinned(graph, pinned, AnalysisOptions(target_bits=6), {})
+    sub_graph, options = budget_without_pinned(graph, pinned, AnalysisOptions.from_fields(target_bits=6), {})
     assert "lm_head" not in sub_graph and len(sub_graph.layers) == len(graph.layers) - 1
-    assert options.target_bits == pytest.approx((6 * total - 8 * head) / (total - head))
-    _, sized = budget_without_pinned(graph, pinned, AnalysisOptions(max_size_mb=1.0), {})
-    assert 1.0 - sized.max_size_mb == pytest.approx(head / 1e6, rel=0.1)  # 8 bits + scales ≈ 1 byte per weight
+    assert options.allocation.target_bits == pytest.approx((6 * total - 8 * head) / (total - head))
+    _, sized = budget_without_pinned(graph, pinned, AnalysisOptions.from_fields(max_size_mb=1.0), {})
+    assert 1.0 - sized.allocation.max_size_mb == pytest.approx(head / 1e6, rel=0.1)  # 8 bits + scales ≈ 1 byte per weight
     with pytest.raises(CptqError, match="the --override pins leave .* below 4"):
-        budget_without_pinned(graph, {name: 16 for name in graph.names()[:-3]}, AnalysisOptions(target_bits=5), {})
+        budget_without_pinned(graph, {name: 16 for name in graph.names()[:-3]}, AnalysisOptions.from_fields(target_bits=5), {})
     tied = build_layer_graph(tiny_llama(tied=True))  # the head reads the embedding: one tensor, counted once
     both = pinned_bits(parse_overrides(["lm_head=8"]), tied)
     assert both == {"lm_head": 8, "model.embed_tokens": 8}
     table = tied["model.embed_tokens"].num_params
     stored = sum(layer.num_params for layer in tied.layers if not layer.tied_to)
-    _, left = budget_without_pinned(tied, both, AnalysisOptions(target_bits=6), {})
-    assert left.target_bits == pytest.approx((6 * stored - 8 * table) / (stored - table))
+    _, left = budget_without_pinned(tied, both, AnalysisOptions.from_fields(target_bits=6), {})
+    assert left.allocation.target_bits == pytest.approx((6 * stored - 8 * table) / (stored - table))
     with pytest.raises(CptqError, match="pins every layer"):
-        budget_without_pinned(graph, pinned_bits(parse_overrides([".*=16"]), graph), AnalysisOptions(target_bits=5), {})
+        budget_without_pinned(graph, pinned_bits(parse_overrides([".*=16"]), graph), AnalysisOptions.from_fields(target_bits=5), {})
 
 
 def test_override_cli_errors(opt_folder, tmp_path):

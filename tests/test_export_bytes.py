@@ -141,10 +141,10 @@ def numerics_fingerprint() -> str:
 def export_case(model: str, fmt: str, algorithm: str, out: Path) -> tuple[tuple[str, str], dict]:
     """(sha256 of model.onnx, sha256 of the report's layers and graph check), and the report."""
     from cptquant.exporter.pipeline import export_quantized
-    from cptquant.passes import AnalysisOptions
+    from cptquant.options import CalibrationOptions
     from cptquant.passes.measurements import CalibrationMeasurements
 
-    calibration = CalibrationMeasurements(AnalysisOptions(calib_samples=16, seq_len=32))  # the offline corpus, briefly
+    calibration = CalibrationMeasurements(CalibrationOptions(calib_samples=16, seq_len=32))  # the offline corpus, briefly
     result = export_quantized(_loaded(model), mixed_plan(model), out / "model.onnx", progress=False, fmt=fmt,
                               algorithm=algorithm, outlier_ratio=OUTLIER_RATIO, calibration=calibration)
     files = sorted(p.name for p in out.iterdir() if p.name.startswith("model.onnx"))

@@ -36,7 +36,7 @@ def test_the_lowering_gets_the_only_reference_to_each_fp32_graph(tmp_path: Path,
 
     monkeypatch.setattr(file_lowering, "lower_model", watched)
     loaded = wrap_model(tiny_llama(0), None, tiny_tokenizer("llama"))
-    make_plan = plan_factory(None, None, 8, 32, "absmax")
+    make_plan = plan_factory(None, None, 8)
     export_quantized(loaded, make_plan, tmp_path / "out" / "model.onnx", progress=False)
     assert holders == [[]]
 

@@ -14,7 +14,8 @@ from cptquant.exporter.pipeline import export_quantized
 from cptquant.layer_graph import build_layer_graph
 from cptquant.model_loading import load_model
 from cptquant.onnx_io.inputs import feeds_for
-from cptquant.passes import AnalysisOptions, plan_from_scores
+from cptquant.options import AnalysisOptions, CalibrationOptions
+from cptquant.passes import plan_from_scores
 from cptquant.passes.allocate import unit_bytes
 from cptquant.passes.calibration import build_calibration
 from cptquant.passes.common import quantized_weight, replaced_weights, weight_param
@@ -91,10 +92,10 @@ def test_a_tied_table_gets_the_calibration_tokens_then_the_lowest_ids_up_to_the_
 def test_plan_from_scores_gives_hot_rows_to_4_bit_tables_and_counts_their_bytes(bert):
     graph = build_layer_graph(bert.model)
     scores = {layer.name: 1.0 for layer in graph.layers}
-    options = AnalysisOptions(target_bits=4.0)
+    options = AnalysisOptions.from_fields(target_bits=4.0)
     plan = plan_from_scores(graph, scores, "tdmpq", options, "tiny", hot_rows={TABLE: [3, 4]})
     assert plan.layers[TABLE].bits == 4 and plan.layers[TABLE].hot_rows == [3, 4]
-    eight = plan_from_scores(graph, scores, "tdmpq", AnalysisOptions(target_bits=8.0), "tiny", hot_rows={TABLE: [3]})
+    eight = plan_from_scores(graph, scores, "tdmpq", AnalysisOptions.from_fields(target_bits=8.0), "tiny", hot_rows={TABLE: [3]})
     assert eight.layers[TABLE].hot_rows is None  # an 8-bit table has no use for them
     table = graph[TABLE]
     with_hot = unit_bytes([WeightShape(table.in_features, table.out_features, table=True, hot_rows=2)], 4, 32)
@@ -163,7 +164,7 @@ def test_untied_decoder_gets_hot_rows_and_still_generates_with_optimum(tmp_path)
     from cptquant.testing import tiny_llama
 
     llama = load_model(str(save_tiny_model(tiny_llama(), tmp_path / "llama")))
-    options = AnalysisOptions(calib_samples=16, seq_len=32)
+    options = CalibrationOptions(calib_samples=16, seq_len=32)
 
     def plan_of(loaded, graph) -> Plan:
         return with_hot_rows(uniform_plan(graph, 4), calibration_hot_rows(loaded, graph, options))

@@ -15,7 +15,8 @@ from cptquant.commands.analyze import analyze as analyze_command
 from cptquant.errors import CptqError
 from cptquant.layer_graph import build_layer_graph
 from cptquant.model_loading import load_model, wrap_model
-from cptquant.passes import AnalysisOptions, analyze, plan_from_scores
+from cptquant.options import AnalysisOptions, CalibrationOptions
+from cptquant.passes import analyze, plan_from_scores
 from cptquant.passes.allocate import budget_bits, cluster_bits, khm_cluster, unit_bytes
 from cptquant.passes.calibration import build_calibration
 from cptquant.passes.cmpq import cmpq_scores
@@ -55,7 +56,7 @@ def test_layer_scaled_by_ten_becomes_more_sensitive(make, layer):
         model = make()
         with torch.no_grad():
             model.get_submodule(layer).weight.mul_(scale)
-        result = analyze(wrap_model(model), build_layer_graph(model), ("cmpq", "pmpq", "tdmpq"), AnalysisOptions(**FAST),
+        result = analyze(wrap_model(model), build_layer_graph(model), ("cmpq", "pmpq", "tdmpq"), AnalysisOptions.from_fields(**FAST),
                          validate=True, progress=False)
         ranks[scale] = {m: rank_of(s, layer) for m, s in {**result.scores, "oracle": result.oracle}.items()}
     for method in ("cmpq", "pmpq", "tdmpq", "oracle"):
@@ -70,7 +71,7 @@ def test_layer_scaled_by_ten_becomes_more_sensitive(make, layer):
 def test_methods_agree_with_oracle_on_encoder():
     model = tiny_bert()
     result = analyze(wrap_model(model), build_layer_graph(model), ("cmpq", "pmpq", "tdmpq"),
-                     AnalysisOptions(**FAST), validate=True, progress=False)
+                     AnalysisOptions.from_fields(**FAST), validate=True, progress=False)
     assert result.spearman["pmpq"] > 0.7 and result.spearman["tdmpq"] > 0.7, result.spearman
     assert set(result.cost_fpe) == {"cmpq", "pmpq", "tdmpq", "oracle"}
     assert all(cost > 0 for cost in result.cost_fpe.values())
@@ -194,7 +195,7 @@ def test_plan_is_byte_identical_for_same_seed_and_respects_granularity():
     graph = build_layer_graph(model)
     jsons = []
     for _ in range(2):
-        options = AnalysisOptions(granularity="block", **FAST)
+        options = AnalysisOptions.from_fields(granularity="block", **FAST)
         result = analyze(wrap_model(model), graph, ("cmpq",), options, progress=False)
         jsons.append(plan_from_scores(graph, result.scores["cmpq"], "cmpq", options, "tiny").to_json())
     assert jsons[0] == jsons[1]
@@ -251,7 +252,7 @@ def test_calibration_from_files_and_its_errors(tmp_path):
 def test_bad_options_raise_clear_errors(options, message):
     model = tiny_bert()
     with pytest.raises(CptqError, match=message):
-        analyze(wrap_model(model), build_layer_graph(model), ("cmpq",), AnalysisOptions(**options), progress=False)
+        analyze(wrap_model(model), build_layer_graph(model), ("cmpq",), AnalysisOptions.from_fields(**options), progress=False)
 
 
 def test_unknown_method_and_unreachable_target_bits():
@@ -261,7 +262,7 @@ def test_unknown_method_and_unreachable_target_bits():
         analyze(wrap_model(model), graph, ("kmeans",), AnalysisOptions(), progress=False)
     scores = {unit: 1.0 for unit in allocation_units(graph, "layer")}
     with pytest.raises(CptqError, match=r"outside \[4, 16\]"):
-        plan_from_scores(graph, scores, "cmpq", AnalysisOptions(target_bits=2.0), "tiny")
+        plan_from_scores(graph, scores, "cmpq", AnalysisOptions.from_fields(target_bits=2.0), "tiny")
     with pytest.raises(CptqError, match="no entry for"):
         plan_from_scores(graph, {}, "cmpq", AnalysisOptions(), "tiny")
 
@@ -397,7 +398,7 @@ def test_lm_loss_top_k_is_a_positive_lower_bound_and_ce_is_the_models_own_loss()
 
 def test_unknown_lm_loss_is_refused_before_any_model_loads():
     with pytest.raises(CptqError, match="--lm-loss"):
-        analyze(None, None, ("tdmpq",), AnalysisOptions(lm_loss="mse"))
+        analyze(None, None, ("tdmpq",), AnalysisOptions.from_fields(lm_loss="mse"))
 
 
 @pytest.mark.parametrize("family", ["t5", "bart"])
@@ -433,17 +434,17 @@ def test_one_export_calibrates_once_and_rereads_a_changed_file(tmp_path):
     from cptquant.passes.calibration import calibration_for
 
     loaded = wrap_model(tiny_bert(), tokenizer=AutoTokenizer.from_pretrained(embedded_model_path()))
-    options = AnalysisOptions(calib_samples=8, seq_len=16)
+    options = CalibrationOptions(calib_samples=8, seq_len=16)
     first = calibration_for(loaded, options)
-    assert calibration_for(loaded, AnalysisOptions(calib_samples=8, seq_len=16)) is first
-    assert calibration_for(loaded, AnalysisOptions(calib_samples=8, seq_len=16, seed=1)) is not first
+    assert calibration_for(loaded, CalibrationOptions(calib_samples=8, seq_len=16)) is first
+    assert calibration_for(loaded, CalibrationOptions(calib_samples=8, seq_len=16, seed=1)) is not first
 
     text = tmp_path / "calib.txt"
     text.write_text("\n".join(f"Sentence {i} is about the first topic of the file." for i in range(12)))
-    from_file = calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16))
-    assert calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16)) is from_file
+    from_file = calibration_for(loaded, CalibrationOptions(calib=str(text), calib_samples=8, seq_len=16))
+    assert calibration_for(loaded, CalibrationOptions(calib=str(text), calib_samples=8, seq_len=16)) is from_file
     text.write_text("\n".join(f"Line {i} now says something else entirely, and longer than before." for i in range(12)))
     os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 1_000_000))
-    again = calibration_for(loaded, AnalysisOptions(calib=str(text), calib_samples=8, seq_len=16))
+    again = calibration_for(loaded, CalibrationOptions(calib=str(text), calib_samples=8, seq_len=16))
     assert again is not from_file
     assert not torch.equal(again.batches[0]["input_ids"], from_file.batches[0]["input_ids"])

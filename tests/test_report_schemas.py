@@ -15,7 +15,7 @@ from cptquant.api import short_verification
 from cptquant.exporter.pipeline import export_quantized
 from cptquant.layer_graph import LayerGraph
 from cptquant.model_loading import wrap_model
-from cptquant.passes import AnalysisOptions
+from cptquant.options import CalibrationOptions
 from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.plan import Plan, uniform_plan
 from cptquant.quant.storage import FORMAT_DYNAMIC
@@ -80,7 +80,7 @@ def test_a_dynamic_causal_lm_export_report_matches_the_schema(tmp_path):
     loaded = wrap_model(tiny_llama())
     result = export_quantized(loaded, lambda _l, graph: uniform_plan(graph, 4), tmp_path / "model.onnx",
                               progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5,
-                              calibration=CalibrationMeasurements(AnalysisOptions(calib_samples=16, seq_len=32)))
+                              calibration=CalibrationMeasurements(CalibrationOptions(calib_samples=16, seq_len=32)))
     report = json.loads((tmp_path / "model.report.json").read_text())
     assert report == result.report
     assert {"genai_config", "outlier_ratio", "calibration_text"} <= set(report)

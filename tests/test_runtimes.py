@@ -491,7 +491,7 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
     from transformers import BertModel
 
     from cptquant.corpus import sentences
-    from cptquant.passes import AnalysisOptions
+    from cptquant.options import CalibrationOptions
     from cptquant.passes.measurements import CalibrationMeasurements
 
     torch.manual_seed(0)
@@ -502,7 +502,7 @@ def test_eval_text_that_was_calibration_text_is_flagged(tmp_path):
     out = tmp_path / "bert4"
     export_quantized(loaded, lambda _loaded, graph: uniform_plan(graph, 4), out / "model.onnx", progress=False,
                      algorithm="gptq",
-                     calibration=CalibrationMeasurements(AnalysisOptions(calib=str(calib), calib_samples=16, seq_len=32)))
+                     calibration=CalibrationMeasurements(CalibrationOptions(calib=str(calib), calib_samples=16, seq_len=32)))
     assert json.loads((out / "model.report.json").read_text())["calibration_text"]["calib"] == str(calib)
     for eval_texts, expected in ((texts[70:90], "10 of the 20 --eval texts are also calibration text"),
                                  (texts[-20:], None)):

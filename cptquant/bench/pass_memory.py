@@ -42,14 +42,15 @@ def measure_in_this_process(source: str | None, method: str, granularity: str, s
 
     from ..layer_graph import build_layer_graph
     from ..model_loading import load_model
-    from ..passes import AnalysisOptions, analyze
+    from ..options import AnalysisOptions
+    from ..passes import analyze
     from ..passes.calibration import build_calibration
 
     torch.set_num_threads(2)
     loaded = load_model(source)
     model = loaded.model.eval()
     graph = build_layer_graph(model)
-    options = AnalysisOptions(calib=calib, calib_samples=samples, seq_len=seq_len, granularity=granularity)
+    options = AnalysisOptions.from_fields(calib=calib, calib_samples=samples, seq_len=seq_len, granularity=granularity)
     batch = build_calibration(loaded, calib, samples=samples, seq_len=seq_len).batches[0]
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 

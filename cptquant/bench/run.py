@@ -12,7 +12,8 @@ from typing import Any
 from ..exporter.pipeline import export_quantized, exported_layer_graph
 from ..layer_graph import LayerGraph
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
-from ..passes import AnalysisOptions, AnalysisResult, analyze, plan_from_scores
+from ..options import AnalysisOptions
+from ..passes import AnalysisResult, analyze, plan_from_scores
 from ..passes.hot_rows import with_hot_rows
 from ..passes.measurements import CalibrationMeasurements
 from ..plan import Plan, apply_zero_points, uniform_plan
@@ -94,7 +95,7 @@ def _plans(spec: ModelSpec, graph: LayerGraph, result: AnalysisResult, options: 
         for label, budget in budgets:
             if method == "oracle" and not budget:
                 continue  # the oracle ranks; KHM on its raw damages adds nothing to compare
-            opts = AnalysisOptions(**{**options.__dict__, **budget})
+            opts = options.replaced(**budget)
             yield method, label, plan_from_scores(graph, scores, method, opts, model_name,
                                                   non_quantizable_params=result.non_quantizable_params,
                                                   hot_rows=result.hot_rows)
@@ -113,8 +114,8 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
     variants = [Variant(name, "anchor", path, model_bytes(path)) for name, path in anchors.items()]
 
     graph, _ = exported_layer_graph(loaded, anchors[FP32].parent)
-    options = AnalysisOptions(calib=spec.calib, calib_samples=spec.calib_samples, seq_len=spec.seq_len,
-                              granularity=spec.granularity)
+    options = AnalysisOptions.from_fields(calib=spec.calib, calib_samples=spec.calib_samples, seq_len=spec.seq_len,
+                                          granularity=spec.granularity)
     log(f"[{spec.key}] sensitivity: {', '.join(spec.methods)}" + (" + oracle" if spec.validate else ""))
     result = analyze(loaded, graph, spec.methods, options, validate=spec.validate, progress=progress)
     log(f"[{spec.key}] peak memory of each pass (a fresh process each)")
@@ -134,12 +135,12 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
     ablation = next(((m, lb, p) for m, lb, p in plans if m == "tdmpq" and lb != "KHM"), None)
     if ablation:
         runs.append((*ablation, "rtn", FORMAT_QDQ))
-    dynamic_options = AnalysisOptions(**{**options.__dict__, "weight_format": FORMAT_DYNAMIC})
+    dynamic_options = options.replaced(weight_format=FORMAT_DYNAMIC)
     dynamic_plans = [("uniform", f"{bits} bits" + (f", block {block}" if block != 32 else ""), plan)
                      for (bits, block), (_, _, plan) in zip(spec.uniform, plans)]
     dynamic_plans += list(_plans(spec, graph, result, dynamic_options, loaded.display_name))
     runs += [(m, lb, p, "gptq", FORMAT_DYNAMIC) for m, lb, p in dynamic_plans if (m, lb) in spec.dynamic]
-    measurements = CalibrationMeasurements(options)  # the calibration batches, built once for every export
+    measurements = CalibrationMeasurements(options.calibration)  # the calibration batches, built once for every export
     for method, label, plan, algorithm, fmt in runs:
         family = method if algorithm == "gptq" else f"{method} (RTN)"
         family += " (dynamic)" if fmt == FORMAT_DYNAMIC else ""

@@ -127,15 +127,13 @@ def analyze(
     from rich.table import Table
 
     from ..api import analyze as analyze_model
-    from ..passes import check_options
 
     if method not in METHOD_CHOICES:
         raise CptqError(f"unknown method {method!r}; use one of: {', '.join(METHOD_CHOICES)}")
     methods = ("cmpq", "pmpq", "tdmpq") if method == "all" else (method,)
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
-                                        zero_points, hot_rows, lm_loss)
-    check_options(analysis, methods)  # fail before loading a model
+                                        zero_points, hot_rows, lm_loss)  # fails before loading a model
     out = output_path(out)
     check_writable(out)
     refuse_folders_in_place(out, owned_by_analysis)

@@ -2,41 +2,42 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from typer import Option
 
 from ..errors import CptqError
-from ..plan import DEFAULT_BLOCK_SIZE
+from ..options import AllocationOptions, AnalysisOptions, CalibrationOptions, QuantizationOptions, default_of, help_of
 
-if TYPE_CHECKING:  # the passes (torch) load when a command runs, not on --help
-    from ..passes import AnalysisOptions
+_SAME = object()  # the field's own default
 
-CALIB = Option(None, "--calib", help="Calibration text: a text file, JSONL (see --text-field), or hf:NAME[:CONFIG]:SPLIT.")
-TEXT_FIELD = Option("text", "--text-field", help="JSONL field holding the text.")
-CALIB_SAMPLES = Option(64, "--calib-samples", help="Calibration samples.")
-SEQ_LEN = Option(128, "--seq-len", help="Tokens per calibration sample.")
-SEED = Option(0, "--seed", help="Seed for sampling and clustering; the same seed gives the same plan.")
-SPARSITY = Option("matched", "--sparsity", help="PMPQ pruning: matched (to each layer's 4-bit error), or fixed "
-                  "sparsities, comma-separated (averaged).")
-BIT_WIDTHS = Option("16,8,4", "--bit-widths", help="Bit widths to allocate, comma-separated.")
-GRANULARITY = Option("layer", "--granularity", help="Allocate bits per layer or per block.")
-TARGET_BITS = Option(None, "--target-bits", help="Budget: average bits per weight, embeddings and head included.")
-MAX_SIZE_MB = Option(None, "--max-size-mb", help="Budget: estimated model size in MB.")
-BLOCK_SIZE = Option(DEFAULT_BLOCK_SIZE, "--block-size", help="Quantization block along the input (a power of two >= 16).")
-CLIP = Option("absmax", "--clip", help="Scale choice: absmax, or mse (clip search).")
+
+def field_option(owner: type, name: str, flags: str, default: Any = _SAME) -> Any:
+    """A typer option for field `name` of an options dataclass: its help is the field's documentation
+    (cptquant/options.py), its default the field's unless the command line spells it differently."""
+    return Option(default_of(owner, name) if default is _SAME else default, flags, help=help_of(owner, name))
+
+
+CALIB = field_option(CalibrationOptions, "calib", "--calib")
+TEXT_FIELD = field_option(CalibrationOptions, "text_field", "--text-field")
+CALIB_SAMPLES = field_option(CalibrationOptions, "calib_samples", "--calib-samples")
+SEQ_LEN = field_option(CalibrationOptions, "seq_len", "--seq-len")
+SEED = field_option(CalibrationOptions, "seed", "--seed")
+SPARSITY = field_option(AllocationOptions, "sparsity", "--sparsity", "matched")  # matched: the empty tuple
+BIT_WIDTHS = field_option(AllocationOptions, "bit_widths", "--bit-widths",
+                          ",".join(map(str, default_of(AllocationOptions, "bit_widths"))))
+GRANULARITY = field_option(AllocationOptions, "granularity", "--granularity")
+TARGET_BITS = field_option(AllocationOptions, "target_bits", "--target-bits")
+MAX_SIZE_MB = field_option(AllocationOptions, "max_size_mb", "--max-size-mb")
+CCA = field_option(AllocationOptions, "cca", "--cca")
+CURVATURE = field_option(AllocationOptions, "curvature", "--curvature")
+LM_LOSS = field_option(AllocationOptions, "lm_loss", "--lm-loss")
+HOT_ROWS = field_option(AllocationOptions, "hot_rows", "--hot-rows/--no-hot-rows")
+BLOCK_SIZE = field_option(QuantizationOptions, "block_size", "--block-size")
+CLIP = field_option(QuantizationOptions, "clip", "--clip")
+ZERO_POINTS = field_option(QuantizationOptions, "zero_points", "--zero-points")
 TASK = Option(None, "--task", help="Override the task detected from the config.")
 PROGRESS = Option(True, "--progress/--no-progress", help="Progress bars on stderr.")
-CCA = Option("cka", "--cca", help="CMPQ similarity: cka, cca, svcca or pwcca.")
-ZERO_POINTS = Option("auto", "--zero-points", help="Asymmetric weights with zero points: auto (at 4 bits), always, never.")
-HOT_ROWS = Option(True, "--hot-rows/--no-hot-rows",
-                  help="A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits "
-                       "(at most 1/8 of the table; a table the LM head shares fills that 1/8 with the lowest ids).")
-CURVATURE = Option("fisher", "--curvature", help="TDMPQ second-order term: fisher or hutchinson.")
-LM_LOSS = Option("kl", "--lm-loss",
-                 help="Language models: damage measured as KL divergence from the FP32 predictions (kl), or as the "
-                      "change of cross-entropy on the calibration text (ce: signed, and its sign does not carry to "
-                      "other text).")
 
 
 def floats(text: str, what: str) -> tuple[float, ...]:
@@ -57,10 +58,9 @@ def analysis_options(calib: str | None, text_field: str, calib_samples: int, seq
                      sparsity: str, bit_widths: str, granularity: str, target_bits: float | None,
                      max_size_mb: float | None, block_size: int, clip: str, cca: str, curvature: str,
                      zero_points: str = "auto", hot_rows: bool = True, lm_loss: str = "kl") -> AnalysisOptions:
-    from ..passes import AnalysisOptions
     from ..passes.calibration import check_calibration_file
 
-    options = AnalysisOptions(
+    options = AnalysisOptions.from_fields(  # each part checks its values as it is made
         calib=calib, text_field=text_field, calib_samples=calib_samples, seq_len=seq_len, seed=seed,
         sparsity=sparsities(sparsity), bit_widths=ints(bit_widths, "--bit-widths"),
         granularity=granularity, target_bits=target_bits, max_size_mb=max_size_mb, block_size=block_size,

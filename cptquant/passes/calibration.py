@@ -11,16 +11,14 @@ import random
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import torch
 
 from ..corpus import calibration_sentences
 from ..errors import CptqError
 from ..model_loading import LoadedModel
+from ..options import MIN_SAMPLES, CalibrationOptions
 
-MIN_SAMPLES = 8
-MIN_SEQ_LEN = 8
 # Undecodable bytes tolerated in a calibration file (a Latin-1 accent here and there), as a share of its
 # characters; random or binary data decodes to about half replacement characters.
 MAX_UNDECODABLE = 0.1
@@ -41,16 +39,6 @@ class CalibrationSet:
     @property
     def num_tokens(self) -> int:
         return sum(int(b["attention_mask"].sum()) for b in self.batches)
-
-
-class CalibrationSpec(Protocol):
-    """Which calibration text, and how much of it (AnalysisOptions has these fields)."""
-
-    calib: str | None
-    text_field: str
-    calib_samples: int
-    seq_len: int
-    seed: int
 
 
 def max_positions(config: object) -> int | None:
@@ -185,10 +173,7 @@ def _batched(rows: list[list[int]], pad_id: int) -> list[dict[str, torch.Tensor]
 def build_calibration(loaded: LoadedModel, calib: str | None = None, text_field: str = "text", samples: int = 64,
                       seq_len: int = 128, seed: int = 0) -> CalibrationSet:
     """Tokenized calibration batches for `loaded` (a LoadedModel); deterministic for a given seed."""
-    if samples < MIN_SAMPLES:
-        raise CptqError(f"--calib-samples {samples} is too small; use at least {MIN_SAMPLES}")
-    if seq_len < MIN_SEQ_LEN:
-        raise CptqError(f"--seq-len {seq_len} is too short; use at least {MIN_SEQ_LEN} tokens")
+    CalibrationOptions(calib, text_field, samples, seq_len, seed)  # the amounts' own checks, the same as the CLI's
     limit = max_positions(loaded.config)
     if limit is not None and seq_len > limit:
         raise CptqError(f"--seq-len {seq_len} is above the model's {limit} positions")
@@ -226,8 +211,8 @@ _BUILT: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[object, ...], Cali
     weakref.WeakKeyDictionary()
 
 
-def calibration_for(loaded: LoadedModel, spec: CalibrationSpec) -> CalibrationSet:
-    """`build_calibration` with the text and amounts that `spec` (AnalysisOptions) names, built once per
+def calibration_for(loaded: LoadedModel, spec: CalibrationOptions) -> CalibrationSet:
+    """`build_calibration` with the text and amounts that `spec` names, built once per
     model and spec (a calibration file is read again when it changed since)."""
     key = (spec.calib, _file_state(spec.calib), spec.text_field, spec.calib_samples, spec.seq_len, spec.seed,
            loaded.task, id(loaded.tokenizer))

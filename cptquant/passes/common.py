@@ -20,8 +20,6 @@ from .calibration import CalibrationSet
 if TYPE_CHECKING:  # rich is imported when a bar is made: `import cptquant` stays quick
     from rich.progress import Progress
 
-GRANULARITIES = ("layer", "block")
-
 
 def block_unit(index: int) -> str:
     return f"block.{index}"

@@ -27,8 +27,9 @@ import torch
 
 from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel
+from ..options import CalibrationOptions
 from ..plan import Plan
-from .calibration import CalibrationSet, CalibrationSpec, calibration_for
+from .calibration import CalibrationSet, calibration_for
 
 # At most this share of a table's rows is hot: beyond it the 8-bit rows cost more than they save.
 MAX_HOT_FRACTION = 1 / 8
@@ -77,8 +78,8 @@ def hot_rows(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, t
 
 
 def calibration_hot_rows(loaded: LoadedModel, graph: LayerGraph,
-                         options: CalibrationSpec) -> dict[str, list[int]]:
-    """Hot rows from the calibration text of `options` (AnalysisOptions), for plans made without a pass."""
+                         options: CalibrationOptions) -> dict[str, list[int]]:
+    """Hot rows from the calibration text `options` names, for plans made without a pass."""
     calib = calibration_for(loaded, options)
     return hot_rows(loaded.model, graph, calib, tokenized=loaded.tokenizer is not None)
 

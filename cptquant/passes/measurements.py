@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel
-from . import AnalysisOptions
+from ..options import CalibrationOptions
 from .calibration import CalibrationSet, calibration_for
 from .hessian import collect_input_absmax, hessians_by_block
 
@@ -22,8 +22,8 @@ from .hessian import collect_input_absmax, hessians_by_block
 class CalibrationMeasurements:
     """Hessians and input peaks on the calibration text that `options` names (the offline corpus by default)."""
 
-    def __init__(self, options: AnalysisOptions | None = None) -> None:
-        self.options = options or AnalysisOptions()
+    def __init__(self, options: CalibrationOptions | None = None) -> None:
+        self.options = options or CalibrationOptions()
         self._batches: CalibrationSet | None = None
 
     @property

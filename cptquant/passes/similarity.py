@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import torch
 
-CCA_VARIANTS = ("cka", "cca", "svcca", "pwcca")
 PROJECTION_DIM = 128  # wider outputs are sketched to this many features, the same projection on both sides
 MAX_COMPONENTS = 32
 SVCCA_VARIANCE = 0.99

@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 
 from ..model_loading import CLASSIFIER_TASKS, TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ, LoadedModel
+from ..options import LM_OBJECTIVES
 from .calibration import CalibrationSet
 
 MLM_MASK_FRACTION = 0.15
 LM_TASKS = (TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ)  # predict tokens of the text itself
-LM_OBJECTIVES = ("kl", "ce")
 # The FP32 reference of a language model is kept as its top-k probabilities plus one bin for the rest:
 # KL over that coarsened distribution is a lower bound of the full KL (and 0 at FP32, with zero
 # gradient), for 2 MB where the full distribution of SmolLM2's 8,192 calibration tokens is 1.6 GB.

@@ -35,7 +35,6 @@ from .calibration import CalibrationSet
 from .common import allocation_units, progress_bar, quantized_weight, weight_param
 from .task_loss import TaskLoss
 
-CURVATURES = ("fisher", "hutchinson")
 PROBE_BITS = 4  # the error that matters most for allocation: the cheapest width
 # Language models under --lm-loss ce: the Gauss-Newton backward runs on every 4th batch (from the first), the
 # gradient on the others, so that every batch costs one backward. A diagonal summed over a layer's weights needs few samples.

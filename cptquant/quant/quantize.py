@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-CLIP_METHODS = ("absmax", "mse")
+from ..options import CLIP_METHODS
+
 # Shrink factors tried by the MSE clip search, largest first (1.0 = plain absmax).
 _MSE_RATIOS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
 
