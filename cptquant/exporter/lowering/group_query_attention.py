@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from .context import MS_DOMAIN, AttrValue
+from .context import MS_DOMAIN, AttrValue, Names
 
 GQA = "GroupQueryAttention"
 ROTARY = "RotaryEmbedding"
@@ -115,8 +115,8 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, spec = model.graph, self.spec
         self.graph = graph
-        self.taken = {node.name for node in graph} | {v.name for node in graph for v in node.outputs}
-        self.taken |= set(graph.initializers) | {v.name for v in graph.inputs}
+        self.names = Names(graph)
+        self.names.taken |= {value.name for value in graph.inputs if value.name is not None}
         inputs = {value.name: value for value in graph.inputs if value.name is not None}
         outputs = {value.name: value for value in graph.outputs}
         nodes = {node.name: node for node in graph}
@@ -145,22 +145,15 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
             model.opset_imports[MS_DOMAIN] = 1
         return ir.passes.PassResult(model, modified=True)
 
-    def _unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.taken:
-            name, i = f"{base}_{i}", i + 1
-        self.taken.add(name)
-        return name
-
     def _node(self, op: str, inputs: Sequence[ir.Value | None], name: str, *, domain: str = "", outputs: int = 1,
               attributes: Mapping[str, AttrValue] | None = None) -> ir.Node:
-        name = self._unique(name)
+        name = self.names.unique(name)
         attrs = [ir.convenience.convert_attribute(key, value) for key, value in sorted((attributes or {}).items())]
-        outs = [ir.Value(name=self._unique(f"{name}_output_{i}")) for i in range(outputs)]
+        outs = [ir.Value(name=self.names.unique(f"{name}_output_{i}")) for i in range(outputs)]
         return ir.Node(domain, op, list(inputs), attrs, outputs=outs, name=name)
 
     def _constant(self, name: str, array: np.ndarray) -> ir.Value:
-        name = self._unique(name)
+        name = self.names.unique(name)
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value
