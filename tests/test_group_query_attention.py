@@ -90,6 +90,31 @@ def test_a_rewrite_that_is_not_exact_is_caught(fp32_export, tmp_path):
     assert compare(fp32_dir / MODEL_FILE, tmp_path / "wrong.onnx", wrong, loaded.model.config.vocab_size) > 100 * TOLERANCE
 
 
+def test_a_rewrite_that_cannot_apply_or_run_keeps_optimums_graph_and_says_why(fp32_export, tmp_path, monkeypatch):
+    """The report's one line names the pass's own reason (not the pass manager's wrapping), and a proof that
+    cannot run (here: ORT refusing the file) falls back instead of failing the export."""
+    import cptquant.exporter.attention_fusion as fusion
+
+    loaded, fp32_dir, proto, uses = fp32_export
+    spec = attention_spec(loaded, uses)
+    assert not isinstance(spec, str), spec
+    extra = dataclasses.replace(spec.layers[0], index=99)
+    monkeypatch.setattr(fusion, "attention_spec", lambda *_: dataclasses.replace(spec, layers=(*spec.layers, extra)))
+    choice = choose_attention(loaded, proto, fp32_dir / MODEL_FILE, uses)
+    assert choice.spec is None and choice.note["why"].startswith("the rewrite did not apply: layer 99: no "), choice.note
+    monkeypatch.setattr(fusion, "attention_spec", lambda *_: spec)
+
+    def refuse(*_args: object, **_kwargs: object) -> float:
+        raise RuntimeError("no kernel for GroupQueryAttention\nmore detail")
+
+    monkeypatch.setattr(fusion, "compare", refuse)
+    choice = choose_attention(loaded, proto, fp32_dir / MODEL_FILE, uses, scratch=tmp_path)
+    assert choice.spec is None
+    assert choice.note["why"] == ("the GroupQueryAttention graph could not be run: RuntimeError: no kernel for "
+                                  "GroupQueryAttention")
+    assert list(tmp_path.iterdir()) == []  # its scratch copy removed
+
+
 def test_an_export_writes_it_and_says_so(tmp_path):
     import onnx
 

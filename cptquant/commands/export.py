@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..exporter.attention_fusion import ATTENTION_GQA
 from ..exporter.pipeline import DEFAULT_OUTLIER_RATIO, ExportResult
 from ..model_loading import TASK_CAUSAL_LM, TASK_MASKED_LM, TASK_SEQ2SEQ, TASK_TOKEN_CLASSIFICATION
 from . import options, user_errors
@@ -108,7 +109,7 @@ def export(
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
              "are scaled down before the int8 product (weights scaled up to match); 0: off."),
     attention: str = typer.Option(
-        "gqa", "--attention",
+        ATTENTION_GQA, "--attention",
         help="Causal LMs: gqa writes a Llama/Mistral/Qwen2 decoder's attention as ORT's GroupQueryAttention when "
              "its outputs match optimum's graph on the export (checked, else kept; the report says which); "
              "optimum keeps optimum's attention ops."),

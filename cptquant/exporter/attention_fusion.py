@@ -92,6 +92,11 @@ def attention_spec(loaded: LoadedModel, uses: Mapping[str, Sequence[WeightUse]])
                          tuple(AttentionLayer(i, n["q"], n["k"], n["v"], n["o"]) for i, n in sorted(nodes.items())))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
 def fuse(model: onnx.ModelProto, spec: AttentionSpec, base_dir: Path | None = None) -> ir.Model:
     """The rewritten model (onnx-ir; `model` is left as it was)."""
     ir_model = ir.serde.deserialize_model(model)
@@ -111,13 +116,18 @@ def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Pa
     try:
         rewritten = fuse(model, spec, base_dir)
     except ir.passes.PassError as exc:
-        cause = exc.__cause__ or exc
-        return kept(f"the rewrite did not apply: {str(cause).splitlines()[0]}")
-    with tempfile.TemporaryDirectory(dir=scratch) as folder:
-        path = Path(folder) / "attention.onnx"
-        ir.save(rewritten, path, external_data="attention.onnx.data")
-        del rewritten
-        difference = compare(model_path, path, spec, int(loaded.model.config.vocab_size))
+        cause: BaseException = exc
+        while cause.__cause__ is not None:  # the pass manager wraps the pass's own error twice
+            cause = cause.__cause__
+        return kept(f"the rewrite did not apply: {_first_line(cause)}")
+    try:
+        with tempfile.TemporaryDirectory(dir=scratch) as folder:
+            path = Path(folder) / "attention.onnx"
+            ir.save(rewritten, path, external_data="attention.onnx.data")
+            del rewritten
+            difference = compare(model_path, path, spec, int(loaded.model.config.vocab_size))
+    except Exception as exc:  # an ORT that cannot run it, memory: the export goes on with optimum's graph
+        return kept(f"the GroupQueryAttention graph could not be run: {type(exc).__name__}: {_first_line(exc)}")
     if difference > TOLERANCE:
         return kept(f"the GroupQueryAttention graph differed from optimum's by {difference:.2e} "
                     f"(relative, > {TOLERANCE:g}) on a left-padded prefill and decode steps")

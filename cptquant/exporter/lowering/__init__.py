@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from ...plan import Plan
-from ...quant.storage import FORMAT_NBITS, FORMAT_QDQ
+from ...quant.storage import FORMAT_QDQ
 from ...quant.weight_quantizers import RoundToNearest
 from ..layer_map import WeightUse
 from .base import LoweringPass
@@ -91,17 +91,16 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     each is memory-mapped when read, and what the plan keeps in FP32 is read into the result at the end.
     `attention`: a decoder's attention is first rewritten into GroupQueryAttention (group_query_attention.py;
     exporter/attention_fusion.py decides it), before the weights are lowered; such a file already needs ORT's
-    com.microsoft ops, so its qdq layers are written as the MatMulNBits ORT would fuse them into, and kernels
-    that read one input (q/k/v, gate/up) are fused into one (fused_kernels.py).
+    com.microsoft ops, so the exporter gives its layers nbits, not qdq (the MatMulNBits ORT would fuse qdq
+    into), and kernels that read one input (q/k/v, gate/up) are fused into one (fused_kernels.py).
     """
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
     if attention is not None:
         _run_passes(ir_model, [GroupQueryAttentionFusion(attention)])
-        if kernels.default == FORMAT_QDQ:
-            kernels = KernelChoice(FORMAT_NBITS, {layer: FORMAT_NBITS if fmt == FORMAT_QDQ else fmt
-                                                  for layer, fmt in kernels.per_layer.items()})
+        if FORMAT_QDQ in (kernels.default, *kernels.per_layer.values()):  # the exporter chose nbits for it
+            raise ValueError("a GroupQueryAttention file writes no DequantizeLinear: give it nbits, not qdq")
         passes = _with_sibling_fusion(passes)
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     _run_passes(ir_model, passes(lowering))
