@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-_NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
+NP_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
              "tensor(float16)": np.float16}
 
 
@@ -23,7 +23,7 @@ def feeds_for(session: ort.InferenceSession, input_ids: np.ndarray,
     attention_mask = np.asarray(attention_mask, dtype=np.int64)
     feeds = {}
     for arg in session.get_inputs():
-        dtype = _NP_TYPES.get(arg.type, np.int64)
+        dtype = NP_TYPES.get(arg.type, np.int64)
         if arg.name == "input_ids":
             feeds[arg.name] = input_ids.astype(dtype)
         elif arg.name == "attention_mask":

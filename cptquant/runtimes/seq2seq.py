@@ -26,14 +26,15 @@ import onnxruntime as ort
 
 from ..errors import CptqError
 from ..model_loading import TASK_SEQ2SEQ
-from ..onnx_io.inputs import _NP_TYPES
+from ..onnx_io.inputs import NP_TYPES
 from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, model_bytes, timed
 from .eval_text import EvalSet, TextEncoder, evaluation_texts
+from .export_folder import model_files
 from .lm_scores import log_softmax
 from .quality import Quality, QualitySettings
-from .speed import SpeedSettings, _random_ids, _rotations
+from .speed import SpeedSettings, random_ids, rotations
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -42,11 +43,6 @@ ENCODER, DECODER, DECODER_WITH_PAST = SEQ2SEQ_FILES
 GENERATE_TEXTS = 8  # inputs greedy-decoded per variant (quick: 4)
 GENERATE_TOKENS = 8  # tokens each generates
 BATCH = 16
-
-
-def variant_files(model_path: Path) -> list[Path]:
-    """The three files of the encoder-decoder variant named by `model_path` (its folder's model.onnx)."""
-    return [Path(model_path).parent / name for name in SEQ2SEQ_FILES]
 
 
 @dataclass
@@ -65,7 +61,7 @@ def open_seq2seq_sessions(adapter: RuntimeAdapter, variants: dict[str, Path], co
     facts: dict[str, dict[str, Any]] = {}
     for name, model_path in variants.items():
         opened: list[ort.InferenceSession] = []
-        files = variant_files(model_path)
+        files = model_files(Path(model_path), TASK_SEQ2SEQ)
         open_s = 0.0
         for path in files:
             try:
@@ -90,7 +86,7 @@ def _feeds(session: ort.InferenceSession, values: dict[str, Any]) -> dict[str, A
             raise CptqError(f"unexpected encoder-decoder input {arg.name!r} ({arg.type})")
         value = values[arg.name]
         if isinstance(value, np.ndarray) and value.dtype.kind in "iu":
-            value = value.astype(_NP_TYPES.get(arg.type, np.int64))
+            value = value.astype(NP_TYPES.get(arg.type, np.int64))
         feeds[arg.name] = value
     return feeds
 
@@ -168,7 +164,7 @@ def seq2seq_quality(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2
     """Teacher-forced figures and greedy-generation agreement of `candidate` against every other variant."""
     texts = (eval_set or EvalSet(evaluation_texts(settings.n_texts))).texts
     start = start_token(config)  # type: ignore[arg-type]
-    max_length = max_positions(config, settings.max_length)
+    max_length = capped_length(config, settings.max_length)
     baselines = [name for name in sessions if name != candidate]
     nll: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
     top1: dict[str, list[np.ndarray]] = {name: [] for name in sessions}
@@ -216,13 +212,13 @@ def seq2seq_quality(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2
 # ---------------------------------------------------------------- speed
 
 
-def max_positions(config: object, length: int) -> int:
+def capped_length(config: object, length: int) -> int:
     """`length`, or the model's position table when that is shorter (BART; T5's positions are relative)."""
     return min(length, int(getattr(config, "max_position_embeddings", 0) or length))
 
 
 def _encoder_shapes(settings: SpeedSettings, config: object) -> list[tuple[int, int]]:
-    return sorted({(1, max_positions(config, length)) for _, length in settings.encoder_shapes})
+    return sorted({(1, capped_length(config, length)) for _, length in settings.encoder_shapes})
 
 
 def seq2seq_probes(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2SeqSessions], config: PretrainedConfig,
@@ -233,12 +229,12 @@ def seq2seq_probes(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2S
     start = start_token(config)
     probes: dict[str, Callable[[str], float]] = {}
     for batch, length in _encoder_shapes(settings, config):
-        ids = _random_ids(vocab_size, batch, length)
+        ids = random_ids(vocab_size, batch, length)
         bound = {n: _feeds(s.encoder, {"input_ids": adapter.to_device(ids),
                                        "attention_mask": adapter.to_device(np.ones_like(ids))})
                  for n, s in sessions.items()}
         probes[f"encoder_b{batch}_s{length}"] = _encoder_probe(adapter, sessions, bound)
-    prompt = _random_ids(vocab_size, 1, settings.prompt_tokens)
+    prompt = random_ids(vocab_size, 1, settings.prompt_tokens)
     probes["decode_per_token"] = lambda n: float(np.median(greedy_generate(adapter, sessions[n], prompt, start,
                                                                            settings.new_tokens)[0]))
     return probes
@@ -263,7 +259,7 @@ def seq2seq_latency(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2
             for _ in range(1 if decode else settings.warmup):
                 for name in sessions:
                     probe(name)
-            for order in _rotations(list(sessions), settings.decode_rounds * 3 if decode else settings.runs):
+            for order in rotations(list(sessions), settings.decode_rounds * 3 if decode else settings.runs):
                 for name in order:
                     samples[figure][name].append(probe(name))
             bar.advance(job)

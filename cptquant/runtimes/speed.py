@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..model_loading import TASK_CAUSAL_LM
-from ..onnx_io.inputs import _NP_TYPES, feeds_for
+from ..onnx_io.inputs import NP_TYPES, feeds_for
 from ..progress import progress_bar
 from .base import RuntimeAdapter, latency_stats, timed
 
@@ -44,7 +44,7 @@ class SpeedSettings:
         return cls()
 
 
-def _random_ids(vocab_size: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
+def random_ids(vocab_size: int, batch: int, length: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(4, vocab_size, size=(batch, length), dtype=np.int64)
 
 
@@ -52,7 +52,7 @@ def _past_name(present: str) -> str:
     return "past_key_values" + present[len("present"):]
 
 
-def _rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
+def rotations(names: list[str], rounds: int) -> Iterator[list[str]]:
     for r in range(rounds):
         shift = r % len(names)
         yield names[shift:] + names[:shift]
@@ -68,7 +68,7 @@ def encoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSe
     with progress_bar(progress) as bar:
         job = bar.add_task(f"latency on {adapter.name}", total=len(shapes) * (settings.runs + settings.warmup))
         for batch, length in shapes:
-            ids = _random_ids(vocab_size, batch, length)
+            ids = random_ids(vocab_size, batch, length)
             # Inputs go to the device once: the timed span is the forward pass.
             bound = {name: {k: adapter.to_device(v) for k, v in feeds_for(s, ids).items()} for name, s in sessions.items()}
             for _ in range(settings.warmup):
@@ -76,7 +76,7 @@ def encoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSe
                     adapter.run_bound(session, bound[name])
                 bar.advance(job)
             samples: dict[str, list[float]] = {name: [] for name in sessions}
-            for order in _rotations(list(sessions), settings.runs):
+            for order in rotations(list(sessions), settings.runs):
                 for name in order:
                     samples[name].append(timed(lambda: adapter.run_bound(sessions[name], bound[name])))
                 bar.advance(job)
@@ -91,7 +91,7 @@ def _decode_step_feeds(session: ort.InferenceSession, token: int, total_len: int
                        presents: dict[str, ort.OrtValue]) -> dict[str, np.ndarray | ort.OrtValue]:
     feeds: dict[str, np.ndarray | ort.OrtValue] = {}
     for arg in session.get_inputs():
-        dtype = _NP_TYPES.get(arg.type, np.int64)
+        dtype = NP_TYPES.get(arg.type, np.int64)
         if arg.name == "input_ids":
             feeds[arg.name] = np.asarray([[token]], dtype=dtype)
         elif arg.name == "attention_mask":
@@ -136,7 +136,7 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSe
                     progress: bool = True, rounds: dict[str, dict[str, list[float]]] | None = None) -> dict[str, dict[str, Any]]:
     """variant -> figure -> LatencyStats dict (and tokens_per_s). `rounds` as in encoder_latency; a decode
     round's sample is the median of its steps."""
-    prompt = _random_ids(vocab_size, 1, settings.prompt_tokens)
+    prompt = random_ids(vocab_size, 1, settings.prompt_tokens)
     prefill: dict[str, list[float]] = {name: [] for name in sessions}
     steps: dict[str, list[float]] = {name: [] for name in sessions}
     with progress_bar(progress) as bar:
@@ -145,12 +145,12 @@ def decoder_latency(adapter: RuntimeAdapter, sessions: dict[str, ort.InferenceSe
             greedy_decode(adapter, session, prompt, min(4, settings.new_tokens))
         # Prefill alone, `runs` times: a few decode rounds give too few samples for a median.
         bound = {name: {k: adapter.to_device(v) for k, v in feeds_for(s, prompt).items()} for name, s in sessions.items()}
-        for order in _rotations(list(sessions), settings.runs):
+        for order in rotations(list(sessions), settings.runs):
             for name in order:
                 prefill[name].append(timed(lambda: adapter.run_bound(sessions[name], bound[name])))
         bar.advance(job)
         decode_rounds: dict[str, list[float]] = {name: [] for name in sessions}
-        for order in _rotations(list(sessions), settings.decode_rounds):
+        for order in rotations(list(sessions), settings.decode_rounds):
             for name in order:
                 _, s, _ = greedy_decode(adapter, sessions[name], prompt, settings.new_tokens)
                 steps[name].extend(s)

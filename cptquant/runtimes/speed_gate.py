@@ -26,7 +26,7 @@ import onnxruntime as ort
 from ..model_loading import TASK_CAUSAL_LM
 from ..onnx_io.inputs import feeds_for
 from .base import RuntimeAdapter, timed
-from .speed import SpeedSettings, _random_ids, greedy_decode
+from .speed import SpeedSettings, greedy_decode, random_ids
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -106,7 +106,7 @@ def figure_probes(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.In
     vocab_size = int(config.vocab_size)
     probes: dict[str, Callable[[str], float]] = {}
     if task == TASK_CAUSAL_LM:
-        prompt = _random_ids(vocab_size, 1, settings.prompt_tokens)
+        prompt = random_ids(vocab_size, 1, settings.prompt_tokens)
         bound = {n: {k: adapter.to_device(v) for k, v in feeds_for(s, prompt).items()} for n, s in sessions.items()}
         probes[f"prefill_b1_s{settings.prompt_tokens}"] = \
             lambda n: timed(lambda: adapter.run_bound(sessions[n], bound[n]))
@@ -116,7 +116,7 @@ def figure_probes(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.In
     max_positions = int(getattr(config, "max_position_embeddings", 512) or 512)
     for batch, length in settings.encoder_shapes:
         length = min(length, max_positions)
-        ids = _random_ids(vocab_size, batch, length)
+        ids = random_ids(vocab_size, batch, length)
         bound = {n: {k: adapter.to_device(v) for k, v in feeds_for(s, ids).items()} for n, s in sessions.items()}
         probes[f"b{batch}_s{length}"] = _bound_probe(adapter, sessions, bound)
     return probes
