@@ -216,6 +216,25 @@ def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, metho
     assert report["analysis"]["method"] == method and report["analysis"]["cost_fpe"][method] > 0
 
 
+def test_group_query_attention_export_meets_its_size_budget_on_disk(tmp_path):
+    """A Llama's attention is rewritten and its qdq layers written as MatMulNBits after the plan was priced on
+    optimum's graph: the file still lands within the budget. The budget is loose there (known, not mended yet):
+    the tiny Llama's file is 157,286 B at 4 bits and 245,316 B at 8, but priced on optimum's graph all-4-bit
+    needs 0.232 MB, so a budget under that is refused."""
+    from cptquant.testing import save_tiny_model, tiny_llama
+
+    folder = save_tiny_model(tiny_llama(), tmp_path / "llama")
+    budget_mb = 0.28
+    out = tmp_path / "out"
+    result = run_export(str(folder), "--method", "tdmpq", "--max-size-mb", str(budget_mb), "--calib-samples", "8",
+                        "--seq-len", "32", "-o", str(out), "--no-verify", "--format", "qdq")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "model.report.json").read_text())
+    assert report["attention"]["kernel"] == "GroupQueryAttention" and report["weight_format"] == "nbits"
+    assert report["model_bytes"] == (out / "model.onnx").stat().st_size <= budget_mb * 1e6
+    assert len({entry["bits"] for entry in report["layers"].values()}) >= 2  # a real trade-off was made
+
+
 # Between all-4-bit (0.580 MB as priced) and all-8-bit (0.844 MB) for the tiny T5 of cptquant/tiny_families.py.
 def test_encoder_decoder_export_meets_its_size_budget_on_disk(tmp_path):
     """The budget counts every byte of the output's ONNX files: a decoder layer once per decoder file that stores
