@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import CptqError
+from .errors import CptqError, first_line
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -160,10 +160,10 @@ def load_config(source: str, trust_remote_code: bool = False) -> PretrainedConfi
         config: PretrainedConfig = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         return config
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CptqError(f"model {source!r} not found locally or on the hub ({first})") from None
+        raise CptqError(f"model {source!r} not found locally or on the hub "
+                        f"({first_line(exc, type(exc).__name__)})") from None
     except ValueError as exc:
-        raise CptqError(f"cannot read the config of {source!r}: {str(exc).splitlines()[0]}") from None
+        raise CptqError(f"cannot read the config of {source!r}: {first_line(exc, type(exc).__name__)}") from None
 
 
 def load_model(source: str | None = None, task: str | None = None, trust_remote_code: bool = False) -> LoadedModel:

@@ -22,6 +22,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from ..errors import first_line
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from .layer_map import WeightUse
 from .lowering.group_query_attention import GQA, AttentionLayer, AttentionSpec, GroupQueryAttentionFusion
@@ -92,11 +93,6 @@ def attention_spec(loaded: LoadedModel, uses: Mapping[str, Sequence[WeightUse]])
                          tuple(AttentionLayer(i, n["q"], n["k"], n["v"], n["o"]) for i, n in sorted(nodes.items())))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no message"
-
-
 def fuse(model: onnx.ModelProto, spec: AttentionSpec, base_dir: Path | None = None) -> ir.Model:
     """The rewritten model (onnx-ir; `model` is left as it was)."""
     ir_model = ir.serde.deserialize_model(model)
@@ -119,7 +115,7 @@ def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Pa
         cause: BaseException = exc
         while cause.__cause__ is not None:  # the pass manager wraps the pass's own error twice
             cause = cause.__cause__
-        return kept(f"the rewrite did not apply: {_first_line(cause)}")
+        return kept(f"the rewrite did not apply: {first_line(cause, 'no message')}")
     try:
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             path = Path(folder) / "attention.onnx"
@@ -127,7 +123,7 @@ def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Pa
             del rewritten
             difference = compare(model_path, path, spec, int(loaded.model.config.vocab_size))
     except Exception as exc:  # an ORT that cannot run it, memory: the export goes on with optimum's graph
-        return kept(f"the GroupQueryAttention graph could not be run: {type(exc).__name__}: {_first_line(exc)}")
+        return kept(f"the GroupQueryAttention graph could not be run: {type(exc).__name__}: {first_line(exc, 'no message')}")
     if difference > TOLERANCE:
         return kept(f"the GroupQueryAttention graph differed from optimum's by {difference:.2e} "
                     f"(relative, > {TOLERANCE:g}) on a left-padded prefill and decode steps")

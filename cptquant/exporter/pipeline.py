@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import onnx
 
-from ..errors import CptqError
+from ..errors import CptqError, first_line
 from ..layer_graph import LayerGraph
 from ..model_loading import TASK_CAUSAL_LM, TASK_SEQ2SEQ, LoadedModel
 from ..onnx_io.baselines import baseline_fingerprint, side_files, write_fp16
@@ -202,5 +202,5 @@ def _short_verification(verify: Verifier, folder: Path, loaded: LoadedModel,
     except CptqError as exc:  # the export itself is sound and in place; say why there are no figures
         return {"error": str(exc)}
     except Exception as exc:  # an ORT or memory failure mid-measurement: the same, with what it was
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         return {"error": f"{type(exc).__name__}: {first}" if first else type(exc).__name__}

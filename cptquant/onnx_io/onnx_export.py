@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from ..errors import CptqError
+from ..errors import CptqError, first_line
 from ..model_loading import TASK_SEQ2SEQ, LoadedModel
 from .external_data import ExternalDataWriter, read_external
 
@@ -158,7 +158,7 @@ def export_onnx(loaded: LoadedModel, folder: Path) -> Path:
                                    # them, ORT folds them at session start)
                                    do_constant_folding=not large)
     except Exception as exc:  # the exporter raises many types; the user needs the first line
-        raise CptqError(f"ONNX export of {loaded.display_name} failed: {str(exc).strip().splitlines()[0]}") from exc
+        raise CptqError(f"ONNX export of {loaded.display_name} failed: {first_line(exc, type(exc).__name__)}") from exc
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(folder)
     for name in files:

@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from ..errors import first_line
 from .base import RuntimeAdapter
 
 PROVIDER = "CUDAExecutionProvider"
@@ -46,8 +47,7 @@ def _probe(device_id: int) -> tuple[bool, str]:
             session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
                                            providers=[(PROVIDER, {"device_id": device_id})])
     except Exception as exc:  # a missing CUDA/cuDNN library raises here on some releases
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"onnxruntime-gpu could not start on GPU {device_id} ({first})"
+        return False, f"onnxruntime-gpu could not start on GPU {device_id} ({first_line(exc, type(exc).__name__)})"
     finally:
         ort.set_default_logger_severity(2)
     if PROVIDER not in session.get_providers():

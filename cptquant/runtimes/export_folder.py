@@ -12,7 +12,7 @@ from typing import Any
 
 import onnx
 
-from ..errors import CptqError
+from ..errors import CptqError, first_line
 from ..model_loading import TASK_SEQ2SEQ, TASKS, LoadedModel
 from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import console
@@ -155,7 +155,7 @@ def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust
         try:
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
         except Exception as exc:
-            raise CptqError(f"{folder}/config.json is unreadable: {str(exc).splitlines()[0]}") from None
+            raise CptqError(f"{folder}/config.json is unreadable: {first_line(exc, type(exc).__name__)}") from None
     return OutputFolder(folder, model_path, report, config, task, signature, trust_remote_code)
 
 
