@@ -217,10 +217,9 @@ def test_method_export_meets_its_size_budget_on_disk(opt_folder, tmp_path, metho
 
 
 def test_group_query_attention_export_meets_its_size_budget_on_disk(tmp_path):
-    """A Llama's attention is rewritten and its qdq layers written as MatMulNBits after the plan was priced on
-    optimum's graph: the file still lands within the budget. The budget is loose there (known, not mended yet):
-    the tiny Llama's file is 157,286 B at 4 bits and 245,316 B at 8, but priced on optimum's graph all-4-bit
-    needs 0.232 MB, so a budget under that is refused."""
+    """A Llama's attention is rewritten (GroupQueryAttention, fused norms) and its qdq layers written as
+    MatMulNBits: the budget is priced on the rewritten graph, not optimum's (which priced all-4-bit at 0.232 MB
+    for a 0.157 MB file and left such a file 27 % under its budget), so the file lands within it and close."""
     from cptquant.testing import save_tiny_model, tiny_llama
 
     folder = save_tiny_model(tiny_llama(), tmp_path / "llama")
@@ -231,7 +230,7 @@ def test_group_query_attention_export_meets_its_size_budget_on_disk(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "model.report.json").read_text())
     assert report["attention"]["kernel"] == "GroupQueryAttention" and report["weight_format"] == "nbits"
-    assert report["model_bytes"] == (out / "model.onnx").stat().st_size <= budget_mb * 1e6
+    assert 0.97 * budget_mb * 1e6 <= report["model_bytes"] == (out / "model.onnx").stat().st_size <= budget_mb * 1e6
     assert len({entry["bits"] for entry in report["layers"].values()}) >= 2  # a real trade-off was made
 
 
@@ -282,7 +281,7 @@ def test_gptq_beats_round_to_nearest_at_4_bits(tmp_path):
         cosines[algorithm] = report["parity_vs_torch_fp32"]["mean_cosine"]
         layer_algorithms = {entry["algorithm"] for name, entry in report["layers"].items() if "embed" not in name}
         assert layer_algorithms == {algorithm}
-        assert "attention: GroupQueryAttention in 2 layers (proved against optimum's graph" in " ".join(result.output.split())
+        assert "attention: GroupQueryAttention in 2 layers, 4 residual Adds + RMSNorms fused (proved against optimum's graph" in " ".join(result.output.split())
     assert cosines["gptq"] > cosines["rtn"], cosines
 
 

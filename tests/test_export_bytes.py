@@ -10,7 +10,9 @@ Re-pinned deliberately since: the tiny Llama's three model.onnx hashes, when its
 GroupQueryAttention by default (exporter/attention_fusion.py; `attention="optimum"` still gives the old
 bytes, and the layer records and graph check did not change); then its qdq case, now written as the
 MatMulNBits ORT fuses qdq into (such a file needs com.microsoft ops anyway): the same bytes as nbits, since
-this mixed plan gives no two layers that read one input the same bits, so nothing is fused here.
+this mixed plan gives no two layers that read one input the same bits, so nothing is fused here; then the
+three again, when the residual Adds + RMSNorms of such a file became SkipSimplifiedLayerNormalization
+(lowering/skip_rms_norm.py; layer records and graph check unchanged).
 
 The inputs are deterministic: seeded tiny models with the offline tokenizer, explicit plans (hot rows
 given, zero points and block sizes mixed), the offline calibration corpus. What the pins cannot hold
@@ -52,11 +54,11 @@ CASES = {  # (model, format, algorithm): (sha256 of model.onnx, sha256 of the re
                               "9323c4423a29871183b1526172fc08f5b28e5b5d2ba781ec3b0809f89b692198"),
     ("bert", "dynamic", "gptq"): ("c3da1b376092106cf3660d437111d0149d2f16a3cebf07494a0f64ec836ae524",
                               "2197c6c7e1fdcf0cfc4634fcd79405849c04975ccd247bdf46cfa888a6b9f18e"),
-    ("llama", "qdq", "rtn"): ("ffb2cbc3765bc957ec0a3b6733972c66cc21dbbda63e6980026753d7d385b6f5",
+    ("llama", "qdq", "rtn"): ("d8e9fa76c4eeed60cf67b15b81c05f966675d4444687d6efc1e86b723b31435c",
                               "c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806"),
-    ("llama", "nbits", "rtn"): ("ffb2cbc3765bc957ec0a3b6733972c66cc21dbbda63e6980026753d7d385b6f5",
+    ("llama", "nbits", "rtn"): ("d8e9fa76c4eeed60cf67b15b81c05f966675d4444687d6efc1e86b723b31435c",
                               "c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806"),
-    ("llama", "dynamic", "gptq"): ("590d683a7bc2aefb20004fc0fd76bf7b9317feb4976ed720baf6925f4250e84d",
+    ("llama", "dynamic", "gptq"): ("60b990c5e1cb3af82f1c9b9c0d7d3d64ed40a06c992f7fc92b4036ed6530ff96",
                               "6bbd9f5ca87d5766ee51e765e10bcc35e71e5ad1b978b22a410a65912dbabd25"),
 }
 

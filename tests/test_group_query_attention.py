@@ -61,6 +61,8 @@ def test_the_rewritten_file_generates_what_torch_generates(fp32_export, tmp_path
     layers = loaded.model.config.num_hidden_layers
     assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
     assert ops["Softmax"] == 0 and ops["Constant"] < 30  # the old attention and its shape arithmetic are gone
+    # every residual Add + RMSNorm fused (skip_rms_norm.py); the first layer's input norm reads no Add
+    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["ReduceMean"] == 1
     ir.save(rewritten, folder / MODEL_FILE)
 
     ort_model = ORTModelForCausalLM.from_pretrained(folder)
@@ -124,12 +126,13 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     kept = export_quantized(loaded, plan, tmp_path / "optimum", progress=False, attention="optimum")
     note = fused.report["attention"]
     assert note["kernel"] == "GroupQueryAttention" and note["layers"] == loaded.model.config.num_hidden_layers
+    assert note["skip_rms_norms"] == 2 * loaded.model.config.num_hidden_layers
     assert kept.report["attention"] == {"kernel": "optimum", "why": "--attention optimum"}
     # the default qdq is written as MatMulNBits in a GroupQueryAttention file, and the report says what is written
     assert fused.report["weight_format"] == "nbits" and kept.report["weight_format"] == "qdq"
     ops = collections.Counter(n.op_type for n in onnx.load(str(fused.paths.model)).graph.node)
     layers = loaded.model.config.num_hidden_layers
-    assert ops["GroupQueryAttention"] == layers
+    assert ops["GroupQueryAttention"] == layers and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
     assert fused.report["graph_check"]["unfused"] == []
     assert fused.report["files"]["model.onnx"] < kept.report["files"]["model.onnx"]
     # q/k/v and gate/up read one input each: one MatMulNBits per group (fused_kernels.py), per layer 4 of 7
@@ -139,6 +142,19 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     assert ops["Split"] == 2 * layers
     logits = [_logits(result.paths.model) for result in (fused, kept)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5 * max(1.0, float(np.abs(logits[1]).max())))
+
+
+def test_a_norm_is_fused_only_where_the_match_is_exact(fp32_export):
+    """An intermediate of one norm read elsewhere (here: a graph output) keeps that norm as it was."""
+    from cptquant.exporter.lowering.skip_rms_norm import SKIP_RMS_NORM, SkipRmsNormFusion
+
+    _, _, proto, _ = fp32_export
+    model = ir.serde.deserialize_model(proto)
+    sqrts = [node for node in model.graph if node.op_type == "Sqrt"]
+    model.graph.outputs.append(sqrts[-1].outputs[0])  # the final norm's
+    ir.passes.PassManager([SkipRmsNormFusion()])(model)
+    ops = collections.Counter(node.op_type for node in model.graph)
+    assert ops[SKIP_RMS_NORM] == len(sqrts) - 2 and ops["Sqrt"] == 2  # the first input norm and the final one
 
 
 def _logits(path) -> np.ndarray:

@@ -55,8 +55,11 @@ def print_summary(result: ExportResult, console: Console) -> None:
     )
     attention = report.get("attention")
     if attention and attention.get("kernel") == "GroupQueryAttention":
-        console.print(f"attention: GroupQueryAttention in {attention['layers']} layers (proved against optimum's "
-                      f"graph: max relative difference {attention['max_relative_difference']:.2g})")
+        norms = attention.get("skip_rms_norms")
+        console.print(f"attention: GroupQueryAttention in {attention['layers']} layers"
+                      + (f", {norms} residual Adds + RMSNorms fused" if norms else "")
+                      + f" (proved against optimum's graph: max relative difference "
+                      f"{attention['max_relative_difference']:.2g})")
     elif attention:
         console.print(f"attention: optimum's graph kept — {attention.get('why', 'not rewritten')}")
     verification = report.get("verification")

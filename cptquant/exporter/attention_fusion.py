@@ -25,7 +25,9 @@ import onnxruntime as ort
 from ..errors import first_line
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from .layer_map import WeightUse
-from .lowering.group_query_attention import GQA, AttentionLayer, AttentionSpec, GroupQueryAttentionFusion
+from .lowering import attention_passes
+from .lowering.group_query_attention import GQA, AttentionLayer, AttentionSpec
+from .lowering.skip_rms_norm import SKIP_RMS_NORM
 
 ATTENTION_GQA, ATTENTION_OPTIMUM = "gqa", "optimum"
 ATTENTION_CHOICES = (ATTENTION_GQA, ATTENTION_OPTIMUM)
@@ -42,6 +44,9 @@ _LAYER = re.compile(r"^(?:.*\.)?layers\.(\d+)\.self_attn\.([qkvo])_proj$")
 class AttentionChoice:
     spec: AttentionSpec | None  # None: optimum's attention is kept
     note: dict[str, Any]  # for the report: the kernel, layers and measured difference, or why not
+    # bytes the rewrite adds to the file (negative: it drops optimum's ~2,700 shape Constants), so that a
+    # size budget is priced on the graph that is written, not on optimum's
+    graph_bytes_change: int = 0
 
     @property
     def fused(self) -> bool:
@@ -94,11 +99,12 @@ def attention_spec(loaded: LoadedModel, uses: Mapping[str, Sequence[WeightUse]])
 
 
 def fuse(model: onnx.ModelProto, spec: AttentionSpec, base_dir: Path | None = None) -> ir.Model:
-    """The rewritten model (onnx-ir; `model` is left as it was)."""
+    """The rewritten model (onnx-ir; `model` is left as it was): the lowering's attention passes, the same
+    ones the written file gets."""
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
-    ir.passes.PassManager([GroupQueryAttentionFusion(spec)])(ir_model)
+    ir.passes.PassManager(attention_passes(spec))(ir_model)
     return ir_model
 
 
@@ -116,6 +122,8 @@ def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Pa
         while cause.__cause__ is not None:  # the pass manager wraps the pass's own error twice
             cause = cause.__cause__
         return kept(f"the rewrite did not apply: {first_line(cause, 'no message')}")
+    fused_norms = sum(node.op_type == SKIP_RMS_NORM for node in rewritten.graph)
+    change = graph_bytes_change(model, rewritten)
     try:
         with tempfile.TemporaryDirectory(dir=scratch) as folder:
             path = Path(folder) / "attention.onnx"
@@ -127,7 +135,22 @@ def choose_attention(loaded: LoadedModel, model: onnx.ModelProto, model_path: Pa
     if difference > TOLERANCE:
         return kept(f"the GroupQueryAttention graph differed from optimum's by {difference:.2e} "
                     f"(relative, > {TOLERANCE:g}) on a left-padded prefill and decode steps")
-    return AttentionChoice(spec, {"kernel": GQA, "layers": len(spec.layers), "max_relative_difference": difference})
+    return AttentionChoice(spec, {"kernel": GQA, "layers": len(spec.layers), "skip_rms_norms": fused_norms,
+                                  "max_relative_difference": difference}, change)
+
+
+def graph_bytes_change(original: onnx.ModelProto, rewritten: ir.Model) -> int:
+    """Serialized bytes of `rewritten`'s nodes and of the initializers only it has, minus the same of
+    `original`: the weights both read are the same tensors and cancel out (without being read)."""
+    before = {init.name: init for init in original.graph.initializer}
+    after = {name: value.const_value for name, value in rewritten.graph.initializers.items()
+             if value.const_value is not None}
+    nodes = (sum(int(ir.serde.serialize_node(node).ByteSize()) for node in rewritten.graph)
+             - sum(int(node.ByteSize()) for node in original.graph.node))
+    added = sum(int(tensor.nbytes) for name, tensor in after.items() if name not in before)
+    removed = sum(int(np.prod(init.dims)) * int(onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize)
+                  for name, init in before.items() if name not in after)
+    return nodes + added - removed
 
 
 def compare(original: Path, rewritten: Path, spec: AttentionSpec, vocab: int, decode_steps: int = 3,

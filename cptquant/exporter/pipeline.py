@@ -133,6 +133,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                     fused = attention_for_export(attention, loaded, fp32.protos[fp32.first], fp32.folder / fp32.first,
                                                  layer_maps[fp32.first].uses(), fp32.base_dirs[fp32.first], tmp)
                 spec = fused.spec if fused is not None else None
+                if fused is not None and spec is not None and graph.fixed_bytes is not None:
+                    graph.fixed_bytes += fused.graph_bytes_change  # the budget prices the graph written
                 if spec is not None and fmt == FORMAT_QDQ:  # such a file needs com.microsoft ops anyway: its qdq
                     fmt = FORMAT_NBITS  # layers are written as the MatMulNBits ORT would fuse them into, and said so
             with steps.step(timings):

@@ -37,6 +37,7 @@ from .group_query_attention import AttentionSpec, GroupQueryAttentionFusion
 from .matmul_dynamic import MatMulToDynamicQuantize
 from .matmul_nbits import MatMulToNBits
 from .matmul_qdq import MatMulToBlockedDq
+from .skip_rms_norm import SkipRmsNormFusion
 from .smooth_inputs import SmoothInputs
 from .tied_head import TiedHeadFromTable
 
@@ -76,6 +77,12 @@ def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
     return [make(lowering) for make in passes]
 
 
+def attention_passes(spec: AttentionSpec) -> list[ir.passes.PassBase]:
+    """A decoder's attention as GroupQueryAttention, then its residual Adds + RMSNorms fused (the graph the
+    exporter proves against optimum's before it keeps either: exporter/attention_fusion.py)."""
+    return [GroupQueryAttentionFusion(spec), SkipRmsNormFusion()]
+
+
 def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
                 kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
                 smoothing: Mapping[str, np.ndarray] | None = None,
@@ -98,7 +105,7 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
     if attention is not None:
-        _run_passes(ir_model, [GroupQueryAttentionFusion(attention)])
+        _run_passes(ir_model, attention_passes(attention))
         if FORMAT_QDQ in (kernels.default, *kernels.per_layer.values()):  # the exporter chose nbits for it
             raise ValueError("a GroupQueryAttention file writes no DequantizeLinear: give it nbits, not qdq")
         passes = _with_sibling_fusion(passes)
