@@ -168,6 +168,7 @@ def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | Non
             progress: bool = False, trust_remote_code: bool = False) -> Analysis:
     """Score every layer's sensitivity with each of `methods` (cmpq, pmpq, tdmpq) and allocate bits; with
     `validate`, also the measured 4-bit damage (oracle) and each method's Spearman against it. Writes nothing."""
+    from .exporter.exported_graph import layer_graph_priced_as_exported
     from .layer_graph import build_layer_graph
     from .passes import analyze as run_analysis
     from .passes import check_methods, plan_from_scores
@@ -181,7 +182,10 @@ def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | Non
                            lm_loss=lm_loss)
     check_methods(methods)  # fail before loading a model
     loaded = _load(model, tokenizer, task, trust_remote_code)
-    graph = build_layer_graph(loaded.model)
+    # a size budget is priced on the exported files (graph bytes, an encoder-decoder's copies per file), as
+    # cptq-export prices it: that costs one FP32 export
+    graph = (layer_graph_priced_as_exported(loaded) if options.allocation.max_size_mb is not None
+             else build_layer_graph(loaded.model))
     with decoder_reads_input(loaded.model):  # an encoder-decoder model decodes its calibration text
         result = run_analysis(loaded, graph, methods, options, validate=validate, progress=progress)
     plans = {m: plan_from_scores(graph, s, m, options, loaded.display_name,

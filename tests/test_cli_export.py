@@ -254,6 +254,25 @@ def test_encoder_decoder_export_meets_its_size_budget_on_disk(tmp_path):
     assert len({entry["bits"] for entry in report["layers"].values()}) >= 2  # a real trade-off was made
 
 
+def test_an_analyze_plan_at_a_size_budget_exports_within_it(tmp_path):
+    """`cptq analyze --max-size-mb` prices the budget as the export does (its FP32 files, an encoder-decoder's
+    decoder layers once per decoder file): the plan it writes lands within the budget when exported with it.
+    Priced on torch's modules alone, this budget gave the tiny T5 an all-16-bit plan."""
+    import cptquant
+    from cptquant.tiny_families import FAMILIES
+
+    folder = tmp_path / "tiny-t5"
+    FAMILIES["t5"].build().save_pretrained(folder)
+    budget_mb = 0.62
+    analysis = cptquant.analyze(str(folder), methods=("tdmpq",), max_size_mb=budget_mb, calib_samples=8, seq_len=32)
+    plan = analysis.plans["tdmpq"]
+    assert 4 in {layer.bits for layer in plan.layers.values()}
+    result = cptquant.export(str(folder), tmp_path / "out", plan=plan, verify=False)
+    on_disk = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if ".onnx" in p.name)
+    assert result.report["model_bytes"] == on_disk
+    assert 0.97 * budget_mb * 1e6 <= on_disk <= budget_mb * 1e6, on_disk
+
+
 def test_same_seed_same_plan_bytes(opt_folder, tmp_path):
     plans = []
     for name in ("a", "b"):

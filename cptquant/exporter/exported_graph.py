@@ -7,6 +7,7 @@ budgets are exact.
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -16,7 +17,8 @@ import onnx
 
 from ..layer_graph import LayerGraph, build_layer_graph
 from ..model_loading import LoadedModel
-from ..onnx_io.onnx_export import MODEL_FILE, load_onnx
+from ..onnx_io.onnx_export import MODEL_FILE, export_onnx, load_onnx
+from .fp32_files import open_fp32_files
 from .layer_map import LayerMap, build_layer_map
 from .report import files_size
 
@@ -35,6 +37,19 @@ def exported_layer_graph(loaded: LoadedModel, fp32_dir: Path,
     model_proto = model_proto if model_proto is not None else load_onnx(fp32_dir / MODEL_FILE)
     graph, layer_maps, _ = exported_files_layer_graph(loaded, fp32_dir, {MODEL_FILE: model_proto})
     return graph, layer_maps[MODEL_FILE]
+
+
+def layer_graph_priced_as_exported(loaded: LoadedModel, scratch: Path | None = None) -> LayerGraph:
+    """The layer graph as an export prices a size budget: from an FP32 export into a temporary folder (removed
+    after), with the bytes every plan keeps and each layer's copies per file (an encoder-decoder stores its
+    decoder layers twice). `cptq analyze --max-size-mb` plans on it, so that its plan meets the budget when
+    `cptq-export --plan` writes it; priced on torch's modules alone it counted one copy of each layer and
+    estimated the graph's bytes (a tiny T5 at 0.62 MB got an all-16-bit plan that exports at ~1.5 MB)."""
+    with tempfile.TemporaryDirectory(dir=scratch) as folder:
+        export_onnx(loaded, Path(folder))
+        fp32 = open_fp32_files(Path(folder), loaded.task, MODEL_FILE)
+        graph, _, _ = exported_files_layer_graph(loaded, fp32.folder, fp32.protos, fp32.base_dirs)
+    return graph
 
 
 def exported_files_layer_graph(loaded: LoadedModel, fp32_dir: Path, protos: dict[str, onnx.ModelProto],
