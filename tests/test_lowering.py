@@ -204,6 +204,27 @@ def test_a_tied_heads_hot_rows_are_its_tables_and_come_back_in_vocabulary_order(
     assert error_hot[:, cold].mean() == pytest.approx(error_plain[:, cold].mean(), rel=0.1)
 
 
+def test_a_tied_heads_hot_rows_that_are_the_first_ids_need_no_reordering():
+    """Hot rows 0 .. h - 1 (what passes/hot_rows.py gives a tied table): the two kernels' logits, concatenated,
+    are already in vocabulary order, so no Gather and no index table; priced so, and the same logits."""
+    hot = list(range(ROWS // 4))
+    prefix = lower_model(tied_model(), TIED_USES, _tied_plan(4, False, hot))
+    head = prefix.layers["head"]
+    assert head.expected_kernels == ["MatMulNBits"] * 2 and head.bytes_after == 0
+    assert weight_nbytes(WeightShape(HIDDEN, ROWS, hot_rows=len(hot), tied_head=True, hot_prefix=True),
+                         4, 32, False, FORMAT_QDQ) == 0
+    producer = next(node for node in prefix.model.graph.node if "logits" in node.output)
+    assert producer.op_type == "Concat"
+    assert not any("vocabulary_order" in init.name for init in prefix.model.graph.initializer)
+    # in vocabulary order: every logit near the exact one, the 8-bit (hot) columns nearer than the 4-bit ones
+    ids = np.arange(ROWS, dtype=np.int64)
+    table = numpy_helper.to_array(tied_model().graph.initializer[0])
+    exact = np.maximum(table[ids], 0) @ table.T
+    error = np.abs(_logits(prefix.model, ids) - exact)
+    assert error.max() < 0.1 * np.abs(exact).max()
+    assert error[:, hot].mean() < 0.7 * error[:, len(hot):].mean()
+
+
 def test_a_tied_fp16_table_is_written_once():
     lowered = lower_model(tied_model(), TIED_USES, _tied_plan(16, True))
     halves = [init for init in lowered.model.graph.initializer if init.data_type == TensorProto.FLOAT16]

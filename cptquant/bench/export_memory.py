@@ -22,11 +22,20 @@ BEFORE_STEPS = "load and passes"
 
 
 def resident_bytes() -> int:
+    return resident_split()["total"]
+
+
+def resident_split() -> dict[str, int]:
+    """VmRSS and its parts: anonymous pages (the heap: tensors, arrays) and file-backed ones (memory-mapped
+    weights, which the kernel may drop under pressure but which count while mapped)."""
+    fields = {"VmRSS:": "total", "RssAnon:": "anon", "RssFile:": "file"}
+    found = dict.fromkeys(fields.values(), 0)
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            key = line.split(":", 1)[0] + ":"
+            if key in fields:
+                found[fields[key]] = int(line.split()[1]) * 1024
+    return found
 
 
 class StepPeaks:
@@ -35,6 +44,7 @@ class StepPeaks:
     def __init__(self) -> None:
         self.label = BEFORE_STEPS
         self.peaks: dict[str, int] = {}
+        self.split: dict[str, dict[str, int]] = {}  # label -> anon / file bytes at its peak sample
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -57,8 +67,10 @@ class StepPeaks:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            rss, label = resident_bytes(), self.label
-            self.peaks[label] = max(self.peaks.get(label, 0), rss)
+            sample, label = resident_split(), self.label
+            if sample["total"] > self.peaks.get(label, -1):
+                self.peaks[label] = sample["total"]
+                self.split[label] = {"anon": sample["anon"], "file": sample["file"]}
             time.sleep(SAMPLE_S)
 
 
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result = {"command": ["cptq-export", *export_args], "exit_code": code, "wall_s": time.perf_counter() - start,
               "fp32_weight_bytes": weights, "peak_bytes": high_water, "peak_over_weights": high_water / weights if weights else None,
-              "steps": peaks.peaks}
+              "steps": peaks.peaks, "steps_anon_file": peaks.split}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

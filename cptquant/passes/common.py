@@ -56,9 +56,9 @@ def stored_weight_shape(graph: LayerGraph, layer: Layer, hot_rows: dict[str, lis
     table = layer.role == ROLE_EMBEDDING
     reads_table = bool(layer.tied_to) and (graph.heads_reading_table is None
                                            or layer.name in graph.heads_reading_table)
-    hot = len(hot_rows.get(layer.tied_to or layer.name, ())) if table or reads_table else 0
-    return WeightShape(layer.in_features, layer.out_features, table, hot, tied_head=reads_table,
-                       copies=graph.stored_copies.get(layer.name, 1))
+    rows = list(hot_rows.get(layer.tied_to or layer.name, ())) if table or reads_table else []
+    return WeightShape(layer.in_features, layer.out_features, table, len(rows), tied_head=reads_table,
+                       copies=graph.stored_copies.get(layer.name, 1), hot_prefix=rows == list(range(len(rows))))
 
 
 def weight_param(model: torch.nn.Module, layer: Layer) -> torch.nn.Parameter:

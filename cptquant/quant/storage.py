@@ -297,13 +297,14 @@ class TiedHead:
     """An LM head tied to a 4/8-bit token embedding: com.microsoft.MatMulNBits over the table's own
     codes, scales and zero points (GatherBlockQuantized's [rows, hidden] layout is MatMulNBits' [N, K]
     one; Reshape and Cast, folded by ORT, adapt the shapes and the FP16 scales), so the table is stored
-    once. With hot rows, one MatMulNBits per table and a Gather putting the logits back in vocabulary
-    order: its index table is all the head adds to the file."""
+    once. With hot rows, one MatMulNBits per table, their logits concatenated, and, unless the hot rows
+    are the first rows of the vocabulary (then the concatenation is in vocabulary order), a Gather putting
+    them back in order: its index table is all the head adds to the file."""
 
     kernel = KERNEL_MATMUL_NBITS
 
-    def nbytes(self, rows: int, hot: int) -> int:
-        return rows * np.dtype(np.int32).itemsize if 0 < hot < rows else 0
+    def nbytes(self, rows: int, hot: int, hot_prefix: bool = False) -> int:
+        return rows * np.dtype(np.int32).itemsize if 0 < hot < rows and not hot_prefix else 0
 
 
 class Fp16Weight:
@@ -333,6 +334,7 @@ class WeightShape:
     n: int
     table: bool = False
     hot_rows: int = 0  # a table's rows kept at 8 bits when it is at 4 (a tied head: its table's)
+    hot_prefix: bool = False  # those rows are ids 0 .. hot_rows - 1 (a tied head then needs no reordering)
     tied_head: bool = False  # an LM head that shares a token embedding's parameter (the table is priced there)
     copies: int = 1  # ONNX files of the export that each store it (an encoder-decoder's decoders: 2)
 
@@ -342,7 +344,7 @@ def weight_nbytes(weight: WeightShape, bits: int, block_size: int, symmetric: bo
     `--format dynamic` a MatMul weight also counts its possible input smoothing (4 bytes per input
     channel: an upper bound, since only the calibration text decides where it applies)."""
     if weight.tied_head and (bits >= 16 or shares_tied_table(weight_format)):
-        return TiedHead().nbytes(weight.n, weight.hot_rows if bits == 4 else 0)  # FP16: one copy too
+        return TiedHead().nbytes(weight.n, weight.hot_rows if bits == 4 else 0, weight.hot_prefix)  # FP16: one copy too
     if bits >= 16:
         return Fp16Weight().nbytes(weight.k * weight.n)
     if weight.table:

@@ -5,8 +5,9 @@ codes [rows, hidden bytes] with FP16 scales [rows, blocks] and packed zero point
 MatMulNBits' layout for a weight of N = rows outputs and K = hidden inputs: a Reshape of the codes, a
 Cast and a Reshape of the scales, all on initializers and folded by ORT at session start, let the head
 read the table the Gather pass wrote, so the file holds it once (quant/storage.TiedHead). A table
-with hot rows is two tables: one MatMulNBits each, their logits concatenated, and a Gather with a
-fixed index table restores vocabulary order.
+with hot rows is two tables: one MatMulNBits each and their logits concatenated; when the hot rows are
+not the vocabulary's first rows (passes/hot_rows.py chooses a prefix for a tied table; a hand-written
+plan may not), a Gather with a fixed index table restores vocabulary order.
 """
 
 from __future__ import annotations
@@ -45,14 +46,19 @@ class TiedHeadFromTable(LoweringPass):
             if len(parts) != len(tables):
                 raise ir.passes.PreconditionError(f"{site.layer}: a table of several does not say its rows")
             order = np.concatenate(parts)
-            position = np.empty(rows, dtype=np.int32)
-            position[order] = np.arange(rows, dtype=np.int32)
-            index = lowering.add_initializer(site, f"{site.base}.vocabulary_order", ir.tensor(position), owned=False)
-            joined = make_node("Concat", [n.outputs[0] for n in nodes], [lowering.names.unique(f"{site.base}.logits")],
+            in_order = bool(np.array_equal(order, np.arange(rows)))  # hot rows first, and they are ids 0 .. h - 1
+            joined = make_node("Concat", [n.outputs[0] for n in nodes],
+                               [output if in_order else lowering.names.unique(f"{site.base}.logits")],
                                lowering.names.unique(name + "Concat"), axis=-1)
-            nodes += [joined, make_node("Gather", [joined.outputs[0], index], [output],
-                                        lowering.names.unique(name + "VocabularyOrder"), axis=-1)]
-            site.nbytes += int(position.nbytes)
+            nodes.append(joined)
+            if not in_order:
+                position = np.empty(rows, dtype=np.int32)
+                position[order] = np.arange(rows, dtype=np.int32)
+                index = lowering.add_initializer(site, f"{site.base}.vocabulary_order", ir.tensor(position),
+                                                 owned=False)
+                nodes.append(make_node("Gather", [joined.outputs[0], index], [output],
+                                       lowering.names.unique(name + "VocabularyOrder"), axis=-1))
+                site.nbytes += int(position.nbytes)
         lowering.replace(matmul, nodes)
         site.node = nodes[-1]
         site.kernels += [KERNEL_MATMUL_NBITS] * len(tables)
@@ -91,7 +97,7 @@ class TiedHeadFromTable(LoweringPass):
 
     def check_after(self, site: Site) -> None:
         node = site.node
-        joined = input_of(node, 0).producer() if node.op_type == "Gather" else None
+        joined = input_of(node, 0).producer() if node.op_type == "Gather" else node if node.op_type == "Concat" else None
         kernels = [node] if joined is None else [v.producer() if v is not None else None for v in joined.inputs]
         if any(k is None or k.op_type != KERNEL_MATMUL_NBITS or k.domain != MS_DOMAIN for k in kernels):
             raise ir.passes.PostconditionError(f"{site.layer}: not lowered to MatMulNBits over its table")
