@@ -110,13 +110,11 @@ class ExportReport:
         data = {name: value for name, value in self.__dict__.items() if name != "layers"}
         data["layers"] = {name: layer.to_dict() for name, layer in sorted(self.layers.items())}
         for optional in ("outlier_ratio", "calibration_text", "analysis", "verification", "format_choice",
-                         "model_files"):
+                         "model_files", "attention"):
             if data[optional] is None:
                 del data[optional]
         if self.task != TASK_CAUSAL_LM:  # a causal LM states its genai_config.json, null when none was written
             del data["genai_config"]
-        if data["attention"] is None:
-            del data["attention"]
         return data
 
     def to_json(self) -> str:
