@@ -95,7 +95,7 @@ class AllocationOptions:
         "cross-entropy on the calibration text (ce: signed, and its sign does not carry to other text)."))
     hot_rows: bool = field(default=True, metadata=_help(
         "A 4-bit token embedding keeps the rows of the calibration text's tokens at 8 bits (at most 1/8 of the "
-        "table; a table the LM head shares keeps its lowest 1/8 of ids, whatever the text)."))
+        "table; a table the LM head shares fills that 1/8 with the lowest ids)."))
 
     def __post_init__(self) -> None:
         if any(not 0 < s < 1 for s in self.sparsity):

@@ -40,8 +40,8 @@ def print_summary(result: ExportResult, console: Console) -> None:
     for name, entry in report["layers"].items():
         if entry.get("hot_rows"):
             tied = any(other.get("reads_table") == name for other in report["layers"].values())
-            source = ("the lowest ids: the LM head reads this table" if tied
-                      else "the calibration text's tokens")
+            source = "the calibration text's tokens" + (", then the lowest ids: the LM head reads this table"
+                                                       if tied else "")
             console.print(f"{name}: {entry['hot_rows']:,} rows ({source}) kept at 8 bits")
     parity = report["parity_vs_torch_fp32"]
     kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"

@@ -11,15 +11,12 @@ and a small slot table that sends each token id to its table (exporter/lowering/
 the passes score the table with the same split (common.quantized_weight), and the allocator counts its
 bytes with the layout the exporter writes (quant/storage.HotRowTable).
 Only the input embedding gets hot rows. A table that an LM head shares is also the head's 4-bit
-MatMul, where every row's logit counts on every token: its hot rows are the lowest token ids up to the
-cap, whatever the calibration text. BPE vocabularies number their tokens in merge order, the most
-frequent pieces of the tokenizer's training text first, so low ids are the rows any text uses most,
-whatever the domain. On SmolLM2 (tied, 49,152 rows, every other layer FP32) a 4-bit table with 6,144
-such hot rows gives KL 0.034 from FP32 on other-domain text, against 0.108 without and 0.033 with the
-6,144 most frequent tokens of that text itself (docs/benchmarks.md). A prefix of the vocabulary also
-keeps the head's logits in vocabulary order: its two kernels' outputs are concatenated, with no Gather
-to reorder 49,152 logits on every decode step (exporter/lowering/tied_head.py). (Until 2026-11-30 the
-calibration text's tokens came first and the lowest ids filled up.)
+MatMul, where every row's logit counts on every token: its hot rows are the calibration text's tokens
+and then the lowest token ids up to the cap. BPE vocabularies number their tokens in merge order, the
+most frequent pieces of the tokenizer's training text first, so low ids are the rows any text uses
+most, whatever the domain. On SmolLM2 (tied, 49,152 rows, every other layer FP32) a 4-bit table with
+6,144 such hot rows gives KL 0.034 from FP32 on other-domain text, against 0.108 without and 0.033 with
+the 6,144 most frequent tokens of that text itself (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -58,8 +55,7 @@ def is_tied(graph: LayerGraph, table: str) -> bool:
 
 def hot_rows(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, tokenized: bool = True,
              max_fraction: float = MAX_HOT_FRACTION) -> dict[str, list[int]]:
-    """{table layer: sorted token ids} for the tokens of `calib`, most frequent first up to the cap (a table
-    an LM head shares: the lowest ids up to the cap).
+    """{table layer: sorted token ids} for the tokens of `calib`, most frequent first up to the cap.
 
     `tokenized` False (a model without a tokenizer, calibrated on random ids): no hot rows, since
     random ids say nothing about which rows real text uses.
@@ -67,16 +63,17 @@ def hot_rows(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, t
     name = input_embedding(model, graph)
     if name is None or not tokenized:
         return {}
-    cap = int(graph[name].out_features * max_fraction)
-    if is_tied(graph, name):  # the head's rows too: the lowest ids, a prefix of the vocabulary (docstring)
-        return {name: list(range(cap))} if cap else {}
     counts: Counter[int] = Counter()
     for batch in calib.batches:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         counts.update((ids[mask.bool()] if mask is not None else ids.flatten()).tolist())
+    cap = int(graph[name].out_features * max_fraction)
     # Ties broken by token id, so the same calibration gives the same plan.
     ranked = [token for token, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:cap]]
+    if is_tied(graph, name) and ranked:  # the head's rows too: fill up with the lowest ids
+        chosen = set(ranked)
+        ranked += [token for token in range(graph[name].out_features) if token not in chosen][: cap - len(ranked)]
     return {name: sorted(ranked)} if ranked else {}
 
 
