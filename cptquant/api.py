@@ -2,7 +2,7 @@
 
     import cptquant
     result = cptquant.export("my-model-folder", "out/", method="tdmpq", target_bits=5)
-    result.paths.model, result.plan.layers["lm_head"].bits, result.report["ratio_vs_fp16"]
+    result.paths.model, result.plan.layers["lm_head"].bits, result.report.ratio_vs_fp16
 
 A model is a hub id or folder (None: the embedded MiniLM), or an in-memory transformers PreTrainedModel
 (with its tokenizer, when it has one). Bad input raises cptquant.errors.CptqError with a one-line message,

@@ -119,8 +119,6 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
         assert scores is not None  # analyze() scores every method it is given, the oracle included
         budgeted = allocation.target_bits is not None or allocation.max_size_mb is not None
         if pins and budgeted:  # the pinned layers' cost comes out of the budget; the method shares out the rest
-            if allocation.granularity != "layer":
-                raise CptqError("--override with a budget needs --granularity layer (a block's layers share one width)")
             pinned = pinned_bits(pins, graph)
             sub_graph, sub_options = budget_without_pinned(graph, pinned, options, result.hot_rows)
             plan = (plan_from_scores(sub_graph, scores, method, sub_options, loaded.display_name,

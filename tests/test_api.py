@@ -42,7 +42,7 @@ def test_cli_is_the_api(opt_folder, tmp_path):
     """The same options through the CLI and the API give the byte-identical plan."""
     result = cptquant.export(opt_folder, tmp_path / "api", bits=4, overrides=["fc2=8"], verify=False, **FAST)
     assert result.paths.model == tmp_path / "api" / "model.onnx" and result.paths.model.is_file()
-    assert result.report["task"] == "text-generation-with-past"
+    assert result.report.task == "text-generation-with-past"
     cli = runner.invoke(export_app, [str(opt_folder), "--bits", "4", "--override", "fc2=8", "--no-verify",
                                      "--calib-samples", "16", "--seq-len", "32", "--no-progress",
                                      "-o", str(tmp_path / "cli")])
@@ -73,19 +73,25 @@ def test_override_pins_a_tied_head_with_its_embedding(tmp_path):
     assert bits["lm_head"] == bits["model.decoder.embed_tokens"] == 8
     assert bits["model.decoder.layers.1.fc1"] == 8 and bits["model.decoder.layers.1.fc2"] == 16
     assert bits["model.decoder.layers.0.fc1"] == 4
-    assert result.report["layers"]["model.decoder.layers.1.fc2"]["bits"] == 16
+    assert result.report.layers["model.decoder.layers.1.fc2"].bits == 16
     assert result.plan.meta["overrides"]["lm_head"] == 8
 
 
-def test_override_is_counted_in_the_budget(tmp_path):
-    """Pinned layers' cost comes out of --target-bits: the plan still meets it, with the pins as given."""
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_override_is_counted_in_the_budget(tmp_path, granularity):
+    """Pinned layers' cost comes out of --target-bits: the plan still meets it, with the pins as given. At block
+    granularity a block's unpinned layers share one width, its pinned ones keep theirs."""
     pins = [".*down_proj=8", "lm_head=8"]
     result = cptquant.export(tiny_llama(), tmp_path / "out", method="tdmpq", target_bits=6, overrides=pins,
-                             verify=False, **FAST)
+                             granularity=granularity, verify=False, **FAST)
     bits = {name: lp.bits for name, lp in result.plan.layers.items()}
     assert all(b == 8 for name, b in bits.items() if name.endswith("down_proj") or name == "lm_head")
-    assert result.report["average_bits"] <= 6.0 + 1e-9
+    assert result.report.average_bits <= 6.0 + 1e-9
     assert 4 in bits.values()  # the rest paid for the pins
+    if granularity == "block":
+        for block in {name.split(".mlp.")[0].split(".self_attn.")[0] for name in bits if ".layers." in name}:
+            widths = {b for name, b in bits.items() if name.startswith(block + ".") and not name.endswith("down_proj")}
+            assert len(widths) == 1, (block, widths)
 
 
 def test_override_budget_arithmetic():
@@ -146,4 +152,4 @@ def test_verify_gives_checks(tmp_path):
     names = [check.line() for check in result.checks]
     assert any("perplexity increase vs fp32" in line for line in names), names
     assert result.passed, names
-    json.dumps(result.report)  # plain data, as `cptq verify` writes it
+    json.dumps(result.report.to_dict())  # plain data, as `cptq verify` writes it

@@ -66,7 +66,7 @@ def test_family_exports_and_loads_in_optimum(name, setting, tmp_path):
     model = family.build()
     result = cptquant.export(model, tmp_path / "out", task=family.task, verify=False, calib_samples=16, seq_len=32,
                              **SETTINGS[setting])
-    report = result.report
+    report = result.report.to_dict()
     quantized = [n for n, lp in result.plan.layers.items() if lp.bits < 16]
     assert quantized, "nothing was quantized"
     check = report["graph_check"]
@@ -105,7 +105,7 @@ def test_every_layer_the_model_has_is_planned_or_named(tmp_path):
     report says why; every other layer is in the plan."""
     model = FAMILIES["mpnet"].build()
     result = cptquant.export(model, tmp_path / "out", bits=8, verify=False)
-    unquantized = result.report["layers_unquantized"]
+    unquantized = result.report.layers_unquantized
     assert "not a multiple of the smallest quantization block" in unquantized["encoder.relative_attention_bias"]
     assert set(result.plan.layers) | set(unquantized) == {
         name for name, module in model.named_modules()
@@ -118,7 +118,7 @@ def test_token_classification_is_verified(tmp_path):
 
     result = cptquant.export(FAMILIES["bert-token"].build(), tmp_path / "out", tokenizer=tiny_tokenizer("bert"),
                              bits=8, calib_samples=16, seq_len=32)
-    verification = result.report["verification"]
+    verification = result.report.verification
     assert "error" not in verification, verification
     quality = verification["quality"]
     assert quality["task"] == "token-classification" and quality["n_examples"] > 100
@@ -152,7 +152,7 @@ def test_encoder_decoder_generates_like_torch(name, setting, tmp_path):
     model = family.build()
     result = cptquant.export(model, tmp_path / "out", task=family.task, verify=False, calib_samples=16, seq_len=32,
                              **SETTINGS[setting])
-    report = result.report
+    report = result.report.to_dict()
     assert set(SEQ2SEQ_FILES) <= set(report["files"]) and "model.onnx" not in report["files"]
     assert report["model_files"] == list(SEQ2SEQ_FILES)  # what model_bytes counts: every file's own copies
     assert report["model_bytes"] == sum(report["files"][f] for f in SEQ2SEQ_FILES)

@@ -269,7 +269,7 @@ def test_an_analyze_plan_at_a_size_budget_exports_within_it(tmp_path):
     assert 4 in {layer.bits for layer in plan.layers.values()}
     result = cptquant.export(str(folder), tmp_path / "out", plan=plan, verify=False)
     on_disk = sum(p.stat().st_size for p in (tmp_path / "out").iterdir() if ".onnx" in p.name)
-    assert result.report["model_bytes"] == on_disk
+    assert result.report.model_bytes == on_disk
     assert 0.97 * budget_mb * 1e6 <= on_disk <= budget_mb * 1e6, on_disk
 
 

@@ -109,11 +109,11 @@ def bert_dynamic(tmp_path_factory):
 
 def test_tiny_bert_runs_dynamic_quantize_matmul_for_4_and_8_bit_layers(bert_dynamic):
     _, result = bert_dynamic
-    layers = result.report["layers"]
+    layers = result.report.to_dict()["layers"]
     low_bit = [name for name, entry in layers.items() if entry["bits"] in (4, 8) and "embeddings" not in name]
     assert {layers[name]["bits"] for name in low_bit} == {4, 8}
     assert all(layers[name]["kernels"] == ["DynamicQuantizeMatMul"] for name in low_bit)
-    check = result.report["graph_check"]
+    check = result.report.graph_check
     assert check["unfused"] == [] and check["fp16_casts_left"] == []
     assert check["kernels"]["DynamicQuantizeMatMul"] == len(low_bit)
     assert check["expected_kernels"]["DynamicQuantizeMatMul"] == len(low_bit)
@@ -142,14 +142,14 @@ def test_tiny_bert_dynamic_outputs_match_torch(bert_dynamic):
     a, b = got[real], ref.numpy()[real]
     cos = (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
     assert cos.min() > 0.98, cos.min()
-    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.99
+    assert result.report.parity_vs_torch_fp32["mean_cosine"] > 0.99
 
 
 def test_dynamic_4_bit_layers_are_4_bit_on_disk(bert_dynamic):
     _, result = bert_dynamic
     model = onnx.load(str(result.paths.model))
     stored = {init.name: init for init in model.graph.initializer}
-    for name, entry in result.report["layers"].items():
+    for name, entry in result.report.to_dict()["layers"].items():
         if entry["bits"] != 4 or "embeddings" in name:
             continue
         params = entry["bytes_fp32"] // 4
@@ -191,7 +191,7 @@ def test_decoders_export_in_dynamic_format(build, tmp_path):
     loaded = wrap_model(getattr(cptquant.testing, build)())
     result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False,
                               fmt=FORMAT_DYNAMIC, calibration=CalibrationMeasurements())
-    check = result.report["graph_check"]
+    check = result.report.graph_check
     assert check["unfused"] == []
     assert check["kernels"]["DynamicQuantizeMatMul"] == check["expected_kernels"]["DynamicQuantizeMatMul"] >= 8
-    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.95
+    assert result.report.parity_vs_torch_fp32["mean_cosine"] > 0.95

@@ -86,8 +86,8 @@ def test_opt_mixed_plan_runs_as_low_bit_kernels(opt_mixed):
     assert ("MatMulNBits", 4) in ops and ("MatMulNBits", 8) in ops
     assert ("GatherBlockQuantized", 4) in ops
     assert not any(op == "DequantizeLinear" for op, _ in ops)
-    assert result.report["graph_check"]["unfused"] == []
-    bits = {name: entry["bits"] for name, entry in result.report["layers"].items()}
+    assert result.report.graph_check["unfused"] == []
+    bits = {name: entry["bits"] for name, entry in result.report.to_dict()["layers"].items()}
     assert bits["lm_head"] == 4 and sorted(set(bits.values())) == [4, 8, 16]
 
 
@@ -134,15 +134,15 @@ def test_opt_generation_through_optimum_matches_torch(opt_mixed):
 def test_other_architectures_export_at_4_bits(build, tmp_path):
     loaded = wrap_model(build())
     result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 4), tmp_path / "model.onnx", progress=False)
-    assert result.report["graph_check"]["unfused"] == []
-    assert result.report["parity_vs_torch_fp32"]["mean_cosine"] > 0.9
-    kernels = result.report["graph_check"]["kernels"]
+    assert result.report.graph_check["unfused"] == []
+    assert result.report.parity_vs_torch_fp32["mean_cosine"] > 0.9
+    kernels = result.report.graph_check["kernels"]
     assert kernels.get("MatMulNBits(bits=4)", 0) >= 8 and kernels.get("GatherBlockQuantized(bits=4)", 0) >= 1
 
 
 def test_gpt2_conv1d_layers_are_mapped_with_their_transposed_layout(tmp_path):
     loaded = wrap_model(tiny_gpt2())
     result = export_quantized(loaded, lambda _l, g: uniform_plan(g, 8), tmp_path / "m.onnx", progress=False)
-    layers = result.report["layers"]
+    layers = result.report.to_dict()["layers"]
     assert layers["transformer.h.0.attn.c_attn"]["bytes_fp32"] == 64 * 192 * 4
     assert layers["transformer.h.0.mlp.c_proj"]["kernels"] == ["MatMulNBits"]

@@ -151,9 +151,10 @@ def export_case(model: str, fmt: str, algorithm: str, out: Path) -> tuple[tuple[
                               algorithm=algorithm, outlier_ratio=OUTLIER_RATIO, calibration=calibration)
     files = sorted(p.name for p in out.iterdir() if p.name.startswith("model.onnx"))
     assert files == ["model.onnx"], files  # no external data at this size: the one file is the model
-    records = {"layers": result.report["layers"], "graph_check": result.report["graph_check"]}
+    report = result.report.to_dict()
+    records = {"layers": report["layers"], "graph_check": report["graph_check"]}
     hashes = _sha256(out / "model.onnx"), hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
-    return hashes, result.report
+    return hashes, report
 
 
 def _uses_calibration(fmt: str, algorithm: str) -> bool:

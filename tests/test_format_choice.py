@@ -29,9 +29,9 @@ def _export(model, out):
 
 def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp_path):
     result = _export(tiny_bert(), tmp_path / "bert")
-    choice = result.report["format_choice"]
+    choice = result.report.format_choice
     assert choice["measured"] and choice["format"] in CANDIDATES
-    assert result.report["weight_format"] == choice["format"]
+    assert result.report.weight_format == choice["format"]
     shapes = {f"b{b}_s{s}" for b, s in SHAPES}
     assert set(choice["p50_ms"]) == {"fp32", *CANDIDATES}
     assert all(set(by_shape) <= shapes and by_shape for by_shape in choice["p50_ms"].values())
@@ -40,15 +40,15 @@ def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp
     eligible = [f for f in CANDIDATES if choice["probe_cosine"][f] >= 0.99]
     assert choice["format"] == (fastest if fastest in eligible else max(eligible, key=choice["speedup_vs_fp32"].get))
     assert choice["format"] in choice["reason"]
-    kernels = result.report["graph_check"]["kernels"]
+    kernels = result.report.graph_check["kernels"]
     wanted = "DynamicQuantizeMatMul" if choice["format"] == "dynamic" else "MatMulNBits"
     assert any(k.startswith(wanted) for k in kernels), kernels  # the export really runs the chosen kernel
 
 
 def test_a_decoder_keeps_matmulnbits_without_measuring(tmp_path):
     result = _export(tiny_opt(), tmp_path / "opt")
-    choice = result.report["format_choice"]
-    assert choice["format"] == FORMAT_QDQ == result.report["weight_format"]
+    choice = result.report.format_choice
+    assert choice["format"] == FORMAT_QDQ == result.report.weight_format
     assert not choice["measured"] and "decode" in choice["reason"]
 
 
@@ -58,7 +58,7 @@ def test_a_model_whose_positions_start_after_the_padding_id_is_probed_within_its
     from cptquant.tiny_families import FAMILIES
 
     result = _export(FAMILIES["roberta"].build(), tmp_path / "roberta")
-    choice = result.report["format_choice"]
+    choice = result.report.format_choice
     assert choice["measured"] and choice["format"] in CANDIDATES
     lengths = {int(key.split("_s")[1]) for key in choice["p50_ms"]["fp32"]}
     assert 16 in lengths and max(lengths) < 128, lengths  # 1x128 and 8x128 shortened to what the table serves

@@ -40,15 +40,15 @@ def test_a_decoder_export_writes_the_genai_config_from_its_graph(llama_export):
                                  "past_value_names": "past_key_values.%d.value"}
     assert written["model"]["eos_token_id"] == config["eos_token_id"]
     assert written["search"]["past_present_share_buffer"] is False  # optimum's KV cache grows by concatenation
-    assert llama_export.report["genai_config"] == GENAI_CONFIG
-    assert GENAI_CONFIG in llama_export.report["files"]
+    assert llama_export.report.genai_config == GENAI_CONFIG
+    assert GENAI_CONFIG in llama_export.report.files
 
 
 def test_an_encoder_export_has_no_genai_config(tmp_path):
     bert = load_model(str(save_tiny_model(tiny_bert(), tmp_path / "bert")))
     result = export_quantized(bert, lambda _l, graph: uniform_plan(graph, 8), tmp_path / "out", progress=False)
     assert not (result.paths.folder / GENAI_CONFIG).exists()
-    assert "genai_config" not in result.report
+    assert "genai_config" not in result.report.to_dict()
 
 
 def test_a_graph_without_a_kv_cache_is_refused(tmp_path):

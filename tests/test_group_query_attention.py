@@ -124,21 +124,21 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     plan = lambda _l, graph: uniform_plan(graph, 8)  # noqa: E731
     fused = export_quantized(loaded, plan, tmp_path / "gqa", progress=False)
     kept = export_quantized(loaded, plan, tmp_path / "optimum", progress=False, attention="optimum")
-    note = fused.report["attention"]
+    note = fused.report.attention
     assert note["kernel"] == "GroupQueryAttention" and note["layers"] == loaded.model.config.num_hidden_layers
     assert note["skip_rms_norms"] == 2 * loaded.model.config.num_hidden_layers
-    assert kept.report["attention"] == {"kernel": "optimum", "why": "--attention optimum"}
+    assert kept.report.attention == {"kernel": "optimum", "why": "--attention optimum"}
     # the default qdq is written as MatMulNBits in a GroupQueryAttention file, and the report says what is written
-    assert fused.report["weight_format"] == "nbits" and kept.report["weight_format"] == "qdq"
+    assert fused.report.weight_format == "nbits" and kept.report.weight_format == "qdq"
     ops = collections.Counter(n.op_type for n in onnx.load(str(fused.paths.model)).graph.node)
     layers = loaded.model.config.num_hidden_layers
     assert ops["GroupQueryAttention"] == layers and ops["SkipSimplifiedLayerNormalization"] == 2 * layers
-    assert fused.report["graph_check"]["unfused"] == []
-    assert fused.report["files"]["model.onnx"] < kept.report["files"]["model.onnx"]
+    assert fused.report.graph_check["unfused"] == []
+    assert fused.report.files["model.onnx"] < kept.report.files["model.onnx"]
     # q/k/v and gate/up read one input each: one MatMulNBits per group (fused_kernels.py), per layer 4 of 7
-    kernels = fused.report["graph_check"]["kernels"]
+    kernels = fused.report.graph_check["kernels"]
     assert kernels["MatMulNBits(bits=8)"] == 4 * layers + 1  # + the LM head
-    assert kept.report["graph_check"]["kernels"]["MatMulNBits(bits=8)"] == 7 * layers + 1
+    assert kept.report.graph_check["kernels"]["MatMulNBits(bits=8)"] == 7 * layers + 1
     assert ops["Split"] == 2 * layers
     logits = [_logits(result.paths.model) for result in (fused, kept)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5 * max(1.0, float(np.abs(logits[1]).max())))

@@ -114,9 +114,9 @@ def test_export_stores_hot_rows_at_8_bits_as_the_passes_model_them(bert, calib, 
         return plan
 
     result = export_quantized(bert, plan_of, tmp_path / "out", progress=False)
-    entry = result.report["layers"][TABLE]
+    entry = result.report.to_dict()["layers"][TABLE]
     assert entry["kernels"] == ["GatherBlockQuantized", "GatherBlockQuantized"] and entry["hot_rows"] == len(rows)
-    assert result.report["graph_check"]["kernels"] == {"GatherBlockQuantized(bits=4)": 1,
+    assert result.report.graph_check["kernels"] == {"GatherBlockQuantized(bits=4)": 1,
                                                        "GatherBlockQuantized(bits=8)": 1}
     table = graph[TABLE]
     shape = WeightShape(table.in_features, table.out_features, table=True, hot_rows=len(rows))
@@ -170,8 +170,8 @@ def test_untied_decoder_gets_hot_rows_and_still_generates_with_optimum(tmp_path)
         return with_hot_rows(uniform_plan(graph, 4), calibration_hot_rows(loaded, graph, options))
 
     result = export_quantized(llama, plan_of, tmp_path / "out", progress=False)
-    assert result.report["layers"]["model.embed_tokens"]["hot_rows"] > 0
-    assert result.report["graph_check"]["kernels"]["GatherBlockQuantized(bits=8)"] == 1
+    assert result.report.to_dict()["layers"]["model.embed_tokens"]["hot_rows"] > 0
+    assert result.report.graph_check["kernels"]["GatherBlockQuantized(bits=8)"] == 1
     prompt = torch.tensor([[1, 5, 9]])
     generated = ORTModelForCausalLM.from_pretrained(tmp_path / "out").generate(prompt, max_new_tokens=4,
                                                                                min_new_tokens=4, do_sample=False)
@@ -186,4 +186,4 @@ def test_a_table_whose_every_row_is_hot_is_an_8_bit_table(bert, tmp_path):
         return plan
 
     result = export_quantized(bert, plan_of, tmp_path / "out", progress=False)
-    assert result.report["graph_check"]["kernels"] == {"GatherBlockQuantized(bits=8)": 1}
+    assert result.report.graph_check["kernels"] == {"GatherBlockQuantized(bits=8)": 1}

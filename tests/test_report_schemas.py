@@ -82,7 +82,7 @@ def test_a_dynamic_causal_lm_export_report_matches_the_schema(tmp_path):
                               progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5,
                               calibration=CalibrationMeasurements(CalibrationOptions(calib_samples=16, seq_len=32)))
     report = json.loads((tmp_path / "model.report.json").read_text())
-    assert report == result.report
+    assert report == result.report.to_dict()
     assert {"genai_config", "outlier_ratio", "calibration_text"} <= set(report)
     assert _errors("export-report.schema.json", report) == []
     assert _errors("plan.schema.json", json.loads((tmp_path / "model.plan.json").read_text())) == []

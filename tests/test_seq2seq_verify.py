@@ -66,12 +66,12 @@ def test_short_verification_of_a_4_bit_export(name, tmp_path):
     measurably but not wholly, and the speed figures cover the encoder pass and the decode step of all files."""
     family = FAMILIES[name]
     result = cptquant.export(family.build(), tmp_path / "out", task=SEQ2SEQ, bits=4, calib_samples=8, seq_len=32)
-    verification = result.report["verification"]
+    verification = result.report.verification
     assert "error" not in verification, verification
     vs = verification["quality"]["vs_fp32"]
     assert 0 < vs["kl_divergence"] < 0.5 and 0.5 < vs["top1_agreement"] < 1
     speed = verification["speed"]
     assert set(speed["vs_fp32"]["latency_speedup"]) == {"encoder_b1_s16", "decode_per_token"}
-    assert speed["variants"]["quantized"]["bytes_on_disk"] == result.report["model_bytes"]
+    assert speed["variants"]["quantized"]["bytes_on_disk"] == result.report.model_bytes
     assert speed["vs_fp32"]["smaller_on_disk_by"] > 2
-    assert _errors("export-report.schema.json", result.report) == []
+    assert _errors("export-report.schema.json", result.report.to_dict()) == []

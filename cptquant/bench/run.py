@@ -151,7 +151,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
         exported = export_quantized(loaded, _fixed(plan), out, force=True, progress=False,
                                     algorithm=algorithm, calibration=measurements, fmt=fmt)
         variants.append(Variant(name, family, exported.paths.model,
-                                exported.report["model_bytes"], exported.report["average_bits"], label))
+                                exported.report.model_bytes, exported.report.average_bits, label))
 
     adapter = CpuAdapter(threads=2)
     config = loaded.config

@@ -18,15 +18,15 @@ from . import options, user_errors
 def print_summary(result: ExportResult, console: Console) -> None:
     report = result.report
     by_bits: dict[int, list[int]] = {}
-    for entry in report["layers"].values():
-        count_bytes = by_bits.setdefault(entry["bits"], [0, 0, 0])
+    for entry in report.layers.values():
+        count_bytes = by_bits.setdefault(entry.bits, [0, 0, 0])
         count_bytes[0] += 1
-        count_bytes[1] += entry["bytes_fp32"] // 4
-        count_bytes[2] += entry["bytes_after"]
-    onnx_names = sorted(name for name in report["files"] if name.endswith(".onnx"))
+        count_bytes[1] += entry.bytes_fp32 // 4
+        count_bytes[2] += entry.bytes_after
+    onnx_names = sorted(name for name in report.files if name.endswith(".onnx"))
     target = (result.paths.model if onnx_names == [result.paths.model.name]  # else a seq2seq model's files
               else f"{result.paths.folder}/ ({len(onnx_names)} ONNX files)")
-    table = Table(title=f"{report['model']} → {target}", title_justify="left")
+    table = Table(title=f"{report.model} → {target}", title_justify="left")
     table.add_column("bits", justify="right")
     table.add_column("layers", justify="right")
     table.add_column("parameters", justify="right")
@@ -35,25 +35,25 @@ def print_summary(result: ExportResult, console: Console) -> None:
         layers, params, after = by_bits[bits]
         table.add_row(str(bits), str(layers), f"{params:,}", f"{after / 1e6:.2f}")
     console.print(table)
-    for name, reason in report.get("layers_unquantized", {}).items():
+    for name, reason in report.layers_unquantized.items():
         console.print(f"{name}: left FP32 — {reason}")
-    for name, entry in report["layers"].items():
-        if entry.get("hot_rows"):
-            tied = any(other.get("reads_table") == name for other in report["layers"].values())
+    for name, entry in report.layers.items():
+        if entry.hot_rows:
+            tied = any(other.reads_table == name for other in report.layers.values())
             source = "the calibration text's tokens" + (", then the lowest ids: the LM head reads this table"
                                                        if tied else "")
-            console.print(f"{name}: {entry['hot_rows']:,} rows ({source}) kept at 8 bits")
-    parity = report["parity_vs_torch_fp32"]
-    kernels = ", ".join(f"{k} ×{v}" for k, v in report["graph_check"]["kernels"].items()) or "none"
+            console.print(f"{name}: {entry.hot_rows:,} rows ({source}) kept at 8 bits")
+    parity = report.parity_vs_torch_fp32
+    kernels = ", ".join(f"{k} ×{v}" for k, v in report.graph_check["kernels"].items()) or "none"
     console.print(
-        f"model {report['model_bytes'] / 1e6:.1f} MB — {report['ratio_vs_fp16']:.2f}× smaller than FP16 "
-        f"({report['fp16_reference_bytes'] / 1e6:.1f} MB); folder {report['total_bytes'] / 1e6:.1f} MB; "
-        f"average {report['average_bits']} bits/weight\n"
+        f"model {report.model_bytes / 1e6:.1f} MB — {report.ratio_vs_fp16:.2f}× smaller than FP16 "
+        f"({report.fp16_reference_bytes / 1e6:.1f} MB); folder {report.total_bytes / 1e6:.1f} MB; "
+        f"average {report.average_bits} bits/weight\n"
         f"kernels in the ORT-optimized graph: {kernels}\n"
         f"parity vs torch FP32 on {parity['n_inputs']} inputs: cosine mean {parity['mean_cosine']:.5f} "
         f"(min {parity['min_cosine']:.5f}), max |diff| {parity['max_abs_diff']:.4g}"
     )
-    attention = report.get("attention")
+    attention = report.attention
     if attention and attention.get("kernel") == "GroupQueryAttention":
         norms = attention.get("skip_rms_norms")
         console.print(f"attention: GroupQueryAttention in {attention['layers']} layers"
@@ -62,7 +62,7 @@ def print_summary(result: ExportResult, console: Console) -> None:
                       f"{attention['max_relative_difference']:.2g})")
     elif attention:
         console.print(f"attention: optimum's graph kept — {attention.get('why', 'not rewritten')}")
-    verification = report.get("verification")
+    verification = report.verification
     if verification and "error" in verification:
         console.print(f"verification skipped: {verification['error']}", style="yellow")
     elif verification:

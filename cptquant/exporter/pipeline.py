@@ -76,7 +76,7 @@ FormatChooser = Callable[[LoadedModel, onnx.ModelProto, LayerGraph, dict[str, li
 class ExportResult:
     paths: OutputPaths
     plan: Plan
-    report: dict[str, Any]  # model.report.json as written (ExportReport.to_dict())
+    report: ExportReport  # model.report.json as written (its .to_dict())
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -186,7 +186,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 report.verification = verification
                 _write_report(report, out_dir, paths, fp32)
                 install(staging, paths, force, fp32.folder, fp16_dir, fingerprint)
-    return ExportResult(paths, plan, report.to_dict(), timings)
+    return ExportResult(paths, plan, report, timings)
 
 
 def _write_report(report: ExportReport, out_dir: Path, paths: OutputPaths, fp32: Fp32Files) -> None:

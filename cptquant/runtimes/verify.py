@@ -127,7 +127,7 @@ def measure_on(adapter: RuntimeAdapter, variants: dict[str, Path], out: OutputFo
 
 @dataclass
 class VerifyResult:
-    report: dict[str, Any]
+    report: VerifyReport  # report.json: .to_dict() is what `cptq verify` writes
     checks: list[Check] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -162,13 +162,12 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     quality_settings = quality_settings or QualitySettings.for_mode(quick)
     speed_settings = speed_settings or SpeedSettings.for_mode(quick)
     gated = (baseline, thresholds.min_speedup, gate_settings or GateSettings.for_mode(quick))
-    result = VerifyResult(report={}, skipped=skipped)
-    per_ep = {}
+    per_ep, checks = {}, []
     for adapter in adapters:
         per_ep[adapter.name] = measure_on(adapter, variants, out, eval_set, quality_settings, speed_settings, progress,
                                           gated)
-        result.checks.extend(gate(adapter.name, per_ep[adapter.name], out.task, baseline, thresholds))
-    result.report = VerifyReport(
+        checks.extend(gate(adapter.name, per_ep[adapter.name], out.task, baseline, thresholds))
+    report = VerifyReport(
         cptquant_version=__version__,
         onnxruntime_version=ort.__version__,
         output=str(out.folder.resolve()),
@@ -180,11 +179,11 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         variants={name: str(path.parent if out.task == TASK_SEQ2SEQ else path) for name, path in variants.items()},
         eps=per_ep,
         skipped_eps=skipped,
-        checks=[c.to_dict() for c in result.checks],
-        passed=result.passed,
+        checks=[c.to_dict() for c in checks],
+        passed=all(c.passed for c in checks),
         warnings=warnings,
-    ).to_dict()
-    return result
+    )
+    return VerifyResult(report, checks, skipped)
 
 
 def _calibration_overlap(out: OutputFolder, eval_set: EvalSet) -> str | None:

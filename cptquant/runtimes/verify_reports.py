@@ -4,7 +4,6 @@ and JUnit XML."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import xml.etree.ElementTree as ET
@@ -72,8 +71,8 @@ def _markdown(report: dict[str, Any]) -> str:
 def write_reports(result: VerifyResult, report_dir: Path) -> tuple[Path, Path]:
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = report_dir / "report.json", report_dir / "report.md"
-    _replace_file(json_path, json.dumps(result.report, indent=2, sort_keys=True) + "\n")
-    _replace_file(md_path, _markdown(result.report))
+    _replace_file(json_path, result.report.to_json())
+    _replace_file(md_path, _markdown(result.report.to_dict()))
     return json_path, md_path
 
 
