@@ -8,7 +8,10 @@ moments of the FP32 output y and its change e over real tokens. score = 1 - simi
 `cka` (default) linear CKA, the canonical-correlation family's similarity index that weighs each
 direction by its variance; `cca` the mean canonical correlation within y's top principal components;
 `svcca` over the components holding 99 % of the variance; `pwcca` each correlation weighted by how
-much of y projects on its variate. Measuring at the block's output, not the layer's, carries the
+much of y projects on its variate. Before any of them, tokens larger than the batch's median are brought
+down to it and every feature is put at unit second moment (similarity.PairAccumulator): the residual stream
+of a pre-norm decoder carries a few massive tokens and features that otherwise fill the moments (SmolLM2 at
+block granularity: Spearman 0.43 -> 0.64; docs/ARCHITECTURE.md). Measuring at the block's output, not the layer's, carries the
 error through attention and the MLP into the residual stream, where a query's error is damped by
 the softmax and a value's or an FFN input's is not. The paper's form (CCA between a layer's own
 input and output) measures how linear the map is, not damage, and ranked like chance (Spearman

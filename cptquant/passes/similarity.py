@@ -18,6 +18,8 @@ PROJECTION_DIM = 128  # wider outputs are sketched to this many features, the sa
 MAX_COMPONENTS = 32
 SVCCA_VARIANCE = 0.99
 EIGEN_FLOOR = 1e-9  # principal components below this fraction of the largest are numerical noise
+TINY = 1e-12  # floor of a token's second moment (an all-zero token has nothing to lose)
+FEATURE_FLOOR = 1e-4  # a feature's second moment counts as at least this fraction of the mean feature's
 
 
 class PairAccumulator:
@@ -38,6 +40,13 @@ class PairAccumulator:
 
     def add(self, y: torch.Tensor, e: torch.Tensor, sketched: bool = False) -> None:
         y, e = y.float(), e.float()
+        # Tokens above the batch's median scale (root mean square of y) brought down to it, as the next layer's
+        # norm reads them: a pre-norm decoder's residual stream carries a few tokens 100-1000x larger than the
+        # rest (attention sinks), whose rows would otherwise be all that the moments hold. Tokens of one scale
+        # (a post-norm encoder's block outputs) are left as they are.
+        squares = y.pow(2).mean(1, keepdim=True)
+        scale = (squares.median() / squares.clamp_min(TINY)).clamp(max=1.0).sqrt()
+        y, e = y * scale, e * scale
         projection = None if sketched else self.projection_for(y.shape[1])
         if projection is not None:
             y, e = y @ projection, e @ projection
@@ -51,6 +60,12 @@ class PairAccumulator:
         # Second moments, not covariances: a quantization error that shifts every token alike (BERT's
         # one-row token-type table) is invisible once means are removed, yet it is among the most harmful.
         cyy, cye, cee = (t / self.n for t in self.sums[2:])
+        # Each feature at unit second moment (as canonical correlation sees them): a few massive features of
+        # the residual stream would otherwise hide the change of every other one.
+        moments = torch.diagonal(cyy)
+        inv = moments.clamp_min(float(moments.mean()) * FEATURE_FLOOR + TINY).rsqrt()
+        unit = inv[:, None] * inv[None, :]
+        cyy, cye, cee = cyy * unit, cye * unit, cee * unit
         # The quantized output q = y + e: its second moment and its cross-moment with y.
         cyq, cqq = cyy + cye, cyy + cye + cye.T + cee
         if variant == "cka":
