@@ -1,30 +1,34 @@
 """CMPQ: how similar the FP32 output stays to the output with one layer at 4 bits (CKA / CCA).
 
-A layer inside a transformer block is scored by how much quantizing it, alone, changes what its
-block computes. A forward hook on each block re-runs the block on the very input it just received,
+A layer inside a transformer block is scored by how much quantizing it, alone, changes what the
+next block computes. A forward hook on each block re-runs the block on the very input it just received,
 once per layer inside it, with that layer's weight replaced by the exporter's own 4-bit
-quantization (common.quantized_weight, hot rows included), and accumulates the joint second
-moments of the FP32 output y and its change e over real tokens. score = 1 - similarity(y, y + e):
-`cka` (default) linear CKA, the canonical-correlation family's similarity index that weighs each
-direction by its variance; `cca` the mean canonical correlation within y's top principal components;
-`svcca` over the components holding 99 % of the variance; `pwcca` each correlation weighted by how
-much of y projects on its variate. Before any of them, tokens larger than the batch's median are brought
-down to it and every feature is put at unit second moment (similarity.PairAccumulator): the residual stream
-of a pre-norm decoder carries a few massive tokens and features that otherwise fill the moments (SmolLM2 at
-block granularity: Spearman 0.43 -> 0.64; docs/ARCHITECTURE.md). Measuring at the block's output, not the layer's, carries the
+quantization (common.quantized_weight, hot rows included); the next block then re-runs on each of
+those outputs with its own arguments, and the joint second moments of its FP32 output y and its
+change e are accumulated over real tokens (the last block's layers: at its own output). score =
+1 - similarity(y, y + e): `cka` (default) linear CKA, the canonical-correlation family's similarity
+index that weighs each direction by its variance; `cca` the mean canonical correlation within y's top
+principal components; `svcca` over the components holding 99 % of the variance; `pwcca` each
+correlation weighted by how much of y projects on its variate. Before any of them every token is put at
+unit root mean square and every feature at unit second moment (similarity.PairAccumulator): the
+residual stream of a pre-norm decoder carries a few massive tokens and features that otherwise fill
+the moments. One block later, not at the block's own output: an error that the next block amplifies
+(or damps) counts as such. Both measured in docs/ARCHITECTURE.md (SmolLM2 at block granularity:
+Spearman 0.43 -> 0.87; MiniLM 0.85 -> 0.86). Measuring at a block's output, not the layer's, carries the
 error through attention and the MLP into the residual stream, where a query's error is damped by
 the softmax and a value's or an FFN input's is not. The paper's form (CCA between a layer's own
 input and output) measures how linear the map is, not damage, and ranked like chance (Spearman
 0.01 on MiniLM, -0.35 on the small LM): it is gone.
 
-Embedding tables are compared at the first block's input, where they are combined; other layers
-outside blocks (LM head, pooler, classifier) at their own output; a tied LM head's score adds to its
-embedding's. At block granularity a block is re-run once with all its layers quantized.
+Embedding tables are compared at the first block's output (their change enters at its input);
+other layers outside blocks (LM head, pooler, classifier) at their own output; a tied LM head's
+score adds to its embedding's. At block granularity a block is re-run once with all its layers
+quantized.
 
 The pass reads the first SAMPLE_FRACTION of the (seed-shuffled) calibration samples, at least one
-batch, so one forward pass plus one block re-run per layer costs about (1 + layers per block) / 8
-forward passes of the full set. What it does not see: how a block's change grows or fades through
-the blocks after it, and whether rounding raises or lowers the loss (docs/ARCHITECTURE.md, figures).
+batch, so one forward pass plus two block re-runs per layer costs about (1 + 2 x layers per block) / 8
+forward passes of the full set. What it does not see: how a change grows or fades past the next
+block, and whether rounding raises or lowers the loss (docs/ARCHITECTURE.md, figures).
 """
 
 from __future__ import annotations
@@ -110,6 +114,14 @@ def _hidden_states(args: tuple[object, ...], kwargs: dict[str, object]) -> torch
     return hidden
 
 
+def _run_on(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object],
+            hidden: torch.Tensor) -> torch.Tensor:
+    """The block's hidden-state output for other hidden states in place of its input's (hooks not run)."""
+    if args:
+        return _first_tensor(block.forward(hidden, *args[1:], **kwargs))
+    return _first_tensor(block.forward(*args, **{**kwargs, "hidden_states": hidden}))
+
+
 class _Sketch(NamedTuple):
     """A wide linear layer's weight, bias and 4-bit change, each times the projection P: [in, PROJECTION_DIM]."""
 
@@ -166,14 +178,33 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
     def accumulator(key: str) -> PairAccumulator:
         return accumulators.setdefault(key, PairAccumulator(seed + len(accumulators)))
 
+    # A block's units are compared one block later: block i's re-run outputs wait here until block i + 1 runs,
+    # which then re-runs on each of them with its own arguments. The last block's units are compared at its output.
+    pending: dict[int, list[tuple[str, torch.Tensor]]] = {}
+
     def watch_block(index: int, block_units: list[str]) -> None:
-        def hook(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
+        carried: list[tuple[str, torch.Tensor]] = []  # the earlier block's units, through this block
+
+        def before(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
+            carried.clear()
+            for unit, changed_input in pending.pop(index, []):
+                carried.append((unit, _run_on(block, args, kwargs, changed_input)))
+
+        def after(block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object) -> None:
             reference = batch.rows(_first_tensor(output))
+            for unit, changed in carried:
+                accumulator(unit).add(reference, batch.rows(changed) - reference)
+            carried.clear()
             for unit in block_units:
                 with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):
-                    changed = batch.rows(_first_tensor(block.forward(*args, **kwargs)))
-                accumulator(unit).add(reference, changed - reference)
-        handles.append(blocks[index].register_forward_hook(hook, with_kwargs=True))
+                    changed = _first_tensor(block.forward(*args, **kwargs))
+                if index + 1 < len(blocks):
+                    pending.setdefault(index + 1, []).append((unit, changed))
+                else:
+                    accumulator(unit).add(reference, batch.rows(changed) - reference)
+
+        handles.append(blocks[index].register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(blocks[index].register_forward_hook(after, with_kwargs=True))
 
     sketches: dict[str, _Sketch] = {}  # wide linear layer -> (W'P, b'P, delta'P), computed once
 
@@ -206,14 +237,16 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
         handles.append(module.register_forward_hook(hook))
 
     first_input: list[torch.Tensor] = []
+    first_call: list[tuple[tuple[object, ...], dict[str, object]]] = []  # the first block's arguments, this batch
 
     def record_first_input(_block: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]) -> None:
-        first_input.append(batch.rows(_hidden_states(args, kwargs)))
+        first_input.append(_hidden_states(args, kwargs))
         if batch.stop_after_front:
             raise _Stop
+        first_call.append((args, kwargs))
 
-    for index, block_units in in_block.items():
-        watch_block(index, block_units)
+    for index in range(len(blocks)):
+        watch_block(index, in_block.get(index, []))
     for layer in outside:
         watch_layer(layer)
     if front:
@@ -226,15 +259,19 @@ def collect_pairs(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationS
             for inputs in subset.batches:
                 batch.mask, batch.stop_after_front = inputs["attention_mask"], False
                 first_input.clear()
+                first_call.clear()
                 model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
-                # Each embedding, quantized alone, up to the first block's input (a fraction of a forward pass).
-                reference, batch.stop_after_front = first_input[0], True
+                if front:  # each embedding, quantized alone, up to the first block's input, then through it
+                    args, kwargs = first_call[0]
+                    reference = batch.rows(_first_tensor(blocks[0].forward(*args, **kwargs)))
+                    batch.stop_after_front = True
                 for unit in front:
                     first_input.clear()
                     with replaced_weights(model, _quantized(model, units[unit], block_size, clip, hot_rows)):
                         with contextlib.suppress(_Stop):
                             model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], **extra)
-                    accumulator(unit).add(reference, first_input[0] - reference)
+                    changed = _run_on(blocks[0], args, kwargs, first_input[0])
+                    accumulator(unit).add(reference, batch.rows(changed) - reference)
                 bar.advance(task)
     finally:
         for handle in handles:

@@ -40,12 +40,10 @@ class PairAccumulator:
 
     def add(self, y: torch.Tensor, e: torch.Tensor, sketched: bool = False) -> None:
         y, e = y.float(), e.float()
-        # Tokens above the batch's median scale (root mean square of y) brought down to it, as the next layer's
-        # norm reads them: a pre-norm decoder's residual stream carries a few tokens 100-1000x larger than the
-        # rest (attention sinks), whose rows would otherwise be all that the moments hold. Tokens of one scale
-        # (a post-norm encoder's block outputs) are left as they are.
-        squares = y.pow(2).mean(1, keepdim=True)
-        scale = (squares.median() / squares.clamp_min(TINY)).clamp(max=1.0).sqrt()
+        # Each token at unit root mean square, as the next layer's norm reads it: a pre-norm decoder's residual
+        # stream carries a few tokens 100-1000x larger than the rest (attention sinks), whose rows would
+        # otherwise be all that the moments hold.
+        scale = y.pow(2).mean(1, keepdim=True).clamp_min(TINY).rsqrt()
         y, e = y * scale, e * scale
         projection = None if sketched else self.projection_for(y.shape[1])
         if projection is not None:
