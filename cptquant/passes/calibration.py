@@ -231,12 +231,12 @@ def _file_state(calib: str | None) -> tuple[int, int] | None:
     return (stat.st_mtime_ns, stat.st_size) if stat is not None else None
 
 
-def calibration_subset(calib: CalibrationSet, fraction: float) -> CalibrationSet:
-    """The first `fraction` of the samples, at least one batch (the samples are already shuffled by seed).
+def calibration_subset(calib: CalibrationSet, fraction: float, min_samples: int = BATCH_SIZE) -> CalibrationSet:
+    """The first `fraction` of the samples, at least `min_samples` (the samples are already shuffled by seed).
 
     CMPQ and PMPQ read such a subset to cost less than the oracle, which reads every sample.
     """
-    wanted = max(min(BATCH_SIZE, calib.num_samples), round(calib.num_samples * fraction))
+    wanted = max(min(min_samples, calib.num_samples), round(calib.num_samples * fraction))
     batches = []
     for batch in calib.batches:
         if wanted <= 0:
