@@ -42,7 +42,8 @@ class Gptq(RoundToNearest):
 
     `hessians(names)` is called once, lazily, with every layer that will need one, and may measure each
     Hessian only when it is read (passes/hessian.py's BlockwiseHessians); the codes are memoised because
-    the pipeline may rewrite the graph twice (see the MatMulNBits repair).
+    the pipeline may rewrite the graph twice (see the MatMulNBits repair). A Hessian is read once: where the
+    mapping can `pop` it (a dict, BlockwiseHessians), it leaves the mapping and GPTQ factorises it in place.
     """
 
     name = "gptq"
@@ -51,19 +52,26 @@ class Gptq(RoundToNearest):
         self._collect = hessians
         self._wanted = wanted
         self._hessians: Mapping[str, np.ndarray] | None = None
+        self._used = False
         self._done: dict[tuple[object, ...], _PackedCodes] = {}
 
-    def hessian(self, layer: str) -> np.ndarray | None:
+    def take_hessian(self, layer: str) -> tuple[np.ndarray | None, bool]:
+        """The layer's Hessian, and whether it is now the caller's own (popped from the mapping: free to
+        overwrite, and let go of as soon as the caller drops it)."""
         if self._hessians is None:
             self._hessians = self._collect(self._wanted) if self._wanted else {}
-        return self._hessians.get(layer)
+            self._used = bool(self._hessians)
+        pop: Callable[[str, None], np.ndarray | None] | None = getattr(self._hessians, "pop", None)
+        if pop is not None:
+            return pop(layer, None), True
+        return self._hessians.get(layer), False
 
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
 
     @property
     def used_calibration(self) -> bool:
-        return bool(self._hessians)
+        return self._used
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
@@ -71,12 +79,14 @@ class Gptq(RoundToNearest):
         key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
         if key in self._done:  # the second rewrite: no Hessian is asked for again (they are measured on demand)
             return self._done[key].unpack()
-        hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
+        hessian, owned = self.take_hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else (None, False)
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
-            hessian = hessian / np.outer(input_scale, input_scale)
-        quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
+            hessian, owned = hessian / np.outer(input_scale, input_scale), True
+        quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True,
+                                  overwrite_hessian=owned)
+        del hessian
         self._done[key] = _PackedCodes.pack(quantized)
         return quantized
 
