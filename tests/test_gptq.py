@@ -296,3 +296,21 @@ def test_blockwise_hessians_pop_lets_go_of_a_layer_s_hessian():
     np.testing.assert_array_equal(by_block.pop(first), at_once[first])
     assert first not in by_block.held and by_block.pop("no such layer") is None
     np.testing.assert_array_equal(by_block[first], at_once[first])  # measured again when asked again
+
+
+def test_memoised_codes_spilled_to_a_folder_come_back_equal(tmp_path):
+    """With a spill folder the quantizer keeps the memo's codes on disk (the export's scratch folder), not in
+    memory; the repair's second request reads them back unchanged, no Hessian asked for again."""
+    from cptquant.quant.weight_quantizers import Gptq
+
+    x, w = _correlated_layer(k=64, n=16)
+    hessians = {"layer": _hessian(x)}
+    quantizer = Gptq(lambda names: hessians, ["layer"], spill=tmp_path / "codes")
+    first = quantizer("layer", w, 4, 32, False, "absmax")
+    quantizer.release_measurements()
+    memo = next(iter(quantizer._done.values()))
+    assert memo.packed.size == 0 and memo.file is not None and memo.file.exists()
+    again = quantizer("layer", w, 4, 32, False, "absmax")
+    np.testing.assert_array_equal(again.q, first.q)
+    assert again.q.dtype == first.q.dtype
+    np.testing.assert_array_equal(again.zero_point, first.zero_point)

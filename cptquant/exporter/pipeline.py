@@ -142,12 +142,14 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan.model = plan.model or loaded.display_name
                 validate_plan(plan, graph)
             model_path = out_dir / fp32.names[0][1]
-            quantizer = weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
+            # GPTQ's memoised codes (for the check's repair) wait on disk, not in memory
+            quantizer = weight_quantizer(algorithm, loaded, graph, plan, calibration, progress, tmp / "gptq-codes")
             with steps.step(timings):
                 smoothing = (input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
                 lowering = FileLowering(plan, fmt, quantizer, smoothing, spec)
                 per_file = lower_files(fp32, layer_maps, lowering, out_dir)
+                quantizer.release_measurements()  # the Hessians: the check's repair reads memoised codes
                 for side in side_files(fp32.folder):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):
