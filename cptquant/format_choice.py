@@ -73,10 +73,13 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
                   uses: Mapping[str, Sequence[WeightUse]], fp32_dir: Path, work: Path,
                   calibration: AnalysisOptions | None = None, threads: int = 2, rounds: int = 9,
                   max_seconds: float = 30.0) -> FormatChoice:
-    """Lower `model_proto` (the FP32 export in `fp32_dir`) in each candidate format, time and score them.
-    `calibration` (AnalysisOptions or None: the offline corpus) gives the sentences the probes are scored on."""
+    """Lower `model_proto` (the FP32 export in `fp32_dir`; over 2 GB loaded without its weights, which are then
+    read from `fp32_dir`) in each candidate format, time and score them. `calibration` (AnalysisOptions or None:
+    the offline corpus) gives the sentences the probes are scored on."""
     if loaded.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ):
         return decoder_choice()
+    from onnx.external_data_helper import uses_external_data
+
     from .exporter.lowering import KernelChoice, lower_model
     from .onnx_io.onnx_export import MODEL_FILE, save_onnx
     from .runtimes.cpu import CpuAdapter
@@ -85,9 +88,11 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
     texts = calibration_texts(calibration)
     plan = uniform_plan(graph, PROBE_BITS)
     paths = {"fp32": fp32_dir / MODEL_FILE}
+    base_dir = fp32_dir if any(uses_external_data(t) for t in model_proto.graph.initializer) else None
     for fmt in CANDIDATES:
         paths[fmt] = work / fmt / MODEL_FILE
-        save_onnx(lower_model(model_proto, uses, plan, KernelChoice(fmt), RoundToNearest()).model, paths[fmt])
+        save_onnx(lower_model(model_proto, uses, plan, KernelChoice(fmt), RoundToNearest(), base_dir=base_dir).model,
+                  paths[fmt])
     adapter = CpuAdapter(threads=threads)
     sessions = {name: adapter.session(path) for name, path in paths.items()}
     cosine = {fmt: _probe_cosine(adapter, sessions["fp32"], sessions[fmt], fp32_dir, loaded.config, texts)

@@ -62,3 +62,14 @@ def test_a_model_whose_positions_start_after_the_padding_id_is_probed_within_its
     assert choice["measured"] and choice["format"] in CANDIDATES
     lengths = {int(key.split("_s")[1]) for key in choice["p50_ms"]["fp32"]}
     assert 16 in lengths and max(lengths) < 128, lengths  # 1x128 and 8x128 shortened to what the table serves
+
+
+def test_an_encoder_over_2_gb_is_probed_from_its_external_weights(tmp_path, monkeypatch):
+    """The large-model path (forced on a tiny model): the format probes are lowered from the FP32 export's
+    external data (the export is not loaded whole), the same probes as from memory."""
+    from test_streaming import _external_fp32_export
+
+    in_memory = _export(tiny_bert(), tmp_path / "memory").report["format_choice"]
+    _external_fp32_export(monkeypatch)
+    streamed = _export(tiny_bert(), tmp_path / "streamed").report["format_choice"]
+    assert streamed["measured"] and streamed["probe_cosine"] == in_memory["probe_cosine"]

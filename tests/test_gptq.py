@@ -234,3 +234,83 @@ def test_memoised_codes_are_packed_two_per_byte_and_come_back_equal(symmetric):
     assert back.q.dtype == quantized.q.dtype
     np.testing.assert_array_equal(back.q, quantized.q)
     assert {int(v) for v in np.unique(quantized.q)} <= set(range(-8, 8) if symmetric else range(16))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_in_its_hessian_s_memory_gives_the_same_codes(symmetric, act_order):
+    """overwrite_hessian: the Hessian reordered, factorised and inverted in place (no K x K copies), the same
+    codes and scales to the last bit."""
+    x, w = _correlated_layer(k=256, n=40)
+    x[:, [0, 17, 255]] = 0.0  # dead inputs too
+    h = _hessian(x)
+    copied = gptq_quantize(w, h, 4, 32, symmetric, act_order=act_order)
+    assert np.array_equal(h, _hessian(x))  # left alone without overwrite_hessian
+    in_place = gptq_quantize(w, h, 4, 32, symmetric, act_order=act_order, overwrite_hessian=True)
+    np.testing.assert_array_equal(in_place.q, copied.q)
+    assert in_place.scale.tobytes() == copied.scale.tobytes()
+    if not symmetric:
+        np.testing.assert_array_equal(in_place.zero_point, copied.zero_point)
+
+
+def test_an_indefinite_hessian_is_dampened_more():
+    x, _ = _correlated_layer(k=64)
+    values, vectors = np.linalg.eigh(_hessian(x))
+    values[:2] = -0.02 * values.mean()  # a first dampening of 1 % of the mean diagonal is not enough
+    h = (vectors * values) @ vectors.T
+    h = (h + h.T) / 2
+    upper, _ = inverse_hessian_cholesky(h, damp=0.01)
+    dampened = h + 10 * 0.01 * np.mean(np.diag(h)) * np.eye(64)  # the second try
+    np.testing.assert_allclose(upper.T @ upper @ dampened, np.eye(64), atol=1e-8)
+
+
+def test_gptq_takes_each_hessian_out_of_the_mapping():
+    """The quantizer pops each Hessian it reads (then factorised in its memory): none is held after its layer;
+    the export still reports that calibration text was read."""
+    from cptquant.quant.weight_quantizers import Gptq
+
+    x, w = _correlated_layer(k=64, n=16)
+    hessians = {"a": _hessian(x), "b": _hessian(x)}
+    expected = gptq_quantize(w, _hessian(x), 4, 32, True, act_order=True)
+    quantizer = Gptq(lambda names: hessians, ["a", "b"])
+    got = quantizer("a", w, 4, 32, True, "absmax")
+    np.testing.assert_array_equal(got.q, expected.q)
+    assert list(hessians) == ["b"] and quantizer.used_calibration
+    quantizer("b", w, 4, 32, True, "absmax")
+    assert hessians == {} and quantizer.used_calibration
+
+
+def test_blockwise_hessians_pop_lets_go_of_a_layer_s_hessian():
+    from cptquant.model_loading import wrap_model
+    from cptquant.testing import tiny_tokenizer
+    from cptquant.tiny_families import build
+
+    loaded = wrap_model(build("opt"), None, tiny_tokenizer("opt"))
+    graph = build_layer_graph(loaded.model)
+    calib = build_calibration(loaded, samples=8, seq_len=32)
+    names = graph.names()
+    at_once = collect_hessians(loaded, graph, calib, names, progress=False)
+    by_block = hessians_by_block(loaded, graph, calib, names, progress=False)
+    assert isinstance(by_block, BlockwiseHessians)
+    first = next(iter(at_once))
+    np.testing.assert_array_equal(by_block.pop(first), at_once[first])
+    assert first not in by_block.held and by_block.pop("no such layer") is None
+    np.testing.assert_array_equal(by_block[first], at_once[first])  # measured again when asked again
+
+
+def test_memoised_codes_spilled_to_a_folder_come_back_equal(tmp_path):
+    """With a spill folder the quantizer keeps the memo's codes on disk (the export's scratch folder), not in
+    memory; the repair's second request reads them back unchanged, no Hessian asked for again."""
+    from cptquant.quant.weight_quantizers import Gptq
+
+    x, w = _correlated_layer(k=64, n=16)
+    hessians = {"layer": _hessian(x)}
+    quantizer = Gptq(lambda names: hessians, ["layer"], spill=tmp_path / "codes")
+    first = quantizer("layer", w, 4, 32, False, "absmax")
+    quantizer.release_measurements()
+    memo = next(iter(quantizer._done.values()))
+    assert memo.packed.size == 0 and memo.file is not None and memo.file.exists()
+    again = quantizer("layer", w, 4, 32, False, "absmax")
+    np.testing.assert_array_equal(again.q, first.q)
+    assert again.q.dtype == first.q.dtype
+    np.testing.assert_array_equal(again.zero_point, first.zero_point)

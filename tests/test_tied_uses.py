@@ -48,3 +48,22 @@ def test_each_use_of_a_tied_weight_goes_to_one_layer():
     assert owners == {"encoder.embed_tokens": [("/encoder/embed_tokens/Gather", "Gather")],  # scope and role
                       "lm_head": [("/lm_head/MatMul", "MatMul")]}  # a MatMul goes to the linear layer
     assert layer_map.read_through == {"shared": "encoder.embed_tokens"} and layer_map.absent == []
+
+
+def test_weights_are_compared_in_row_blocks_with_allclose_s_answer(monkeypatch):
+    """The layer map's value test, a block of rows at a time (bounded temporaries), answers as one np.allclose."""
+    from cptquant.exporter import layer_map
+
+    monkeypatch.setattr(layer_map, "_COMPARE_ELEMENTS", 20)  # blocks of 2 rows of 9 (or 1 row of 40)
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((40, 9)).astype(np.float32)
+    near = weight + np.float32(5e-7)
+    far = weight.copy()
+    far[-1, -1] += np.float32(1e-3)  # only the last block differs
+    nan = weight.copy()
+    nan[17, 3] = np.nan
+    for stored, expected in [(weight, weight), (near, weight), (far, weight), (nan, weight), (nan, nan),
+                             (np.ascontiguousarray(weight.T), weight.T), (weight.T, np.ascontiguousarray(weight.T)),
+                             (far.T, weight.T), (weight, weight.T[:9]), (weight[:0], weight[:0])]:
+        want = stored.shape == expected.shape and bool(np.allclose(stored, expected, rtol=0, atol=1e-6))
+        assert layer_map._same_values(stored, expected) == want

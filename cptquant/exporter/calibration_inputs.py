@@ -6,6 +6,7 @@ hands them over as `Measurements`, so that the exporter runs no pass itself.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -47,8 +48,9 @@ def _needs(calibration: Measurements | None, what: str) -> Measurements:
 
 
 def weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, plan: Plan,
-                     calibration: Measurements | None, progress: bool) -> RoundToNearest:
-    """Round-to-nearest, or GPTQ for the planned 4-bit MatMul layers (Hessians measured when first asked)."""
+                     calibration: Measurements | None, progress: bool, spill: Path | None = None) -> RoundToNearest:
+    """Round-to-nearest, or GPTQ for the planned 4-bit MatMul layers (Hessians measured when first asked; the
+    codes memoised for the check's repair kept in `spill`, a scratch folder, where given)."""
     if algorithm == "rtn":
         return RoundToNearest()
     wanted = [name for name, lp in plan.layers.items()
@@ -56,7 +58,7 @@ def weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, pla
     if not wanted:
         return Gptq(lambda names: {}, wanted)
     measured = _needs(calibration, "--algorithm gptq")
-    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted)
+    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted, spill)
 
 
 def input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration: Measurements | None,

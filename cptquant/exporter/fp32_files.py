@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from ..onnx_io.onnx_export import MODEL_FILE, load_onnx, load_onnx_lazily, onnx_files
+from ..onnx_io.onnx_export import MODEL_FILE, load_onnx_lazily, onnx_files
 
 
 @dataclass
@@ -36,11 +36,6 @@ class Fp32Files:
     def take(self, name: str) -> onnx.ModelProto:
         """A file's graph, let go of here: once the caller drops it, its memory is free."""
         return self.protos.pop(name)
-
-    def whole_first(self) -> onnx.ModelProto:
-        """The first file with every weight loaded (a large model's is read again from disk)."""
-        first = self.protos[self.first]
-        return first if self.base_dirs[self.first] is None else load_onnx(self.folder / self.first)
 
 
 def open_fp32_files(folder: Path, task: str, model_name: str) -> Fp32Files:

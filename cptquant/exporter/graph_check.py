@@ -58,6 +58,9 @@ def optimized_graph(model_path: Path) -> onnx.ModelProto:
         options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
                                          "optimized.onnx.data")
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1048576")
+        # the session never runs: no prepacked weight copies (ORT prepacks after it has written the graph, which
+        # is the same either way; 0.95 GB instead of 1.32 GB for the 640 M OPT's 382 MB output)
+        options.add_session_config_entry("session.disable_prepacking", "1")
         ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         return onnx.load(str(opt_path), load_external_data=False)
 

@@ -28,6 +28,9 @@ from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
 from ..onnx_io.external_data import external_location
 
 WEIGHT_OPS = {"MatMul": 1, "Gemm": 1, "Gather": 0}  # op type -> input index of the weight
+# Elements of each weight compared at once (16 MB of float32): the comparison's temporaries stay this size
+# whatever the weight's (a 412 MB embedding table made several whole-table temporaries at once).
+_COMPARE_ELEMENTS = 1 << 22
 
 
 @dataclass
@@ -97,6 +100,19 @@ def _stored_array(tensor: onnx.TensorProto, base_dir: Path | None) -> np.ndarray
     return numpy_helper.to_array(tensor, str(base_dir) if base_dir is not None else "")
 
 
+def _same_values(stored: np.ndarray, expected: np.ndarray) -> bool:
+    """`np.allclose(stored, expected, rtol=0, atol=1e-6)` for equal shapes (False for others), a block of rows at
+    a time: the same elementwise test, its temporaries bounded by `_COMPARE_ELEMENTS`, and it stops at the
+    first block that differs."""
+    if stored.shape != expected.shape:
+        return False
+    if stored.ndim == 0 or stored.size <= _COMPARE_ELEMENTS:
+        return bool(np.allclose(stored, expected, rtol=0, atol=1e-6))
+    rows = max(1, _COMPARE_ELEMENTS // max(1, stored.size // stored.shape[0]))
+    return all(np.allclose(stored[start:start + rows], expected[start:start + rows], rtol=0, atol=1e-6)
+               for start in range(0, stored.shape[0], rows))
+
+
 def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph: LayerGraph,
                     names: list[str] | None = None, base_dir: Path | None = None) -> LayerMap:
     """`base_dir`: where the proto's external weights lie when it was loaded without them (onnx_export's
@@ -137,7 +153,7 @@ def build_layer_map(model_proto: onnx.ModelProto, torch_model: nn.Module, graph:
                     layout = "out_in" if layout == "in_out" else "in_out"
                 expected = views[layout]
                 stored = array(init_name)
-                if stored.shape == expected.shape and np.allclose(stored, expected, rtol=0, atol=1e-6):
+                if _same_values(stored, expected):
                     consumer_layout = _consumer_layout(node)
                     uses.append(WeightUse(node.name, node.op_type, init_name, transpose, consumer_layout))
             if uses:
@@ -205,6 +221,6 @@ def _value_present(views: dict[str, np.ndarray], initializers: dict[str, onnx.Te
     for name, init in initializers.items():
         if tuple(init.dims) in shapes:
             stored = array(name)
-            if any(stored.shape == v.shape and np.allclose(stored, v, rtol=0, atol=1e-6) for v in views.values()):
+            if any(_same_values(stored, v) for v in views.values()):
                 return True
     return False

@@ -65,8 +65,8 @@ class FormatChoice(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-# `--format auto`: the model, its FP32 proto, layer graph, layer uses, the FP32 folder, a scratch folder -> the
-# measured choice. The command hands it over, so that the exporter times no runtime itself.
+# `--format auto`: the model, its FP32 proto (as load_onnx_lazily gives it: over 2 GB, its weights stay in the FP32
+# folder), layer graph, layer uses, the FP32 folder, a scratch folder -> the measured choice. The command hands it over, so that the exporter times no runtime itself.
 FormatChooser = Callable[[LoadedModel, onnx.ModelProto, LayerGraph, dict[str, list[WeightUse]], Path, Path],
                          FormatChoice]
 
@@ -124,9 +124,10 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 format_choice = None
                 if fmt == FORMAT_AUTO and choose_format is not None:  # before the plan: a size budget counts
                     first_uses = layer_maps[fp32.first].uses()  # its bytes; seq2seq models are not measured
-                    whole = fp32.whole_first()
-                    format_choice = choose_format(loaded, whole, graph, first_uses, fp32.folder, tmp / "format-probes")
-                    del whole
+                    # the FP32 graph as loaded: a model over 2 GB without its weights (read from fp32.folder when
+                    # a probe is lowered; a decoder is not measured, and nothing is read)
+                    format_choice = choose_format(loaded, fp32.protos[fp32.first], graph, first_uses, fp32.folder,
+                                                  tmp / "format-probes")
                     fmt = format_choice.format
                 fused: AttentionChoice | None = None
                 if loaded.task == TASK_CAUSAL_LM and len(fp32.names) == 1:  # proved on the FP32 export (seconds)
@@ -142,12 +143,14 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 plan.model = plan.model or loaded.display_name
                 validate_plan(plan, graph)
             model_path = out_dir / fp32.names[0][1]
-            quantizer = weight_quantizer(algorithm, loaded, graph, plan, calibration, progress)
+            # GPTQ's memoised codes (for the check's repair) wait on disk, not in memory
+            quantizer = weight_quantizer(algorithm, loaded, graph, plan, calibration, progress, tmp / "gptq-codes")
             with steps.step(timings):
                 smoothing = (input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
                 lowering = FileLowering(plan, fmt, quantizer, smoothing, spec)
                 per_file = lower_files(fp32, layer_maps, lowering, out_dir)
+                quantizer.release_measurements()  # the Hessians: the check's repair reads memoised codes
                 for side in side_files(fp32.folder):
                     shutil.copy2(side, out_dir / side.name)
             with steps.step(timings):

@@ -38,13 +38,18 @@ class _HessianAccumulator:
         self.tokens = 0
 
     def add(self, gram: torch.Tensor, tokens: int) -> None:
-        self.sum = gram.double() if self.sum is None else self.sum + gram
+        if self.sum is None:
+            self.sum = gram.double()
+        else:
+            self.sum.add_(gram)  # in place (the same sums as `sum + gram`): no second K x K float64 per batch
         self.tokens += tokens
 
     def hessian(self) -> Hessian:
+        """The mean, made in the running sum's memory (so called once)."""
         if self.sum is None:
             raise ValueError("no input was accumulated")  # _finished() reports such layers first
-        hessian: Hessian = (self.sum / self.tokens).cpu().numpy()
+        hessian: Hessian = self.sum.div_(self.tokens).cpu().numpy()
+        self.sum = None
         return hessian
 
 
@@ -204,6 +209,15 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
         if name not in self.held:
             self._measure(self.phase[name])
         return self.held[name]
+
+    def pop(self, name: str, default: Hessian | None = None) -> Hessian | None:
+        """The layer's Hessian, no longer held (GPTQ factorises it in place, and it goes when GPTQ is done with
+        it); reading it again measures its block again."""
+        if name not in self.phase:
+            return default
+        hessian = self[name]
+        del self.held[name]
+        return hessian
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.phase)

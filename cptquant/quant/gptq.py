@@ -14,6 +14,8 @@ from the original weights ("static groups"), which keeps the contiguous-block st
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 
@@ -31,43 +33,96 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01,
     """The upper Cholesky factor U of (dampened H)⁻¹ (so H⁻¹ = Uᵀ U), float64, and the dead-input mask.
 
     Inputs that are always zero (H_ii = 0) get H_ii = 1: their weight rows are irrelevant and are
-    zeroed by the caller, and the 1 keeps H invertible. At most three K x K float64 matrices live at once
-    (K = 10240 on OPT-2.7B's fc2: 0.84 GB each), each freed as soon as the next exists; with `overwrite`
-    a float64 `hessian` is used (and changed) in place instead of copied.
+    zeroed by the caller, and the 1 keeps H invertible. Two K x K float64 matrices live at once (K = 10240
+    on OPT-2.7B's fc2: 0.84 GB each): H, reversed and dampened in place, and its Cholesky factor; H's memory
+    then holds the identity, solved in place into the inverse factor. U is returned as a (non-contiguous)
+    view of that memory. With `overwrite` a C-contiguous float64 `hessian` is that memory (and is changed);
+    otherwise it is copied first.
     """
     h = np.asarray(hessian, dtype=np.float64) if overwrite else np.array(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
         raise ValueError(f"hessian must be square, got shape {h.shape}")
+    if not (h.flags.c_contiguous and h.flags.writeable):
+        h = np.array(h)
     dead = np.diag(h) <= 0
     h[dead, :] = 0.0
     h[:, dead] = 0.0
     h[dead, dead] = 1.0
     base = damp * float(np.mean(np.diag(h)))
+    # With J the row reversal, J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J,
+    # so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, no full inverse.
+    _reverse_rows_and_columns(h)  # J H J, in place
+    reversed_h = torch.from_numpy(h)  # shares h's memory
+    lower = _dampened_cholesky(reversed_h, base)
+    # L⁻¹ = solve(L, I), solved in place in h's memory, seen column-major (the layout LAPACK works in:
+    # a row-major `out` is solved another way, to other last bits). I is symmetric, so h's rows are its columns.
+    h.fill(0.0)
+    np.fill_diagonal(h, 1.0)
+    lower_inv = reversed_h.T
+    torch.linalg.solve_triangular(lower, lower_inv, upper=False, out=lower_inv)
+    del lower
+    # h now holds (L⁻¹)ᵀ row-major; U = J L⁻¹ J, i.e. U[i, j] = h[K-1-j, K-1-i]
+    return h.T[::-1, ::-1], dead
+
+
+def _dampened_cholesky(h: torch.Tensor, base: float) -> torch.Tensor:
+    """The lower Cholesky factor of h + factor·base·I for the first factor of _DAMP_RETRIES that gives one; h's
+    diagonal is left dampened (by that factor)."""
+    undamped = h.diagonal().clone()
     for factor in _DAMP_RETRIES:
-        # With J the row reversal, J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J,
-        # so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, no full inverse.
-        damped = torch.from_numpy(h).flip(0, 1)  # a copy; the dampening goes onto its diagonal in place
-        damped.diagonal().add_(factor * base)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+        h.diagonal().add_(factor * base)
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            del h
-            eye = torch.eye(lower.shape[0], dtype=torch.float64)
-            lower_inv = torch.linalg.solve_triangular(lower, eye, upper=False)
-            del lower, eye
-            return lower_inv.flip(0, 1).numpy(), dead
+            return cast(torch.Tensor, lower)
+        del lower
+        h.diagonal().copy_(undamped)  # the next dampening starts from H again
     raise np.linalg.LinAlgError("the Hessian is not positive definite even after dampening")
+
+
+def _reverse_rows_and_columns(a: np.ndarray) -> None:
+    """a ← J a J (a[::-1, ::-1]) in place, a pair of rows at a time (numpy's own would copy the whole matrix)."""
+    k = a.shape[0]
+    for i in range(k // 2):
+        j = k - 1 - i
+        top = a[i, ::-1].copy()
+        a[i] = a[j, ::-1]
+        a[j] = top
+    if k % 2:
+        a[k // 2] = a[k // 2, ::-1].copy()
+
+
+def _permute_in_place(a: np.ndarray, order: np.ndarray, columns: bool) -> None:
+    """a ← a[order] (rows), and with `columns` then a ← a[:, order] too, in place: the columns one row at a
+    time, the rows along the permutation's cycles with one spare row."""
+    if columns:
+        for row in a:
+            row[:] = row[order]
+    done = np.zeros(len(order), dtype=bool)
+    for start in range(len(order)):
+        if done[start] or order[start] == start:
+            continue
+        spare = a[start].copy()
+        i = start
+        while True:
+            done[i] = True
+            j = int(order[i])
+            if j == start:
+                a[i] = spare
+                break
+            a[i] = a[j]
+            i = j
 
 
 def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_size: int = 32,
                   symmetric: bool = True, clip: str = "absmax", damp: float = 0.01,
-                  act_order: bool = False) -> QuantizedWeight:
+                  act_order: bool = False, overwrite_hessian: bool = False) -> QuantizedWeight:
     """Quantize a [K, N] weight with GPTQ given the [K, K] Hessian of its inputs; blocks run along K.
 
     `damp` adds damp·mean(diag H) to the diagonal. With H = identity this is round-to-nearest.
     `act_order` quantizes rows by decreasing H_ii (the most active inputs first); the blocks then
     take their scales from the original weights up front ("static groups"), so the storage stays
-    contiguous blocks along K.
+    contiguous blocks along K. With `overwrite_hessian` a float64 `hessian` is reordered and factorised in
+    place (the caller's array is garbage afterwards): no K x K copy of it is made.
     """
     check_options(bits, clip)
     weight = np.array(weight_kn, dtype=np.float32)  # a copy: updated in place with the errors
@@ -76,7 +131,7 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
         raise ValueError(f"block size {block_size} does not divide the input size {k}")
     if np.shape(hessian) != (k, k):
         raise ValueError(f"hessian shape {np.shape(hessian)} does not match the weight's K={k}")
-    diag = np.diag(hessian)
+    diag = np.diag(hessian).copy()  # not a view: the Hessian may be reordered in place
     weight[diag <= 0] = 0.0  # dead inputs: the row never contributes
     num_blocks = k // block_size
     scales = np.empty((num_blocks, n), dtype=np.float32)
@@ -87,10 +142,18 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
         scales[:], zp = block_params(weight.reshape(num_blocks, block_size, n), bits, symmetric, clip)
         if zp is not None:
             zero_points[:] = zp
-    # the reordered Hessian is a copy of our own: factorised in place
-    upper = inverse_hessian_cholesky(np.asarray(hessian)[np.ix_(order, order)], damp, overwrite=True)[0]
-    upper = upper.astype(np.float32)
-    weight = weight[order]  # row j is input order[j]; identity order without act_order
+    if overwrite_hessian and isinstance(hessian, np.ndarray) and hessian.dtype == np.float64:
+        if act_order:
+            _permute_in_place(hessian, order, columns=True)
+        reordered = hessian
+    else:  # a copy of our own
+        reordered = np.asarray(hessian)[np.ix_(order, order)]
+    # factorised in place (its memory then holds the float64 factor, which `upper` copies to float32). Column-major,
+    # as torch left it before the factor was solved in place: the products below round by the operands' layout.
+    upper = np.asfortranarray(inverse_hessian_cholesky(reordered, damp, overwrite=True)[0], dtype=np.float32)
+    del reordered
+    if act_order:
+        _permute_in_place(weight, order, columns=False)  # row j is input order[j]
 
     codes = np.empty((k, n), dtype=np.int8 if symmetric else np.uint8)
     lazy = max(1, LAZY_ROWS // block_size) * block_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -36,34 +37,53 @@ class RoundToNearest:
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "rtn"
 
+    def release_measurements(self) -> None:
+        """Let go of what the codes were computed from (GPTQ's Hessians) once every file is lowered."""
+
 
 class Gptq(RoundToNearest):
     """GPTQ (act-order, group-wise scales) where a Hessian is known; round-to-nearest elsewhere.
 
     `hessians(names)` is called once, lazily, with every layer that will need one, and may measure each
     Hessian only when it is read (passes/hessian.py's BlockwiseHessians); the codes are memoised because
-    the pipeline may rewrite the graph twice (see the MatMulNBits repair).
+    the pipeline may rewrite the graph twice (see the MatMulNBits repair); with `spill`, a folder, the memo's
+    codes are kept there, not in memory. A Hessian is read once: where the mapping can `pop` it (a dict,
+    BlockwiseHessians), it leaves the mapping and GPTQ factorises it in place.
     """
 
     name = "gptq"
 
-    def __init__(self, hessians: Callable[[list[str]], Mapping[str, np.ndarray]], wanted: list[str]):
+    def __init__(self, hessians: Callable[[list[str]], Mapping[str, np.ndarray]], wanted: list[str],
+                 spill: Path | None = None):
         self._collect = hessians
         self._wanted = wanted
         self._hessians: Mapping[str, np.ndarray] | None = None
+        self._used = False
         self._done: dict[tuple[object, ...], _PackedCodes] = {}
+        self._spill = spill
 
-    def hessian(self, layer: str) -> np.ndarray | None:
+    def release_measurements(self) -> None:
+        """Drop the Hessians (BlockwiseHessians also holds a block's outputs); a Hessian asked for again (no
+        memoised codes) would be measured again."""
+        self._hessians = None
+
+    def take_hessian(self, layer: str) -> tuple[np.ndarray | None, bool]:
+        """The layer's Hessian, and whether it is now the caller's own (popped from the mapping: free to
+        overwrite, and let go of as soon as the caller drops it)."""
         if self._hessians is None:
             self._hessians = self._collect(self._wanted) if self._wanted else {}
-        return self._hessians.get(layer)
+            self._used = bool(self._hessians)
+        pop: Callable[[str, None], np.ndarray | None] | None = getattr(self._hessians, "pop", None)
+        if pop is not None:
+            return pop(layer, None), True
+        return self._hessians.get(layer), False
 
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
 
     @property
     def used_calibration(self) -> bool:
-        return bool(self._hessians)
+        return self._used
 
     def __call__(self, layer: str, weight_kn: np.ndarray, bits: int, block_size: int, symmetric: bool,
                  clip: str, input_scale: np.ndarray | None = None) -> QuantizedWeight:
@@ -71,13 +91,19 @@ class Gptq(RoundToNearest):
         key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
         if key in self._done:  # the second rewrite: no Hessian is asked for again (they are measured on demand)
             return self._done[key].unpack()
-        hessian = self.hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
+        hessian, owned = self.take_hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else (None, False)
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
-            hessian = hessian / np.outer(input_scale, input_scale)
-        quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True)
-        self._done[key] = _PackedCodes.pack(quantized)
+            hessian, owned = hessian / np.outer(input_scale, input_scale), True
+        quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True,
+                                  overwrite_hessian=owned)
+        del hessian
+        packed = _PackedCodes.pack(quantized)
+        if self._spill is not None:
+            self._spill.mkdir(parents=True, exist_ok=True)
+            packed = packed.spill(self._spill / f"{len(self._done)}.npy")
+        self._done[key] = packed
         return quantized
 
 
@@ -86,8 +112,9 @@ class _PackedCodes:
     """A 4-bit QuantizedWeight kept for the second rewrite with two codes per byte (its int8 codes would take
     a quarter of the model's FP32 bytes for the whole export)."""
 
-    packed: np.ndarray  # uint8 [K / 2, N]: row 2i in the low nibble, row 2i + 1 in the high one
+    packed: np.ndarray  # uint8 [K / 2, N]: row 2i in the low nibble, row 2i + 1 in the high one (or, spilled, empty)
     like: QuantizedWeight  # scales, zero points and sizes; its codes array is empty
+    file: Path | None = None  # where `packed` was written when spilled (read back by unpack)
 
     @staticmethod
     def pack(weight: QuantizedWeight) -> _PackedCodes:
@@ -97,9 +124,15 @@ class _PackedCodes:
         packed = nibbles[0::2] | (nibbles[1::2] << 4)
         return _PackedCodes(packed, replace(weight, q=np.empty((0,) + weight.q.shape[1:], weight.q.dtype)))
 
+    def spill(self, file: Path) -> _PackedCodes:
+        """The same codes, written to `file` (.npy) instead of held."""
+        np.save(file, self.packed, allow_pickle=False)
+        return _PackedCodes(np.empty((0,) + self.packed.shape[1:], np.uint8), self.like, file)
+
     def unpack(self) -> QuantizedWeight:
-        rows = np.empty((2 * self.packed.shape[0], self.packed.shape[1]), np.uint8)
-        rows[0::2], rows[1::2] = self.packed & 0x0F, self.packed >> 4
+        packed = np.load(self.file, allow_pickle=False) if self.file is not None else self.packed
+        rows = np.empty((2 * packed.shape[0], packed.shape[1]), np.uint8)
+        rows[0::2], rows[1::2] = packed & 0x0F, packed >> 4
         if self.like.q.dtype == np.int8:  # symmetric: codes in [-8, 7], sign-extended from the nibble
             return replace(self.like, q=((rows ^ 8).astype(np.int8) - np.int8(8)))
         return replace(self.like, q=rows)
