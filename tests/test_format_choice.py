@@ -69,7 +69,7 @@ def test_an_encoder_over_2_gb_is_probed_from_its_external_weights(tmp_path, monk
     external data (the export is not loaded whole), the same probes as from memory."""
     from test_streaming import _external_fp32_export
 
-    in_memory = _export(tiny_bert(), tmp_path / "memory").report["format_choice"]
+    in_memory = _export(tiny_bert(), tmp_path / "memory").report.format_choice
     _external_fp32_export(monkeypatch)
-    streamed = _export(tiny_bert(), tmp_path / "streamed").report["format_choice"]
+    streamed = _export(tiny_bert(), tmp_path / "streamed").report.format_choice
     assert streamed["measured"] and streamed["probe_cosine"] == in_memory["probe_cosine"]
