@@ -23,7 +23,6 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import CptqError
-from ..exporter.memory import release_freed_memory
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph, block_container
 from ..model_loading import LoadedModel
 from .block_replay import replaying
@@ -232,9 +231,6 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
             self.position, self.saved = -1, []
         wanted = [name for name, p in self.phase.items() if p == phase]
         self.held = {}  # the previous phase's Hessians go before this phase's are made
-        # and what GPTQ freed of the previous block (its K x K work, each weight read) goes back to the OS: left
-        # in glibc's heaps and arenas, it built up over the blocks (opt-640m: ~0.4 GB held free mid-quantize)
-        release_freed_memory()
         accumulators, handles, mask_in_flight, reset = _hooks(self.model, self.graph, wanted)
         outputs: list[object] = []
         if phase < self.tail:
