@@ -9,9 +9,7 @@ import gc
 def release_freed_memory() -> None:
     """Hand what Python and the C heap have freed back to the operating system (gc, then glibc's malloc_trim):
     a step's peak would otherwise carry the heap the steps before it freed but the allocator kept."""
-    for _ in range(4):  # what one collection leaves (kept by finalizers it ran) the next may free: until none finds any
-        if not gc.collect():
-            break
+    gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
