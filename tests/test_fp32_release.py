@@ -27,14 +27,14 @@ def _holders(obj: object) -> list[str]:
 
 
 def test_the_lowering_gets_the_only_reference_to_each_fp32_graph(tmp_path: Path, monkeypatch) -> None:
-    real = file_lowering.lower_model_into
+    real = file_lowering.lower_model
     holders: list[list[str]] = []
 
-    def watched(path: Path, model: onnx.ModelProto, *args, **kwargs):
+    def watched(model: onnx.ModelProto, *args, **kwargs):
         holders.append(_holders(model))
-        return real(path, model, *args, **kwargs)
+        return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(file_lowering, "lower_model_into", watched)
+    monkeypatch.setattr(file_lowering, "lower_model", watched)
     loaded = wrap_model(tiny_llama(0), None, tiny_tokenizer("llama"))
     make_plan = plan_factory(None, None, 8)
     export_quantized(loaded, make_plan, tmp_path / "out" / "model.onnx", progress=False)

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..onnx_io.onnx_export import load_onnx_lazily
+from ..onnx_io.onnx_export import load_onnx_lazily, save_onnx
 from ..plan import Plan
 from ..quant.storage import FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import RoundToNearest
 from .fp32_files import Fp32Files
 from .graph_check import GraphCheck, check_kernels
 from .layer_map import LayerMap
-from .lowering import KernelChoice, LoweredLayer, lower_model_into
+from .lowering import KernelChoice, Lowered, LoweredLayer, lower_model
 from .lowering.group_query_attention import AttentionSpec
 
 Records = dict[str, LoweredLayer]  # layer -> how it was lowered in one file (or, merged, in all of them)
@@ -39,15 +39,12 @@ class FileLowering:
     smoothing: Mapping[str, np.ndarray]
     attention: AttentionSpec | None = None  # a decoder's attention rewritten into GroupQueryAttention first
 
-    def lower_into(self, path: Path, source: onnx.ModelProto, layer_map: LayerMap, base_dir: Path | None,
-                   kernels: KernelChoice | None = None) -> Records:
-        """One file lowered and written to `path` (as `save_onnx` writes it, never holding the whole ModelProto or
-        its bytes: lowering.lower_model_into), with `kernels` instead of the format's own where given (the
-        check's repair): the layers' records."""
+    def lower(self, source: onnx.ModelProto, layer_map: LayerMap, base_dir: Path | None,
+              kernels: KernelChoice | None = None) -> Lowered:
+        """One file, with `kernels` instead of the format's own where given (the check's repair)."""
         kernels = kernels if kernels is not None else KernelChoice(self.fmt)
-        _, records = lower_model_into(path, source, layer_map.uses(), self.plan, kernels, self.quantizer,
-                                      self.smoothing, base_dir=base_dir, attention=self.attention)
-        return records
+        return lower_model(source, layer_map.uses(), self.plan, kernels, self.quantizer, self.smoothing,
+                           base_dir=base_dir, attention=self.attention)
 
 
 def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: FileLowering,
@@ -55,8 +52,10 @@ def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: F
     """Lower and write each file in turn (its FP32 graph let go of as it is lowered): file -> its records."""
     per_file: dict[str, Records] = {}
     for name, out_name in fp32.names:
-        per_file[name] = lowering.lower_into(out_dir / out_name, fp32.take(name), layer_maps[name],
-                                             fp32.base_dirs[name])
+        lowered = lowering.lower(fp32.take(name), layer_maps[name], fp32.base_dirs[name])
+        per_file[name] = lowered.layers
+        save_onnx(lowered.model, out_dir / out_name)
+        del lowered
     return per_file
 
 
@@ -75,9 +74,11 @@ def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: F
             repaired = graph_check.unfused
             kernels = KernelChoice(lowering.fmt, {layer: FORMAT_NBITS for layer in repaired})
             source, base_dir = load_onnx_lazily(fp32.folder / name)
-            lowered_files[name] = lowering.lower_into(out_dir / out_name, source, layer_maps[name], base_dir,
-                                                      kernels)
+            lowered = lowering.lower(source, layer_maps[name], base_dir, kernels)
             del source
+            lowered_files[name] = lowered.layers
+            save_onnx(lowered.model, out_dir / out_name)
+            del lowered
             graph_check = check_kernels(out_dir / out_name, lowered_files[name])
             graph_check.repaired = repaired
         checks.append(graph_check)

@@ -21,7 +21,6 @@ import onnx
 import onnx_ir as ir
 
 from ...errors import CptqError
-from ...onnx_io.streamed_save import save_ir_model
 from ...plan import Plan
 from ...quant.storage import FORMAT_QDQ
 from ...quant.weight_quantizers import RoundToNearest
@@ -42,8 +41,7 @@ from .skip_rms_norm import SkipRmsNormFusion
 from .smooth_inputs import SmoothInputs
 from .tied_head import TiedHeadFromTable
 
-__all__ = ["AttentionSpec", "KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lower_model_into",
-           "lowering_passes"]
+__all__ = ["AttentionSpec", "KernelChoice", "Lowered", "LoweredLayer", "Lowering", "LoweringPass", "lower_model", "lowering_passes"]
 
 
 @dataclass
@@ -103,28 +101,6 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     com.microsoft ops, so the exporter gives its layers nbits, not qdq (the MatMulNBits ORT would fuse qdq
     into), and kernels that read one input (q/k/v, gate/up) are fused into one (fused_kernels.py).
     """
-    ir_model, records = _lower(model, uses, plan, kernels, quantizer, smoothing, passes, base_dir, attention)
-    lowered = ir.serde.serialize_model(ir_model)
-    _keep_source_layout(lowered, model)
-    return Lowered(lowered, records)
-
-
-def lower_model_into(path: Path, model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,
-                     kernels: KernelChoice = KernelChoice(), quantizer: RoundToNearest | None = None,
-                     smoothing: Mapping[str, np.ndarray] | None = None, base_dir: Path | None = None,
-                     attention: AttentionSpec | None = None) -> tuple[list[Path], dict[str, LoweredLayer]]:
-    """`lower_model`, its result written to `path` as `save_onnx` writes it (the same bytes) without the
-    whole ModelProto or its serialized bytes in memory (onnx_io/streamed_save.py): the files written, the
-    layers' records."""
-    ir_model, records = _lower(model, uses, plan, kernels, quantizer, smoothing, lowering_passes, base_dir,
-                               attention)
-    return save_ir_model(ir_model, path, lambda lowered: _keep_source_layout(lowered, model)), records
-
-
-def _lower(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan, kernels: KernelChoice,
-           quantizer: RoundToNearest | None, smoothing: Mapping[str, np.ndarray] | None,
-           passes: Callable[[Lowering], list[LoweringPass]], base_dir: Path | None,
-           attention: AttentionSpec | None) -> tuple[ir.Model, dict[str, LoweredLayer]]:
     ir_model = ir.serde.deserialize_model(model)
     if base_dir is not None:
         ir.external_data.set_base_dir(ir_model.graph, base_dir)
@@ -136,7 +112,9 @@ def _lower(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     _run_passes(ir_model, passes(lowering))
     _read_kept_weights(ir_model)
-    return ir_model, _records(lowering)
+    lowered = ir.serde.serialize_model(ir_model)
+    _keep_source_layout(lowered, model)
+    return Lowered(lowered, _records(lowering))
 
 
 def _run_passes(ir_model: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
