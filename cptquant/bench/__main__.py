@@ -177,6 +177,30 @@ def _method_goals(results: list[ModelResult], mark: Callable[[bool], str]) -> li
                            "pmpq": (oracle / 2, f"≤ half the oracle's {oracle:.1f} FPE")}[method]
             lines.append(f"- {r.spec.key} {method}: Spearman vs the oracle ≥ {goal}: {mark(rho >= goal)} ({rho:.3f}); "
                          f"cost {what}: {mark(cost <= limit)} ({cost:.2f} FPE).")
+    lines += _plan_quality_goals(results, mark)
+    return lines
+
+
+def _plan_quality_goals(results: list[ModelResult], mark: Callable[[bool], str]) -> list[str]:
+    """Issue 11: each method's plan at the size goal within 10 % of the oracle-ranked plan's cosine gap to FP32."""
+    lines = []
+    for r in results:
+        if not r.spec.size_goal_mb:
+            continue
+        budget = f"≤{r.spec.size_goal_mb:g} MB"
+        names = {v.name: v for v in r.variants}
+        oracle = names.get(f"cptq oracle {budget}")
+        if oracle is None or "mean_cosine" not in oracle.quality:  # an encoder's measure; LMs have perplexity
+            continue
+        oracle_gap = 1 - oracle.quality["mean_cosine"]
+        for method in r.spec.methods:
+            plan = names.get(f"cptq {method} {budget}")
+            if plan is None:
+                continue
+            ratio = (1 - plan.quality["mean_cosine"]) / oracle_gap
+            lines.append(f"- {r.spec.key} {method} plan at {budget}: cosine gap to FP32 ≤ 1.1× the oracle-ranked "
+                         f"plan's: {mark(ratio <= 1.1)} ({ratio:.2f}×: {1 - plan.quality['mean_cosine']:.5f} vs "
+                         f"{oracle_gap:.5f}).")
     return lines
 
 
