@@ -5,7 +5,6 @@ hands them over as `Measurements`, so that the exporter runs no pass itself.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +14,7 @@ from ..errors import CptqError
 from ..layer_graph import ROLE_EMBEDDING, LayerGraph
 from ..model_loading import LoadedModel
 from ..plan import Plan
-from ..quant.weight_quantizers import GPTQ_BITS, Gptq, RoundToNearest
+from ..quant.weight_quantizers import GPTQ_BITS, Gptq, HessianSource, RoundToNearest
 
 # --format dynamic, --outlier-ratio R: an input channel whose calibration peak p is above R times the layer's
 # median channel peak m is scaled down by sqrt(p / m) before the int8 product (its weight row up by as much).
@@ -35,7 +34,7 @@ class Measurements(Protocol):
     def text_field(self) -> str: ...
 
     def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
-                 progress: bool) -> Mapping[str, np.ndarray]: ...
+                 progress: bool) -> HessianSource: ...
 
     def input_peaks(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
                     progress: bool) -> dict[str, np.ndarray]: ...

@@ -251,7 +251,7 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
 
 
 def hessians_by_block(loaded: LoadedModel, graph: LayerGraph, calib: CalibrationSet, layer_names: list[str],
-                      progress: bool = True) -> Mapping[str, Hessian]:
+                      progress: bool = True) -> dict[str, Hessian] | BlockwiseHessians:
     """`collect_hessians`' result, block by block where the model has one stack of blocks (BlockwiseHessians;
     an encoder-decoder's decoder blocks would all fall to the tail, so it is measured at once)."""
     container = block_container(loaded.model) if graph.num_blocks else None

@@ -7,8 +7,6 @@ calls it only when it needs either; the calibration batches are built once and s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 import numpy.typing as npt
 
@@ -16,7 +14,7 @@ from ..layer_graph import LayerGraph
 from ..model_loading import LoadedModel
 from ..options import CalibrationOptions
 from .calibration import CalibrationSet, calibration_for
-from .hessian import collect_input_absmax, hessians_by_block
+from .hessian import BlockwiseHessians, Hessian, collect_input_absmax, hessians_by_block
 
 
 class CalibrationMeasurements:
@@ -40,7 +38,7 @@ class CalibrationMeasurements:
         return self._batches
 
     def hessians(self, loaded: LoadedModel, graph: LayerGraph, names: list[str],
-                 progress: bool) -> Mapping[str, npt.NDArray[np.float64]]:
+                 progress: bool) -> dict[str, Hessian] | BlockwiseHessians:
         """Measured block by block as the lowering asks for them (hessian.BlockwiseHessians)."""
         return hessians_by_block(loaded, graph, self._calibration(loaded), names, progress=progress)
 

@@ -8,9 +8,10 @@ tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -19,6 +20,15 @@ from .quantize import QuantizedWeight, quantize_blocked
 
 ALGORITHMS = ("rtn", "gptq")
 GPTQ_BITS = (4,)
+
+
+class HessianSource(Protocol):
+    """Hessians by layer name, each handed over once (a dict; passes/hessian.py's BlockwiseHessians, which
+    measures a block's on demand): GPTQ factorises what it is given in place."""
+
+    def pop(self, name: str, default: None, /) -> np.ndarray | None: ...
+
+    def __len__(self) -> int: ...
 
 
 class RoundToNearest:
@@ -47,17 +57,17 @@ class Gptq(RoundToNearest):
     `hessians(names)` is called once, lazily, with every layer that will need one, and may measure each
     Hessian only when it is read (passes/hessian.py's BlockwiseHessians); the codes are memoised because
     the pipeline may rewrite the graph twice (see the MatMulNBits repair); with `spill`, a folder, the memo's
-    codes are kept there, not in memory. A Hessian is read once: where the mapping can `pop` it (a dict,
-    BlockwiseHessians), it leaves the mapping and GPTQ factorises it in place.
+    codes are kept there, not in memory. A Hessian is read once: it leaves the source and GPTQ factorises it
+    in place.
     """
 
     name = "gptq"
 
-    def __init__(self, hessians: Callable[[list[str]], Mapping[str, np.ndarray]], wanted: list[str],
+    def __init__(self, hessians: Callable[[list[str]], HessianSource], wanted: list[str],
                  spill: Path | None = None):
         self._collect = hessians
         self._wanted = wanted
-        self._hessians: Mapping[str, np.ndarray] | None = None
+        self._hessians: HessianSource | None = None
         self._used = False
         self._done: dict[tuple[object, ...], _PackedCodes] = {}
         self._spill = spill
@@ -67,16 +77,12 @@ class Gptq(RoundToNearest):
         memoised codes) would be measured again."""
         self._hessians = None
 
-    def take_hessian(self, layer: str) -> tuple[np.ndarray | None, bool]:
-        """The layer's Hessian, and whether it is now the caller's own (popped from the mapping: free to
-        overwrite, and let go of as soon as the caller drops it)."""
+    def take_hessian(self, layer: str) -> np.ndarray | None:
+        """The layer's Hessian, now the caller's own (free to overwrite; gone once the caller drops it)."""
         if self._hessians is None:
             self._hessians = self._collect(self._wanted) if self._wanted else {}
-            self._used = bool(self._hessians)
-        pop: Callable[[str, None], np.ndarray | None] | None = getattr(self._hessians, "pop", None)
-        if pop is not None:
-            return pop(layer, None), True
-        return self._hessians.get(layer), False
+            self._used = len(self._hessians) > 0
+        return self._hessians.pop(layer, None)
 
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
@@ -91,13 +97,13 @@ class Gptq(RoundToNearest):
         key = (layer, bits, block_size, symmetric, clip, weight_kn.shape, scale_key)
         if key in self._done:  # the second rewrite: no Hessian is asked for again (they are measured on demand)
             return self._done[key].unpack()
-        hessian, owned = self.take_hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else (None, False)
+        hessian = self.take_hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             return super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
-            hessian, owned = hessian / np.outer(input_scale, input_scale), True
+            hessian /= np.outer(input_scale, input_scale)
         quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True,
-                                  overwrite_hessian=owned)
+                                  overwrite_hessian=True)
         del hessian
         packed = _PackedCodes.pack(quantized)
         if self._spill is not None:
