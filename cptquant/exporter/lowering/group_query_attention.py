@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .context import MS_DOMAIN, AttrValue, Names
 
@@ -140,7 +141,7 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
                 old.name, produced.name = None, f"present.{layer.index}.{kind}"
                 produced.type, produced.shape = old.type, old.shape
                 graph.outputs[graph.outputs.index(old)] = produced
-        _drop_dead(graph)
+        RemoveUnusedNodesPass()(model)  # the old attention, its masks and shape arithmetic
         if MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         return ir.passes.PassResult(model, modified=True)
@@ -236,22 +237,3 @@ def _reaches(value: ir.Value, sources: set[ir.Value]) -> bool:
         stack.extend(v for v in producer.inputs if v is not None)
     return False
 
-
-def _drop_dead(graph: ir.Graph) -> None:
-    """Remove every node that no graph output needs (the old attention, its masks and shape arithmetic)."""
-    live: set[int] = set()
-    stack = [value.producer() for value in graph.outputs]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in live:
-            continue
-        live.add(id(node))
-        stack.extend(value.producer() for value in node.inputs if value is not None)
-    dead = [node for node in graph if id(node) not in live]
-    for node in dead:  # inputs first: a dead node's outputs may feed other dead nodes only
-        for i in range(len(node.inputs)):
-            node.replace_input_with(i, None)
-    graph.remove(dead, safe=False)
-    for name, value in list(graph.initializers.items()):
-        if not value.uses() and not value.is_graph_output():
-            graph.initializers.pop(name)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .context import MS_DOMAIN
 
@@ -58,7 +59,8 @@ class SkipRmsNormFusion(ir.passes.InPlacePass):
             for value in norm.sums:
                 value.replace_all_uses_with(fused.outputs[3])
             graph.remove(norm.nodes, safe=True)
-        _drop_unused_constants(graph)
+        if matches:  # the pattern's Constants (axes, exponent, epsilon) are left unread
+            RemoveUnusedNodesPass()(model)
         if matches and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         return ir.passes.PassResult(model, modified=bool(matches))
@@ -141,7 +143,8 @@ def _other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
 
 
 def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """A value's constant: an initializer's, or a Constant node's."""
+    """A value's constant: an initializer's, or a Constant node's. (Not ir.convenience.get_const_tensor: it
+    names a Constant's tensor after the node's output as it reads it, which changes the bytes written.)"""
     if value is None:
         return None
     if value.const_value is not None:
@@ -174,8 +177,3 @@ def _casts_float_to_float(cast: ir.Node) -> bool:
     return ("to" in cast.attributes and cast.attributes["to"].as_int() == ir.DataType.FLOAT
             and source is not None and source.dtype in (ir.DataType.FLOAT, None))
 
-
-def _drop_unused_constants(graph: ir.Graph) -> None:
-    unused = [node for node in graph if node.op_type == "Constant" and not any(out.uses() for out in node.outputs)
-              and not any(out.is_graph_output() for out in node.outputs)]
-    graph.remove(unused, safe=True)
