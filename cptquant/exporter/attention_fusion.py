@@ -24,6 +24,7 @@ import onnxruntime as ort
 
 from ..errors import first_line
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
+from ..quant.storage import FORMAT_NBITS, FORMAT_QDQ
 from .layer_map import WeightUse
 from .lowering import attention_passes
 from .lowering.group_query_attention import GQA, AttentionLayer, AttentionSpec
@@ -51,6 +52,11 @@ class AttentionChoice:
     @property
     def fused(self) -> bool:
         return self.spec is not None
+
+    def weight_format(self, fmt: str) -> str:
+        """The format the file's layers are written in: a rewritten file needs com.microsoft ops anyway, so
+        its qdq layers are written as the MatMulNBits ORT would fuse them into (and the report says so)."""
+        return FORMAT_NBITS if self.fused and fmt == FORMAT_QDQ else fmt
 
 
 def kept(why: str) -> AttentionChoice:

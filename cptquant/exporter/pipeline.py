@@ -29,7 +29,7 @@ from ..onnx_io.onnx_export import MODEL_FILE, export_onnx
 from ..output_folder import Staging, claim_output
 from ..plan import Plan, validate_plan
 from ..progress import Steps
-from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_NBITS, FORMAT_QDQ
+from ..quant.storage import FORMAT_AUTO, FORMAT_DYNAMIC, FORMAT_QDQ
 from ..quant.weight_quantizers import ALGORITHMS
 from ..reports import ExportReport, ReportExtras
 from ..safety import file_sha256
@@ -136,8 +136,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                 spec = fused.spec if fused is not None else None
                 if fused is not None and spec is not None and graph.fixed_bytes is not None:
                     graph.fixed_bytes += fused.graph_bytes_change  # the budget prices the graph written
-                if spec is not None and fmt == FORMAT_QDQ:  # such a file needs com.microsoft ops anyway: its qdq
-                    fmt = FORMAT_NBITS  # layers are written as the MatMulNBits ORT would fuse them into, and said so
+                if fused is not None:
+                    fmt = fused.weight_format(fmt)
             with steps.step(timings):
                 plan = make_plan(loaded, graph)
                 plan.model = plan.model or loaded.display_name
