@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ...errors import CptqError
 from ...plan import Plan
@@ -79,8 +80,9 @@ def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
 
 def attention_passes(spec: AttentionSpec) -> list[ir.passes.PassBase]:
     """A decoder's attention as GroupQueryAttention, then its residual Adds + RMSNorms fused (the graph the
-    exporter proves against optimum's before it keeps either: exporter/attention_fusion.py)."""
-    return [GroupQueryAttentionFusion(spec), SkipRmsNormFusion()]
+    exporter proves against optimum's before it keeps either: exporter/attention_fusion.py), then what the
+    norm fusion left unread (its Constants: axes, exponent, epsilon) dropped."""
+    return [GroupQueryAttentionFusion(spec), SkipRmsNormFusion(), RemoveUnusedNodesPass()]
 
 
 def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]], plan: Plan,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from .context import MS_DOMAIN
 
@@ -40,7 +39,8 @@ class _Norm:
 
 
 class SkipRmsNormFusion(ir.passes.InPlacePass):
-    """Every residual Add + RMSNorm that matches exactly (module docstring) becomes one fused node."""
+    """Every residual Add + RMSNorm that matches exactly (module docstring) becomes one fused node; the
+    pattern's Constants are left for the pass list's RemoveUnusedNodesPass (lowering.attention_passes)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -59,8 +59,6 @@ class SkipRmsNormFusion(ir.passes.InPlacePass):
             for value in norm.sums:
                 value.replace_all_uses_with(fused.outputs[3])
             graph.remove(norm.nodes, safe=True)
-        if matches:  # the pattern's Constants (axes, exponent, epsilon) are left unread
-            RemoveUnusedNodesPass()(model)
         if matches and MS_DOMAIN not in model.opset_imports:
             model.opset_imports[MS_DOMAIN] = 1
         return ir.passes.PassResult(model, modified=bool(matches))
