@@ -272,6 +272,23 @@ def test_gptq_takes_each_hessian_out_of_the_mapping():
     assert hessians == {} and quantizer.used_calibration
 
 
+def test_a_tied_table_is_quantized_with_its_lm_head_s_hessian():
+    """A 4-bit table that is also the LM head gets GPTQ codes from the head's input Hessian (its [hidden, rows]
+    weight is the head's [K, N]); at 8 bits (hot rows) it stays round-to-nearest."""
+    from cptquant.quant.weight_quantizers import Gptq
+
+    x, w = _correlated_layer(k=64, n=16)
+    expected = gptq_quantize(w, _hessian(x), 4, 32, False, act_order=True)
+    hessians = {"lm_head": _hessian(x)}
+    quantizer = Gptq(lambda names: hessians, ["lm_head"], hessian_of={"embed_tokens": "lm_head"})
+    assert quantizer.algorithm_for("embed_tokens", 4) == "gptq"
+    assert quantizer.algorithm_for("embed_tokens", 8) == "rtn"
+    np.testing.assert_array_equal(quantizer("embed_tokens", w, 4, 32, False, "absmax").q, expected.q)
+    assert hessians == {}
+    np.testing.assert_array_equal(quantizer("embed_tokens", w, 8, 32, True, "absmax").q,
+                                  quantize_blocked(w, 8, 32, True).q)
+
+
 def test_blockwise_hessians_pop_lets_go_of_a_layer_s_hessian():
     from cptquant.model_loading import wrap_model
     from cptquant.testing import tiny_tokenizer

@@ -54,10 +54,17 @@ def weight_quantizer(algorithm: str, loaded: LoadedModel, graph: LayerGraph, pla
         return RoundToNearest()
     wanted = [name for name, lp in plan.layers.items()
               if lp.bits in GPTQ_BITS and graph[name].role != ROLE_EMBEDDING]
+    # A 4-bit table that is also the LM head is quantized for the head: GPTQ with the head's input Hessian.
+    # Most of a tied table's damage is in the logits (SmolLM2, table alone at 4 bits: KL 0.102 with round-to-
+    # nearest, 0.036 with GPTQ; docs/benchmarks.md), and the rows it changes for the embedding cost less.
+    heads = {layer.tied_to: layer.name for layer in graph.layers
+             if layer.tied_to and layer.tied_to in plan.layers and plan.layers[layer.tied_to].bits in GPTQ_BITS
+             and graph[layer.tied_to].role == ROLE_EMBEDDING}
+    wanted += [head for head in heads.values() if head not in wanted]
     if not wanted:
         return Gptq(lambda names: {}, wanted)
     measured = _needs(calibration, "--algorithm gptq")
-    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted, spill)
+    return Gptq(lambda names: measured.hessians(loaded, graph, names, progress), wanted, spill, heads)
 
 
 def input_smoothing(loaded: LoadedModel, graph: LayerGraph, plan: Plan, calibration: Measurements | None,

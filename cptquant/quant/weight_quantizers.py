@@ -1,9 +1,10 @@
 """How a layer's weight becomes codes: round-to-nearest, or GPTQ with calibration Hessians.
 
 Both return the same `QuantizedWeight` (codes, per-block scales, zero points), so the rewriting
-pass writes either the same way. GPTQ only applies to layers that read activations (not embedding
-tables) and only at 4 bits: at 8 bits round-to-nearest is already within the noise (MiniLM uniform
-8-bit: cosine 0.9996), and the Hessians cost a forward pass.
+pass writes either the same way. GPTQ only applies to layers that read activations (an embedding
+table only where it is also the LM head, then with the head's input Hessian) and only at 4 bits: at 8
+bits round-to-nearest is already within the noise (MiniLM uniform 8-bit: cosine 0.9996), and the
+Hessians cost a forward pass.
 """
 
 from __future__ import annotations
@@ -64,9 +65,10 @@ class Gptq(RoundToNearest):
     name = "gptq"
 
     def __init__(self, hessians: Callable[[list[str]], HessianSource], wanted: list[str],
-                 spill: Path | None = None):
+                 spill: Path | None = None, hessian_of: dict[str, str] | None = None):
         self._collect = hessians
         self._wanted = wanted
+        self._hessian_of = hessian_of or {}  # a tied table -> the LM head whose input Hessian it is quantized with
         self._hessians: HessianSource | None = None
         self._used = False
         self._done: dict[tuple[object, ...], _PackedCodes] = {}
@@ -82,10 +84,11 @@ class Gptq(RoundToNearest):
         if self._hessians is None:
             self._hessians = self._collect(self._wanted) if self._wanted else {}
             self._used = len(self._hessians) > 0
-        return self._hessians.pop(layer, None)
+        return self._hessians.pop(self._hessian_of.get(layer, layer), None)
 
     def algorithm_for(self, layer: str, bits: int) -> str:
-        return "gptq" if bits in GPTQ_BITS and layer in self._wanted else "rtn"
+        wanted = layer in self._wanted or self._hessian_of.get(layer) in self._wanted
+        return "gptq" if bits in GPTQ_BITS and wanted else "rtn"
 
     @property
     def used_calibration(self) -> bool:

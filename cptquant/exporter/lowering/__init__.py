@@ -184,7 +184,7 @@ def _records(lowering: Lowering) -> dict[str, LoweredLayer]:
                 errors.append(site.mse)
             if site.block_size is not None:
                 record.block_size = site.block_size
-            if site.algorithm is not None:  # a MatMul's: smoothing applies to those alone
+            if site.algorithm is not None:  # a MatMul's or a 4-bit table's (smoothing: MatMuls alone)
                 record.algorithm = site.algorithm
                 record.outlier_channels = site.outlier_channels or 0
             if site.hot_rows is not None:

@@ -16,7 +16,6 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from ...plan import HOT_ROW_BITS
-from ...quant.quantize import quantize_blocked
 from ...quant.storage import KERNEL_GATHER_BQ, BlockQuantizedTable, HotRowTable
 from .base import LoweringPass
 from .context import MS_DOMAIN, AttrValue, Site, WrittenTable, input_of, make_node, name_of
@@ -69,7 +68,10 @@ class GatherToBlockQuantized(LoweringPass):
         the bytes written and the summed squared error of the weights as stored. The tensors are filed in
         `site.tables` (`rows`: which rows of the full table these are), for a tied LM head to read."""
         lowering, lp = self.lowering, site.plan
-        qw = quantize_blocked(table.T, bits, lp.block_size, symmetric, lowering.plan.clip)  # blocks along hidden
+        # blocks along hidden; a 4-bit table that is also the LM head gets GPTQ codes for the head (weight_quantizers)
+        qw = lowering.quantizer(site.layer, table.T, bits, lp.block_size, symmetric, lowering.plan.clip)
+        if bits == lp.bits:
+            site.algorithm = lowering.quantizer.algorithm_for(site.layer, bits)
         arrays = self.table.encode(qw)
         inputs = [lowering.add_initializer(site, f"{base}.weight_q{bits}", ir.tensor(arrays["codes"])), ids,
                   lowering.add_initializer(site, f"{base}.weight_scale_fp16", ir.tensor(arrays["scales"]))]
