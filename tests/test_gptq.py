@@ -193,6 +193,45 @@ def test_block_by_block_hessians_equal_the_one_pass_ones_bit_for_bit(family):
         assert len(by_block.held) < len(at_once)  # one block's Hessians (or the head's) at a time
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_later_blocks_are_measured_on_the_earlier_blocks_as_written(family):
+    """Sequential GPTQ: once a block's layers are written (rounded), the next block's Hessians are those of
+    the model with that block's weights as written (GPT-2's Conv1D weights are [K, N] in torch, the others
+    [N, K]); the written weights are not kept once used, and the torch weights come back untouched."""
+    import copy
+
+    from cptquant.model_loading import wrap_model
+    from cptquant.passes.common import weight_param
+    from cptquant.testing import tiny_tokenizer
+    from cptquant.tiny_families import build
+
+    loaded = wrap_model(build(family), None, tiny_tokenizer("opt"))
+    graph = build_layer_graph(loaded.model)
+    calib = build_calibration(loaded, samples=8, seq_len=32)
+    names = [layer.name for layer in graph.layers if layer.block in (0, 1)]
+    before = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}
+    by_block = hessians_by_block(loaded, graph, calib, names, progress=False)
+    rounded = copy.deepcopy(loaded.model)
+    for layer in graph.layers:
+        if layer.block == 0:
+            by_block.pop(layer.name)
+            weight = weight_param(loaded.model, layer).detach().numpy()
+            kn = weight if layer.role == "conv1d" else weight.T
+            written = quantize_blocked(kn, 4, 16, False).dequantize()
+            by_block.write(layer.name, written)
+            with torch.no_grad():
+                weight_param(rounded, layer).copy_(torch.from_numpy(written if layer.role == "conv1d" else written.T))
+    expected = collect_hessians(wrap_model(rounded, None, loaded.tokenizer), graph, calib, names, progress=False)
+    block_1 = [layer.name for layer in graph.layers if layer.block == 1 and layer.role != ROLE_EMBEDDING]
+    fp32 = collect_hessians(loaded, graph, calib, block_1, progress=False)
+    for name in block_1:
+        np.testing.assert_allclose(by_block[name], expected[name], rtol=1e-5, atol=1e-7, err_msg=name)
+        assert not np.allclose(fp32[name], expected[name], rtol=1e-3)  # the rounding does reach block 1
+    assert by_block.written == {}
+    for name, p in loaded.model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
 def test_gptq_codes_are_memoised_before_the_hessian_is_asked_for():
     """The MatMulNBits repair lowers the graph a second time: the codes come from the memo, and no Hessian
     is asked for again (measured on demand, block by block, a second request would re-run the forward)."""
