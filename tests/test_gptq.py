@@ -218,7 +218,7 @@ def test_later_blocks_are_measured_on_the_earlier_blocks_as_written(family):
             weight = weight_param(loaded.model, layer).detach().numpy()
             kn = weight if layer.role == "conv1d" else weight.T
             written = quantize_blocked(kn, 4, 16, False).dequantize()
-            by_block.write(layer.name, written)
+            by_block.write(layer.name, lambda written=written: written)
             with torch.no_grad():
                 weight_param(rounded, layer).copy_(torch.from_numpy(written if layer.role == "conv1d" else written.T))
     expected = collect_hessians(wrap_model(rounded, None, loaded.tokenizer), graph, calib, names, progress=False)

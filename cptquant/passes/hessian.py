@@ -231,12 +231,13 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
     def __len__(self) -> int:
         return len(self.phase)
 
-    def write(self, layer: str, weight_kn: np.ndarray) -> None:
-        """The quantizer wrote `layer` as `weight_kn` (dequantized, [K, N]): the blocks after its own will be
-        measured with it in place of the FP32 weight (only a block's layers, the blocks not yet run)."""
+    def write(self, layer: str, weight_kn: Callable[[], np.ndarray]) -> None:
+        """The quantizer wrote `layer` as `weight_kn()` (dequantized, [K, N]): the blocks after its own will be
+        measured with it in place of the FP32 weight (only a block's layers, of the blocks not yet run: the
+        weight is only dequantized for those)."""
         phase = self._phase_of(layer, self.container) if layer in self.graph else self.tail
         if self.position < phase < self.tail:
-            self.written[layer] = weight_kn
+            self.written[layer] = weight_kn()
 
     def _written_values(self, blocks: range) -> dict[torch.nn.Parameter, torch.Tensor]:
         """The weights as written of `blocks`' layers, as torch parameter values. A layer whose ONNX weight is not

@@ -91,7 +91,7 @@ class Gptq(RoundToNearest):
         with; a smoothed weight (input_scale) is not the torch layer's, so it is not told."""
         write = getattr(self._hessians, "write", None)
         if callable(write) and input_scale is None:
-            write(layer, weight.dequantize())
+            write(layer, weight.dequantize)
 
     def algorithm_for(self, layer: str, bits: int) -> str:
         wanted = layer in self._wanted or self._hessian_of.get(layer) in self._wanted
