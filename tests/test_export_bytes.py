@@ -227,9 +227,8 @@ def test_pinned_cases_take_the_paths_they_are_meant_to(exports):
     assert report["algorithm"] == ["gptq", "rtn"]
     report = exports(("opt", "qdq", "rtn"))[1]
     assert report["graph_check"]["written_as_matmulnbits_after_check"]
-    layers = exports(("opt", "nbits", "gptq"))[1]["layers"]
-    table = layers[layers["lm_head"]["reads_table"]]  # the 4-bit table tied to the LM head: GPTQ for the head
-    assert table["bits"] == 4 and table["algorithm"] == "gptq"
+    table = exports(("opt", "nbits", "gptq"))[1]["layers"]["model.decoder.embed_tokens"]
+    assert table["bits"] == 4 and table["algorithm"] == "gptq"  # the 4-bit table tied to the LM head: GPTQ for the head
     assert {entry["bits"] for entry in report["layers"].values()} == {4, 8, 16}
     assert {entry["block_size"] for entry in report["layers"].values()} == {None, 16, 32}
 
