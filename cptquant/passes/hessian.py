@@ -254,39 +254,20 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
                 reference = param.detach().float()
                 if float(torch.linalg.vector_norm(value - reference)) < 0.5 * float(torch.linalg.vector_norm(reference)):
                     values[param] = value.to(param.dtype)
-        self.written = {name: w for name, w in self.written.items() if self.graph[name].block not in blocks}
         return values
 
     @torch.no_grad()
     def _measure(self, phase: int) -> None:
+        """Block `phase`'s Hessians (or the tail's) with its input as deployed: the blocks between the saved
+        outputs and it run with their weights as written (GPTQ's sequential order: each block calibrated on what
+        the quantized blocks before it compute); the measured block itself runs FP32 and the pass stops after
+        it. Saved for the next block: the output of block `phase` - 1, on which the next measurement re-runs
+        block `phase`, written."""
         if phase <= self.position:  # a block already passed: its input is gone, start again
             self.position, self.saved = -1, []
-        if phase < self.tail:
-            self._measure_next_block(phase)
-            return
-        # the tail (the head): every block after the saved outputs runs, with its weights as written where known
-        self.held = {}
+        self.held = {}  # the previous phase's Hessians go before this phase's are made
         accumulators, handles, mask_in_flight, reset = _hooks(self.model, self.graph,
                                                               [name for name, p in self.phase.items() if p == phase])
-        batch = [0]
-        written = self._written_values(range(self.position + 1, self.tail))
-        with replaying(self.blocks[: self.position + 1], lambda: self.saved[batch[0]]), \
-                replaced_weights(self.model, written):
-            # no KV cache: the replayed blocks would leave holes in it
-            _hooked_forward(self.model, self.calib, handles, mask_in_flight, "Hessians, head", self.progress,
-                            after_batch=reset, before_batch=lambda index: batch.__setitem__(0, index),
-                            options=forward_options(self.model))
-        self.held = _finished(accumulators)
-
-    @torch.no_grad()
-    def _measure_next_block(self, phase: int) -> None:
-        """Block `phase`'s Hessians with its input as deployed: the blocks between the saved outputs and it run
-        with their weights as written (GPTQ's sequential order: each block calibrated on what the quantized
-        blocks before it compute); block `phase` itself runs FP32 and the pass stops after it. Saved for the next
-        block: the output of block `phase` - 1, which the next measurement re-runs block `phase` on, written."""
-        wanted = [name for name, p in self.phase.items() if p == phase]
-        self.held = {}  # the previous phase's Hessians go before this phase's are made
-        accumulators, handles, mask_in_flight, reset = _hooks(self.model, self.graph, wanted)
         outputs: list[object] = []
 
         def keep(_module: torch.nn.Module, _args: tuple[object, ...], output: object) -> None:
@@ -295,18 +276,21 @@ class BlockwiseHessians(Mapping[str, np.ndarray]):
         def stop_after(_module: torch.nn.Module, _args: tuple[object, ...], output: object) -> None:
             raise _BlockDone
 
-        if phase >= 1:
-            handles.append(self.blocks[phase - 1].register_forward_hook(keep))
-        handles.append(self.blocks[phase].register_forward_hook(stop_after))
+        if phase < self.tail:
+            if phase >= 1:
+                handles.append(self.blocks[phase - 1].register_forward_hook(keep))
+            handles.append(self.blocks[phase].register_forward_hook(stop_after))
         batch = [0]
+        label = f"Hessians, block {phase + 1} of {self.tail}" if phase < self.tail else "Hessians, head"
         written = self._written_values(range(self.position + 1, phase))
         with replaying(self.blocks[: self.position + 1], lambda: self.saved[batch[0]]), \
                 replaced_weights(self.model, written):
             # no KV cache: the replayed blocks would leave holes in it
-            _hooked_forward(self.model, self.calib, handles, mask_in_flight, f"Hessians, block {phase + 1} of {self.tail}",
-                            self.progress, after_batch=reset, before_batch=lambda index: batch.__setitem__(0, index),
+            _hooked_forward(self.model, self.calib, handles, mask_in_flight, label, self.progress, after_batch=reset,
+                            before_batch=lambda index: batch.__setitem__(0, index),
                             options=forward_options(self.model))
-        self.position, self.saved = phase - 1, outputs
+        if phase < self.tail:
+            self.position, self.saved = phase - 1, outputs
         self.held = _finished(accumulators)
 
 
