@@ -16,7 +16,9 @@ three again, when the residual Adds + RMSNorms of such a file became SkipSimplif
 a 4-bit table tied to the LM head got GPTQ codes for the head (quant/weight_quantizers.py): pinned on the
 machine whose FP32 export of tiny OPT differs from the first pins' (the first machine's then have no pin for
 those two cases and skip, saying so; its other cases keep theirs); then every GPTQ case, when the Hessians
-became sequential (each block's measured on the blocks before it as written: passes/hessian.py).
+became sequential (each block's measured on the blocks before it as written: passes/hessian.py); then the
+Llama GPTQ case (the only one with `clip="mse"`), when GPTQ's clip search began to weigh each row by its input
+energy (quant/quantize.py's `row_weights`).
 
 The inputs are deterministic: seeded tiny models with the offline tokenizer, explicit plans (hot rows
 given, zero points and block sizes mixed), the offline calibration corpus. What the pins cannot hold
@@ -83,8 +85,8 @@ CASES = {
                             'c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806'),
     },
     ('llama', 'dynamic', 'gptq'): {
-        '8f22f78ef8b199c2': ('9082535554449454badc8e81084f93d77a047d5a805d50e6a23917238c9b55cc',
-                            '265284ad451e3656c1d375d8fa75220878f3070ac89bbfc6d9637ca009bb624b'),
+        '8f22f78ef8b199c2': ('b482990a414211ef05d2728f9a0a4da2c2d3f612f3207d39e11874c4ea737387',
+                            'f9599c31cc4204366480f844545d1dbab1016cdb7926d29d52dc04cc55abeec1'),
     },
 }
 

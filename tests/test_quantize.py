@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import TensorProto, helper, numpy_helper
 
-from cptquant.quant.quantize import fake_quantize, quantize_blocked
+from cptquant.quant.quantize import block_codes, block_params, fake_quantize, quantize_blocked
 from cptquant.quant.storage import pack_uint4_last_axis, unpack_uint4_last_axis
 
 BLOCKS = st.sampled_from([16, 32, 64])
@@ -45,6 +45,28 @@ def test_mse_clip_never_worse_than_absmax(wb, bits):
     absmax = np.mean((quantize_blocked(weight, bits, block, clip="absmax").dequantize() - weight) ** 2)
     mse = np.mean((quantize_blocked(weight, bits, block, clip="mse").dequantize() - weight) ** 2)
     assert mse <= absmax * (1 + 1e-5) + 1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_weighted_clip_search_minimises_the_weighted_error(wb, symmetric, seed):
+    # GPTQ weighs each row by its input energy: among the same candidate ranges, the weighted search's choice
+    # has no larger weighted error than the plain search's (and the plain search is the weighted one at equal weights).
+    weight, block = wb
+    blocks = weight.reshape(-1, block, weight.shape[1])
+    row_weights = np.random.default_rng(seed).uniform(0.0, 10.0, blocks.shape[:2]).astype(np.float32)
+
+    def weighted_error(scale, zero_point):
+        codes = block_codes(blocks, scale, zero_point, 4).astype(np.float32)
+        if zero_point is not None:
+            codes -= zero_point[:, None, :]
+        return (((codes * scale[:, None, :] - blocks) ** 2) * row_weights[:, :, None]).sum(axis=1)
+
+    weighted = block_params(blocks, 4, symmetric, "mse", row_weights)
+    plain = block_params(blocks, 4, symmetric, "mse")
+    assert np.all(weighted_error(*weighted) <= weighted_error(*plain) * (1 + 1e-5) + 1e-12)
+    ones = block_params(blocks, 4, symmetric, "mse", np.ones_like(row_weights))
+    assert np.array_equal(ones[0], plain[0])
 
 
 @settings(max_examples=60, deadline=None)

@@ -9,7 +9,9 @@ the layer's inputs (H = E[x xᵀ]), which minimises ‖X Wq − X W‖ greedily 
 Each block's scale and zero point are chosen when quantization reaches its first row, from the
 block's weights as updated by the errors of the earlier rows (group-wise GPTQ). With `act_order`
 the rows go by decreasing input energy H_ii instead, and every block's scale is fixed up front
-from the original weights ("static groups"), which keeps the contiguous-block storage.
+from the original weights ("static groups"), which keeps the contiguous-block storage. With `clip="mse"` the
+search for each block's clipping range weighs each row's squared error by its input energy H_kk: what matters
+is the layer's output error, not the weight's (SmolLM2, every linear 4-bit: KL from FP32 0.116 -> 0.098).
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
     order = np.arange(k)
     if act_order:
         order = np.argsort(-diag, kind="stable")
-        scales[:], zp = block_params(weight.reshape(num_blocks, block_size, n), bits, symmetric, clip)
+        scales[:], zp = block_params(weight.reshape(num_blocks, block_size, n), bits, symmetric, clip,
+                                     row_weights=np.maximum(diag, 0.0).reshape(num_blocks, block_size))
         if zp is not None:
             zero_points[:] = zp
     if overwrite_hessian and isinstance(hessian, np.ndarray) and hessian.dtype == np.float64:
@@ -166,7 +169,8 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
             group = order[start + i] // block_size
             if not act_order and (start + i) % block_size == 0:
                 # The block starts here: its scale comes from its rows as updated so far.
-                scale, zp = block_params(rows[None, i : i + block_size], bits, symmetric, clip)
+                scale, zp = block_params(rows[None, i : i + block_size], bits, symmetric, clip,
+                                         row_weights=np.maximum(diag[start + i : start + i + block_size], 0.0)[None])
                 scales[group] = scale[0]
                 if zp is not None:
                     zero_points[group] = zp[0]

@@ -70,7 +70,16 @@ def _asymmetric_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndar
     return codes
 
 
-def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str) -> np.ndarray:
+def _squared_error(dequantized: np.ndarray, blocks: np.ndarray, row_weights: np.ndarray | None) -> np.ndarray:
+    """Σ over each block's rows of (dequantized − weight)², each row weighted when `row_weights` [K/B, B] is given."""
+    err: np.ndarray = (dequantized - blocks) ** 2
+    if row_weights is not None:
+        err *= row_weights[:, :, None]
+    total: np.ndarray = err.sum(axis=1)
+    return total
+
+
+def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str, row_weights: np.ndarray | None) -> np.ndarray:
     qmax = 2 ** (bits - 1) - 1
     absmax = np.abs(blocks).max(axis=1)  # [K/B, N]
     if clip != "mse":
@@ -79,14 +88,15 @@ def _symmetric_scale(blocks: np.ndarray, bits: int, clip: str) -> np.ndarray:
     best_scale = _safe_scale(absmax / qmax)
     for ratio in _MSE_RATIOS:
         scale = _safe_scale(ratio * absmax / qmax)
-        err = ((_symmetric_codes(blocks, scale, bits) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+        err = _squared_error(_symmetric_codes(blocks, scale, bits) * scale[:, None, :], blocks, row_weights)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
     return _safe_scale(best_scale)
 
 
-def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.ndarray, np.ndarray]:
+def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str,
+                       row_weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     levels = 2**bits - 1
     lo = np.minimum(blocks.min(axis=1), 0.0)  # keep 0 exactly representable
     hi = np.maximum(blocks.max(axis=1), 0.0)
@@ -102,7 +112,7 @@ def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.nda
     for ratio in _MSE_RATIOS:
         scale, zp = params(lo * ratio, hi * ratio)
         q = _asymmetric_codes(blocks, scale, zp, bits)
-        err = (((q - zp[:, None, :]) * scale[:, None, :] - blocks) ** 2).sum(axis=1)
+        err = _squared_error((q - zp[:, None, :]) * scale[:, None, :], blocks, row_weights)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
@@ -110,14 +120,17 @@ def _asymmetric_params(blocks: np.ndarray, bits: int, clip: str) -> tuple[np.nda
     return best_scale, best_zp
 
 
-def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: str) -> tuple[np.ndarray, np.ndarray | None]:
+def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: str,
+                 row_weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Per-block scale and zero point (None when symmetric) of float32 `blocks` [num_blocks, block, N].
 
-    Shared by round-to-nearest and GPTQ (which calls it on each block's error-updated weights).
+    Shared by round-to-nearest and GPTQ. The MSE clip search weighs each row's squared error by
+    `row_weights` [num_blocks, block] when given: GPTQ passes its inputs' energies H_kk, so the search
+    minimises the layer's output error (diagonal part) instead of the weight's.
     """
     if symmetric:
-        return _symmetric_scale(blocks, bits, clip).astype(np.float32), None
-    scale, zp = _asymmetric_params(blocks, bits, clip)
+        return _symmetric_scale(blocks, bits, clip, row_weights).astype(np.float32), None
+    scale, zp = _asymmetric_params(blocks, bits, clip, row_weights)
     return scale.astype(np.float32), zp.astype(np.uint8)
 
 
