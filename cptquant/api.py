@@ -84,7 +84,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
            calibration: str | os.PathLike[str] | CalibrationOptions | AnalysisOptions | None = None,
            text_field: str = "text",
            calib_samples: int = 64, seq_len: int = 128, seed: int = 0, algorithm: str = "gptq",
-           weight_format: str = "qdq", block_size: int = 32, clip: str = "absmax", zero_points: str = "auto",
+           weight_format: str = "qdq", block_size: int = 32, clip: str = "auto", zero_points: str = "auto",
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
            granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
            curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
@@ -163,7 +163,7 @@ def analyze(model: ModelLike = None, *, tokenizer: PreTrainedTokenizerBase | Non
             calibration: str | os.PathLike[str] | CalibrationOptions | AnalysisOptions | None = None,
             text_field: str = "text", calib_samples: int = 64, seq_len: int = 128, seed: int = 0,
             bit_widths: Sequence[int] = (16, 8, 4), granularity: str = "layer", block_size: int = 32,
-            clip: str = "absmax", zero_points: str = "auto", hot_rows: bool = True,
+            clip: str = "auto", zero_points: str = "auto", hot_rows: bool = True,
             sparsity: Sequence[float] = (), cca: str = "cka", curvature: str = "fisher", lm_loss: str = "kl",
             progress: bool = False, trust_remote_code: bool = False) -> Analysis:
     """Score every layer's sensitivity with each of `methods` (cmpq, pmpq, tdmpq) and allocate bits; with

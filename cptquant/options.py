@@ -20,7 +20,8 @@ SUPPORTED_BITS = (16, 8, 4)
 DEFAULT_BLOCK_SIZE = 32
 MIN_BLOCK_SIZE = 16
 ZERO_POINT_MODES = ("auto", "always", "never")
-CLIP_METHODS = ("absmax", "mse")
+# auto: GPTQ searches each block's range weighted by its inputs' energy (quant/gptq.py), round-to-nearest keeps absmax.
+CLIP_METHODS = ("auto", "absmax", "mse")
 GRANULARITIES = ("layer", "block")
 CCA_VARIANTS = ("cka", "cca", "svcca", "pwcca")
 CURVATURES = ("fisher", "hutchinson")
@@ -126,7 +127,9 @@ class AllocationOptions:
 class QuantizationOptions:
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata=_help(
         "Quantization block along the input (a power of two >= 16)."))
-    clip: str = field(default="absmax", metadata=_help("Scale choice: absmax, or mse (clip search)."))
+    clip: str = field(default="auto", metadata=_help(
+        "Scale choice: auto (GPTQ's codes search the clipping range, round-to-nearest takes absmax), absmax, "
+        "or mse (every 4- and 8-bit weight searches it)."))
     zero_points: str = field(default="auto", metadata=_help(
         "Asymmetric weights with zero points: auto (at 4 bits), always, never."))
 

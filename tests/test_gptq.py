@@ -61,17 +61,19 @@ def test_act_order_with_diagonal_hessian_is_round_to_nearest(symmetric):
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_the_clip_search_weighs_rows_by_their_input_energy(symmetric):
+@pytest.mark.parametrize("clip", ["mse", "auto"])  # auto, the exporter's default: GPTQ searches, RTN takes absmax
+def test_the_clip_search_weighs_rows_by_their_input_energy(symmetric, clip):
     # A diagonal Hessian leaves nothing to compensate: GPTQ is then round-to-nearest whose clipping range per
     # block minimises Σ H_kk (ŵ − w)², not the plain squared error.
     _, w = _correlated_layer(k=96, n=40)
     diag = np.random.default_rng(3).uniform(0.01, 10.0, 96).astype(np.float32)
-    gptq = gptq_quantize(w, np.diag(diag), 4, 32, symmetric, "mse", act_order=True)
+    gptq = gptq_quantize(w, np.diag(diag), 4, 32, symmetric, clip, act_order=True)
     blocks = w.reshape(3, 32, 40)
     scale, zero_point = block_params(blocks, 4, symmetric, "mse", diag.reshape(3, 32))
     assert np.array_equal(gptq.scale, scale)
     assert np.array_equal(gptq.q, block_codes(blocks, scale, zero_point, 4).reshape(96, 40))
     assert not np.array_equal(gptq.scale, quantize_blocked(w, 4, 32, symmetric, "mse").scale)
+    assert np.array_equal(quantize_blocked(w, 4, 32, symmetric, "auto").scale, quantize_blocked(w, 4, 32, symmetric).scale)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

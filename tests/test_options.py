@@ -33,7 +33,7 @@ PARTS = (CalibrationOptions, AllocationOptions, QuantizationOptions)
     (lambda: AllocationOptions(max_size_mb=float("inf")), "maximum size inf MB must be a positive number"),
     (lambda: AllocationOptions(target_bits=9, bit_widths=(8, 4)), "--target-bits 9 is outside [4, 8]"),
     (lambda: QuantizationOptions(block_size=24), "block size 24 is not a power of two >= 16"),
-    (lambda: QuantizationOptions(clip="max"), "--clip must be one of absmax, mse, not 'max'"),
+    (lambda: QuantizationOptions(clip="max"), "--clip must be one of auto, absmax, mse, not 'max'"),
     (lambda: QuantizationOptions(zero_points="some"), "--zero-points must be one of auto, always, never"),
 ])
 def test_each_part_refuses_a_bad_value_when_made(make, message):

@@ -106,7 +106,7 @@ def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size
     param = weight_param(model, layer)
     as_kn = param.detach() if layer.role == ROLE_CONV1D else param.detach().t()
     size = fitting_block_size(as_kn.shape[0], block_size)
-    if clip == "absmax":
+    if clip != "mse":  # absmax, or auto (round-to-nearest takes absmax)
         quantized = fake_quantize_symmetric_torch(as_kn.float(), bits, size)
     else:
         quantized = torch.from_numpy(fake_quantize(as_kn.float().cpu().numpy(), bits, size, True, clip))
