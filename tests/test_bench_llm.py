@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,30 @@ def test_a_failed_build_is_kept_as_a_finding_and_reused_with_its_record(tmp_path
     assert (fp32.path, fp32.average_bits) == (model, 4.5)
     assert fp32.settings == {"ratio": 0.8, "built": "in an earlier run (--reuse)"}
     assert broken.error == "RuntimeError: no kernel for this" and not broken.ok
+
+
+def test_our_export_is_reused_only_with_the_same_options(tmp_path: Path):
+    model = tmp_path / "fp32" / MODEL_FILE
+    model.parent.mkdir()
+    model.write_bytes(b"onnx")
+    old, new = {"cptq-export": "--bits 4 --clip mse"}, {"cptq-export": "--bits 4"}
+    built: list[str] = []
+
+    def make(settings: dict[str, str]) -> Callable[[], Made]:
+        return lambda: built.append(settings["cptq-export"]) or Made(model, settings, 4.0)
+
+    first = VariantBuilder(BuildRecords(tmp_path, reuse=False), Clock(lambda m: None, "[test]"), model.parent,
+                           log=lambda m: None)
+    first.build("cptq --bits 4", "cptq", make(old), old)
+    same = VariantBuilder(BuildRecords(tmp_path, reuse=True), Clock(lambda m: None, "[test]"), model.parent,
+                          log=lambda m: None)
+    same.build("cptq --bits 4", "cptq", make(old), old)
+    changed = VariantBuilder(BuildRecords(tmp_path, reuse=True), Clock(lambda m: None, "[test]"), model.parent,
+                             log=lambda m: None)
+    changed.build("cptq --bits 4", "cptq", make(new), new)
+    assert built == ["--bits 4 --clip mse", "--bits 4"]
+    assert same.variants[0].settings["built"] == "in an earlier run (--reuse)"
+    assert changed.variants[0].settings == new
 
 
 def test_an_unmeasured_variant_is_written_with_empty_figures():

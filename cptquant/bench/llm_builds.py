@@ -131,9 +131,14 @@ class VariantBuilder:
         self.records, self.clock, self.fp32_dir, self.log = records, clock, fp32_dir, log
         self.variants: list[LlmVariant] = []
 
-    def build(self, name: str, family: str, make: Callable[[], Made]) -> None:
-        """A failure is a finding, kept in the table."""
+    def build(self, name: str, family: str, make: Callable[[], Made],
+              settings: dict[str, Setting] | None = None) -> None:
+        """A failure is a finding, kept in the table. `settings`, where known before the build (our exports'
+        command line): a record built with other settings is not reused."""
         record = self.records.get(name)
+        if record is not None and settings is not None and record.get("settings", settings) != settings:
+            self.log(f"[llm] {name}: built again (its options changed since the earlier run)")
+            record = None
         if record is not None:
             self.log(f"[llm] {name}: reused from an earlier run")
             if "error" in record:
@@ -178,10 +183,14 @@ def export_ours(model_dir: Path, options: tuple[str, ...], out: Path, log_file: 
     return out / MODEL_FILE
 
 
+def _ours_settings(options: tuple[str, ...]) -> dict[str, Setting]:
+    return {"cptq-export": " ".join(options)}
+
+
 def _ours(hf_dir: Path, root: Path, options: tuple[str, ...], out: Path) -> Made:
     path = export_ours(hf_dir, options, out, root / f"{out.name}.log")
     bits: float = json.loads((out / "model.report.json").read_text())["average_bits"]
-    return Made(path, {"cptq-export": " ".join(options)}, bits)
+    return Made(path, _ours_settings(options), bits)
 
 
 def _fp32(loaded: LoadedModel, fp32_dir: Path) -> Made:
@@ -214,12 +223,13 @@ def _fp32_and_ours(builder: VariantBuilder, hf_dir: Path, root: Path,
     head_size = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     if "ours" in settings.include:
         for name, options in OURS:
-            builder.build(name, "cptq", partial(_ours, hf_dir, root, options, _folder(root, name)))
+            builder.build(name, "cptq", partial(_ours, hf_dir, root, options, _folder(root, name)), _ours_settings(options))
         rule = next((v for v in builder.variants if v.name == RULE and v.ok), None)
         if rule is not None:
             budget = f"{model_bytes(rule.path) / 1e6:.2f}"  # decimal MB, as --max-size-mb counts
-            builder.build(AT_RULE_SIZE, "cptq", partial(_ours, hf_dir, root, (*AT_RULE_SIZE_OPTIONS, "--max-size-mb",
-                                                                              budget), _folder(root, AT_RULE_SIZE)))
+            at_rule_size = (*AT_RULE_SIZE_OPTIONS, "--max-size-mb", budget)
+            builder.build(AT_RULE_SIZE, "cptq", partial(_ours, hf_dir, root, at_rule_size, _folder(root, AT_RULE_SIZE)),
+                          _ours_settings(at_rule_size))
     probe = CpuAdapter(threads=2).session(builder.fp32_dir / MODEL_FILE)
     return config, head_size, calibration_feeds(loaded, probe, settings.calib_samples, settings.seq_len)
 
