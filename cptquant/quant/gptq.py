@@ -10,8 +10,9 @@ Each block's scale and zero point are chosen when quantization reaches its first
 block's weights as updated by the errors of the earlier rows (group-wise GPTQ). With `act_order`
 the rows go by decreasing input energy H_ii instead, and every block's scale is fixed up front
 from the original weights ("static groups"), which keeps the contiguous-block storage. With `clip="mse"` (or
-"auto", the exporter's default) the search for each block's clipping range weighs each row's squared error by its input energy H_kk: what matters
-is the layer's output error, not the weight's (SmolLM2, every linear 4-bit: KL from FP32 0.116 -> 0.098).
+"auto", the exporter's default) the search for each block's clipping range weighs each row's squared error by
+its input energy H_kk: what matters is the layer's output error, not the weight's (SmolLM2, every linear 4-bit:
+KL from FP32 0.116 -> 0.098).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import cast
 import numpy as np
 import torch
 
-from .quantize import QuantizedWeight, block_codes, block_params, check_options
+from .quantize import QuantizedWeight, block_codes, block_params, check_options, searched_clip
 
 # Rows quantized between two full updates of the remaining weight ("lazy batch" of the paper);
 # rounded to a multiple of the block size so a block never straddles two batches.
@@ -127,7 +128,7 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
     place (the caller's array is garbage afterwards): no K x K copy of it is made.
     """
     check_options(bits, clip)
-    clip = "absmax" if clip == "absmax" else "mse"  # auto: GPTQ searches, weighted by the inputs' energy
+    clip = searched_clip(clip)
     weight = np.array(weight_kn, dtype=np.float32)  # a copy: updated in place with the errors
     k, n = weight.shape
     if k % block_size:

@@ -142,6 +142,12 @@ def block_codes(blocks: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | 
     return _asymmetric_codes(blocks, scale, zero_point.astype(np.float32), bits).astype(np.uint8)
 
 
+def searched_clip(clip: str) -> str:
+    """The clip GPTQ's codes take for option `clip`: auto (the default) means the search, which GPTQ weighs by
+    its inputs' energy; round-to-nearest reads auto as absmax (every `clip != "mse"` here and in the passes)."""
+    return "absmax" if clip == "absmax" else "mse"
+
+
 def check_options(bits: int, clip: str) -> None:
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
