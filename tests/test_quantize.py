@@ -90,6 +90,30 @@ def test_int4_initializers_are_packed_exactly(values, signed):
     assert np.array_equal(numpy_helper.to_array(tensor).astype(np.int16), values.astype(np.int16))
 
 
+@pytest.mark.parametrize("clip", ["absmax", "mse"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_wide_weight_quantized_in_column_slices_equals_it_whole(clip, symmetric, transposed, monkeypatch):
+    """Columns are independent, so slicing a wide weight (bounded memory) changes no code, scale or zero point."""
+    from cptquant.quant import quantize
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((96, 70) if not transposed else (70, 96)).astype(np.float32)
+    weight = weight.T if transposed else weight  # an embedding table is quantized as its transpose
+    whole = quantize_blocked(weight, 4, 32, symmetric, clip)
+    monkeypatch.setattr(quantize, "_CHUNK_ELEMENTS", 96 * 16)  # slices of 16 columns, the last one of 6
+    sliced = quantize_blocked(weight, 4, 32, symmetric, clip)
+    np.testing.assert_array_equal(sliced.q, whole.q)
+    np.testing.assert_array_equal(sliced.scale, whole.scale)
+    if symmetric:
+        assert sliced.zero_point is None and whole.zero_point is None
+    else:
+        np.testing.assert_array_equal(sliced.zero_point, whole.zero_point)
+    np.testing.assert_allclose(sliced.squared_error(weight), np.sum((whole.dequantize() - weight) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(sliced.squared_error(weight, mean=True), np.mean((whole.dequantize() - weight) ** 2),
+                               rtol=1e-5)
+
+
 def test_all_zero_block_stays_zero():
     weight = np.zeros((32, 3), np.float32)
     weight[:, 1] = np.linspace(-1, 1, 32)

@@ -6,7 +6,7 @@ ONNX MatMul weight and of a blocked `DequantizeLinear(axis=0)`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -14,6 +14,14 @@ from ..options import CLIP_METHODS
 
 # Shrink factors tried by the MSE clip search, largest first (1.0 = plain absmax).
 _MSE_RATIOS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
+# Weights per slice of columns that round-to-nearest quantizes (and measures the error of) at once: 16 MB of
+# float32, whatever the layer's size.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def column_step(k: int) -> int:
+    """Columns per slice of a [k, N] weight."""
+    return max(1, _CHUNK_ELEMENTS // k)
 
 
 @dataclass
@@ -36,6 +44,22 @@ class QuantizedWeight:
             q -= self.zero_point.astype(np.float32)[:, None, :]
         q *= self.scale[:, None, :]  # broadcast per block: no repeated copy of the scales
         return q.reshape(k, n)
+
+    def columns(self, columns: slice) -> QuantizedWeight:
+        zero_point = None if self.zero_point is None else self.zero_point[:, columns]
+        return replace(self, q=self.q[:, columns], scale=self.scale[:, columns], zero_point=zero_point)
+
+    def squared_error(self, weight: np.ndarray, mean: bool = False) -> float:
+        """Σ (or the mean) of (dequantized − weight)² over the [K, N] `weight`; a wide one (a table, an LM
+        head) a slice of columns at a time, so that no temporary of its whole size is made."""
+        k, n = self.q.shape
+        step = column_step(k)
+        if step >= n:
+            error = (self.dequantize() - weight) ** 2
+            return float(np.mean(error) if mean else np.sum(error))
+        total = sum(float(np.sum((self.columns(slice(start, start + step)).dequantize()
+                                  - weight[:, start:start + step]) ** 2)) for start in range(0, n, step))
+        return total / (k * n) if mean else total
 
     def nbytes(self) -> int:
         """Bytes this weight takes in the ONNX file: packed integers, scales and zero points."""
@@ -160,6 +184,21 @@ def quantize_blocked(weight: np.ndarray, bits: int, block_size: int = 32, symmet
     """Quantize a [K, N] weight in blocks of `block_size` along K to `bits` (4 or 8), round-to-nearest."""
     check_options(bits, clip)
     weight = np.asarray(weight, dtype=np.float32)
+    k, n = weight.shape
+    step = column_step(k)
+    if step >= n:
+        return _quantize_columns(weight, bits, block_size, symmetric, clip)
+    # Columns are quantized independently: a wide weight (an embedding table) goes a slice of columns at a
+    # time, so that the search's float temporaries are ~_CHUNK_ELEMENTS, not several copies of the weight.
+    parts = [_quantize_columns(weight[:, start:start + step], bits, block_size, symmetric, clip)
+             for start in range(0, n, step)]
+    zero_points = [part.zero_point for part in parts if part.zero_point is not None]
+    return QuantizedWeight(np.concatenate([part.q for part in parts], axis=1),
+                           np.concatenate([part.scale for part in parts], axis=1),
+                           np.concatenate(zero_points, axis=1) if zero_points else None, bits, block_size)
+
+
+def _quantize_columns(weight: np.ndarray, bits: int, block_size: int, symmetric: bool, clip: str) -> QuantizedWeight:
     blocks = _blocks(weight, block_size)
     scale, zero_point = block_params(blocks, bits, symmetric, clip)
     q = block_codes(blocks, scale, zero_point, bits)

@@ -115,6 +115,8 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     _run_passes(ir_model, passes(lowering))
     _read_kept_weights(ir_model)
     lowered = ir.serde.serialize_model(ir_model)
+    for value in ir_model.graph.initializers.values():  # the proto holds them now: not two copies of the
+        value.const_value = None  # output while it is written (the graph's node/value cycles wait for a gc)
     _keep_source_layout(lowered, model)
     return Lowered(lowered, _records(lowering))
 

@@ -45,7 +45,7 @@ class Site:
     plan: LayerPlan
     use: WeightUse
     node: ir.Node  # the consumer: passes replace it (Gemm -> MatMul -> kernel) and update this
-    weight_kn: np.ndarray | None = None  # set by the Gemm pass: the weight as [K, N], alpha folded in
+    gemm: GemmView | None = None  # set by the Gemm pass: how its weight reads as [K, N]
     input_scale: np.ndarray | None = None  # the kernel's weight is diag(s) W: its input must be X / s
     # What the passes wrote for this use, read into the layer's record at the end:
     kernels: list[str] = field(default_factory=list)  # what ORT must run on it
@@ -63,6 +63,16 @@ class Site:
     @property
     def bits(self) -> int:
         return self.plan.bits
+
+
+@dataclass(frozen=True)
+class GemmView:
+    """How a lowered Gemm's stored weight B reads as the MatMul's [K, N]: transposed when transB, times alpha.
+    Applied when the weight is read, so that no site holds a copy of it between passes (one per Gemm was
+    1.5 GB resident on a 2.6 GB decoder)."""
+
+    trans_b: bool
+    alpha: float
 
 
 @dataclass
@@ -194,8 +204,11 @@ class Lowering:
         return weight.T if site.use.via_transpose else weight
 
     def weight_kn(self, site: Site) -> np.ndarray:
-        """A MatMul site's weight as [K, N] (a lowered Gemm's as the Gemm pass left it)."""
-        return site.weight_kn if site.weight_kn is not None else self.weight_seen_by_consumer(site)
+        """A MatMul site's weight as [K, N] (a lowered Gemm's as its `GemmView` reads it)."""
+        weight = self.weight_seen_by_consumer(site)
+        if site.gemm is None:
+            return weight
+        return (weight.T if site.gemm.trans_b else weight) * np.float32(site.gemm.alpha)
 
     # --- writing ------------------------------------------------------------------------------
 

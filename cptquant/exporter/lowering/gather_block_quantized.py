@@ -83,7 +83,7 @@ class GatherToBlockQuantized(LoweringPass):
         node = make_node(KERNEL_GATHER_BQ, inputs, [half_rows], lowering.names.unique(name + "BlockQuantized"),
                          domain=MS_DOMAIN, gather_axis=0, quantize_axis=1, block_size=lp.block_size, bits=bits)
         stored = dataclasses.replace(qw, scale=qw.scale.astype(np.float16).astype(np.float32))  # what the file holds
-        sq_error = float(np.sum((stored.dequantize() - table.T.astype(np.float32)) ** 2))
+        sq_error = stored.squared_error(table.T.astype(np.float32, copy=False))
         hidden, rows = qw.q.shape
         return node, self.table.nbytes(hidden, rows, bits, lp.block_size, qw.symmetric), sq_error
 

@@ -1,8 +1,8 @@
 """Gemm(A, B, C) -> MatMul(A, B) + Add(C) for quantized nn.Linear / Conv1D weights on 2-D inputs.
 
-ORT's low-bit fusions and kernels take a MatMul (docs/ort-kernels.md). The site keeps B as [K, N]
-(transposed when transB, alpha folded in) for the MatMul pass, which replaces B; until then the
-MatMul reads B as stored.
+ORT's low-bit fusions and kernels take a MatMul (docs/ort-kernels.md). The site keeps how B reads as [K, N]
+(transposed when transB, alpha folded in: a `GemmView`, applied when the MatMul pass reads B to replace
+it); until then the MatMul reads B as stored.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from ...errors import CptqError
 from .base import LoweringPass
-from .context import Site, make_node, name_of, tensor_of
+from .context import GemmView, Site, make_node, name_of, tensor_of
 
 
 class GemmToMatMul(LoweringPass):
@@ -24,7 +24,7 @@ class GemmToMatMul(LoweringPass):
             raise ir.passes.PreconditionError(f"{site.layer}: expected a Gemm, found {site.node.op_type}")
 
     def check_after(self, site: Site) -> None:
-        if site.node.op_type != "MatMul" or site.weight_kn is None:
+        if site.node.op_type != "MatMul" or site.gemm is None:
             raise ir.passes.PostconditionError(f"{site.layer}: the Gemm was not lowered to a MatMul")
 
     def lower(self, site: Site) -> None:
@@ -33,8 +33,7 @@ class GemmToMatMul(LoweringPass):
         if attrs.get("transA", 0):
             raise CptqError(f"node {gemm.name}: Gemm with transA=1 is not supported")
         alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-        weight = lowering.weight_seen_by_consumer(site)
-        site.weight_kn = (weight.T if attrs.get("transB", 0) else weight) * np.float32(alpha)
+        site.gemm = GemmView(bool(attrs.get("transB", 0)), alpha)
         bias = gemm.inputs[2] if len(gemm.inputs) > 2 else None
         output, gemm_name = name_of(gemm.outputs[0]), name_of(gemm)
         mm_out = names.unique(output + "_matmul")  # taken even when unused: the names stay as before

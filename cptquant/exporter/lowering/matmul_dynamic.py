@@ -54,7 +54,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
             site.input_scale = smoothing
             effective = effective / smoothing[:, None]
         nbytes = self.storage.nbytes(k, n, lp.bits, qw.block_size, qw.symmetric, factor_type)
-        self.record(site, nbytes, effective, weight_kn, qw.block_size)
+        self.record(site, nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size)
 
     def _expansion(self, site: Site, arrays: dict[str, np.ndarray], bits: int, symmetric: bool) -> tuple[ir.Value, np.ndarray, str]:
         """The 4-bit codes, ratios and zero points, and the constant ops that make int8 of them:

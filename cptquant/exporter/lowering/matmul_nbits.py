@@ -41,7 +41,7 @@ class MatMulToNBits(MatMulLowering):
         site.node = node
         stored_qw = dataclasses.replace(qw, scale=stored.reshape(n, -1).T.copy())
         self.record(site, self.storage.nbytes(k, n, qw.bits, qw.block_size, qw.symmetric, factor_type),
-                    stored_qw.dequantize(), weight_kn, qw.block_size)
+                    stored_qw.squared_error(weight_kn, mean=True), qw.block_size)
 
     def check_after(self, site: Site) -> None:
         if site.node.op_type != KERNEL_MATMUL_NBITS or site.node.domain != MS_DOMAIN:

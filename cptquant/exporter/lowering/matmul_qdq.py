@@ -41,7 +41,7 @@ class MatMulToBlockedDq(MatMulLowering):
         k, n = weight_kn.shape
         stored_qw = dataclasses.replace(qw, scale=stored)
         self.record(site, self.storage.nbytes(k, n, lp.bits, qw.block_size, qw.symmetric, factor_type),
-                    stored_qw.dequantize(), weight_kn, qw.block_size)
+                    stored_qw.squared_error(weight_kn, mean=True), qw.block_size)
 
     def check_after(self, site: Site) -> None:
         dq = site.node.inputs[1].producer() if site.node.inputs[1] is not None else None
