@@ -47,7 +47,8 @@ class ExternalDataWriter:
     def __exit__(self, *exc: object) -> None:
         self._file.close()
 
-    def append(self, tensor: onnx.TensorProto, payload: bytes) -> None:
+    def append(self, tensor: onnx.TensorProto, payload: bytes | memoryview) -> None:
+        """`payload`: the tensor's bytes (a memoryview of an array's bytes: written without a copy)."""
         tensor.ClearField("raw_data")
         del tensor.external_data[:]
         tensor.data_location = onnx.TensorProto.EXTERNAL
