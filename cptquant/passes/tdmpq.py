@@ -32,7 +32,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.hooks import RemovableHandle
 
-from ..layer_graph import LayerGraph
+from ..layer_graph import Layer, LayerGraph
 from .calibration import CalibrationSet
 from .common import allocation_units, progress_bar, quantized_weight, weight_param
 from .task_loss import TaskLoss
@@ -56,18 +56,8 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
                  hot_rows: dict[str, list[int]] | None = None) -> dict[str, float]:
     """`hot_rows`: embedding rows the export keeps at 8 bits (passes/hot_rows.py), whose δ is the 8-bit error."""
     units = allocation_units(graph, granularity)
-    hot_rows = hot_rows or {}
-    # parameter -> its 4-bit error δ, kept in bfloat16: a score needs 3 significant digits, and
-    # half the memory keeps the pass within 2x the model (no gradient or curvature buffers either).
-    errors: dict[torch.nn.Parameter, torch.Tensor] = {}
-    for layers in units.values():
-        for layer in layers:
-            param = weight_param(model, layer)
-            if param not in errors:
-                quantized = quantized_weight(model, layer, PROBE_BITS, block_size, clip, hot_rows.get(layer.name))
-                errors[param] = (quantized - param.detach()).to(torch.bfloat16)
-                del quantized
-    targets = list(errors)
+    errors = _ProbeErrors(model, units, block_size, clip, hot_rows or {})
+    targets = errors.params
     # Per parameter, summed over batches with the batch weights: g·δ and Σ F·δ².
     first = dict.fromkeys(targets, 0.0)
     second = dict.fromkeys(targets, 0.0)
@@ -75,7 +65,7 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
     gen = torch.Generator().manual_seed(seed)
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
-        p.requires_grad_(p in errors)
+        p.requires_grad_(p in errors.layers)
     reducer = _GradientReducer(targets, errors, first, second) if curvature == "fisher" else None
     # Sparse embedding gradients: a dense one is a second copy of the (often largest) table.
     sparse_before = {m: m.sparse for m in model.modules() if isinstance(m, torch.nn.Embedding)}
@@ -126,6 +116,28 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
     return scores
 
 
+class _ProbeErrors:
+    """Each target parameter's 4-bit error δ = quantized − W (the exporter's quantizer; 8-bit for an embedding's
+    hot rows), in bfloat16, made again each time a gradient needs it rather than held for every parameter:
+    holding them all was half the model's size for the whole pass. A score needs 3 significant digits, and
+    the values are the same each time, so the scores are too."""
+
+    def __init__(self, model: torch.nn.Module, units: dict[str, list[Layer]], block_size: int, clip: str,
+                 hot_rows: dict[str, list[int]]) -> None:
+        self.model, self.block_size, self.clip, self.hot_rows = model, block_size, clip, hot_rows
+        self.layers: dict[torch.nn.Parameter, Layer] = {}  # each target parameter, with the first layer that reads it
+        for layers in units.values():
+            for layer in layers:
+                self.layers.setdefault(weight_param(model, layer), layer)
+        self.params = list(self.layers)
+
+    def of(self, param: torch.nn.Parameter) -> torch.Tensor:
+        layer = self.layers[param]
+        quantized = quantized_weight(self.model, layer, PROBE_BITS, self.block_size, self.clip,
+                                     self.hot_rows.get(layer.name))
+        return quantized.sub_(param.detach()).to(torch.bfloat16)
+
+
 class _GradientReducer:
     """Each gradient is reduced to one number as soon as it is ready: g·δ, or Σ (g·δ)² = Σ g²δ².
 
@@ -133,19 +145,20 @@ class _GradientReducer:
     at once, never a copy of the model.
     """
 
-    def __init__(self, targets: list[torch.nn.Parameter], errors: dict[torch.nn.Parameter, torch.Tensor],
+    def __init__(self, targets: list[torch.nn.Parameter], errors: _ProbeErrors,
                  first: dict[torch.nn.Parameter, float], second: dict[torch.nn.Parameter, float]) -> None:
         self.weight, self.term = 0.0, "first"
         # torch leaves Tensor.register_post_accumulate_grad_hook unannotated
         self.handles: list[RemovableHandle] = [
-            p.register_post_accumulate_grad_hook(self._hook(p, errors[p], first, second))  # type: ignore[no-untyped-call]
+            p.register_post_accumulate_grad_hook(self._hook(p, errors, first, second))  # type: ignore[no-untyped-call]
             for p in targets]
 
-    def _hook(self, param: torch.nn.Parameter, error: torch.Tensor, first: dict[torch.nn.Parameter, float],
+    def _hook(self, param: torch.nn.Parameter, errors: _ProbeErrors, first: dict[torch.nn.Parameter, float],
               second: dict[torch.nn.Parameter, float]) -> Callable[[torch.Tensor], None]:
         def reduce(p: torch.Tensor) -> None:
             grad = p.grad
             assert grad is not None  # the hook runs once the gradient has been accumulated
+            error = errors.of(param)
             if grad.is_sparse:  # an embedding's gradient: only the rows of the batch's tokens
                 grad = grad.coalesce()
                 product = grad.values().mul_(error[grad.indices()[0]]).flatten()
@@ -156,6 +169,7 @@ class _GradientReducer:
             else:
                 second[param] += self.weight * float(torch.dot(product, product))
             p.grad = None
+            del error
         return reduce
 
     def backward(self, objective: torch.Tensor, weight: float, term: str, retain_graph: bool = False) -> None:
@@ -168,7 +182,7 @@ class _GradientReducer:
 
 
 def _hutchinson_step(objective: torch.Tensor, targets: list[torch.nn.Parameter],
-                     errors: dict[torch.nn.Parameter, torch.Tensor], first: dict[torch.nn.Parameter, float],
+                     errors: _ProbeErrors, first: dict[torch.nn.Parameter, float],
                      second: dict[torch.nn.Parameter, float], weight: float, gen: torch.Generator) -> None:
     """d = z ⊙ Hz with Rademacher z: one double backward, so all gradients are held at once here."""
     # allow_unused: a layer the loss never reads (BERT's pooler under mean pooling) has g = 0.
@@ -178,6 +192,6 @@ def _hutchinson_step(objective: torch.Tensor, targets: list[torch.nn.Parameter],
     hessian_probes = torch.autograd.grad([grads[i] for i in used], targets, grad_outputs=[probes[i] for i in used],
                                          allow_unused=True, materialize_grads=True)
     for p, g, z, hz in zip(targets, grads, probes, hessian_probes):
-        error = errors[p].float()
+        error = errors.of(p).float()
         first[p] += weight * float((g.detach() * error).sum())
         second[p] += weight * float((z * hz * error.square()).sum())
