@@ -119,26 +119,35 @@ def quantized_weight(model: torch.nn.Module, layer: Layer, bits: int, block_size
 
 
 @contextlib.contextmanager
-def restored_afterwards(params: Iterable[torch.Tensor]) -> Iterator[None]:
-    """Whatever happens to `params` inside comes undone: the originals come back bit for bit."""
-    saved = {param: param.detach().clone() for param in params}
+def restored_afterwards(params: Iterable[torch.nn.Parameter]) -> Iterator[None]:
+    """Whatever happens to `params` inside happens to copies: afterwards the originals are back, untouched.
+
+    Each parameter's data is swapped, never written: a weight memory-mapped from its safetensors file stays a
+    clean page of that file (written in place, every page touched became a private anonymous copy: after GPTQ's
+    sequential Hessians, most of the model)."""
+    originals = {param: param.data for param in params}
     try:
+        for param, original in originals.items():
+            param.data = original.clone()
         yield
     finally:
-        with torch.no_grad():
-            for param, value in saved.items():
-                param.copy_(value)
+        for param, original in originals.items():
+            param.data = original
 
 
 @contextlib.contextmanager
 def replaced_weights(model: torch.nn.Module,
                      new_values: Mapping[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
-    """Temporarily overwrite parameters in place; the originals come back bit for bit."""
-    with restored_afterwards(new_values):
-        with torch.no_grad():
-            for param, value in new_values.items():
-                param.copy_(value)
+    """Temporarily give parameters other values (as restored_afterwards: swapped in, the originals untouched)."""
+    originals = {param: param.data for param in new_values}
+    try:
+        for param, value in new_values.items():
+            # laid out as the parameter: the same kernels, to the last bit, as when values were copied into it
+            param.data = value.to(param.dtype).contiguous()
         yield
+    finally:
+        for param, original in originals.items():
+            param.data = original
 
 
 def forward_options(model: torch.nn.Module) -> dict[str, bool]:
