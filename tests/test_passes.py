@@ -448,3 +448,22 @@ def test_one_export_calibrates_once_and_rereads_a_changed_file(tmp_path):
     again = calibration_for(loaded, CalibrationOptions(calib=str(text), calib_samples=8, seq_len=16))
     assert again is not from_file
     assert not torch.equal(again.batches[0]["input_ids"], from_file.batches[0]["input_ids"])
+
+
+def test_weights_are_replaced_by_swapping_never_written_in_place():
+    """A weight memory-mapped from safetensors must stay a clean page of its file: the passes give parameters
+    other values by swapping their data, so the original storage is never written and comes back as it was."""
+    from cptquant.passes.common import replaced_weights, restored_afterwards
+
+    layer = torch.nn.Linear(8, 4)
+    original = layer.weight.data
+    before = original.clone()
+    new = torch.full((8, 4), 2.0).T  # not contiguous: laid out as the parameter when swapped in
+    with replaced_weights(layer, {layer.weight: new}):
+        assert torch.equal(layer.weight, new) and layer.weight.is_contiguous()
+        assert torch.equal(original, before)  # the original storage was not written
+    assert layer.weight.data.data_ptr() == original.data_ptr() and torch.equal(layer.weight, before)
+    with restored_afterwards([layer.weight]):
+        layer.weight.data.zero_()  # what PMPQ's pruning does, in place
+        assert torch.equal(original, before)
+    assert layer.weight.data.data_ptr() == original.data_ptr() and torch.equal(layer.weight, before)

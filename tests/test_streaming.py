@@ -16,7 +16,12 @@ from cptquant.onnx_io.onnx_export import export_onnx, load_onnx
 from cptquant.testing import tiny_llama, tiny_tokenizer
 
 
-def test_fp16_baseline_of_external_data_equals_the_converter_in_memory(tmp_path):
+@pytest.mark.parametrize("sliced", [False, True])
+def test_fp16_baseline_of_external_data_equals_the_converter_in_memory(tmp_path, monkeypatch, sliced):
+    if sliced:  # each weight converted in slices of 100 values, as a large one is (bounded memory)
+        import cptquant.onnx_io.float16 as float16
+
+        monkeypatch.setattr(float16, "SLICE_ELEMENTS", 100)
     loaded = wrap_model(tiny_llama(0, tied=True), None, tiny_tokenizer("llama"))
     export_onnx(loaded, tmp_path / "fp32")
     model = load_onnx(tmp_path / "fp32" / "model.onnx")
