@@ -59,7 +59,7 @@ def convert_streamed(source: Path, target: Path) -> None:
                 array = stored
             del tensor.dims[:]
             tensor.dims.extend(dims)
-            data.append(tensor, memoryview(array).cast("B"))  # written from the array: no bytes copy
+            data.append(tensor, memoryview(array.data).cast("B"))  # written from the array: no bytes copy
             del stored, array
     for info in model.graph.value_info:  # the converter typed the stand-ins' value infos with their one element
         if info.name in stand_ins:

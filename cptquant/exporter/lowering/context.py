@@ -208,7 +208,8 @@ class Lowering:
         weight = self.weight_seen_by_consumer(site)
         if site.gemm is None:
             return weight
-        return (weight.T if site.gemm.trans_b else weight) * np.float32(site.gemm.alpha)
+        weight_kn: np.ndarray = (weight.T if site.gemm.trans_b else weight) * np.float32(site.gemm.alpha)
+        return weight_kn
 
     # --- writing ------------------------------------------------------------------------------
 
