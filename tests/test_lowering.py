@@ -230,3 +230,27 @@ def test_a_tied_fp16_table_is_written_once():
     halves = [init for init in lowered.model.graph.initializer if init.data_type == TensorProto.FLOAT16]
     assert len(halves) == 1 and lowered.layers["head"].bytes_after == 0
     assert weight_nbytes(WeightShape(HIDDEN, ROWS, tied_head=True), 16, 32, True, FORMAT_QDQ) == 0
+
+
+@pytest.mark.parametrize("one_file", [True, False])
+def test_a_lowered_model_is_written_one_initializer_at_a_time(tmp_path, monkeypatch, one_file):
+    """The streamed writer's file is SerializeToString's, byte for byte; over 2 GB (forced here) the weights go to
+    `<name>_data` and ONNX Runtime gives the same outputs. Each tensor is dropped from the model once written."""
+    import cptquant.onnx_io.streamed_write as streamed_write
+
+    plan, kernels = _plan(4, False), KernelChoice(FORMAT_QDQ, {"down": FORMAT_NBITS})
+    expected = lower_model(small_model(), USES, plan, kernels).model.SerializeToString()
+    if not one_file:
+        monkeypatch.setattr(streamed_write, "TWO_GB", 1000)
+    lowered = lower_model(small_model(), USES, plan, kernels)
+    written = lowered.write(tmp_path / "model.onnx")
+    assert all(value.const_value is None for value in lowered.ir_model.graph.initializers.values())
+    if one_file:
+        assert written == [tmp_path / "model.onnx"] and (tmp_path / "model.onnx").read_bytes() == expected
+        return
+    assert written == [tmp_path / "model.onnx", tmp_path / "model.onnx_data"]
+    assert (tmp_path / "model.onnx").stat().st_size < len(expected) // 2 < (tmp_path / "model.onnx_data").stat().st_size
+    ids = {"ids": np.array([0, 5, 199], np.int64)}
+    reference = ort.InferenceSession(expected, providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    streamed = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, ids)[0]
+    np.testing.assert_array_equal(streamed, reference)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ..onnx_io.onnx_export import load_onnx_lazily, save_onnx
+from ..onnx_io.onnx_export import load_onnx_lazily
 from ..plan import Plan
 from ..quant.storage import FORMAT_NBITS, FORMAT_QDQ
 from ..quant.weight_quantizers import RoundToNearest
@@ -54,7 +54,7 @@ def lower_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: F
     for name, out_name in fp32.names:
         lowered = lowering.lower(fp32.take(name), layer_maps[name], fp32.base_dirs[name])
         per_file[name] = lowered.layers
-        save_onnx(lowered.model, out_dir / out_name)
+        lowered.write(out_dir / out_name)
         del lowered
     return per_file
 
@@ -77,7 +77,7 @@ def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: F
             lowered = lowering.lower(source, layer_maps[name], base_dir, kernels)
             del source
             lowered_files[name] = lowered.layers
-            save_onnx(lowered.model, out_dir / out_name)
+            lowered.write(out_dir / out_name)
             del lowered
             graph_check = check_kernels(out_dir / out_name, lowered_files[name])
             graph_check.repaired = repaired

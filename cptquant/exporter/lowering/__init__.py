@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +24,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from ...errors import CptqError
+from ...onnx_io.streamed_write import write_consuming
 from ...plan import Plan
 from ...quant.storage import FORMAT_QDQ
 from ...quant.weight_quantizers import RoundToNearest
@@ -62,10 +65,54 @@ class LoweredLayer:
     reads_table: str | None = None  # a tied LM head that reads this embedding layer's codes (tied_head.py)
 
 
+@dataclass(frozen=True)
+class SourceLayout:
+    """What onnx-ir writes differently from the exporter's file, to put back as the exporter wrote it: its value
+    infos (onnx-ir adds one per initializer, which carries its own type) and its opset list (onnx-ir spells out
+    the default domain), plus com.microsoft for the kernels written. Copies: a reference into the source proto
+    would keep all of it (its weights included) alive."""
+
+    value_info: tuple[onnx.ValueInfoProto, ...]
+    opset_import: tuple[onnx.OperatorSetIdProto, ...]
+
+    @classmethod
+    def of(cls, source: onnx.ModelProto) -> SourceLayout:
+        def copied(message: Any) -> Any:
+            twin = type(message)()
+            twin.CopyFrom(message)
+            return twin
+
+        return cls(tuple(map(copied, source.graph.value_info)), tuple(map(copied, source.opset_import)))
+
+    def apply(self, lowered: onnx.ModelProto) -> None:
+        del lowered.graph.value_info[:]
+        lowered.graph.value_info.extend(self.value_info)
+        del lowered.opset_import[:]
+        lowered.opset_import.extend(self.opset_import)
+        if any(node.domain == MS_DOMAIN for node in lowered.graph.node):
+            if not any(op.domain == MS_DOMAIN for op in lowered.opset_import):
+                lowered.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
+
+
 @dataclass
 class Lowered:
-    model: onnx.ModelProto
+    """The lowered model (onnx-ir) and how each layer was lowered. `write` streams it to a file and spends it;
+    `model` is its ModelProto, for a caller that wants it in memory."""
+
+    ir_model: ir.Model
     layers: dict[str, LoweredLayer]
+    layout: SourceLayout
+
+    @cached_property
+    def model(self) -> onnx.ModelProto:
+        proto = ir.serde.serialize_model(self.ir_model)
+        self.layout.apply(proto)
+        return proto
+
+    def write(self, path: Path) -> list[Path]:
+        """Write the file (`path`, and `path`_data beside it over 2 GB) one initializer at a time, dropping each
+        tensor once written: never the model twice in memory (onnx_io/streamed_write.py)."""
+        return write_consuming(self.ir_model, path, finish=self.layout.apply)
 
 
 def lowering_passes(lowering: Lowering) -> list[LoweringPass]:
@@ -114,11 +161,7 @@ def lower_model(model: onnx.ModelProto, uses: Mapping[str, Sequence[WeightUse]],
     lowering = Lowering(ir_model, uses, plan, kernels, quantizer, smoothing)
     _run_passes(ir_model, passes(lowering))
     _read_kept_weights(ir_model)
-    lowered = ir.serde.serialize_model(ir_model)
-    for value in ir_model.graph.initializers.values():  # the proto holds them now: not two copies of the
-        value.const_value = None  # output while it is written (the graph's node/value cycles wait for a gc)
-    _keep_source_layout(lowered, model)
-    return Lowered(lowered, _records(lowering))
+    return Lowered(ir_model, _records(lowering), SourceLayout.of(model))
 
 
 def _run_passes(ir_model: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
@@ -157,19 +200,6 @@ def _user_error(exc: BaseException | None) -> CptqError | None:
     while exc is not None and not isinstance(exc, CptqError):
         exc = exc.__cause__
     return exc
-
-
-def _keep_source_layout(lowered: onnx.ModelProto, source: onnx.ModelProto) -> None:
-    """What onnx-ir writes differently from the exporter's file, back as the exporter wrote it: its
-    value infos (onnx-ir adds one per initializer, which carries its own type) and its opset list (onnx-ir
-    spells out the default domain), plus com.microsoft for the kernels written."""
-    del lowered.graph.value_info[:]
-    lowered.graph.value_info.extend(source.graph.value_info)
-    del lowered.opset_import[:]
-    lowered.opset_import.extend(source.opset_import)
-    if any(node.domain == MS_DOMAIN for node in lowered.graph.node):
-        if not any(op.domain == MS_DOMAIN for op in lowered.opset_import):
-            lowered.opset_import.append(onnx.helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def _records(lowering: Lowering) -> dict[str, LoweredLayer]:
