@@ -467,3 +467,23 @@ def test_weights_are_replaced_by_swapping_never_written_in_place():
         layer.weight.data.zero_()  # what PMPQ's pruning does, in place
         assert torch.equal(original, before)
     assert layer.weight.data.data_ptr() == original.data_ptr() and torch.equal(layer.weight, before)
+
+
+def test_tdmpq_recomputing_block_activations_changes_no_score(monkeypatch):
+    """The Fisher backward runs each block under activation checkpointing (memory: one block's activations, not
+    all of them): the same gradients, so the same scores as keeping every activation; the blocks are left as found."""
+    import contextlib
+
+    import cptquant.passes.tdmpq as tdmpq
+    from cptquant.testing import tiny_llama
+
+    def scores() -> dict[str, float]:
+        model = tiny_llama(0, tied=True)
+        result = analyze(wrap_model(model), build_layer_graph(model), ("tdmpq",), AnalysisOptions.from_fields(**FAST),
+                         validate=False, progress=False)
+        assert not any("forward" in block.__dict__ for block in model.model.layers)
+        return result.scores["tdmpq"]
+
+    recomputed = scores()
+    monkeypatch.setattr(tdmpq, "recomputed_in_backward", lambda blocks: contextlib.nullcontext())
+    assert scores() == recomputed
