@@ -470,8 +470,9 @@ def test_weights_are_replaced_by_swapping_never_written_in_place():
 
 
 def test_tdmpq_recomputing_block_activations_changes_no_score(monkeypatch):
-    """The Fisher backward runs each block under activation checkpointing (memory: one block's activations, not
-    all of them): the same gradients, so the same scores as keeping every activation; the blocks are left as found."""
+    """A large model's Fisher backward runs each block under activation checkpointing (memory: one block's
+    activations, not all of them): the same gradients, so the same scores as keeping every activation; the blocks
+    are left as found."""
     import contextlib
 
     import cptquant.passes.tdmpq as tdmpq
@@ -484,6 +485,11 @@ def test_tdmpq_recomputing_block_activations_changes_no_score(monkeypatch):
         assert not any("forward" in block.__dict__ for block in model.model.layers)
         return result.scores["tdmpq"]
 
+    monkeypatch.setattr(tdmpq, "RECOMPUTE_ABOVE_BYTES", 0)  # as a model over 2 GB
+    calls = []
+    real = tdmpq.checkpoint
+    monkeypatch.setattr(tdmpq, "checkpoint", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     recomputed = scores()
+    assert calls  # the blocks did run checkpointed
     monkeypatch.setattr(tdmpq, "recomputed_in_backward", lambda blocks: contextlib.nullcontext())
     assert scores() == recomputed

@@ -50,6 +50,10 @@ LM_CURVATURE_EVERY = 4
 # 0.992, small LM 0.994 / 0.993 / 0.992, SmolLM2 at block granularity 0.928 / 0.922 / 0.922; half the cost (the
 # backward passes are ~3 FPE over the whole set).
 CURVATURE_FRACTION = 1 / 2
+# Models whose weights take more than this (2 GB: where the export takes its streaming path) recompute each block's
+# activations in the backward (`recomputed_in_backward`): +1 forward per backward, ~0.5 FPE, where keeping every
+# block's activations would cost more memory than the model (5 GB on OPT-2.7B); smaller models keep them.
+RECOMPUTE_ABOVE_BYTES = 2**31
 
 
 def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSet, loss: TaskLoss,
@@ -74,10 +78,11 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
     if reducer is not None:
         for module in sparse_before:
             module.sparse = True
-    # Hutchinson differentiates twice; only the math attention kernel has a double backward on CPU. One
-    # backward (Fisher) recomputes each block's activations from its input instead of keeping them all.
-    kernel = (sdpa_kernel(SDPBackend.MATH) if curvature == "hutchinson"
-              else recomputed_in_backward(transformer_blocks(model, block_container(model) if graph.num_blocks else None)))
+    # Hutchinson differentiates twice; only the math attention kernel has a double backward on CPU. A large
+    # model's one backward (Fisher) recomputes each block's activations from its input instead of keeping them all.
+    large = sum(p.numel() * p.element_size() for p in model.parameters()) > RECOMPUTE_ABOVE_BYTES
+    blocks = transformer_blocks(model, block_container(model) if graph.num_blocks and large else None)
+    kernel = sdpa_kernel(SDPBackend.MATH) if curvature == "hutchinson" else recomputed_in_backward(blocks)
     curvature_weight = first_weight = 0.0
     # The curvature alone (the default losses) needs few samples: the first CURVATURE_FRACTION of the batches.
     used = len(calib.batches) if not zero_gradient else max(1, math.ceil(len(calib.batches) * CURVATURE_FRACTION))
