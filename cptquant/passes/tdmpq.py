@@ -52,7 +52,7 @@ LM_CURVATURE_EVERY = 4
 CURVATURE_FRACTION = 1 / 2
 # Models whose weights take more than this (2 GB: where the export takes its streaming path) recompute each block's
 # activations in the backward (`recomputed_in_backward`): +1 forward per backward, ~0.5 FPE, where keeping every
-# block's activations would cost more memory than the model (5 GB on OPT-2.7B); smaller models keep them.
+# block's activations costs memory (2.75 GB of the TDMPQ step on OPT-2.7B); smaller models keep them.
 RECOMPUTE_ABOVE_BYTES = 2**31
 
 
@@ -129,7 +129,7 @@ def tdmpq_scores(model: torch.nn.Module, graph: LayerGraph, calib: CalibrationSe
 def recomputed_in_backward(blocks: list[torch.nn.Module]) -> Iterator[None]:
     """Each block's forward under activation checkpointing: the backward pass keeps each block's input and
     recomputes what is inside it when it gets there. The activations of every block at once were most of the
-    pass's memory (5.8 GB on OPT-2.7B's 32 blocks at 8 × 128 tokens); the cost is one more forward pass per
+    pass's memory (2.75 GB more on OPT-2.7B's 32 blocks at 8 × 128 tokens); the cost is one more forward pass per
     backward, and the gradients are the same (the recomputation runs the same kernels on the same inputs)."""
     own = {block: block.__dict__.get("forward") for block in blocks}  # a forward set on the instance (a hook's)
     for block in blocks:
