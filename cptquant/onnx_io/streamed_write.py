@@ -8,7 +8,7 @@ let go of in turn: the peak is the onnx-ir model plus one tensor. Protobuf write
 number order, so the file is the shell's fields up to `graph` (7), then the graph's fields before
 `initializer` (5), each initializer as a length-delimited field 5, the graph's later fields and the model's;
 the graph's length comes first, so each initializer is serialized once to count its bytes and once to write
-them. tests/test_streaming.py checks the bytes against `SerializeToString`. A model over 2 GB keeps its
+them. tests/test_lowering.py checks the bytes against `SerializeToString`. A model over 2 GB keeps its
 weights in `<name>_data` beside it, page-aligned, as the exporter's other large files.
 """
 
