@@ -300,6 +300,18 @@ def test_gptq_in_its_hessian_s_memory_gives_the_same_codes(symmetric, act_order)
         np.testing.assert_array_equal(in_place.zero_point, copied.zero_point)
 
 
+def test_a_column_major_weight_gives_the_same_codes():
+    """A Gemm's transposed weight (or a tied table read as the head's [K, N]) arrives as a column-major view;
+    GPTQ works on a row-major copy of it, with the same codes and scales to the last bit."""
+    x, w = _correlated_layer(k=128, n=40)
+    h = _hessian(x)
+    row_major = gptq_quantize(w, h, 4, 32, False, act_order=True)
+    column_major = gptq_quantize(np.asfortranarray(w), h, 4, 32, False, act_order=True)
+    np.testing.assert_array_equal(column_major.q, row_major.q)
+    assert column_major.scale.tobytes() == row_major.scale.tobytes()
+    np.testing.assert_array_equal(column_major.zero_point, row_major.zero_point)
+
+
 def test_an_indefinite_hessian_is_dampened_more():
     x, _ = _correlated_layer(k=64)
     values, vectors = np.linalg.eigh(_hessian(x))

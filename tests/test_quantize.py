@@ -114,6 +114,26 @@ def test_a_wide_weight_quantized_in_column_slices_equals_it_whole(clip, symmetri
                                rtol=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_clip_search_in_column_slices_equals_it_whole(symmetric, weighted, monkeypatch):
+    """The MSE search tries its ratios on a slice of columns at a time (to stay in cache): the same scales and
+    zero points to the last bit."""
+    from cptquant.quant import quantize
+
+    rng = np.random.default_rng(5)
+    blocks = rng.standard_normal((3, 32, 70)).astype(np.float32)
+    row_weights = rng.uniform(0.1, 2.0, (3, 32)) if weighted else None
+    whole = block_params(blocks, 4, symmetric, "mse", row_weights)
+    monkeypatch.setattr(quantize, "_SEARCH_ELEMENTS", 3 * 32 * 16)  # slices of 16 columns, the last one of 6
+    sliced = block_params(blocks, 4, symmetric, "mse", row_weights)
+    assert sliced[0].tobytes() == whole[0].tobytes()
+    if symmetric:
+        assert sliced[1] is None and whole[1] is None
+    else:
+        assert sliced[1].tobytes() == whole[1].tobytes()
+
+
 def test_all_zero_block_stays_zero():
     weight = np.zeros((32, 3), np.float32)
     weight[:, 1] = np.linspace(-1, 1, 32)

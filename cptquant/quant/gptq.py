@@ -129,7 +129,9 @@ def gptq_quantize(weight_kn: np.ndarray, hessian: np.ndarray, bits: int, block_s
     """
     check_options(bits, clip)
     clip = searched_clip(clip)
-    weight = np.array(weight_kn, dtype=np.float32)  # a copy: updated in place with the errors
+    # A C-ordered copy, updated in place with the errors: a Gemm's transposed weight (GemmView) arrives column-major,
+    # where every row update strides across memory (2048 x 2048: 4x slower; opt-640m's --bits 4 quantize step 24 -> 7 min).
+    weight = np.array(weight_kn, dtype=np.float32, order="C")
     k, n = weight.shape
     if k % block_size:
         raise ValueError(f"block size {block_size} does not divide the input size {k}")

@@ -17,6 +17,10 @@ _MSE_RATIOS = np.linspace(1.0, 0.5, 21, dtype=np.float32)
 # Weights per slice of columns that round-to-nearest quantizes (and measures the error of) at once: 16 MB of
 # float32, whatever the layer's size.
 _CHUNK_ELEMENTS = 1 << 22
+# Weights per slice of columns the MSE clip search tries its ratios on: 2 MB of float32, so that its ~10 passes
+# per ratio over each temporary stay in the core's cache (a 8192 x 2048 weight: 3.8 s -> 2.0 s). Columns are
+# searched independently: the same scales to the last bit.
+_SEARCH_ELEMENTS = 1 << 19
 
 
 def column_step(k: int) -> int:
@@ -152,6 +156,14 @@ def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: str,
     `row_weights` [num_blocks, block] when given: GPTQ passes its inputs' energies H_kk, so the search
     minimises the layer's output error (diagonal part) instead of the weight's.
     """
+    num_blocks, block, n = blocks.shape
+    step = max(1, _SEARCH_ELEMENTS // (num_blocks * block))
+    if clip == "mse" and n > step:
+        parts = [block_params(blocks[:, :, start:start + step], bits, symmetric, clip, row_weights)
+                 for start in range(0, n, step)]
+        zero_points = [zp for _, zp in parts if zp is not None]
+        return (np.concatenate([scale for scale, _ in parts], axis=1),
+                np.concatenate(zero_points, axis=1) if zero_points else None)
     if symmetric:
         return _symmetric_scale(blocks, bits, clip, row_weights).astype(np.float32), None
     scale, zp = _asymmetric_params(blocks, bits, clip, row_weights)
