@@ -23,9 +23,9 @@ _CHUNK_ELEMENTS = 1 << 22
 _SEARCH_ELEMENTS = 1 << 19
 
 
-def column_step(k: int) -> int:
-    """Columns per slice of a [k, N] weight."""
-    return max(1, _CHUNK_ELEMENTS // k)
+def column_step(k: int, elements: int = _CHUNK_ELEMENTS) -> int:
+    """Columns per slice of a [k, N] weight, for slices of about `elements` values."""
+    return max(1, elements // k)
 
 
 @dataclass
@@ -157,7 +157,7 @@ def block_params(blocks: np.ndarray, bits: int, symmetric: bool, clip: str,
     minimises the layer's output error (diagonal part) instead of the weight's.
     """
     num_blocks, block, n = blocks.shape
-    step = max(1, _SEARCH_ELEMENTS // (num_blocks * block))
+    step = column_step(num_blocks * block, _SEARCH_ELEMENTS)
     if clip == "mse" and n > step:
         parts = [block_params(blocks[:, :, start:start + step], bits, symmetric, clip, row_weights)
                  for start in range(0, n, step)]
