@@ -87,7 +87,7 @@ def unit_bytes(weights: Sequence[WeightShape], bits: int, block_size: int, zero_
     nbytes = sum(w.copies * weight_nbytes(w, bits, block_size, symmetric, weight_format) for w in weights)
     # Measured on a tiny OPT (the longest layer names of the test models): a hot-row lookup's ten nodes take
     # ~2.1 KB; a tied head's MatMulNBits with the Reshape/Cast nodes adapting a table's tensors ~0.8 KB per
-    # table read, its Concat and Gather back to vocabulary order ~0.2 KB.
+    # table read, its Concat and the Shape/Expand/GatherElements back to vocabulary order ~0.4 KB.
     hot_tables = sum(w.copies for w in weights if w.table and w.hot_rows and bits == 4)
     tables_read = sum(w.copies * (2 if w.hot_rows and bits == 4 else 1) for w in weights if w.tied_head)
     heads_hot = sum(w.copies for w in weights if w.tied_head and w.hot_rows and bits == 4)

@@ -298,7 +298,7 @@ class TiedHead:
     codes, scales and zero points (GatherBlockQuantized's [rows, hidden] layout is MatMulNBits' [N, K]
     one; Reshape and Cast, folded by ORT, adapt the shapes and the FP16 scales), so the table is stored
     once. With hot rows, one MatMulNBits per table, their logits concatenated, and, unless the hot rows
-    are the first rows of the vocabulary (then the concatenation is in vocabulary order), a Gather putting
+    are the first rows of the vocabulary (then the concatenation is in vocabulary order), a GatherElements putting
     them back in order: its index table is all the head adds to the file."""
 
     kernel = KERNEL_MATMUL_NBITS
