@@ -136,6 +136,24 @@ def test_inverse_hessian_cholesky_is_upper_factor_of_dampened_inverse():
     np.testing.assert_allclose(upper.T @ upper @ dampened, np.eye(64), atol=1e-8)
 
 
+@pytest.mark.parametrize("k", [1, 255, 256, 600])
+def test_a_hessian_from_one_triangle_equals_the_full_product(k):
+    """syrk computes one triangle of xᵀx; the accumulator mirrors it: the same matrix as the full product, exactly
+    symmetric, for sizes that are not a multiple of the mirror's band."""
+    from cptquant.passes.hessian import _gram_lower, _HessianAccumulator
+
+    rng = np.random.default_rng(k)
+    accumulator, full, tokens = _HessianAccumulator(), np.zeros((k, k)), 0
+    for rows in (7, 50):
+        x = torch.from_numpy(rng.standard_normal((rows, k)).astype(np.float32))
+        accumulator.add(_gram_lower(x), rows)
+        full += (x.T @ x).double().numpy()
+        tokens += rows
+    h = accumulator.hessian()
+    assert h.flags.c_contiguous and np.array_equal(h, h.T)
+    np.testing.assert_allclose(h, full / tokens, rtol=1e-5, atol=1e-5)
+
+
 def _tiny_bert_loaded():
     from transformers import BertConfig, BertModel
 

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 import torch
+from scipy.linalg import blas
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import CptqError
@@ -34,9 +35,31 @@ from .common import forward_options, progress_bar, replaced_weights, transformer
 Hessian = npt.NDArray[np.float64]  # [K, K], K the layer's input size
 
 
+def _gram_lower(rows: torch.Tensor) -> torch.Tensor:
+    """rowsᵀ rows in float32, its lower triangle computed (the upper one may hold anything). On the CPU BLAS's
+    syrk does half a matmul's work and runs faster per flop too (8,192-wide rows, 1,024 of them, 2 threads:
+    0.37 s against torch's 0.88 s for the full product); elsewhere a matmul."""
+    if rows.device.type != "cpu":
+        return rows.T @ rows
+    # rows [T, K] row-major: its transpose is a column-major [K, T] view that syrk reads without a copy; the
+    # column-major upper triangle of A Aᵀ it returns is, read row-major, the lower triangle of the product.
+    upper = blas.ssyrk(1.0, rows.contiguous().numpy().T, trans=0, lower=0)
+    return torch.from_numpy(upper.T)
+
+
+def _mirror_lower(h: np.ndarray, rows_per_step: int = 256) -> None:
+    """Copy the lower triangle of square `h` onto its upper one, in place, a band of rows at a time."""
+    size = h.shape[0]
+    for start in range(0, size, rows_per_step):
+        stop = min(start + rows_per_step, size)
+        h[start:stop, stop:] = h[stop:, start:stop].T
+        band = h[start:stop, start:stop]
+        band[np.triu_indices(stop - start, 1)] = band.T[np.triu_indices(stop - start, 1)]
+
+
 class _HessianAccumulator:
     def __init__(self) -> None:
-        self.sum: torch.Tensor | None = None  # float64 running Σ x xᵀ
+        self.sum: torch.Tensor | None = None  # float64 running Σ x xᵀ, its lower triangle
         self.tokens = 0
 
     def add(self, gram: torch.Tensor, tokens: int) -> None:
@@ -52,6 +75,7 @@ class _HessianAccumulator:
             raise ValueError("no input was accumulated")  # _finished() reports such layers first
         hessian: Hessian = self.sum.div_(self.tokens).cpu().numpy()
         self.sum = None
+        _mirror_lower(hessian)
         return hessian
 
 
@@ -162,7 +186,7 @@ def _hooks(model: torch.nn.Module, graph: LayerGraph, layer_names: list[str]) ->
             if x is not last.x or gram is None:
                 rows = _real_rows(x, mask_in_flight[0]).float()
                 # float32 product per batch (fast), float64 running sum across batches.
-                gram, tokens = rows.T @ rows, rows.shape[0]
+                gram, tokens = _gram_lower(rows), rows.shape[0]
                 last.x, last.gram, last.tokens = x, gram, tokens
             acc.add(gram, tokens)
 

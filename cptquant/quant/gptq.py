@@ -21,6 +21,7 @@ from typing import cast
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 
 from .quantize import QuantizedWeight, block_codes, block_params, check_options, searched_clip
 
@@ -37,9 +38,8 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01,
 
     Inputs that are always zero (H_ii = 0) get H_ii = 1: their weight rows are irrelevant and are
     zeroed by the caller, and the 1 keeps H invertible. Two K x K float64 matrices live at once (K = 10240
-    on OPT-2.7B's fc2: 0.84 GB each): H, reversed and dampened in place, and its Cholesky factor; H's memory
-    then holds the identity, solved in place into the inverse factor. U is returned as a (non-contiguous)
-    view of that memory. With `overwrite` a C-contiguous float64 `hessian` is that memory (and is changed);
+    on OPT-2.7B's fc2: 0.84 GB each): H, reversed and dampened in place, and its Cholesky factor, inverted in
+    place. U is returned as a (non-contiguous) view of the factor's memory. With `overwrite` a C-contiguous float64 `hessian` is that memory (and is changed);
     otherwise it is copied first.
     """
     h = np.asarray(hessian, dtype=np.float64) if overwrite else np.array(hessian, dtype=np.float64)
@@ -53,19 +53,18 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01,
     h[dead, dead] = 1.0
     base = damp * float(np.mean(np.diag(h)))
     # With J the row reversal, J H J = L Lᵀ gives H = R Rᵀ for the upper triangular R = J L J,
-    # so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular solve, no full inverse.
+    # so H⁻¹ = (R⁻¹)ᵀ R⁻¹ and U = R⁻¹: one Cholesky and one triangular inverse, no full inverse.
     _reverse_rows_and_columns(h)  # J H J, in place
     reversed_h = torch.from_numpy(h)  # shares h's memory
-    lower = _dampened_cholesky(reversed_h, base)
-    # L⁻¹ = solve(L, I), solved in place in h's memory, seen column-major (the layout LAPACK works in:
-    # a row-major `out` is solved another way, to other last bits). I is symmetric, so h's rows are its columns.
-    h.fill(0.0)
-    np.fill_diagonal(h, 1.0)
-    lower_inv = reversed_h.T
-    torch.linalg.solve_triangular(lower, lower_inv, upper=False, out=lower_inv)
-    del lower
-    # h now holds (L⁻¹)ᵀ row-major; U = J L⁻¹ J, i.e. U[i, j] = h[K-1-j, K-1-i]
-    return h.T[::-1, ::-1], dead
+    lower = _dampened_cholesky(reversed_h, base).numpy()
+    del reversed_h
+    # L⁻¹ in L's own memory by LAPACK's triangular inverse: a third of the work of solving L X = I (K = 8,192:
+    # 3.3 s against 6.8 s). L is column-major (torch returns LAPACK's layout), so trtri works on it in place.
+    lower_inv, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Hessian's Cholesky factor is singular (trtri info {info})")
+    # U = J L⁻¹ J
+    return lower_inv[::-1, ::-1], dead
 
 
 def _dampened_cholesky(h: torch.Tensor, base: float) -> torch.Tensor:
