@@ -225,6 +225,17 @@ def test_a_tied_heads_hot_rows_that_are_the_first_ids_need_no_reordering():
     assert error[:, hot].mean() < 0.7 * error[:, len(hot):].mean()
 
 
+def test_a_lowered_model_written_to_a_file_is_spent(tmp_path):
+    """`write` drops each tensor once written: the in-memory model and a second write would be missing them."""
+    lowered = lower_model(tied_model(), TIED_USES, _tied_plan(4, False))
+    lowered.write(tmp_path / "model.onnx")
+    assert onnx.load(str(tmp_path / "model.onnx")).graph.initializer
+    with pytest.raises(RuntimeError, match="written"):
+        _ = lowered.model
+    with pytest.raises(RuntimeError, match="written once already"):
+        lowered.write(tmp_path / "again.onnx")
+
+
 def test_a_tied_fp16_table_is_written_once():
     lowered = lower_model(tied_model(), TIED_USES, _tied_plan(16, True))
     halves = [init for init in lowered.model.graph.initializer if init.data_type == TensorProto.FLOAT16]

@@ -102,9 +102,12 @@ class Lowered:
     ir_model: ir.Model
     layers: dict[str, LoweredLayer]
     layout: SourceLayout
+    spent: bool = False  # `write` dropped the tensors: the model is no longer whole
 
     @cached_property
     def model(self) -> onnx.ModelProto:
+        if self.spent:
+            raise RuntimeError("the lowered model was written (and its tensors dropped): read the file instead")
         proto = ir.serde.serialize_model(self.ir_model)
         self.layout.apply(proto)
         return proto
@@ -112,6 +115,9 @@ class Lowered:
     def write(self, path: Path) -> list[Path]:
         """Write the file (`path`, and `path`_data beside it over 2 GB) one initializer at a time, dropping each
         tensor once written: never the model twice in memory (onnx_io/streamed_write.py)."""
+        if self.spent:
+            raise RuntimeError("the lowered model was written once already (its tensors are gone)")
+        self.spent = True
         return write_consuming(self.ir_model, path, finish=self.layout.apply)
 
 
