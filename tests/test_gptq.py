@@ -227,6 +227,28 @@ def test_block_by_block_hessians_equal_the_one_pass_ones_bit_for_bit(family):
         assert len(by_block.held) < len(at_once)  # one block's Hessians (or the head's) at a time
 
 
+def test_the_head_s_hessian_is_measured_without_computing_the_logits():
+    """The tail's pass stops once the head has read its input: the head's own product (the logits over the
+    vocabulary, the largest of a small LM's) never runs, and its Hessian is the one-pass one."""
+    from cptquant.model_loading import wrap_model
+    from cptquant.testing import tiny_tokenizer
+    from cptquant.tiny_families import build
+
+    loaded = wrap_model(build("llama"), None, tiny_tokenizer("opt"))
+    graph = build_layer_graph(loaded.model)
+    calib = build_calibration(loaded, samples=8, seq_len=32)
+    head = "lm_head"
+    by_block = hessians_by_block(loaded, graph, calib, [head], progress=False)
+    calls = []
+    handle = loaded.model.get_submodule(head).register_forward_hook(lambda *_: calls.append(1))
+    try:
+        measured = by_block[head]
+    finally:
+        handle.remove()
+    assert calls == []
+    np.testing.assert_array_equal(measured, collect_hessians(loaded, graph, calib, [head], progress=False)[head])
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_later_blocks_are_measured_on_the_earlier_blocks_as_written(family):
     """Sequential GPTQ: once a block's layers are written (rounded), the next block's Hessians are those of
