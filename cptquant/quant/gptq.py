@@ -39,8 +39,8 @@ def inverse_hessian_cholesky(hessian: np.ndarray, damp: float = 0.01,
     Inputs that are always zero (H_ii = 0) get H_ii = 1: their weight rows are irrelevant and are
     zeroed by the caller, and the 1 keeps H invertible. Two K x K float64 matrices live at once (K = 10240
     on OPT-2.7B's fc2: 0.84 GB each): H, reversed and dampened in place, and its Cholesky factor, inverted in
-    place. U is returned as a (non-contiguous) view of the factor's memory. With `overwrite` a C-contiguous float64 `hessian` is that memory (and is changed);
-    otherwise it is copied first.
+    place. U is returned as a (non-contiguous) view of the factor's memory. With `overwrite` a C-contiguous
+    float64 `hessian` is H's memory (and is changed); otherwise it is copied first.
     """
     h = np.asarray(hessian, dtype=np.float64) if overwrite else np.array(hessian, dtype=np.float64)
     if h.ndim != 2 or h.shape[0] != h.shape[1]:
