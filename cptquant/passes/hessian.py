@@ -53,8 +53,8 @@ def _mirror_lower(h: np.ndarray, rows_per_step: int = 256) -> None:
     for start in range(0, size, rows_per_step):
         stop = min(start + rows_per_step, size)
         h[start:stop, stop:] = h[stop:, start:stop].T
-        band = h[start:stop, start:stop]
-        band[np.triu_indices(stop - start, 1)] = band.T[np.triu_indices(stop - start, 1)]
+        band, above = h[start:stop, start:stop], np.triu_indices(stop - start, 1)
+        band[above] = band.T[above]
 
 
 class _HessianAccumulator:
