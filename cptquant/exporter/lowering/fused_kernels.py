@@ -1,5 +1,8 @@
 """Sibling MatMulNBits (one input, same bits / block / zero-point layout) -> one MatMulNBits + Split.
 
+Where the siblings are a layer's q/k/v and GroupQueryAttention reads them alone, the Split goes too: GQA
+takes the packed output as its query and no key or value (as the GenAI model builder writes it).
+
 A decoder layer's q/k/v projections read the same normalised hidden state, and so do the MLP's gate and
 up projections. At one token per step each kernel call costs mostly its fixed part (quantizing the
 input row to int8 at accuracy level 4, the thread pool's dispatch), so one call with N = the sum of
@@ -23,6 +26,7 @@ import onnx_ir as ir
 from ...quant.storage import KERNEL_MATMUL_NBITS
 from .base import LoweringPass
 from .context import MS_DOMAIN, Site, input_of, make_node, name_of, take_over
+from .group_query_attention import GQA
 
 FUSED_ATTRIBUTES = ("K", "bits", "block_size", "accuracy_level")
 
@@ -63,15 +67,21 @@ class FuseSiblingKernels(LoweringPass):
                       if name in nodes[0].attributes}
         kernel = make_node(KERNEL_MATMUL_NBITS, inputs, [names.unique(f"{base}.output")],
                            names.unique(f"{base}.MatMulNBits"), domain=MS_DOMAIN, N=sum(widths), **attributes)
-        sizes = lowering.add_initializer(last, f"{base}.split", ir.tensor(np.array(widths, np.int64)), owned=False)
-        split = ir.Node("", "Split", [kernel.outputs[0], sizes],
-                        [ir.convenience.convert_attribute("axis", -1)],
-                        outputs=[ir.Value(name=names.unique(f"{base}.part_{i}")) for i in range(len(nodes))],
-                        name=names.unique(f"{base}.Split"))
         first = min(nodes, key=lambda node: list(graph).index(node))
-        graph.insert_before(first, [kernel, split])
-        for node, part in zip(nodes, split.outputs):
-            take_over(node.outputs[0], part)
+        attention = _packed_attention(nodes)
+        if attention is not None:  # GQA reads packed q/k/v itself: no Split
+            graph.insert_before(first, [kernel])
+            for index in range(3):
+                attention.replace_input_with(index, kernel.outputs[0] if index == 0 else None)
+        else:
+            sizes = lowering.add_initializer(last, f"{base}.split", ir.tensor(np.array(widths, np.int64)), owned=False)
+            split = ir.Node("", "Split", [kernel.outputs[0], sizes],
+                            [ir.convenience.convert_attribute("axis", -1)],
+                            outputs=[ir.Value(name=names.unique(f"{base}.part_{i}")) for i in range(len(nodes))],
+                            name=names.unique(f"{base}.Split"))
+            graph.insert_before(first, [kernel, split])
+            for node, part in zip(nodes, split.outputs):
+                take_over(node.outputs[0], part)
         graph.remove(nodes, safe=True)
         for site in sites:
             site.node = kernel
@@ -79,3 +89,21 @@ class FuseSiblingKernels(LoweringPass):
     def check_after(self, site: Site) -> None:
         if site.node.op_type != KERNEL_MATMUL_NBITS or site.node.domain != MS_DOMAIN:
             raise ir.passes.PostconditionError(f"{site.layer}: not a MatMulNBits kernel after fusing")
+
+
+def _packed_attention(nodes: list[ir.Node]) -> ir.Node | None:
+    """The GroupQueryAttention that reads these three kernels' outputs, alone, as its query, key and value
+    (inputs 0, 1, 2 in that order), or None. Its packed form takes the fused kernel's output as the query and
+    no key or value: the head layout [q heads | k heads | v heads] is the Concat's order along N."""
+    if len(nodes) != 3:
+        return None
+    readers = []
+    for index, node in enumerate(nodes):
+        uses = list(node.outputs[0].uses())
+        if len(uses) != 1 or node.outputs[0].is_graph_output():
+            return None
+        reader, at = uses[0]
+        if reader.op_type != GQA or reader.domain != MS_DOMAIN or at != index:
+            return None
+        readers.append(reader)
+    return readers[0] if all(reader is readers[0] for reader in readers) else None

@@ -9,21 +9,30 @@ The rewrite is structural: it does not match those ops. Per layer it takes the q
 outputs (the layer map names their MatMuls; a bias Add after one is followed), the layer's
 `past_key_values.{i}.key/value` inputs and `present.{i}.key/value` outputs and o_proj's MatMul, and
 puts between them
-    q, k  -> com.microsoft.RotaryEmbedding(position_ids, cos, sin)   (the graph's own position_ids)
     GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
-                        attention_bias)  -> o_proj's input, present.{i}.key, present.{i}.value
+                        cos_cache, sin_cache, -, attention_bias; do_rotary=1)
+        -> o_proj's input, present.{i}.key, present.{i}.value
 then drops every node no output needs any more. What the layers share is computed once: the cos/sin
 caches (from the model's own inverse frequencies, [max positions, head_dim / 2], constant inputs only:
 ORT folds them at session start, so the file grows by a few hundred bytes), and from the attention mask
 `total_sequence_length` (its length), `seqlens_k` (that length - 1 for every row) and an additive bias
-(0 where the mask is 1, float32's lowest where it is 0).
+(0 where the mask is 1, float32's lowest where it is 0). Where the fused-kernel pass later joins q/k/v
+into one MatMulNBits, GroupQueryAttention reads that packed output directly (fused_kernels.py).
 
 Why a bias and not `seqlens_k = ReduceSum(mask) - 1` as the model builder writes: ORT's GQA reads
 seqlens_k as "row b's keys are positions 0..seqlens_k[b]" (right padding). optimum's and transformers'
 batches are left-padded; the bias masks exactly the keys the original graph masks, whatever the
-padding, and rotary reads the graph's position_ids (GQA's own rotary would count positions from the
-left edge). The past and present buffers stay separate (present = past + new, as optimum's graph),
-so genai_config.json keeps `past_present_share_buffer` false.
+padding. Rotary inside GQA then counts a row's positions from the left edge of the batch, where the
+graph's `position_ids` count from the row's first real token: in a row with p pads every query and key
+sits p positions later. Rotary attention depends only on the difference of the two positions, so the
+logits are the same (proved below, over a left-padded prefill and decode steps); what differs is how
+that row's keys are stored in `present.{i}.key` (rotated for their left-edge positions), a convention
+the file's own later steps read consistently. The graph's `position_ids` input is kept (optimum and
+onnxruntime-genai feed it) and not read: positions that are not the row's token count (packed
+documents, a cache cropped in the middle) are not supported. The past and present buffers stay separate
+(present = past + new, as optimum's graph), so genai_config.json keeps `past_present_share_buffer` false.
+Measured in docs/benchmarks.md ("Rotary and packed q/k/v inside GroupQueryAttention"): the 60
+RotaryEmbedding nodes and the q/k/v Split this saves per SmolLM2 step.
 
 Exactness is not assumed: exporter/attention_fusion.py runs the rewritten graph against the original
 on a prefill and decode steps and keeps the original when they differ.
@@ -41,7 +50,6 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from .context import MS_DOMAIN, AttrValue, Names
 
 GQA = "GroupQueryAttention"
-ROTARY = "RotaryEmbedding"
 MASK, POSITIONS, TOKENS = "attention_mask", "position_ids", "input_ids"
 
 
@@ -70,7 +78,7 @@ class AttentionSpec:
 
 
 class GroupQueryAttentionFusion(ir.passes.InPlacePass):
-    """Rewrites each layer of `spec` into RotaryEmbedding x2 + GroupQueryAttention (module docstring)."""
+    """Rewrites each layer of `spec` into one GroupQueryAttention with rotary inside (module docstring)."""
 
     def __init__(self, spec: AttentionSpec):
         super().__init__()
@@ -126,15 +134,12 @@ class GroupQueryAttentionFusion(ir.passes.InPlacePass):
             q, k, v = (_projection(nodes[name]) for name in (layer.q, layer.k, layer.v))
             o_proj = nodes[layer.o]
             base = f"/model/layers.{layer.index}/self_attn"
-            new = [self._node(ROTARY, [q, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/q_rotary", domain=MS_DOMAIN),
-                   self._node(ROTARY, [k, inputs[POSITIONS], shared.cos, shared.sin], f"{base}/k_rotary", domain=MS_DOMAIN)]
             attention = self._node(
-                GQA, [new[0].outputs[0], new[1].outputs[0], v, inputs[f"past_key_values.{layer.index}.key"],
+                GQA, [q, k, v, inputs[f"past_key_values.{layer.index}.key"],
                       inputs[f"past_key_values.{layer.index}.value"], shared.seqlens_k, shared.total_length,
-                      None, None, None, shared.bias], f"{base}/{GQA}", domain=MS_DOMAIN, outputs=3,
-                attributes={"num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads})
-            new.append(attention)
-            graph.insert_before(o_proj, new)
+                      shared.cos, shared.sin, None, shared.bias], f"{base}/{GQA}", domain=MS_DOMAIN, outputs=3,
+                attributes={"num_heads": spec.num_heads, "kv_num_heads": spec.kv_num_heads, "do_rotary": 1})
+            graph.insert_before(o_proj, [attention])
             o_proj.replace_input_with(0, attention.outputs[0])
             for kind, produced in (("key", attention.outputs[1]), ("value", attention.outputs[2])):
                 old = outputs[f"present.{layer.index}.{kind}"]
