@@ -35,6 +35,22 @@ def _one_matmul(weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
+def _u8s8_saturates() -> bool:
+    """Whether ORT's u8s8 int8 GEMM on this CPU sums pairs of products in int16 (AVX2 without VNNI: vpmaddubsw),
+    where weights over the 7-bit range saturate: DynamicQuantizeMatMul's full-range int8 weights are then not
+    computed exactly (docs/ort-kernels.md, "DynamicQuantizeMatMul on CPUs without VNNI"). Linux x86 only."""
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return False
+    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+# A known defect on such CPUs, not of these tests: the assertions hold wherever the kernel does not saturate.
+SATURATES = pytest.mark.skipif(_u8s8_saturates(), reason="this CPU's u8s8 GEMM saturates full-range int8 weights "
+                               "(AVX2 without VNNI): a known defect of --format dynamic here, docs/ort-kernels.md")
+
+
 def _lower_dynamic(model: onnx.ModelProto, bits: int, symmetric: bool, smoothing: np.ndarray | None = None) -> Lowered:
     plan = Plan(layers={"fc": LayerPlan(bits=bits, symmetric=symmetric)})
     return lower_model(model, {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan, KernelChoice(FORMAT_DYNAMIC),
@@ -47,7 +63,8 @@ def _effective_weight(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndar
     return quantize_blocked(source, 8, K, True).dequantize()
 
 
-@pytest.mark.parametrize("bits, symmetric", [(8, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bits, symmetric", [pytest.param(8, True, marks=SATURATES), pytest.param(4, True, marks=SATURATES),
+                                             (4, False)])
 def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric):
     rng = np.random.default_rng(2)
     weight = rng.normal(size=(K, N)).astype(np.float32)
@@ -68,7 +85,7 @@ def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric):
 
 
 # At 4 bits the weight's own rounding dominates the error (and the scaled-up rows coarsen their blocks).
-@pytest.mark.parametrize("bits, symmetric, gain", [(8, True, 0.5), (4, False, 0.8)])
+@pytest.mark.parametrize("bits, symmetric, gain", [pytest.param(8, True, 0.5, marks=SATURATES), (4, False, 0.8)])
 def test_outlier_channels_are_scaled_down_before_the_int8_product(bits, symmetric, gain):
     """Two input channels 40x larger than the rest: X W = (X / s)(s W) with s = sqrt(40) there; the error falls."""
     rng = np.random.default_rng(3)
