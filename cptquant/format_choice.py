@@ -7,7 +7,8 @@ on. So for an encoder the formats are measured on this machine's execution provi
 model serves (batch 1 and 8, sequence 16 and 128): the FP32 export lowered once per candidate format with one
 uniform 8-bit plan (round to nearest: the kernels, not the plan, are compared), timed interleaved with FP32.
 The fastest wins among the formats whose probe keeps a mean cosine to FP32 of at least MIN_PROBE_COSINE on
-calibration sentences (never evaluation text). The choice, its timings and its reason go into the report.
+calibration sentences (never evaluation text); `dynamic` is left out on a CPU whose int8 GEMM saturates full-range
+int8 weights (AVX2 without VNNI: runtimes/cpu.u8s8_gemm_saturates), where an 8-bit probe can still pass that bar. The choice, its timings and its reason go into the report.
 
 Decoders are not measured: their decode step multiplies one row, where MatMulNBits is as fast as the int8
 GEMM and rounds activations far less, so they keep `qdq` (MatMulNBits); so do encoder-decoder models, whose
@@ -82,7 +83,7 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
 
     from .exporter.lowering import KernelChoice, lower_model
     from .onnx_io.onnx_export import MODEL_FILE, save_onnx
-    from .runtimes.cpu import CpuAdapter
+    from .runtimes.cpu import CpuAdapter, u8s8_gemm_saturates
 
     start = time.perf_counter()
     texts = calibration_texts(calibration)
@@ -102,14 +103,19 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
                            max_seconds)
     speedup = {fmt: float(np.exp(np.mean([np.log(p50["fp32"][k] / p50[fmt][k]) for k in p50["fp32"]])))
                for fmt in CANDIDATES}
-    good = [fmt for fmt in CANDIDATES if cosine[fmt] >= MIN_PROBE_COSINE] or [FORMAT_QDQ]
+    # On a CPU whose int8 GEMM saturates, DynamicQuantizeMatMul's products are wrong, whatever the probe's cosine.
+    saturates = u8s8_gemm_saturates()
+    good = [fmt for fmt in CANDIDATES if cosine[fmt] >= MIN_PROBE_COSINE
+            and not (saturates and fmt == FORMAT_DYNAMIC)] or [FORMAT_QDQ]
     best = max(good, key=lambda fmt: speedup[fmt])
     others = ", ".join(f"{fmt} {speedup[fmt]:.2f}x" for fmt in CANDIDATES if fmt != best)
-    dropped = [fmt for fmt in CANDIDATES if fmt not in good]
+    dropped = [fmt for fmt in CANDIDATES if fmt not in good and not (saturates and fmt == FORMAT_DYNAMIC)]
     reason = (f"fastest on {adapter.name} at batch x sequence {', '.join(f'{b}x{s}' for b, s in SHAPES)}: "
               f"{best} {speedup[best]:.2f}x FP32 (geometric mean of medians, interleaved; {others})"
               + (f"; {', '.join(dropped)} left out: {PROBE_BITS}-bit probe cosine below {MIN_PROBE_COSINE}"
                  if dropped else "")
+              + (f"; {FORMAT_DYNAMIC} left out: this CPU's int8 GEMM saturates full-range int8 weights (AVX2 "
+                 f"without VNNI)" if saturates else "")
               + f"; {FORMAT_NBITS} is the kernel qdq becomes")
     del sessions
     return FormatChoice(best, reason, True, PROBE_BITS, threads, round(_load(), 2),

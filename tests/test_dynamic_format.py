@@ -19,6 +19,7 @@ from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.plan import LayerPlan, Plan, uniform_plan
 from cptquant.quant.quantize import quantize_blocked
 from cptquant.quant.storage import FORMAT_DYNAMIC
+from cptquant.runtimes.cpu import u8s8_gemm_saturates
 from cptquant.testing import tiny_bert
 
 K, N = 96, 40
@@ -35,19 +36,8 @@ def _one_matmul(weight: np.ndarray, bias: np.ndarray | None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
 
 
-def _u8s8_saturates() -> bool:
-    """Whether ORT's u8s8 int8 GEMM on this CPU sums pairs of products in int16 (AVX2 without VNNI: vpmaddubsw),
-    where weights over the 7-bit range saturate: DynamicQuantizeMatMul's full-range int8 weights are then not
-    computed exactly (docs/ort-kernels.md, "DynamicQuantizeMatMul on CPUs without VNNI"). Linux x86 only."""
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return False
-    return "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
-
-
 # A known defect on such CPUs, not of these tests: the assertions hold wherever the kernel does not saturate.
-SATURATES = pytest.mark.skipif(_u8s8_saturates(), reason="this CPU's u8s8 GEMM saturates full-range int8 weights "
+SATURATES = pytest.mark.skipif(u8s8_gemm_saturates(), reason="this CPU's u8s8 GEMM saturates full-range int8 weights "
                                "(AVX2 without VNNI): a known defect of --format dynamic here, docs/ort-kernels.md")
 
 

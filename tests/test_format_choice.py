@@ -11,6 +11,8 @@ from cptquant.format_choice import CANDIDATES, SHAPES, format_chooser
 from cptquant.model_loading import wrap_model
 from cptquant.plan import uniform_plan
 from cptquant.quant.storage import FORMAT_AUTO, FORMAT_QDQ
+from cptquant.runtimes import cpu
+from cptquant.runtimes.cpu import u8s8_gemm_saturates
 from cptquant.testing import tiny_bert, tiny_opt
 
 
@@ -37,12 +39,20 @@ def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp
     assert all(set(by_shape) <= shapes and by_shape for by_shape in choice["p50_ms"].values())
     assert all(ms > 0 for by_shape in choice["p50_ms"].values() for ms in by_shape.values())
     fastest = max(choice["speedup_vs_fp32"], key=choice["speedup_vs_fp32"].get)
-    eligible = [f for f in CANDIDATES if choice["probe_cosine"][f] >= 0.99]
+    saturates = u8s8_gemm_saturates()  # dynamic is no candidate on such a CPU (its products are wrong there)
+    eligible = [f for f in CANDIDATES if choice["probe_cosine"][f] >= 0.99 and not (saturates and f == "dynamic")]
     assert choice["format"] == (fastest if fastest in eligible else max(eligible, key=choice["speedup_vs_fp32"].get))
     assert choice["format"] in choice["reason"]
     kernels = result.report.graph_check["kernels"]
     wanted = "DynamicQuantizeMatMul" if choice["format"] == "dynamic" else "MatMulNBits"
     assert any(k.startswith(wanted) for k in kernels), kernels  # the export really runs the chosen kernel
+
+
+def test_a_cpu_whose_int8_gemm_saturates_never_gets_the_dynamic_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "u8s8_gemm_saturates", lambda: True)
+    choice = _export(tiny_bert(), tmp_path / "bert").report.format_choice
+    assert choice["measured"] and choice["format"] == FORMAT_QDQ
+    assert "dynamic left out: this CPU's int8 GEMM saturates" in choice["reason"]
 
 
 def test_a_decoder_keeps_matmulnbits_without_measuring(tmp_path):

@@ -27,6 +27,19 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def u8s8_gemm_saturates() -> bool:
+    """Whether ORT's uint8 x int8 GEMM on this CPU sums pairs of products in int16 and saturates on full-range
+    int8 weights: x86 with AVX2 but no VNNI (`vpmaddubsw`). DynamicQuantizeMatMul's products are then wrong by
+    up to ~18 % of the output (docs/ort-kernels.md, "DynamicQuantizeMatMul on CPUs without VNNI"). Read from
+    /proc/cpuinfo: elsewhere (not Linux) False."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and not {"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags)
+
+
 class CpuAdapter(RuntimeAdapter):
     name = "cpu"
     provider = "CPUExecutionProvider"
