@@ -110,7 +110,7 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
     best = max(good, key=lambda fmt: speedup[fmt])
     others = ", ".join(f"{fmt} {speedup[fmt]:.2f}x" for fmt in CANDIDATES if fmt != best)
     dropped = [fmt for fmt in CANDIDATES if fmt not in good and not (saturates and fmt == FORMAT_DYNAMIC)]
-    reason = (f"fastest on {adapter.name} at batch x sequence {', '.join(f'{b}x{s}' for b, s in SHAPES)}: "
+    reason = (f"chosen on {adapter.name} at batch x sequence {', '.join(f'{b}x{s}' for b, s in SHAPES)}: "
               f"{best} {speedup[best]:.2f}x FP32 (geometric mean of medians, interleaved; {others})"
               + (f"; {', '.join(dropped)} left out: {PROBE_BITS}-bit probe cosine below {MIN_PROBE_COSINE}"
                  if dropped else "")

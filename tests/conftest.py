@@ -18,7 +18,7 @@ from cptquant.testing import tiny_gpt2, tiny_opt  # noqa: E402,F401  (re-exporte
 # Tiers (`make test-unit` runs the first in seconds; `make test` runs both). A unit test builds no ONNX export
 # and runs no CLI command: the quantizer maths, GPTQ, the lowering passes on a tiny graph, the import graph.
 UNIT_FILES = {"test_import_graph.py", "test_options.py", "test_quantize.py", "test_gptq.py", "test_lowering.py", "test_rule.py",
-              "test_tied_uses.py"}
+              "test_tied_uses.py", "test_cpu_flags.py"}
 NOT_UNIT = {  # slow tests in those files (seconds each): a CLI export, Hessians of a whole tiny model
     "test_rule.py::test_cli_exports_the_rule_and_refuses_a_budget_with_it",
     "test_gptq.py::test_hessians_are_symmetric_psd_for_every_linear_and_skip_embeddings",

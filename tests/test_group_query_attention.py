@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import shutil
+import types
 
 import numpy as np
 import onnx_ir as ir
@@ -145,6 +146,12 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     assert all(n.input[1] == "" and n.input[2] == "" for n in attention)
     logits = [_logits(result.paths.model) for result in (fused, kept)]
     np.testing.assert_allclose(logits[0], logits[1], atol=1e-5 * max(1.0, float(np.abs(logits[1]).max())))
+    # the written file (rotary inside GQA, packed q/k/v) against optimum's attention with the same 8-bit kernels:
+    # a left-padded batch of two through prefill and decode steps, as the export's own proof runs the FP32 rewrite
+    config = loaded.model.config
+    shapes = types.SimpleNamespace(kv_num_heads=config.num_key_value_heads,
+                                   head_dim=config.hidden_size // config.num_attention_heads)
+    assert compare(kept.paths.model, fused.paths.model, shapes, config.vocab_size) <= TOLERANCE
 
 
 def test_a_norm_is_fused_only_where_the_match_is_exact(fp32_export):
