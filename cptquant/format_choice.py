@@ -105,11 +105,11 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
                for fmt in CANDIDATES}
     # On a CPU whose int8 GEMM saturates, DynamicQuantizeMatMul's products are wrong, whatever the probe's cosine.
     saturates = u8s8_gemm_saturates()
-    good = [fmt for fmt in CANDIDATES if cosine[fmt] >= MIN_PROBE_COSINE
-            and not (saturates and fmt == FORMAT_DYNAMIC)] or [FORMAT_QDQ]
+    usable = [fmt for fmt in CANDIDATES if not (saturates and fmt == FORMAT_DYNAMIC)]
+    good = [fmt for fmt in usable if cosine[fmt] >= MIN_PROBE_COSINE] or [FORMAT_QDQ]
     best = max(good, key=lambda fmt: speedup[fmt])
     others = ", ".join(f"{fmt} {speedup[fmt]:.2f}x" for fmt in CANDIDATES if fmt != best)
-    dropped = [fmt for fmt in CANDIDATES if fmt not in good and not (saturates and fmt == FORMAT_DYNAMIC)]
+    dropped = [fmt for fmt in usable if fmt not in good]
     reason = (f"chosen on {adapter.name} at batch x sequence {', '.join(f'{b}x{s}' for b, s in SHAPES)}: "
               f"{best} {speedup[best]:.2f}x FP32 (geometric mean of medians, interleaved; {others})"
               + (f"; {', '.join(dropped)} left out: {PROBE_BITS}-bit probe cosine below {MIN_PROBE_COSINE}"

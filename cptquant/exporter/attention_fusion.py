@@ -6,7 +6,8 @@ style (standard rotary on the whole head, inverse frequencies fixed at load time
 no q/k norm; a q/k/v bias is followed) — and then the rewritten FP32 graph must give the original's
 logits, under ONNX Runtime on CPU, on a left-padded batch of two: the prefill and a few decode steps, each
 step reading the cache the step before wrote; and the original's presents, but for the keys of the
-left-padded row (stored rotated for positions counted from the batch's left edge: the lowering's docstring). Otherwise the export keeps optimum's attention, and the report says why in one line.
+left-padded row (stored rotated for positions counted from the batch's left edge: the lowering's docstring).
+Otherwise the export keeps optimum's attention, and the report says why in one line.
 """
 
 from __future__ import annotations
