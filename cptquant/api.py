@@ -88,7 +88,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
            hot_rows: bool = True, outlier_ratio: float | None = None, bit_widths: Sequence[int] = (16, 8, 4),
            granularity: str = "layer", sparsity: Sequence[float] = (), cca: str = "cka",
            curvature: str = "fisher", lm_loss: str = "kl", verify: bool = True, force: bool = False, progress: bool = False,
-           trust_remote_code: bool = False, attention: str = "gqa") -> ExportResult:
+           trust_remote_code: bool = False, attention: str = "gqa", reduce_range: bool | None = None) -> ExportResult:
     """Export `model` to a mixed-precision ONNX folder (`output`: a folder, or the path of its .onnx file).
 
     The plan comes from one of `method` (cmpq, pmpq, tdmpq — the default — oracle or rule), `bits` (uniform
@@ -97,7 +97,9 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     `hf:NAME:SPLIT`, CalibrationOptions, or full AnalysisOptions; the offline corpus when None. Returns the paths written,
     the plan and the report (the same as model.report.json). `weight_format` "auto" (the command line's
     default) measures which MatMul kernel is fastest on this machine (cptquant/format_choice.py); the API
-    defaults to qdq so that a script's output does not depend on the machine it runs on. `attention` "gqa"
+    defaults to qdq so that a script's output does not depend on the machine it runs on. `reduce_range`
+    (dynamic only): int8 weights within ±63; None: on exactly where this CPU's int8 GEMM saturates full-range
+    weights (x86 AVX2 without VNNI, runtimes/cpu.py), whose products are wrong otherwise. `attention` "gqa"
     writes a Llama/Mistral/Qwen2 decoder's attention as GroupQueryAttention where that is proved exact on the
     export, "optimum" keeps optimum's graph (exporter/attention_fusion.py).
     """
@@ -109,7 +111,9 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     from .plan_source import plan_factory
     from .quant.storage import FORMAT_AUTO, FORMATS
     from .quant.weight_quantizers import ALGORITHMS
+    from .runtimes.cpu import u8s8_gemm_saturates
 
+    reduce_range = u8s8_gemm_saturates() if reduce_range is None else reduce_range
     outlier_ratio = DEFAULT_OUTLIER_RATIO if outlier_ratio is None else outlier_ratio
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
@@ -136,8 +140,9 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
                                 report_extras=report_extras, verify=short_verification if verify else None,
                                 algorithm=algorithm, calibration=CalibrationMeasurements(analysis.calibration),
                                 outlier_ratio=outlier_ratio,
-                                choose_format=format_chooser(analysis) if weight_format == FORMAT_AUTO else None,
-                                attention=attention)
+                                choose_format=(format_chooser(analysis, reduce_range=reduce_range)
+                                               if weight_format == FORMAT_AUTO else None),
+                                attention=attention, reduce_range=reduce_range)
 
 
 def short_verification(folder: Path, loaded: LoadedModel, baselines: dict[str, Path]) -> dict[str, Any]:

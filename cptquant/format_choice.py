@@ -7,8 +7,9 @@ on. So for an encoder the formats are measured on this machine's execution provi
 model serves (batch 1 and 8, sequence 16 and 128): the FP32 export lowered once per candidate format with one
 uniform 8-bit plan (round to nearest: the kernels, not the plan, are compared), timed interleaved with FP32.
 The fastest wins among the formats whose probe keeps a mean cosine to FP32 of at least MIN_PROBE_COSINE on
-calibration sentences (never evaluation text); `dynamic` is left out on a CPU whose int8 GEMM saturates full-range
-int8 weights (AVX2 without VNNI: runtimes/cpu.u8s8_gemm_saturates), where an 8-bit probe can still pass that bar. The choice, its timings and its reason go into the report.
+calibration sentences (never evaluation text). On a CPU whose int8 GEMM saturates full-range int8 weights (AVX2
+without VNNI: runtimes/cpu.u8s8_gemm_saturates) the dynamic probe, like the export, has its weights within ±63
+(`reduce_range`), so its cosine and speed are the file's. The choice, its timings and its reason go into the report.
 
 Decoders are not measured: their decode step multiplies one row, where MatMulNBits is as fast as the int8
 GEMM and rounds activations far less, so they keep `qdq` (MatMulNBits); so do encoder-decoder models, whose
@@ -73,10 +74,10 @@ def decoder_choice() -> FormatChoice:
 def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: LayerGraph,
                   uses: Mapping[str, Sequence[WeightUse]], fp32_dir: Path, work: Path,
                   calibration: AnalysisOptions | None = None, threads: int = 2, rounds: int = 9,
-                  max_seconds: float = 30.0) -> FormatChoice:
+                  max_seconds: float = 30.0, reduce_range: bool = False) -> FormatChoice:
     """Lower `model_proto` (the FP32 export in `fp32_dir`; over 2 GB loaded without its weights, which are then
     read from `fp32_dir`) in each candidate format, time and score them. `calibration` (AnalysisOptions or None:
-    the offline corpus) gives the sentences the probes are scored on."""
+    the offline corpus) gives the sentences the probes are scored on; `reduce_range` is the export's."""
     if loaded.task in (TASK_CAUSAL_LM, TASK_SEQ2SEQ):
         return decoder_choice()
     from onnx.external_data_helper import uses_external_data
@@ -92,8 +93,8 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
     base_dir = fp32_dir if any(uses_external_data(t) for t in model_proto.graph.initializer) else None
     for fmt in CANDIDATES:
         paths[fmt] = work / fmt / MODEL_FILE
-        save_onnx(lower_model(model_proto, uses, plan, KernelChoice(fmt), RoundToNearest(), base_dir=base_dir).model,
-                  paths[fmt])
+        kernels = KernelChoice(fmt, reduce_range=reduce_range)
+        save_onnx(lower_model(model_proto, uses, plan, kernels, RoundToNearest(), base_dir=base_dir).model, paths[fmt])
     adapter = CpuAdapter(threads=threads)
     sessions = {name: adapter.session(path) for name, path in paths.items()}
     cosine = {fmt: _probe_cosine(adapter, sessions["fp32"], sessions[fmt], fp32_dir, loaded.config, texts)
@@ -103,8 +104,8 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
                            max_seconds)
     speedup = {fmt: float(np.exp(np.mean([np.log(p50["fp32"][k] / p50[fmt][k]) for k in p50["fp32"]])))
                for fmt in CANDIDATES}
-    # On a CPU whose int8 GEMM saturates, DynamicQuantizeMatMul's products are wrong, whatever the probe's cosine.
-    saturates = u8s8_gemm_saturates()
+    # On a CPU whose int8 GEMM saturates, full-range int8 weights give wrong products, whatever the probe's cosine.
+    saturates = u8s8_gemm_saturates() and not reduce_range
     usable = [fmt for fmt in CANDIDATES if not (saturates and fmt == FORMAT_DYNAMIC)]
     good = [fmt for fmt in usable if cosine[fmt] >= MIN_PROBE_COSINE] or [FORMAT_QDQ]
     best = max(good, key=lambda fmt: speedup[fmt])
@@ -115,7 +116,9 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
               + (f"; {', '.join(dropped)} left out: {PROBE_BITS}-bit probe cosine below {MIN_PROBE_COSINE}"
                  if dropped else "")
               + (f"; {FORMAT_DYNAMIC} left out: this CPU's int8 GEMM saturates full-range int8 weights (AVX2 "
-                 f"without VNNI)" if saturates else "")
+                 f"without VNNI) and --no-reduce-range was given" if saturates else "")
+              + (f"; {FORMAT_DYNAMIC} measured with its int8 weights within ±63 (--reduce-range)" if reduce_range
+                 else "")
               + f"; {FORMAT_NBITS} is the kernel qdq becomes")
     del sessions
     return FormatChoice(best, reason, True, PROBE_BITS, threads, round(_load(), 2),
@@ -202,13 +205,16 @@ def _probe_cosine(adapter: RuntimeAdapter, reference: ort.InferenceSession, sess
     return float(np.mean(cosines))
 
 
-def format_chooser(analysis: AnalysisOptions | None = None, threads: int = 2) -> Callable[..., FormatChoice]:
+def format_chooser(analysis: AnalysisOptions | None = None, threads: int = 2,
+                   reduce_range: bool = False) -> Callable[..., FormatChoice]:
     """What the command hands the exporter for `--format auto`: the exporter calls it on its FP32 export
-    before the plan (it imports no runtime itself); the choice also sets the format a size budget counts."""
+    before the plan (it imports no runtime itself); the choice also sets the format a size budget counts.
+    `reduce_range`: the export's, which the dynamic probe is lowered with."""
 
     def choose(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: LayerGraph,
                uses: Mapping[str, Sequence[WeightUse]], fp32_dir: Path, work: Path) -> FormatChoice:
-        choice = choose_format(loaded, model_proto, graph, uses, fp32_dir, work, analysis, threads)
+        choice = choose_format(loaded, model_proto, graph, uses, fp32_dir, work, analysis, threads,
+                               reduce_range=reduce_range)
         if analysis is not None:
             analysis.weight_format = choice.format
         return choice

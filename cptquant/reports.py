@@ -93,6 +93,7 @@ class ExportReport:
     ratio_vs_fp16: float = 0.0
     ratio_vs_fp32: float = 0.0
     outlier_ratio: float | None = None  # --format dynamic only
+    reduce_range: bool | None = None  # --format dynamic only: int8 weights within ±63 (quant/storage.py)
     genai_config: str | None = None  # causal LMs only: the genai_config.json written (None: none could be)
     # causal LMs only: the attention written (exporter/attention_fusion.py): GroupQueryAttention and how far its
     # logits/presents were from optimum's graph, or optimum's own and why
@@ -109,7 +110,7 @@ class ExportReport:
     def to_dict(self) -> dict[str, Any]:
         data = {name: value for name, value in self.__dict__.items() if name != "layers"}
         data["layers"] = {name: layer.to_dict() for name, layer in sorted(self.layers.items())}
-        for optional in ("outlier_ratio", "calibration_text", "analysis", "verification", "format_choice",
+        for optional in ("outlier_ratio", "reduce_range", "calibration_text", "analysis", "verification", "format_choice",
                          "model_files", "attention"):
             if data[optional] is None:
                 del data[optional]

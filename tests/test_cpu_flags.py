@@ -32,3 +32,23 @@ def test_no_cpuinfo_means_no_claim(monkeypatch):
 
     monkeypatch.setattr(builtins, "open", missing)
     assert cpu.u8s8_gemm_saturates() is False
+
+
+@pytest.mark.parametrize("report, saturates, warned", [
+    ({"weight_format": "dynamic"}, True, True),  # a report from before reduce_range: full range
+    ({"weight_format": "dynamic", "reduce_range": False}, True, True),
+    ({"weight_format": "dynamic", "reduce_range": True}, True, False),
+    ({"weight_format": "dynamic", "reduce_range": False}, False, False),
+    ({"weight_format": "qdq"}, True, False),
+])
+def test_verify_warns_when_the_export_s_int8_weights_saturate_here(monkeypatch, report, saturates, warned):
+    from types import SimpleNamespace
+
+    from cptquant.runtimes import verify
+
+    monkeypatch.setattr(verify, "u8s8_gemm_saturates", lambda: saturates)
+    line = verify._saturating_gemm(SimpleNamespace(report=report))
+    assert (line is not None) is warned
+    if warned:
+        assert "--reduce-range" in line
+

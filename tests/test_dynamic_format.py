@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,8 +19,8 @@ from cptquant.model_loading import wrap_model
 from cptquant.onnx_io.inputs import feeds_for
 from cptquant.passes.measurements import CalibrationMeasurements
 from cptquant.plan import LayerPlan, Plan, uniform_plan
-from cptquant.quant.quantize import quantize_blocked
-from cptquant.quant.storage import FORMAT_DYNAMIC
+from cptquant.quant.quantize import quantize_blocked, quantize_columns_within
+from cptquant.quant.storage import FORMAT_DYNAMIC, REDUCED_RANGE_MAX
 from cptquant.runtimes.cpu import u8s8_gemm_saturates
 from cptquant.testing import tiny_bert
 
@@ -41,37 +43,55 @@ SATURATES = pytest.mark.skipif(u8s8_gemm_saturates(), reason="this CPU's u8s8 GE
                                "(AVX2 without VNNI): a known defect of --format dynamic here, docs/ort-kernels.md")
 
 
-def _lower_dynamic(model: onnx.ModelProto, bits: int, symmetric: bool, smoothing: np.ndarray | None = None) -> Lowered:
+def _lower_dynamic(model: onnx.ModelProto, bits: int, symmetric: bool, smoothing: np.ndarray | None = None,
+                   reduce_range: bool = False) -> Lowered:
     plan = Plan(layers={"fc": LayerPlan(bits=bits, symmetric=symmetric)})
-    return lower_model(model, {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan, KernelChoice(FORMAT_DYNAMIC),
+    return lower_model(model, {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan,
+                       KernelChoice(FORMAT_DYNAMIC, reduce_range=reduce_range),
                        smoothing=None if smoothing is None else {"fc": smoothing})
 
 
-def _effective_weight(weight: np.ndarray, bits: int, symmetric: bool) -> np.ndarray:
-    """What the format computes with: per-column int8 of the weight (8 bits) or of its blocked 4-bit version."""
+def _effective_weight(weight: np.ndarray, bits: int, symmetric: bool, reduce_range: bool) -> np.ndarray:
+    """What the format computes with: per-column int8 (within ±63 with `reduce_range`) of the weight (8 bits)
+    or of its blocked 4-bit version."""
     source = weight if bits == 8 else quantize_blocked(weight, bits, 32, symmetric).dequantize()
+    if reduce_range:
+        return quantize_columns_within(source, REDUCED_RANGE_MAX).dequantize()
     return quantize_blocked(source, 8, K, True).dequantize()
 
 
-@pytest.mark.parametrize("bits, symmetric", [pytest.param(8, True, marks=SATURATES), pytest.param(4, True, marks=SATURATES),
-                                             (4, False)])
-def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric):
+def _folded_int8_weights(model: onnx.ModelProto, folder: Path) -> list[np.ndarray]:
+    """The int8 weights DynamicQuantizeMatMul reads once ORT has folded the 4-bit expansion."""
+    onnx.save(model, folder / "model.onnx")
+    optimized = optimized_graph(folder / "model.onnx").graph
+    weights = {init.name: init for init in optimized.initializer}
+    return [numpy_helper.to_array(weights[node.input[1]]) for node in optimized.node
+            if node.op_type == "DynamicQuantizeMatMul"]
+
+
+# Reduced range runs everywhere: ±63 weights cannot saturate the int16 pair sums of AVX2's vpmaddubsw.
+@pytest.mark.parametrize("bits, symmetric, reduce_range", [
+    pytest.param(8, True, False, marks=SATURATES), pytest.param(4, True, False, marks=SATURATES), (4, False, False),
+    (8, True, True), (4, True, True), (4, False, True)])
+def test_dynamic_matmul_computes_the_effective_weight(bits, symmetric, reduce_range, tmp_path):
     rng = np.random.default_rng(2)
     weight = rng.normal(size=(K, N)).astype(np.float32)
     bias = rng.normal(size=N).astype(np.float32)
     x = rng.normal(size=(5, K)).astype(np.float32)
-    lowered = _lower_dynamic(_one_matmul(weight, bias), bits, symmetric)
+    lowered = _lower_dynamic(_one_matmul(weight, bias), bits, symmetric, reduce_range=reduce_range)
     model, mse, block = lowered.model, lowered.layers["fc"].mse, lowered.layers["fc"].block_size
     onnx.checker.check_model(model)
     assert [n.op_type for n in model.graph.node if n.domain] == ["DynamicQuantizeMatMul"]
     assert not any(n.op_type == "Add" for n in model.graph.node)  # the bias moved into the kernel
     assert block == (K if bits == 8 else 32)
-    expected = x @ _effective_weight(weight, bits, symmetric) + bias
+    expected = x @ _effective_weight(weight, bits, symmetric, reduce_range) + bias
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"x": x})[0]
     # Activations are quantized to uint8 per tensor at run time: allow that rounding.
     np.testing.assert_allclose(got, expected, atol=0.03 * np.abs(expected).max())
     assert mse > 0
+    widest = max(int(np.abs(w.astype(np.int16)).max()) for w in _folded_int8_weights(model, tmp_path))
+    assert widest <= REDUCED_RANGE_MAX if reduce_range else widest > REDUCED_RANGE_MAX
 
 
 # At 4 bits the weight's own rounding dominates the error (and the scaled-up rows coarsen their blocks).
@@ -168,22 +188,29 @@ def test_dynamic_4_bit_layers_are_4_bit_on_disk(bert_dynamic):
             assert entry["bytes_after"] < 0.75 * params
 
 
-def test_cli_dynamic_format_with_gptq_codes(tmp_path):
-    """`cptq-export --format dynamic`: GPTQ chooses the 4-bit codes, which the int8 expansion then reads."""
+@pytest.mark.parametrize("flag, reduced", [([], True), (["--no-reduce-range"], False)])
+def test_cli_dynamic_format_with_gptq_codes(tmp_path, monkeypatch, flag, reduced):
+    """`cptq-export --format dynamic`: GPTQ chooses the 4-bit codes, which the int8 expansion then reads. On a
+    CPU whose int8 GEMM saturates (pretended here) the int8 weights are within ±63 unless told otherwise."""
     import json
 
     from typer.testing import CliRunner
 
     from cptquant.cli import export_app
+    from cptquant.runtimes import cpu
     from cptquant.testing import save_tiny_model
 
+    monkeypatch.setattr(cpu, "u8s8_gemm_saturates", lambda: True)
     folder = save_tiny_model(tiny_bert(), tmp_path / "bert")
     out = tmp_path / "out"
     result = CliRunner().invoke(export_app, [str(folder), "--bits", "4", "--format", "dynamic", "--calib-samples", "8",
-                                             "--seq-len", "32", "-o", str(out), "--no-verify", "--no-progress"])
+                                             "--seq-len", "32", "-o", str(out), "--no-verify", "--no-progress", *flag])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "model.report.json").read_text())
-    assert report["weight_format"] == "dynamic"
+    assert report["weight_format"] == "dynamic" and report["reduce_range"] is reduced
+    widest = max(int(np.abs(w.astype(np.int16)).max())
+                 for w in _folded_int8_weights(onnx.load(str(out / "model.onnx")), tmp_path))
+    assert widest <= REDUCED_RANGE_MAX if reduced else widest > REDUCED_RANGE_MAX
     matmuls = {name: entry for name, entry in report["layers"].items() if "embeddings" not in name}
     assert {entry["algorithm"] for entry in matmuls.values()} == {"gptq"}
     assert all(entry["kernels"] == ["DynamicQuantizeMatMul"] for entry in matmuls.values())

@@ -23,10 +23,10 @@ def _few_texts(monkeypatch):
         "a short sentence to encode", "another line of text for the probe", "numbers 1 2 3 and words"])
 
 
-def _export(model, out):
+def _export(model, out, reduce_range=False):
     return export_quantized(wrap_model(model), lambda _l, graph: uniform_plan(graph, 8), out / "model.onnx",
-                            progress=False, fmt=FORMAT_AUTO, outlier_ratio=0,
-                            choose_format=format_chooser())  # no calibration pass
+                            progress=False, fmt=FORMAT_AUTO, outlier_ratio=0, reduce_range=reduce_range,
+                            choose_format=format_chooser(reduce_range=reduce_range))  # no calibration pass
 
 
 def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp_path):
@@ -39,7 +39,7 @@ def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp
     assert all(set(by_shape) <= shapes and by_shape for by_shape in choice["p50_ms"].values())
     assert all(ms > 0 for by_shape in choice["p50_ms"].values() for ms in by_shape.values())
     fastest = max(choice["speedup_vs_fp32"], key=choice["speedup_vs_fp32"].get)
-    saturates = u8s8_gemm_saturates()  # dynamic is no candidate on such a CPU (its products are wrong there)
+    saturates = u8s8_gemm_saturates()  # full-range int8 weights give wrong products on such a CPU: left out there
     eligible = [f for f in CANDIDATES if choice["probe_cosine"][f] >= 0.99 and not (saturates and f == "dynamic")]
     assert choice["format"] == (fastest if fastest in eligible else max(eligible, key=choice["speedup_vs_fp32"].get))
     assert choice["format"] in choice["reason"]
@@ -48,11 +48,21 @@ def test_an_encoder_gets_the_measured_fastest_format_and_the_report_says_why(tmp
     assert any(k.startswith(wanted) for k in kernels), kernels  # the export really runs the chosen kernel
 
 
-def test_a_cpu_whose_int8_gemm_saturates_never_gets_the_dynamic_format(tmp_path, monkeypatch):
+def test_a_cpu_whose_int8_gemm_saturates_never_gets_full_range_dynamic_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu, "u8s8_gemm_saturates", lambda: True)
     choice = _export(tiny_bert(), tmp_path / "bert").report.format_choice
     assert choice["measured"] and choice["format"] == FORMAT_QDQ
     assert "dynamic left out: this CPU's int8 GEMM saturates" in choice["reason"]
+
+
+def test_with_reduced_range_the_dynamic_probe_is_measured_as_the_export_writes_it(tmp_path, monkeypatch):
+    """With ±63 weights (what `cptq-export` writes on such a CPU) dynamic is a candidate again, probed as written."""
+    monkeypatch.setattr(cpu, "u8s8_gemm_saturates", lambda: True)
+    result = _export(tiny_bert(), tmp_path / "bert", reduce_range=True)
+    choice = result.report.format_choice
+    assert choice["measured"] and "left out" not in choice["reason"]
+    assert "dynamic measured with its int8 weights within ±63" in choice["reason"]
+    assert result.report.reduce_range is (True if choice["format"] == "dynamic" else None)
 
 
 def test_a_decoder_keeps_matmulnbits_without_measuring(tmp_path):

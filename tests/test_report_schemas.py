@@ -76,14 +76,15 @@ def test_a_verify_report_matches_the_schema(verified_export):
 
 
 def test_a_dynamic_causal_lm_export_report_matches_the_schema(tmp_path):
-    """The optional fields: genai_config (causal LMs), outlier_ratio (dynamic), calibration_text, hot rows."""
+    """The optional fields: genai_config (causal LMs), outlier_ratio and reduce_range (dynamic), calibration_text,
+    hot rows."""
     loaded = wrap_model(tiny_llama())
     result = export_quantized(loaded, lambda _l, graph: uniform_plan(graph, 4), tmp_path / "model.onnx",
-                              progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5,
+                              progress=False, fmt=FORMAT_DYNAMIC, outlier_ratio=1.5, reduce_range=True,
                               calibration=CalibrationMeasurements(CalibrationOptions(calib_samples=16, seq_len=32)))
     report = json.loads((tmp_path / "model.report.json").read_text())
     assert report == result.report.to_dict()
-    assert {"genai_config", "outlier_ratio", "calibration_text"} <= set(report)
+    assert {"genai_config", "outlier_ratio", "reduce_range", "calibration_text"} <= set(report)
     assert _errors("export-report.schema.json", report) == []
     assert _errors("plan.schema.json", json.loads((tmp_path / "model.plan.json").read_text())) == []
 

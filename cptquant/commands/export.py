@@ -111,6 +111,11 @@ def export(
         DEFAULT_OUTLIER_RATIO, "--outlier-ratio",
         help="--format dynamic: input channels whose calibration peak is above this many times the layer's median "
              "are scaled down before the int8 product (weights scaled up to match); 0: off."),
+    reduce_range: bool | None = typer.Option(
+        None, "--reduce-range/--no-reduce-range",
+        help="--format dynamic: int8 weights within ±63, as ORT's reduce_range (slightly coarser, exact on every "
+             "CPU). Default: on where this CPU's int8 GEMM saturates full-range weights (x86 AVX2 without VNNI), "
+             "off elsewhere; give --reduce-range when the model will run on such a CPU.", show_default=False),
     attention: str = typer.Option(
         ATTENTION_GQA, "--attention",
         help="Causal LMs: gqa writes a Llama/Mistral/Qwen2 decoder's attention as ORT's GroupQueryAttention when "
@@ -152,5 +157,5 @@ def export(
                           bit_widths=options.ints(bit_widths, "--bit-widths"), granularity=granularity,
                           sparsity=options.sparsities(sparsity), cca=cca, curvature=curvature,
                           lm_loss=lm_loss, verify=verify, force=force, progress=progress, trust_remote_code=trust_remote_code,
-                          attention=attention)
+                          attention=attention, reduce_range=reduce_range)
     print_summary(result, Console(markup=False))  # paths, model names, errors are text: `out[/x]` is no markup tag

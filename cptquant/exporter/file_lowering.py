@@ -31,18 +31,22 @@ Records = dict[str, LoweredLayer]  # layer -> how it was lowered in one file (or
 @dataclass(frozen=True)
 class FileLowering:
     """What every file of the export is lowered with: the plan, the format, GPTQ or round-to-nearest, and
-    the input smoothing factors of --format dynamic."""
+    the input smoothing factors and weight range of --format dynamic."""
 
     plan: Plan
     fmt: str
     quantizer: RoundToNearest
     smoothing: Mapping[str, np.ndarray]
     attention: AttentionSpec | None = None  # a decoder's attention rewritten into GroupQueryAttention first
+    reduce_range: bool = False  # DynamicQuantizeMatMul's int8 weights within ±63 (KernelChoice)
+
+    def kernels(self, per_layer: Mapping[str, str] | None = None) -> KernelChoice:
+        return KernelChoice(self.fmt, dict(per_layer or {}), self.reduce_range)
 
     def lower(self, source: onnx.ModelProto, layer_map: LayerMap, base_dir: Path | None,
               kernels: KernelChoice | None = None) -> Lowered:
         """One file, with `kernels` instead of the format's own where given (the check's repair)."""
-        kernels = kernels if kernels is not None else KernelChoice(self.fmt)
+        kernels = kernels if kernels is not None else self.kernels()
         return lower_model(source, layer_map.uses(), self.plan, kernels, self.quantizer, self.smoothing,
                            base_dir=base_dir, attention=self.attention)
 
@@ -72,7 +76,7 @@ def check_files(fp32: Fp32Files, layer_maps: Mapping[str, LayerMap], lowering: F
             # Another ORT fusion pre-empted DQ -> MatMul for these layers (e.g. MatMul + Add + Relu becoming
             # FusedGemm); write MatMulNBits for them, which is what ORT would run.
             repaired = graph_check.unfused
-            kernels = KernelChoice(lowering.fmt, {layer: FORMAT_NBITS for layer in repaired})
+            kernels = lowering.kernels({layer: FORMAT_NBITS for layer in repaired})
             source, base_dir = load_onnx_lazily(fp32.folder / name)
             lowered = lowering.lower(source, layer_maps[name], base_dir, kernels)
             del source

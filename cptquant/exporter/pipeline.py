@@ -85,7 +85,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                      verify: Verifier | None = None, algorithm: str = "rtn",
                      calibration: Measurements | None = None,
                      outlier_ratio: float = DEFAULT_OUTLIER_RATIO,
-                     choose_format: FormatChooser | None = None, attention: str = ATTENTION_GQA) -> ExportResult:
+                     choose_format: FormatChooser | None = None, attention: str = ATTENTION_GQA,
+                     reduce_range: bool = False) -> ExportResult:
     """Export `loaded` with the plan `make_plan` gives; `report_extras` (filled by then) joins the report.
 
     `algorithm` "gptq" chooses 4-bit MatMul codes with GPTQ, from input Hessians that `calibration`
@@ -94,7 +95,8 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
     and `outlier_ratio` > 0, outlier input channels (peaks `calibration` measures) are scaled down before
     each layer's int8 product. With `fmt` auto, `choose_format` measures the format on the FP32 export.
     `attention` gqa: a Llama/Mistral/Qwen2 decoder's attention becomes GroupQueryAttention where it gives the
-    FP32 export's outputs (exporter/attention_fusion.py); optimum: kept as optimum wrote it.
+    FP32 export's outputs (exporter/attention_fusion.py); optimum: kept as optimum wrote it. `reduce_range`:
+    dynamic's int8 weights within ±63, for a CPU whose int8 GEMM saturates full-range ones (quant/storage.py).
     """
     if algorithm not in ALGORITHMS:
         raise CptqError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, not {algorithm!r}")
@@ -148,7 +150,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
             with steps.step(timings):
                 smoothing = (input_smoothing(loaded, graph, plan, calibration, outlier_ratio, progress)
                              if fmt == FORMAT_DYNAMIC and outlier_ratio > 0 else {})
-                lowering = FileLowering(plan, fmt, quantizer, smoothing, spec)
+                lowering = FileLowering(plan, fmt, quantizer, smoothing, spec, reduce_range)
                 per_file = lower_files(fp32, layer_maps, lowering, out_dir)
                 quantizer.release_measurements()  # the Hessians: the check's repair reads memoised codes
                 for side in side_files(fp32.folder):
@@ -176,6 +178,7 @@ def export_quantized(loaded: LoadedModel, make_plan: PlanFactory, out: Path, for
                                       parity, fp32.folder, fp16_dir, timings, fmt, fp32.opset, fingerprint,
                                       [name for name, _ in fp32.names])
                 report.outlier_ratio = outlier_ratio if fmt == FORMAT_DYNAMIC else None
+                report.reduce_range = reduce_range if fmt == FORMAT_DYNAMIC else None
                 report.genai_config = genai.name if genai else None
                 report.attention = fused.note if fused is not None else None
                 report.format_choice = format_choice.to_dict() if format_choice is not None else None

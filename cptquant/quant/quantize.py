@@ -217,6 +217,15 @@ def _quantize_columns(weight: np.ndarray, bits: int, block_size: int, symmetric:
     return QuantizedWeight(q.reshape(weight.shape), scale, zero_point, bits, block_size)
 
 
+def quantize_columns_within(weight: np.ndarray, qmax: int) -> QuantizedWeight:
+    """Symmetric int8 codes per output column of a [K, N] weight, within ±`qmax`, round-to-nearest: what ORT's
+    `reduce_range` writes with 63 (7 bits). An 8-bit weight (`bits` 8: int8 on disk) on a narrower grid."""
+    weight = np.asarray(weight, dtype=np.float32)
+    scale = _safe_scale(np.abs(weight).max(axis=0, keepdims=True) / qmax)
+    q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
+    return QuantizedWeight(q, scale, None, 8, weight.shape[0])
+
+
 def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,
                   clip: str = "absmax") -> np.ndarray:
     """Quantize then dequantize: what the deployed model computes with, in float32."""

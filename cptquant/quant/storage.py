@@ -178,12 +178,22 @@ class BlockedNBits(_Layout):
         return _as_laid_out(self.tensors(k, n, qw.bits, qw.block_size, qw.symmetric, "float32"), arrays)
 
 
+INT8_MAX = 127
+# ORT's `reduce_range`: int8 weights within ±63. x86 CPUs with AVX2 but no VNNI multiply uint8 activations by
+# int8 weights with vpmaddubsw, which sums pairs of products in int16: full-range weights saturate it (outputs
+# off by up to ~18 %), 7-bit ones cannot (255 · 64 · 2 < 32767). docs/ort-kernels.md has the figures.
+REDUCED_RANGE_MAX = 63
+
+
+@dataclass(frozen=True)
 class DynamicInt8(_Layout):
     """`--format dynamic`: com.microsoft.DynamicQuantizeMatMul reads an int8 [K, N] weight and a float32
     scale per output column. 8 bits: exactly that. 4 bits: the blocked codes stay 4-bit on disk with
     per-block ratios (block scale / column scale) and zero points; constant-foldable ops expand them to
-    int8 at session start."""
+    int8 at session start. `weight_max`: the int8 codes' range, ±127, or ±63 where the CPU's int8 GEMM
+    would saturate (`REDUCED_RANGE_MAX`); the bytes are the same."""
 
+    weight_max: int = INT8_MAX
     kernel = KERNEL_DYNAMIC
 
     def tensors(self, k: int, n: int, bits: int, block_size: int, symmetric: bool,
@@ -199,16 +209,17 @@ class DynamicInt8(_Layout):
         return layout
 
     def encode(self, qw: QuantizedWeight) -> dict[str, np.ndarray]:
-        """8 bits: `qw` is per column (one block of K). 4 bits: column scale max|W4| / 127, so the
-        effective weight is the 4-bit one rounded once more onto the column's int8 grid."""
+        """8 bits: `qw` is per column (one block of K), within ±`weight_max`. 4 bits: column scale
+        max|W4| / `weight_max`, so the effective weight is the 4-bit one rounded once more onto the column's
+        int8 grid."""
         k, n = qw.q.shape
         if qw.bits == 8:
             arrays = {"codes": qw.q, "column_scales": qw.scale.reshape(n)}
             return _as_laid_out(self.tensors(k, n, 8, k, True), arrays)
         blocks = k // qw.block_size
-        column_scale = np.abs(qw.dequantize()).max(axis=0) / np.float32(127)
+        column_scale = np.abs(qw.dequantize()).max(axis=0) / np.float32(self.weight_max)
         column_scale = np.where(column_scale > 0, column_scale, 1).astype(np.float32)
-        ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N], in (0, 1]: FP16 keeps it to 2^-11
+        ratio = (qw.scale / column_scale).astype(np.float32)  # [K/B, N]; FP16 keeps it to 2^-11 relative
         arrays = {"codes": qw.q.reshape(blocks, qw.block_size, n), "ratios": ratio.reshape(blocks, 1, n)}
         if qw.zero_point is not None:  # asymmetric
             arrays["zero_points"] = qw.zero_point.reshape(blocks, 1, n)

@@ -19,10 +19,11 @@ import onnxruntime as ort
 from ..errors import CptqError
 from ..model_loading import TASK_CLASSIFICATION, TASK_SEQ2SEQ, LoadedModel
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
+from ..quant.storage import FORMAT_DYNAMIC
 from ..reports import VerifyReport
 from ..version import __version__
 from .base import RuntimeAdapter, model_bytes, timed
-from .cpu import CpuAdapter
+from .cpu import CpuAdapter, u8s8_gemm_saturates
 from .cuda import CudaAdapter
 from .export_folder import BASELINES, OutputFolder, ensure_baselines, inspect_output_folder
 from .gate import Check, Thresholds, gate
@@ -152,7 +153,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
     if eval_set is not None and eval_set.labels is not None and out.task != TASK_CLASSIFICATION:
         raise CptqError(f"--eval has labels, but the model's task is {out.task}, not {TASK_CLASSIFICATION}")
     overlap = _calibration_overlap(out, eval_set) if eval_set is not None else None
-    warnings = [overlap] if overlap else []
+    warnings = [line for line in (overlap, _saturating_gemm(out)) if line]
     variants = {CANDIDATE: out.model, **ensure_baselines(out, loaded, progress, source)}
     # Only once the input is known good: a refusal stays the one line on stderr.
     for why in skipped.values():
@@ -184,6 +185,14 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
         warnings=warnings,
     )
     return VerifyResult(report, checks, skipped)
+
+
+def _saturating_gemm(out: OutputFolder) -> str | None:
+    """A dynamic export with full-range int8 weights gives wrong products on a CPU whose int8 GEMM saturates."""
+    if out.report.get("weight_format") != FORMAT_DYNAMIC or out.report.get("reduce_range") or not u8s8_gemm_saturates():
+        return None
+    return ("this CPU's int8 GEMM saturates full-range int8 weights (x86 AVX2 without VNNI): this export's "
+            "DynamicQuantizeMatMul outputs are off here by up to ~18 %; export it again with --reduce-range")
 
 
 def _calibration_overlap(out: OutputFolder, eval_set: EvalSet) -> str | None:

@@ -27,10 +27,12 @@ Key = tuple[int, int, int]  # (layer's place in the layer map, use, creation ord
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """How each layer's 4/8-bit MatMul weights are written: `default` (a --format), or per layer."""
+    """How each layer's 4/8-bit MatMul weights are written: `default` (a --format), or per layer.
+    `reduce_range`: DynamicQuantizeMatMul's int8 weights within ±63, for CPUs whose int8 GEMM saturates."""
 
     default: str = FORMAT_QDQ
     per_layer: Mapping[str, str] = field(default_factory=dict)
+    reduce_range: bool = False
 
     def format_of(self, layer: str) -> str:
         return self.per_layer.get(layer, self.default)

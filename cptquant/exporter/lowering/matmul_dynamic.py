@@ -1,7 +1,8 @@
 """MatMul(A, W) [+ Add(bias)] -> com.microsoft.DynamicQuantizeMatMul(A, W int8, column scales[, , bias]).
 
 `--format dynamic`: the kernel quantizes A to uint8 per tensor at run time (docs/ort-kernels.md).
-8 bits: symmetric int8 per output column, what ORT's quantize_dynamic writes. 4 bits: the planned
+8 bits: symmetric int8 per output column, what ORT's quantize_dynamic writes (within ±63 with
+`KernelChoice.reduce_range`, as its `reduce_range` does: quant/storage.py says why). 4 bits: the planned
 blocked codes stay on disk; Cast/Sub/Mul/Round/Cast/Reshape compute the int8 weight from them, and
 ORT constant-folds those at session start (it does not fold DequantizeLinear, hence plain ops). A
 following `Add(bias[N])` moves into the kernel, as ORT's own fusion does. A layer with outlier
@@ -13,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from ...quant.storage import FORMAT_DYNAMIC, KERNEL_DYNAMIC, DynamicInt8
+from ...quant.quantize import QuantizedWeight, quantize_columns_within
+from ...quant.storage import FORMAT_DYNAMIC, INT8_MAX, KERNEL_DYNAMIC, REDUCED_RANGE_MAX, DynamicInt8
 from .context import MS_DOMAIN, AttrValue, Site, make_node, name_of, tensor_of
 from .matmul import MatMulLowering, int_tensor
 
@@ -21,7 +23,10 @@ from .matmul import MatMulLowering, int_tensor
 class MatMulToDynamicQuantize(MatMulLowering):
     format = FORMAT_DYNAMIC
     kernel = KERNEL_DYNAMIC
-    storage = DynamicInt8()
+
+    @property
+    def storage(self) -> DynamicInt8:
+        return DynamicInt8(REDUCED_RANGE_MAX if self.lowering.kernels.reduce_range else INT8_MAX)
 
     def lower(self, site: Site) -> None:
         lowering, names, lp, base, matmul = self.lowering, self.lowering.names, site.plan, site.base, site.node
@@ -30,7 +35,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
         smoothing = lowering.smoothing.get(site.layer)
         source = weight_kn if smoothing is None else weight_kn * smoothing[:, None]
         if lp.bits == 8:
-            qw = self.quantize(site, source, block_size=k, symmetric=True)
+            qw = self._int8_columns(site, source)
             arrays = self.storage.encode(qw)
             codes = lowering.add_initializer(site, f"{base}.weight_q8", int_tensor(arrays["codes"], 8, True))
             effective, factor_type = qw.dequantize(), "float16"
@@ -55,6 +60,13 @@ class MatMulToDynamicQuantize(MatMulLowering):
             effective = effective / smoothing[:, None]
         nbytes = self.storage.nbytes(k, n, lp.bits, qw.block_size, qw.symmetric, factor_type)
         self.record(site, nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size)
+
+    def _int8_columns(self, site: Site, source: np.ndarray) -> QuantizedWeight:
+        """An 8-bit layer's codes: per column, full range as planned, or round-to-nearest within ±63."""
+        if self.storage.weight_max == INT8_MAX:
+            return self.quantize(site, source, block_size=source.shape[0], symmetric=True)
+        site.algorithm = "rtn"
+        return quantize_columns_within(source, self.storage.weight_max)
 
     def _expansion(self, site: Site, arrays: dict[str, np.ndarray], bits: int, symmetric: bool) -> tuple[ir.Value, np.ndarray, str]:
         """The 4-bit codes, ratios and zero points, and the constant ops that make int8 of them:
