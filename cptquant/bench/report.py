@@ -154,7 +154,8 @@ def write_markdown(results: list[ModelResult], path: Path, goals: str, command: 
         f"Produced by `{command}` on {date.today().isoformat()} in {minutes:.0f} minutes; every figure below comes "
         "from that one run. Machine: " + machine() + ". " + load, "",
         "Sizes are `model.onnx` (+ external data) bytes; FP16 is the same optimum export converted with ORT's "
-        "float16 converter (FP32 inputs and outputs kept). ORT int8 dynamic is `quantize_dynamic(per_channel=True)`; "
+        "float16 converter (FP32 inputs and outputs kept). ORT int8 dynamic is `quantize_dynamic(per_channel=True)` "
+        "(with `reduce_range` on a CPU whose int8 GEMM saturates: AVX2 without VNNI); "
         "ORT int4 RTN is `MatMulNBitsQuantizer(block_size=32, is_symmetric=True)`; both run on the same FP32 export. "
         "cptq variants: `cptq <method> <budget>` ranks layers with that method and allocates bits at the default "
         "k-harmonic-means clustering (KHM), at an average-bits budget, or at a file-size budget; 4-bit MatMul codes "
