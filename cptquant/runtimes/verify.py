@@ -19,7 +19,6 @@ import onnxruntime as ort
 from ..errors import CptqError
 from ..model_loading import TASK_CLASSIFICATION, TASK_SEQ2SEQ, LoadedModel
 from ..output_folder import VERIFY_CANDIDATE, VERIFY_REPORT_DIR
-from ..quant.storage import FORMAT_DYNAMIC
 from ..reports import VerifyReport
 from ..version import __version__
 from .base import RuntimeAdapter, model_bytes, timed
@@ -37,6 +36,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 CANDIDATE = VERIFY_CANDIDATE
+# The report's weight_format of `--format dynamic` (quant.storage.FORMAT_DYNAMIC: the runtimes only read folders).
+DYNAMIC_FORMAT = "dynamic"
 REPORT_DIR = VERIFY_REPORT_DIR  # cptq verify's reports, inside the output folder unless --report-dir says otherwise
 
 
@@ -189,7 +190,7 @@ def verify_output(folder: Path, baseline: str = "fp32", ep: str = "auto", thresh
 
 def _saturating_gemm(out: OutputFolder) -> str | None:
     """A dynamic export with full-range int8 weights gives wrong products on a CPU whose int8 GEMM saturates."""
-    if out.report.get("weight_format") != FORMAT_DYNAMIC or out.report.get("reduce_range") or not u8s8_gemm_saturates():
+    if out.report.get("weight_format") != DYNAMIC_FORMAT or out.report.get("reduce_range") or not u8s8_gemm_saturates():
         return None
     return ("this CPU's int8 GEMM saturates full-range int8 weights (x86 AVX2 without VNNI): this export's "
             "DynamicQuantizeMatMul outputs are off here by up to ~18 %; export it again with --reduce-range")
