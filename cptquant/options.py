@@ -55,6 +55,15 @@ def _one_of(flag: str, value: object, allowed: tuple[str, ...]) -> None:
         raise CptqError(f"{flag} must be one of {', '.join(allowed)}, not {value!r}")
 
 
+def fitting_block_size(in_features: int, block_size: int) -> int:
+    """The requested block size, halved until it divides the layer's input size: a layer of input 16 or 48 (RoFormer's
+    sinusoidal position table at 16 per head) takes blocks of 16 where the others take 32. Every layer of a plan
+    divides by MIN_BLOCK_SIZE (layer_graph leaves the others FP32); the passes also halve below it for tiny layers."""
+    while block_size > 1 and in_features % block_size:
+        block_size //= 2
+    return block_size
+
+
 def check_block_size(block_size: int) -> None:
     """A quantization block: a power of two of at least MIN_BLOCK_SIZE (options, and every layer of a plan file)."""
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import CptqError
 from .layer_graph import ROLE_EMBEDDING, LayerGraph
-from .options import DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, check_block_size
+from .options import DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, check_block_size, fitting_block_size
 
 PLAN_VERSION = 1
 HOT_ROW_BITS = 8
@@ -157,7 +157,8 @@ def parse_rows(value: object, what: str) -> list[int]:
 
 def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = True,
                  model: str = "") -> Plan:
-    layers = {layer.name: LayerPlan(bits=bits, block_size=block_size, symmetric=symmetric) for layer in graph.layers}
+    layers = {layer.name: LayerPlan(bits=bits, block_size=fitting_block_size(layer.in_features, block_size),
+                                    symmetric=symmetric) for layer in graph.layers}
     return Plan(layers=layers, method=f"uniform-{bits}", model=model)
 
 
@@ -166,7 +167,7 @@ def fill_missing_layers(plan: Plan, graph: LayerGraph, bits: int, block_size: in
     """`--default-bits`: the layers a plan file leaves out get `bits`, written into the plan explicitly."""
     missing = [layer.name for layer in graph.layers if layer.name not in plan.layers]
     for name in missing:
-        plan.layers[name] = LayerPlan(bits=bits, block_size=block_size,
+        plan.layers[name] = LayerPlan(bits=bits, block_size=fitting_block_size(graph[name].in_features, block_size),
                                       symmetric=zero_points == "never" or (zero_points == "auto" and bits != 4))
     if missing:
         plan.meta = {**plan.meta, "default_bits": bits}

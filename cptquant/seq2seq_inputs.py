@@ -30,7 +30,7 @@ def decoder_reads_input(model: Any) -> Iterator[None]:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None:
             return None
-        kwargs["decoder_input_ids"] = module.prepare_decoder_input_ids_from_labels(labels=ids)
+        kwargs["decoder_input_ids"] = shifted_right(module, ids)
         return args, kwargs
 
     handle = model.register_forward_pre_hook(fill, with_kwargs=True)
@@ -38,3 +38,15 @@ def decoder_reads_input(model: Any) -> Iterator[None]:
         yield
     finally:
         handle.remove()
+
+
+def shifted_right(model: Any, ids: Any) -> Any:
+    """The model's own shift (T5, BART) where it has one; else (M2M100, Blenderbot-small, ...) the rule they all
+    follow: the decoder start token first, then the input but its last token."""
+    if hasattr(model, "prepare_decoder_input_ids_from_labels"):
+        return model.prepare_decoder_input_ids_from_labels(labels=ids)
+    config = model.config
+    start = next((v for v in (getattr(config, "decoder_start_token_id", None), config.pad_token_id) if v is not None), 0)
+    shifted = ids.new_full(ids.shape, start)
+    shifted[:, 1:] = ids[:, :-1]
+    return shifted

@@ -145,7 +145,68 @@ _SPECS: dict[str, tuple[str, str, str, ConfigKwargs]] = {
                   decoder_ffn_dim=TINY_FFN, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID,
                   bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, dropout=0.0,
                   attention_dropout=0.0, activation_dropout=0.0)),
+    # No prepare_decoder_input_ids_from_labels (seq2seq_inputs.shifted_right's rule instead); sinusoidal positions
+    "m2m_100": ("M2M100Config", "M2M100", SEQ2SEQ,
+                dict(vocab_size=TINY_VOCAB, d_model=TINY_HIDDEN, encoder_layers=TINY_LAYERS, decoder_layers=TINY_LAYERS,
+                     encoder_attention_heads=TINY_HEADS, decoder_attention_heads=TINY_HEADS, encoder_ffn_dim=TINY_FFN,
+                     decoder_ffn_dim=TINY_FFN, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID,
+                     bos_token_id=BOS_ID, eos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0, decoder_layerdrop=0.0)),
 }
+
+# More families, found exportable by an architecture sweep (2026-12-02) and kept as tests: the matrix tier runs
+# them (make test-matrix; `EXTENDED` below), so that the default tier stays quick.
+_SEQ2SEQ_BART_LIKE: ConfigKwargs = dict(
+    vocab_size=TINY_VOCAB, d_model=TINY_HIDDEN, encoder_layers=TINY_LAYERS, decoder_layers=TINY_LAYERS,
+    encoder_attention_heads=TINY_HEADS, decoder_attention_heads=TINY_HEADS, encoder_ffn_dim=TINY_FFN,
+    decoder_ffn_dim=TINY_FFN, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+_EXTENDED_SPECS: dict[str, tuple[str, str, str, ConfigKwargs]] = {
+    # Encoders
+    "mobilebert": ("MobileBertConfig", "MobileBert", CLASSIFICATION,
+                   _common(embedding_size=32, intra_bottleneck_size=TINY_HIDDEN, true_hidden_size=TINY_HIDDEN,
+                           num_feedforward_networks=1, **_NO_DROPOUT)),
+    "squeezebert": ("SqueezeBertConfig", "SqueezeBert", CLASSIFICATION,
+                    _common(embedding_size=TINY_HIDDEN, q_groups=1, k_groups=1, v_groups=1, post_attention_groups=1,
+                            intermediate_groups=1, output_groups=1, **_NO_DROPOUT)),
+    "convbert": ("ConvBertConfig", "ConvBert", CLASSIFICATION, _common(embedding_size=TINY_HIDDEN, head_ratio=2,
+                                                                       **_NO_DROPOUT)),
+    "camembert": ("CamembertConfig", "Camembert", FEATURES, _common(**_NO_DROPOUT)),
+    # its sinusoidal position table is 16 wide per head: blocks of 16 there (options.fitting_block_size)
+    "roformer": ("RoFormerConfig", "RoFormer", CLASSIFICATION, _common(embedding_size=TINY_HIDDEN, **_NO_DROPOUT)),
+    "rembert": ("RemBertConfig", "RemBert", CLASSIFICATION,
+                _common(input_embedding_size=32, output_embedding_size=32, **_NO_DROPOUT)),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecText", FEATURES, _common(**_NO_DROPOUT)),
+    "modernbert": ("ModernBertConfig", "ModernBert", CLASSIFICATION,
+                   _common(global_attn_every_n_layers=1, local_attention=32)),
+    "deberta": ("DebertaConfig", "Deberta", FEATURES, _common(**_NO_DROPOUT)),
+    "esm": ("EsmConfig", "Esm", FEATURES, _common(mask_token_id=3, **_NO_DROPOUT)),
+    # Decoders
+    "granite": ("GraniteConfig", "Granite", CAUSAL_LM, _decoder(num_key_value_heads=2)),
+    "olmo": ("OlmoConfig", "Olmo", CAUSAL_LM, _decoder()),
+    "olmo2": ("Olmo2Config", "Olmo2", CAUSAL_LM, _decoder(num_key_value_heads=TINY_HEADS)),  # as Phi-3's note above
+    "cohere": ("CohereConfig", "Cohere", CAUSAL_LM, _decoder(num_key_value_heads=2)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCode", CAUSAL_LM, _decoder(n_inner=TINY_FFN)),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeo", CAUSAL_LM,
+                _decoder(num_layers=TINY_LAYERS, attention_types=[[["global", "local"], 1]], window_size=32)),
+    "codegen": ("CodeGenConfig", "CodeGen", CAUSAL_LM, _decoder(n_inner=TINY_FFN, rotary_dim=8,
+                                                                n_ctx=TINY_MAX_POSITIONS)),
+    "mpt": ("MptConfig", "Mpt", CAUSAL_LM,
+            _decoder(d_model=TINY_HIDDEN, n_heads=TINY_HEADS, n_layers=TINY_LAYERS, expansion_ratio=2,
+                     max_seq_len=TINY_MAX_POSITIONS)),
+    "smollm3": ("SmolLM3Config", "SmolLM3", CAUSAL_LM, _decoder(num_key_value_heads=2)),
+    "helium": ("HeliumConfig", "Helium", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16)),
+    "nemotron": ("NemotronConfig", "Nemotron", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16)),
+    "glm": ("GlmConfig", "Glm", CAUSAL_LM, _decoder(num_key_value_heads=2, head_dim=16)),
+    "arcee": ("ArceeConfig", "Arcee", CAUSAL_LM, _decoder(num_key_value_heads=2)),
+    # Encoder-decoders
+    "mbart": ("MBartConfig", "MBart", SEQ2SEQ, _SEQ2SEQ_BART_LIKE),
+    "marian": ("MarianConfig", "Marian", SEQ2SEQ, {**_SEQ2SEQ_BART_LIKE, "decoder_start_token_id": PAD_ID}),
+    "pegasus": ("PegasusConfig", "Pegasus", SEQ2SEQ, _SEQ2SEQ_BART_LIKE),
+    "blenderbot-small": ("BlenderbotSmallConfig", "BlenderbotSmall", SEQ2SEQ, _SEQ2SEQ_BART_LIKE),
+}
+_SPECS.update(_EXTENDED_SPECS)
+EXTENDED = frozenset(_EXTENDED_SPECS)
 
 _LM_HEAD_CLASS = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM", "bloom": "BloomForCausalLM"}
 
@@ -153,6 +214,8 @@ _LM_HEAD_CLASS = {"gpt2": "GPT2LMHeadModel", "gptj": "GPTJForCausalLM", "bloom":
 def _model_class(prefix: str, task: str, name: str) -> str:
     if task == CAUSAL_LM and name in _LM_HEAD_CLASS:
         return _LM_HEAD_CLASS[name]
+    if name == "marian":
+        return "MarianMTModel"
     return prefix + _HEADS[task]
 
 

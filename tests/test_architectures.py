@@ -23,6 +23,7 @@ import cptquant
 from cptquant.tiny_families import (
     CAUSAL_LM,
     CLASSIFICATION,
+    EXTENDED,
     FAMILIES,
     FEATURES,
     MASKED_LM,
@@ -43,7 +44,7 @@ REPRESENTATIVE = ("bert", "llama", "gpt_neox", "t5")  # an encoder, a grouped-qu
 def _cases():
     for name in (name for name, family in FAMILIES.items() if family.task != SEQ2SEQ):
         for setting in SETTINGS:
-            slow = setting != "bits4" and name not in REPRESENTATIVE
+            slow = name in EXTENDED or (setting != "bits4" and name not in REPRESENTATIVE)
             yield pytest.param(name, setting, marks=[pytest.mark.matrix] if slow else [], id=f"{name}-{setting}")
 
 
@@ -132,13 +133,16 @@ SEQ2SEQ_COPIES = {"t5": {"decoder.block.0.layer.0.SelfAttention.q": 2, "shared":
                          "decoder.block.0.layer.1.EncDecAttention.k": 1},
                   "bart": {"model.decoder.layers.0.self_attn.q_proj": 2, "model.encoder.embed_tokens": 1,
                            "model.decoder.embed_tokens": 2, "lm_head": 2,
-                           "model.decoder.layers.0.encoder_attn.k_proj": 1}}
+                           "model.decoder.layers.0.encoder_attn.k_proj": 1},
+                  "m2m_100": {"model.decoder.layers.0.self_attn.q_proj": 2, "model.encoder.embed_tokens": 1,
+                              "model.decoder.embed_tokens": 2, "lm_head": 2,
+                              "model.decoder.layers.0.encoder_attn.k_proj": 1}}
 
 
 def _seq2seq_cases():
     for name in (name for name, family in FAMILIES.items() if family.task == SEQ2SEQ):
         for setting in SETTINGS:
-            slow = setting != "bits4" and name not in REPRESENTATIVE
+            slow = name in EXTENDED or (setting != "bits4" and name not in REPRESENTATIVE)
             yield pytest.param(name, setting, marks=[pytest.mark.matrix] if slow else [], id=f"{name}-{setting}")
 
 
@@ -160,7 +164,7 @@ def test_encoder_decoder_generates_like_torch(name, setting, tmp_path):
     check = report["graph_check"]
     quantized = [n for n, lp in result.plan.layers.items() if lp.bits < 16]
     assert quantized and check["unfused"] == []
-    for layer, copies in SEQ2SEQ_COPIES[name].items():
+    for layer, copies in SEQ2SEQ_COPIES.get(name, {}).items():
         if result.plan.layers[layer].bits < 16:
             assert len(report["layers"][layer]["kernels"]) == copies, (layer, report["layers"][layer])
     if setting == "tdmpq5":

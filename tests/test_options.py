@@ -63,3 +63,21 @@ def test_every_field_is_documented_and_the_cli_says_the_same():
     for constant, name in flags.items():
         typer_option = getattr(cli_options, constant)
         assert typer_option.help == help_of(names[name], name), constant
+
+
+@pytest.mark.parametrize("in_features, requested, block", [(384, 32, 32), (16, 32, 16), (48, 32, 16), (96, 64, 32),
+                                                           (64, 128, 64)])
+def test_a_layer_takes_the_largest_block_up_to_the_requested_that_divides_it(in_features, requested, block):
+    """RoFormer's sinusoidal position table is 16 wide per head: blocks of 16 there, not a refused plan."""
+    from cptquant.layer_graph import ROLE_LINEAR, Layer, LayerGraph
+    from cptquant.options import fitting_block_size
+    from cptquant.plan import uniform_plan, validate_plan
+    from cptquant.quant.storage import FORMAT_QDQ, WeightShape, weight_nbytes
+
+    assert fitting_block_size(in_features, requested) == block
+    graph = LayerGraph("tiny", 1, [Layer(name="fc", role=ROLE_LINEAR, block=0, in_features=in_features, out_features=8)])
+    plan = uniform_plan(graph, 4, block_size=requested)
+    assert plan.layers["fc"].block_size == block
+    validate_plan(plan, graph)  # refused before: "block size 32 does not divide its input size 16"
+    shape = WeightShape(in_features, 8)  # priced at the block the plan gives it
+    assert weight_nbytes(shape, 4, requested, True, FORMAT_QDQ) == weight_nbytes(shape, 4, block, True, FORMAT_QDQ)

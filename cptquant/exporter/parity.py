@@ -12,6 +12,7 @@ import torch
 from ..corpus import sentences
 from ..model_loading import TASK_CAUSAL_LM, LoadedModel
 from ..onnx_io.inputs import feeds_for
+from ..seq2seq_inputs import shifted_right
 
 
 @dataclass
@@ -80,9 +81,7 @@ def measure_seq2seq_parity(loaded: LoadedModel, folder: Path, n: int = 4) -> Par
     diffs, cosines = [], []
     for ids in sample_inputs(loaded, n):
         ids = ids.astype(np.int64)
-        # seq2seq models define it; PreTrainedModel does not, and nn.Module.__getattr__ types it Tensor | Module
-        prepare = loaded.model.prepare_decoder_input_ids_from_labels
-        decoder_ids = prepare(labels=torch.from_numpy(ids)).numpy()  # type: ignore[operator]
+        decoder_ids = shifted_right(loaded.model, torch.from_numpy(ids)).numpy()
         mask = np.ones_like(ids)
         hidden = encoder.run(None, {"input_ids": ids, "attention_mask": mask})[0]
         got = decoder.run(["logits"], {"input_ids": decoder_ids, "encoder_attention_mask": mask,

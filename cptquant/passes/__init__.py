@@ -18,7 +18,7 @@ import torch
 from ..errors import CptqError
 from ..layer_graph import Layer, LayerGraph
 from ..model_loading import LoadedModel
-from ..options import AnalysisOptions
+from ..options import AnalysisOptions, fitting_block_size
 from ..output_folder import pause_point
 from ..plan import LayerPlan, Plan, apply_zero_points
 from ..quant.storage import WeightShape
@@ -217,8 +217,8 @@ def plan_from_scores(graph: LayerGraph, scores: dict[str, float], method: str, o
     layer_plans: dict[str, LayerPlan] = {}
     for layer in graph.layers:
         unit = unit_of(graph, layer, allocation.granularity)
-        layer_plans[layer.name] = LayerPlan(bits=unit_bits[unit], block_size=quantization.block_size, symmetric=True,
-                                            score=unit_scores[unit])
+        layer_plans[layer.name] = LayerPlan(bits=unit_bits[unit], symmetric=True, score=unit_scores[unit],
+                                            block_size=fitting_block_size(layer.in_features, quantization.block_size))
     meta: dict[str, Any] = {
         "granularity": allocation.granularity,
         "bit_widths": sorted(set(allocation.bit_widths), reverse=True),

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..layer_graph import ROLE_CONV1D, ROLE_EMBEDDING, Layer, LayerGraph
+from ..options import fitting_block_size
 from ..plan import HOT_ROW_BITS
 from ..quant.quantize import fake_quantize
 from ..quant.storage import WeightShape
@@ -76,13 +77,6 @@ def transformer_blocks(model: torch.nn.Module, container: str | None) -> list[to
     if not isinstance(blocks, torch.nn.ModuleList):  # block_container() names only a ModuleList
         raise TypeError(f"{container} is a {type(blocks).__name__}, not a list of blocks")
     return list(blocks)
-
-
-def fitting_block_size(in_features: int, block_size: int) -> int:
-    """The requested block size, halved until it divides the layer's input size (tiny layers)."""
-    while block_size > 1 and in_features % block_size:
-        block_size //= 2
-    return block_size
 
 
 def fake_quantize_symmetric_torch(weight_kn: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:

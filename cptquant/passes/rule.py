@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from ..layer_graph import ROLE_EMBEDDING, ROLE_LM_HEAD, Layer, LayerGraph
+from ..options import fitting_block_size
 from ..plan import LayerPlan, Plan
 
 RULE_METHOD = "rule"
@@ -49,7 +50,8 @@ def rule_plan(graph: LayerGraph, block_size: int, model_name: str = "") -> Plan:
     heads = {layer.name for layer in graph.layers if layer.role == ROLE_LM_HEAD}
     more |= heads
     more |= {layer.tied_to for layer in graph.layers if layer.name in heads and layer.tied_to}
-    layer_plans = {layer.name: LayerPlan(bits=MORE_BITS if layer.name in more else BASE_BITS, block_size=block_size)
+    layer_plans = {layer.name: LayerPlan(bits=MORE_BITS if layer.name in more else BASE_BITS,
+                                         block_size=fitting_block_size(layer.in_features, block_size))
                    for layer in graph.layers}
     meta = {"allocation": "k_quant_mixed rule (llama.cpp Q4_K_M use_more_bits)",
             "more_bits_blocks": sorted(b for b in graph.blocks() if use_more_bits(b, graph.num_blocks))}

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..options import fitting_block_size
 from ..plan import HOT_ROW_BITS
 from .quantize import QuantizedWeight
 
@@ -354,6 +355,7 @@ def weight_nbytes(weight: WeightShape, bits: int, block_size: int, symmetric: bo
     """Bytes one weight takes in the file at `bits` (16: FP16): what the lowering writes for it. In
     `--format dynamic` a MatMul weight also counts its possible input smoothing (4 bytes per input
     channel: an upper bound, since only the calibration text decides where it applies)."""
+    block_size = fitting_block_size(weight.k, block_size)  # as every plan gives that layer
     if weight.tied_head and (bits >= 16 or shares_tied_table(weight_format)):
         return TiedHead().nbytes(weight.n, weight.hot_rows if bits == 4 else 0, weight.hot_prefix)  # FP16: one copy too
     if bits >= 16:
