@@ -150,8 +150,12 @@ def test_an_export_writes_it_and_says_so(tmp_path):
     # a left-padded batch of two through prefill and decode steps, as the export's own proof runs the FP32 rewrite
     config = loaded.model.config
     shapes = types.SimpleNamespace(kv_num_heads=config.num_key_value_heads,
-                                   head_dim=config.hidden_size // config.num_attention_heads)
+                                   head_dim=config.hidden_size // config.num_attention_heads,
+                                   inv_freq=loaded.model.model.rotary_emb.inv_freq.numpy())
     assert compare(kept.paths.model, fused.paths.model, shapes, config.vocab_size) <= TOLERANCE
+    # the padded row's keys are checked too (rotated by its padding): other frequencies would not match them
+    wrong = types.SimpleNamespace(**{**vars(shapes), "inv_freq": shapes.inv_freq * 1.5})
+    assert compare(kept.paths.model, fused.paths.model, wrong, config.vocab_size) > 100 * TOLERANCE
 
 
 def test_a_norm_is_fused_only_where_the_match_is_exact(fp32_export):

@@ -165,9 +165,9 @@ def compare(original: Path, rewritten: Path, spec: AttentionSpec, vocab: int, de
             seed: int = 0) -> float:
     """The largest relative difference of logits (real tokens) and presents between the two decoders, on a
     batch of two prompts (7 tokens, and 4 left-padded to 7: optimum's and transformers' padding), then
-    `decode_steps` greedy steps (the original's tokens fed to both, each with its own cache). The padded row's
-    keys are not compared: the rewrite stores them rotated for positions counted from the left edge, which only
-    its own later steps read (and the logits of those steps are compared)."""
+    `decode_steps` greedy steps (the original's tokens fed to both, each with its own cache). The rewrite stores
+    the padded row's keys rotated for positions counted from the batch's left edge, p (its padding) positions
+    later than optimum's: those are compared with optimum's keys rotated by p more, over the row's real tokens."""
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 2, 1
     sessions = [ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -175,8 +175,8 @@ def compare(original: Path, rewritten: Path, spec: AttentionSpec, vocab: int, de
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=(2, 7)).astype(np.int64)
     mask = np.ones((2, 7), np.int64)
-    mask[1, :3] = 0
-    unpadded = slice(0, 1)
+    unpadded, pads = slice(0, 1), 3
+    mask[1, :pads] = 0
     pasts = [_empty_past(session, spec) for session in sessions]
     worst = 0.0
     for _ in range(decode_steps + 1):
@@ -191,14 +191,27 @@ def compare(original: Path, rewritten: Path, spec: AttentionSpec, vocab: int, de
         real = mask[:, -ids.shape[1]:].astype(bool)
         worst = max(worst, _relative(expected["logits"][real], got["logits"][real]))
         for name in expected:
-            if name.startswith("present."):
-                rows = unpadded if name.endswith(".key") else slice(None)
-                worst = max(worst, _relative(expected[name][rows], got[name][rows]))
+            if name.startswith("present.") and name.endswith(".key"):
+                worst = max(worst, _relative(expected[name][unpadded], got[name][unpadded]))
+                later = _rotated(expected[name][1:, :, pads:], pads, spec.inv_freq)
+                worst = max(worst, _relative(later, got[name][1:, :, pads:]))
+            elif name.startswith("present."):
+                worst = max(worst, _relative(expected[name], got[name]))
         pasts = [{name.replace("present.", "past_key_values."): value for name, value in result.items()
                   if name.startswith("present.")} for result in results]
         ids = expected["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     return worst
+
+
+def _rotated(keys: np.ndarray, positions: int, inv_freq: np.ndarray) -> np.ndarray:
+    """Rotary keys [..., head_dim] turned `positions` further (half-split pairs, as the model and GQA rotate):
+    R(a) R(b) = R(a + b), so optimum's key at position t - p becomes the rewrite's at t (the scaling is already in)."""
+    angle = positions * np.asarray(inv_freq, np.float64)
+    cos, sin = np.cos(angle), np.sin(angle)
+    half = keys.shape[-1] // 2
+    first, second = keys[..., :half].astype(np.float64), keys[..., half:].astype(np.float64)
+    return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(np.float32)
 
 
 def _empty_past(session: ort.InferenceSession, spec: AttentionSpec) -> dict[str, np.ndarray]:
