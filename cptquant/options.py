@@ -135,7 +135,8 @@ class AllocationOptions:
 @dataclass(frozen=True)
 class QuantizationOptions:
     block_size: int = field(default=DEFAULT_BLOCK_SIZE, metadata=_help(
-        "Quantization block along the input (a power of two >= 16)."))
+        "Quantization block along the input (a power of two >= 16); a layer whose input it does not divide takes the "
+        "largest power of two below it that does."))
     clip: str = field(default="auto", metadata=_help(
         "Scale choice: auto (GPTQ's codes search the clipping range, round-to-nearest takes absmax), absmax, "
         "or mse (every 4- and 8-bit weight searches it)."))

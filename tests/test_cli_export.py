@@ -81,7 +81,6 @@ def test_failure_leaves_nothing_behind(opt_folder, tmp_path):
     (["--bits", "5"], "--bits 5 is not supported"),
     (["--bits", "4", "--block-size", "24"], "not a power of two"),
     (["--bits", "4", "--block-size", "8"], "not a power of two"),
-    (["--bits", "4", "--block-size", "128"], "does not divide its input size 64"),
     (["--bits", "4", "--plan", "x.json"], "only one of"),
     (["--bits", "4", "--clip", "max"], "--clip must be one of"),
     (["--bits", "4", "--format", "int4"], "--format must be one of"),
@@ -99,6 +98,15 @@ def test_plan_with_bad_bits(opt_folder, tmp_path):
     plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 3}}}))
     assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "-o", str(tmp_path / "m.onnx")),
                       "bits 3 not supported")
+
+
+def test_plan_with_a_block_that_does_not_divide_the_layer(opt_folder, tmp_path):
+    """--block-size is a ceiling (each layer takes the largest power of two up to it that divides its input); a plan
+    file's block size is the layer's own, and refused where it does not divide."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 4, "block_size": 128}}}))
+    assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "--default-bits", "8", "-o",
+                                 str(tmp_path / "m.onnx")), "does not divide its input size 64")
 
 
 def test_plan_file_not_json(opt_folder, tmp_path):
