@@ -116,7 +116,7 @@ def choose_format(loaded: LoadedModel, model_proto: onnx.ModelProto, graph: Laye
               + (f"; {', '.join(dropped)} left out: {PROBE_BITS}-bit probe cosine below {MIN_PROBE_COSINE}"
                  if dropped else "")
               + (f"; {FORMAT_DYNAMIC} left out: this CPU's int8 GEMM saturates full-range int8 weights (AVX2 "
-                 f"without VNNI) and --no-reduce-range was given" if saturates else "")
+                 f"without VNNI) and reduce_range is off" if saturates else "")
               + (f"; {FORMAT_DYNAMIC} measured with its int8 weights within ±63 (--reduce-range)" if reduce_range
                  else "")
               + f"; {FORMAT_NBITS} is the kernel qdq becomes")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 from .errors import CptqError
 from .layer_graph import Layer, LayerGraph
-from .options import SUPPORTED_BITS, AnalysisOptions
+from .options import SUPPORTED_BITS, AnalysisOptions, fitting_block_size
 from .plan import LayerPlan, Plan, symmetric_for
 
 
@@ -64,11 +64,14 @@ def pinned_bits(overrides: Overrides, graph: LayerGraph) -> dict[str, int]:
     return {name: group_bits[group] for name, group in owner.items() if group in group_bits}
 
 
-def apply_overrides(plan: Plan, pinned: dict[str, int], block_size: int, zero_points: str) -> Plan:
-    """The plan with the pinned layers at their bits (added when the plan left them out)."""
+def apply_overrides(plan: Plan, pinned: dict[str, int], block_size: int, zero_points: str,
+                    graph: LayerGraph) -> Plan:
+    """The plan with the pinned layers at their bits (added when the plan left them out), each block fitted to
+    the layer (a 16-bit entry of a plan file may carry the default block its input does not divide)."""
     for name, bits in pinned.items():
         old = plan.layers.get(name)
-        plan.layers[name] = LayerPlan(bits=bits, block_size=old.block_size if old else block_size,
+        fitted = fitting_block_size(graph[name].in_features, old.block_size if old else block_size)
+        plan.layers[name] = LayerPlan(bits=bits, block_size=fitted,
                                       symmetric=symmetric_for(bits, zero_points), score=old.score if old else None,
                                       hot_rows=old.hot_rows if old and bits == 4 else None)
     if pinned:

@@ -57,7 +57,7 @@ def plan_factory(method: str | None, plan_file: Path | Plan | None, bits: int | 
     def with_overrides(loaded: LoadedModel, graph: LayerGraph) -> Plan:
         plan = base(loaded, graph)
         pinned = pinned_bits(pins, graph)
-        plan = apply_overrides(plan, pinned, quantization.block_size, quantization.zero_points)
+        plan = apply_overrides(plan, pinned, quantization.block_size, quantization.zero_points, graph)
         if "average_bits" in plan.meta:
             plan.meta["average_bits"] = round(average_bits(plan, graph), 6)
         return plan

@@ -229,3 +229,24 @@ def test_decoders_export_in_dynamic_format(build, tmp_path):
     assert check["unfused"] == []
     assert check["kernels"]["DynamicQuantizeMatMul"] == check["expected_kernels"]["DynamicQuantizeMatMul"] >= 8
     assert result.report.parity_vs_torch_fp32["mean_cosine"] > 0.95
+
+
+def test_a_reduced_range_8_bit_layer_tells_the_quantizer_what_it_computes_with():
+    """GPTQ's sequential Hessians (the next blocks') must see the ±63 weight, which no quantizer call made."""
+    from cptquant.quant.weight_quantizers import RoundToNearest
+
+    class Recording(RoundToNearest):
+        def __init__(self):
+            self.told = {}
+
+        def wrote(self, layer, weight, input_scale=None):
+            self.told[layer] = weight
+
+    weight = np.random.default_rng(4).normal(size=(K, N)).astype(np.float32)
+    quantizer = Recording()
+    plan = Plan(layers={"fc": LayerPlan(bits=8, symmetric=True)})
+    lower_model(_one_matmul(weight, None), {"fc": [WeightUse("/fc/MatMul", "MatMul", "w")]}, plan,
+                KernelChoice(FORMAT_DYNAMIC, reduce_range=True), quantizer)
+    told = quantizer.told["fc"]
+    assert int(np.abs(told.q).max()) == REDUCED_RANGE_MAX
+    np.testing.assert_allclose(told.dequantize(), quantize_columns_within(weight, REDUCED_RANGE_MAX).dequantize())

@@ -20,7 +20,7 @@ from ..plan import Plan, apply_zero_points, uniform_plan
 from ..plan_source import PlanFactory
 from ..quant.storage import FORMAT_DYNAMIC, FORMAT_QDQ
 from ..runtimes.base import model_bytes
-from ..runtimes.cpu import CpuAdapter
+from ..runtimes.cpu import CpuAdapter, u8s8_gemm_saturates
 from ..runtimes.quality import EvalSet, QualitySettings, TextEncoder, measure_quality
 from ..runtimes.speed import SpeedSettings, measure_latency
 from .anchors import FP16, FP32, ORT_INT4, ORT_INT8, build_anchors
@@ -149,7 +149,8 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
         log(f"[{spec.key}] export {name}")
         out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}-{fmt}"
         exported = export_quantized(loaded, _fixed(plan), out, force=True, progress=False,
-                                    algorithm=algorithm, calibration=measurements, fmt=fmt)
+                                    algorithm=algorithm, calibration=measurements, fmt=fmt,
+                                    reduce_range=u8s8_gemm_saturates())  # what cptq-export does on this CPU
         variants.append(Variant(name, family, exported.paths.model,
                                 exported.report.model_bytes, exported.report.average_bits, label))
 

@@ -48,6 +48,9 @@ class RoundToNearest:
     def algorithm_for(self, layer: str, bits: int) -> str:
         return "rtn"
 
+    def wrote(self, layer: str, weight: QuantizedWeight, input_scale: np.ndarray | None = None) -> None:
+        """`layer` was quantized outside this quantizer (the dynamic format's ±63 grid): what it now computes with."""
+
     def release_measurements(self) -> None:
         """Let go of what the codes were computed from (GPTQ's Hessians) once every file is lowered."""
 
@@ -86,7 +89,7 @@ class Gptq(RoundToNearest):
             self._used = len(self._hessians) > 0
         return self._hessians.pop(self._hessian_of.get(layer, layer), None)
 
-    def _written(self, layer: str, weight: QuantizedWeight, input_scale: np.ndarray | None) -> None:
+    def wrote(self, layer: str, weight: QuantizedWeight, input_scale: np.ndarray | None = None) -> None:
         """Tell a Hessian source that measures sequentially (BlockwiseHessians.write) what `layer` now computes
         with; a smoothed weight (input_scale) is not the torch layer's, so it is not told."""
         write = getattr(self._hessians, "write", None)
@@ -110,14 +113,14 @@ class Gptq(RoundToNearest):
         hessian = self.take_hessian(layer) if self.algorithm_for(layer, bits) == "gptq" else None
         if hessian is None or hessian.shape[0] != weight_kn.shape[0]:
             result = super().__call__(layer, weight_kn, bits, block_size, symmetric, clip)
-            self._written(layer, result, input_scale)
+            self.wrote(layer, result, input_scale)
             return result
         if input_scale is not None:  # the layer will read X / s: its Hessian is diag(1/s) H diag(1/s)
             hessian /= np.outer(input_scale, input_scale)
         quantized = gptq_quantize(weight_kn, hessian, bits, block_size, symmetric, clip, act_order=True,
                                   overwrite_hessian=True)
         del hessian
-        self._written(layer, quantized, input_scale)
+        self.wrote(layer, quantized, input_scale)
         packed = _PackedCodes.pack(quantized)
         if self._spill is not None:
             self._spill.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
         smoothing = lowering.smoothing.get(site.layer)
         source = weight_kn if smoothing is None else weight_kn * smoothing[:, None]
         if lp.bits == 8:
-            qw = self._int8_columns(site, source)
+            qw = self._int8_columns(site, source, smoothing)
             arrays = self.storage.encode(qw)
             codes = lowering.add_initializer(site, f"{base}.weight_q8", int_tensor(arrays["codes"], 8, True))
             effective, factor_type = qw.dequantize(), "float16"
@@ -61,12 +61,16 @@ class MatMulToDynamicQuantize(MatMulLowering):
         nbytes = self.storage.nbytes(k, n, lp.bits, qw.block_size, qw.symmetric, factor_type)
         self.record(site, nbytes, float(np.mean((effective - weight_kn) ** 2)), qw.block_size)
 
-    def _int8_columns(self, site: Site, source: np.ndarray) -> QuantizedWeight:
-        """An 8-bit layer's codes: per column, full range as planned, or round-to-nearest within ±63."""
+    def _int8_columns(self, site: Site, source: np.ndarray, smoothing: np.ndarray | None) -> QuantizedWeight:
+        """An 8-bit layer's codes: per column, full range as planned, or within ±63 by round-to-nearest from
+        absmax (as ORT's reduce_range; --clip is not searched on that grid). A sequential Hessian source still
+        learns what the layer computes with."""
         if self.storage.weight_max == INT8_MAX:
             return self.quantize(site, source, block_size=source.shape[0], symmetric=True)
         site.algorithm = "rtn"
-        return quantize_columns_within(source, self.storage.weight_max)
+        qw = quantize_columns_within(source, self.storage.weight_max)
+        self.lowering.quantizer.wrote(site.layer, qw, smoothing)
+        return qw
 
     def _expansion(self, site: Site, arrays: dict[str, np.ndarray], bits: int, symmetric: bool) -> tuple[ir.Value, np.ndarray, str]:
         """The 4-bit codes, ratios and zero points, and the constant ops that make int8 of them:
