@@ -13,6 +13,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from .errors import CptqError
+
 _DECODER_INPUTS = ("decoder_input_ids", "decoder_inputs_embeds", "labels")
 
 
@@ -40,13 +42,21 @@ def decoder_reads_input(model: Any) -> Iterator[None]:
         handle.remove()
 
 
+def start_token(config: Any) -> int:
+    """The decoder's first token: the config's decoder start token, else its pad token (T5's rule)."""
+    start = getattr(config, "decoder_start_token_id", None)
+    if start is None:
+        start = getattr(config, "pad_token_id", None)
+    if start is None:
+        raise CptqError("the model's config names no decoder_start_token_id (nor a pad token to start from)")
+    return int(start)
+
+
 def shifted_right(model: Any, ids: Any) -> Any:
     """The model's own shift (T5, BART) where it has one; else (M2M100, Blenderbot-small, ...) the rule they all
     follow: the decoder start token first, then the input but its last token."""
     if hasattr(model, "prepare_decoder_input_ids_from_labels"):
         return model.prepare_decoder_input_ids_from_labels(labels=ids)
-    config = model.config
-    start = next((v for v in (getattr(config, "decoder_start_token_id", None), config.pad_token_id) if v is not None), 0)
-    shifted = ids.new_full(ids.shape, start)
+    shifted = ids.new_full(ids.shape, start_token(model.config))
     shifted[:, 1:] = ids[:, :-1]
     return shifted

@@ -141,6 +141,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
     dynamic_plans += list(_plans(spec, graph, result, dynamic_options, loaded.display_name))
     runs += [(m, lb, p, "gptq", FORMAT_DYNAMIC) for m, lb, p in dynamic_plans if (m, lb) in spec.dynamic]
     measurements = CalibrationMeasurements(options.calibration)  # the calibration batches, built once for every export
+    reduce_range = u8s8_gemm_saturates()  # what cptq-export does on this CPU
     for method, label, plan, algorithm, fmt in runs:
         family = method if algorithm == "gptq" else f"{method} (RTN)"
         family += " (dynamic)" if fmt == FORMAT_DYNAMIC else ""
@@ -150,7 +151,7 @@ def run_model(spec: ModelSpec, root: Path, progress: bool = True, log: Callable[
         out = root / "cptq" / f"{method}-{label.replace(' ', '').replace('≤', 'max')}-{algorithm}-{fmt}"
         exported = export_quantized(loaded, _fixed(plan), out, force=True, progress=False,
                                     algorithm=algorithm, calibration=measurements, fmt=fmt,
-                                    reduce_range=u8s8_gemm_saturates())  # what cptq-export does on this CPU
+                                    reduce_range=reduce_range)
         variants.append(Variant(name, family, exported.paths.model,
                                 exported.report.model_bytes, exported.report.average_bits, label))
 

@@ -220,10 +220,11 @@ def _quantize_columns(weight: np.ndarray, bits: int, block_size: int, symmetric:
 def quantize_columns_within(weight: np.ndarray, qmax: int) -> QuantizedWeight:
     """Symmetric int8 codes per output column of a [K, N] weight, within ±`qmax`, round-to-nearest: what ORT's
     `reduce_range` writes with 63 (7 bits). An 8-bit weight (`bits` 8: int8 on disk) on a narrower grid."""
+    bits = qmax.bit_length() + 1  # 63: the symmetric 7-bit grid
+    if 2 ** (bits - 1) - 1 != qmax:
+        raise ValueError(f"qmax must be 2^b - 1, got {qmax}")
     weight = np.asarray(weight, dtype=np.float32)
-    scale = _safe_scale(np.abs(weight).max(axis=0, keepdims=True) / qmax)
-    q = np.clip(np.rint(weight / scale), -qmax, qmax).astype(np.int8)
-    return QuantizedWeight(q, scale, None, 8, weight.shape[0])
+    return replace(_quantize_columns(weight, bits, weight.shape[0], True, "absmax"), bits=8)
 
 
 def fake_quantize(weight: np.ndarray, bits: int, block_size: int = 32, symmetric: bool = True,

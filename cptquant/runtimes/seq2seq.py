@@ -29,6 +29,7 @@ from ..model_loading import TASK_SEQ2SEQ
 from ..onnx_io.inputs import NP_TYPES
 from ..onnx_io.onnx_export import SEQ2SEQ_FILES
 from ..progress import progress_bar
+from ..seq2seq_inputs import start_token
 from .base import RuntimeAdapter, latency_stats, model_bytes, timed
 from .eval_text import EvalSet, TextEncoder, evaluation_texts
 from .export_folder import model_files
@@ -146,15 +147,6 @@ def shift_right(ids: np.ndarray, start_id: int) -> np.ndarray:
     return np.concatenate([np.full((ids.shape[0], 1), start_id, dtype=ids.dtype), ids[:, :-1]], axis=1)
 
 
-def start_token(config: PretrainedConfig) -> int:
-    start = getattr(config, "decoder_start_token_id", None)
-    if start is None:
-        start = getattr(config, "pad_token_id", None)
-    if start is None:
-        raise CptqError("the model's config names no decoder_start_token_id (nor a pad token to start from)")
-    return int(start)
-
-
 # ---------------------------------------------------------------- quality
 
 
@@ -163,7 +155,7 @@ def seq2seq_quality(task: str, adapter: RuntimeAdapter, sessions: dict[str, Seq2
                     candidate: str = "quantized", progress: bool = True) -> Quality:
     """Teacher-forced figures and greedy-generation agreement of `candidate` against every other variant."""
     texts = (eval_set or EvalSet(evaluation_texts(settings.n_texts))).texts
-    start = start_token(config)  # type: ignore[arg-type]
+    start = start_token(config)
     max_length = capped_length(config, settings.max_length)
     baselines = [name for name in sessions if name != candidate]
     nll: dict[str, list[np.ndarray]] = {name: [] for name in sessions}

@@ -11,6 +11,8 @@ factors s (`Lowering.smoothing`) is quantized as diag(s) W; `SmoothInputs` then 
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx_ir as ir
 
@@ -24,7 +26,7 @@ class MatMulToDynamicQuantize(MatMulLowering):
     format = FORMAT_DYNAMIC
     kernel = KERNEL_DYNAMIC
 
-    @property
+    @functools.cached_property
     def storage(self) -> DynamicInt8:
         return DynamicInt8(REDUCED_RANGE_MAX if self.lowering.kernels.reduce_range else INT8_MAX)
 
