@@ -109,10 +109,12 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     from .output_folder import claim_output
     from .passes.measurements import CalibrationMeasurements
     from .plan_source import plan_factory
-    from .quant.storage import FORMAT_AUTO, FORMATS
+    from .quant.storage import FORMAT_AUTO, FORMAT_NBITS, FORMAT_QDQ, FORMATS
     from .quant.weight_quantizers import ALGORITHMS
     from .runtimes.cpu import u8s8_gemm_saturates
 
+    if reduce_range and weight_format in (FORMAT_QDQ, FORMAT_NBITS):  # asked for, and would be silently unused
+        raise CptqError(f"--reduce-range applies to --format dynamic (int8 weights) only, not --format {weight_format}")
     reduce_range = u8s8_gemm_saturates() if reduce_range is None else reduce_range
     outlier_ratio = DEFAULT_OUTLIER_RATIO if outlier_ratio is None else outlier_ratio
     if algorithm not in ALGORITHMS:

@@ -38,6 +38,9 @@ class Plan:
     clip: str = "absmax"
     meta: dict[str, Any] = field(default_factory=dict)  # scores, budget, seed... never timings
     version: int = PLAN_VERSION
+    # Layers whose plan-file entry gave no block_size: fitted to the layer once the model is known
+    # (fit_unsized_blocks), as every plan cptquant makes is. Never written: to_json gives every layer its size.
+    unsized: set[str] = field(default_factory=set, compare=False)
 
     def bits_of(self, name: str) -> int:
         return self.layers[name].bits
@@ -96,6 +99,7 @@ class Plan:
             model=data.get("model", ""),
             clip=data.get("clip", "absmax"),
             meta=data.get("meta", {}),
+            unsized={name for name, entry in data["layers"].items() if "block_size" not in entry},
         )
 
     @classmethod
@@ -160,6 +164,17 @@ def uniform_plan(graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_S
     layers = {layer.name: LayerPlan(bits=bits, block_size=fitting_block_size(layer.in_features, block_size),
                                     symmetric=symmetric) for layer in graph.layers}
     return Plan(layers=layers, method=f"uniform-{bits}", model=model)
+
+
+def fit_unsized_blocks(plan: Plan, graph: LayerGraph, block_size: int = DEFAULT_BLOCK_SIZE) -> Plan:
+    """A plan file's layers that name no block size take `block_size` (--block-size) fitted to their input size,
+    as in the plans cptquant makes; a size the file does name is the layer's own (validate_plan refuses it where
+    it does not divide)."""
+    for name in plan.unsized:
+        if name in plan.layers and name in graph:
+            plan.layers[name].block_size = fitting_block_size(graph[name].in_features, block_size)
+    plan.unsized = set()
+    return plan
 
 
 def fill_missing_layers(plan: Plan, graph: LayerGraph, bits: int, block_size: int = DEFAULT_BLOCK_SIZE,

@@ -23,7 +23,7 @@ from .overrides import (
     parse_overrides,
     pinned_bits,
 )
-from .plan import Plan, apply_zero_points, fill_missing_layers, uniform_plan
+from .plan import Plan, apply_zero_points, fill_missing_layers, fit_unsized_blocks, uniform_plan
 from .reports import ReportExtras
 
 PlanFactory = Callable[[LoadedModel, LayerGraph], Plan]
@@ -101,8 +101,9 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
         # read now: a bad plan fails before the model is loaded (the Python API may pass a Plan itself)
         plan = plan_file if isinstance(plan_file, Plan) else Plan.load(plan_file)
         if default_bits is None:
-            return lambda loaded, graph: plan
-        return lambda loaded, graph: fill_missing_layers(plan, graph, default_bits, block_size, zero_points)
+            return lambda loaded, graph: fit_unsized_blocks(plan, graph, block_size)
+        return lambda loaded, graph: fill_missing_layers(fit_unsized_blocks(plan, graph, block_size), graph,
+                                                         default_bits, block_size, zero_points)
     method = method or DEFAULT_METHOD
     if method == RULE_METHOD:
         return _rule_factory(analysis)

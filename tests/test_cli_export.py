@@ -85,6 +85,8 @@ def test_failure_leaves_nothing_behind(opt_folder, tmp_path):
     (["--bits", "4", "--clip", "max"], "--clip must be one of"),
     (["--bits", "4", "--format", "int4"], "--format must be one of"),
     (["--bits", "8", "--format", "dynamic", "--outlier-ratio", "0.5"], "--outlier-ratio must be 0 (off) or above 1"),
+    (["--bits", "8", "--format", "qdq", "--reduce-range"], "--reduce-range applies to --format dynamic"),
+    (["--bits", "4", "--format", "nbits", "--reduce-range"], "--reduce-range applies to --format dynamic"),
     (["--method", "magic"], "unknown method 'magic'"),
     (["--bits", "4", "--task", "translation"], "unknown task 'translation'"),
 ])
@@ -107,6 +109,20 @@ def test_plan_with_a_block_that_does_not_divide_the_layer(opt_folder, tmp_path):
     plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 4, "block_size": 128}}}))
     assert_user_error(run_export(str(opt_folder), "--plan", str(plan), "--default-bits", "8", "-o",
                                  str(tmp_path / "m.onnx")), "does not divide its input size 64")
+
+
+def test_a_plan_entry_without_a_block_size_takes_the_fitted_ceiling(opt_folder, tmp_path):
+    """An entry that names no block size gets --block-size fitted to the layer (128 -> 64 on an input of 64), as
+    every plan cptquant makes does: not the default 32 whatever --block-size says."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"version": 1, "layers": {"model.decoder.layers.0.fc1": {"bits": 4}}}))
+    out = tmp_path / "m" / "model.onnx"
+    result = run_export(str(opt_folder), "--plan", str(plan), "--default-bits", "8", "--block-size", "128",
+                        "--no-verify", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    layers = json.loads((out.parent / "model.report.json").read_text())["layers"]
+    assert layers["model.decoder.layers.0.fc1"]["block_size"] == 64
+    assert layers["model.decoder.layers.0.fc2"]["block_size"] == 128  # filled by --default-bits, input 256
 
 
 def test_plan_file_not_json(opt_folder, tmp_path):
