@@ -250,3 +250,38 @@ def test_a_reduced_range_8_bit_layer_tells_the_quantizer_what_it_computes_with()
     told = quantizer.told["fc"]
     assert int(np.abs(told.q).max()) == REDUCED_RANGE_MAX
     np.testing.assert_allclose(told.dequantize(), quantize_columns_within(weight, REDUCED_RANGE_MAX).dequantize())
+
+
+def test_layers_reading_one_input_with_the_same_factors_share_one_smoothing_mul():
+    """An encoder's query, key and value read one LayerNorm output: one Mul by 1/s feeds all three (here in
+    the opposite graph order to the plan's), a layer with other factors keeps its own; outputs are unchanged."""
+    rng = np.random.default_rng(5)
+    names = ["q", "k", "v", "o"]
+    weights = {name: rng.normal(size=(K, N)).astype(np.float32) for name in names}
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="/relu")]
+    nodes += [helper.make_node("MatMul", ["r", f"w_{name}"], [f"y_{name}"], name=f"/{name}/MatMul")
+              for name in reversed(names)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
+                              [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [None, N])
+                               for name in names],
+                              [numpy_helper.from_array(w, f"w_{name}") for name, w in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    shared = np.ones(K, np.float32)
+    shared[[3, 50]] = np.sqrt(40)
+    other = np.ones(K, np.float32)
+    other[7] = 3.0
+    smoothing = {"q": shared, "k": shared.copy(), "v": shared.copy(), "o": other}
+    plan = Plan(layers={name: LayerPlan(bits=8) for name in names})
+    uses = {name: [WeightUse(f"/{name}/MatMul", "MatMul", f"w_{name}")] for name in names}
+    lowered = lower_model(model, uses, plan, KernelChoice(FORMAT_DYNAMIC, reduce_range=u8s8_gemm_saturates()),
+                          smoothing=smoothing).model
+    onnx.checker.check_model(lowered)
+    muls = [n for n in lowered.graph.node if n.op_type == "Mul"]
+    assert len(muls) == 2, [n.name for n in muls]
+    readers = {n.input[0] for n in lowered.graph.node if n.op_type == "DynamicQuantizeMatMul"}
+    assert readers == {m.output[0] for m in muls}
+    x = np.abs(rng.normal(size=(6, K))).astype(np.float32)
+    x[:, [3, 50]] *= 40
+    session = ort.InferenceSession(lowered.SerializeToString(), providers=["CPUExecutionProvider"])
+    for name, y in zip(names, session.run([f"y_{name}" for name in names], {"x": x})):
+        assert np.abs(y - x @ weights[name]).max() < 0.05 * np.abs(x @ weights[name]).max(), name

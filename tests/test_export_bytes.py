@@ -56,18 +56,24 @@ CASES = {
                             'd73c285f3209179b6c8178d4f2fbf0090f9cf34f843a49610d50a949b68055e2'),
     },
     ('opt', 'qdq', 'gptq'): {
+        '24fbecfe7341bc22+0af25fd6300d9da8': ('fc8024fde267660cfa2b5f48fe97cc1a62b0200d71f0d7081080bc3007c982f4',
+                            'ef99b9602b35e13b6ea48b76bc180f8cd2a83ea3b66c0298be26bbb3bac86f71'),
         '24fbecfe7341bc22': ('fc8024fde267660cfa2b5f48fe97cc1a62b0200d71f0d7081080bc3007c982f4',
                             'ef99b9602b35e13b6ea48b76bc180f8cd2a83ea3b66c0298be26bbb3bac86f71'),
         '24fbecfe7341bc22+d685e0497ca4ce86': ('fc8024fde267660cfa2b5f48fe97cc1a62b0200d71f0d7081080bc3007c982f4',
                             'ef99b9602b35e13b6ea48b76bc180f8cd2a83ea3b66c0298be26bbb3bac86f71'),
     },
     ('opt', 'nbits', 'gptq'): {
+        '24fbecfe7341bc22+0af25fd6300d9da8': ('220c417c8b043538811c9141c97926543180e88f313a753101124e64ae86c124',
+                            '042c82f14bde21015951496d991ec7f12fe7024b3c635377198f740f30d3eca3'),
         '24fbecfe7341bc22': ('220c417c8b043538811c9141c97926543180e88f313a753101124e64ae86c124',
                             '042c82f14bde21015951496d991ec7f12fe7024b3c635377198f740f30d3eca3'),
         '24fbecfe7341bc22+d685e0497ca4ce86': ('220c417c8b043538811c9141c97926543180e88f313a753101124e64ae86c124',
                             '042c82f14bde21015951496d991ec7f12fe7024b3c635377198f740f30d3eca3'),
     },
     ('opt', 'dynamic', 'rtn'): {
+        '24fbecfe7341bc22+0af25fd6300d9da8': ('00bbad05eb912ef9241a0b3b10fabe762ce122c5c319b1c4838b97e9ab8d1094',
+                            '840c058ac42e2c3763d4006433c2c42ff9328516a08e59f04832df2863888421'),
         '863b287e857384b6': ('00bbad05eb912ef9241a0b3b10fabe762ce122c5c319b1c4838b97e9ab8d1094',
                             '89cd28b66d5949f9122580e80b4559b1f59156be43082f3d034228bbf1075145'),
         '24fbecfe7341bc22': ('00bbad05eb912ef9241a0b3b10fabe762ce122c5c319b1c4838b97e9ab8d1094',
@@ -76,6 +82,8 @@ CASES = {
                             '840c058ac42e2c3763d4006433c2c42ff9328516a08e59f04832df2863888421'),
     },
     ('bert', 'qdq', 'gptq'): {
+        'e76b78283161f3a6+0af25fd6300d9da8': ('1a5d14b69ff7c940fbe802fa367a2f9bad269c69ec8f804cbb98e37c0a1f0a73',
+                            '8e9447a16582a288790aebd3b5d6c1ef014108cd651b26666db86e916719204e'),
         'e76b78283161f3a6': ('1a5d14b69ff7c940fbe802fa367a2f9bad269c69ec8f804cbb98e37c0a1f0a73',
                             '8e9447a16582a288790aebd3b5d6c1ef014108cd651b26666db86e916719204e'),
         'e76b78283161f3a6+d685e0497ca4ce86': ('1a5d14b69ff7c940fbe802fa367a2f9bad269c69ec8f804cbb98e37c0a1f0a73',
@@ -86,6 +94,8 @@ CASES = {
                             '9323c4423a29871183b1526172fc08f5b28e5b5d2ba781ec3b0809f89b692198'),
     },
     ('bert', 'dynamic', 'gptq'): {
+        'e76b78283161f3a6+0af25fd6300d9da8': ('2e1e0d21cc211fee9c234c2006870c10485547bcd940bfd8a7383d7b097eb5e9',
+                            '47b8eb2ced9f1e0fe19f5cd1e45f8984cfa2ee44822f05622600b922de5b40a3'),
         'e76b78283161f3a6': ('2e1e0d21cc211fee9c234c2006870c10485547bcd940bfd8a7383d7b097eb5e9',
                             '47b8eb2ced9f1e0fe19f5cd1e45f8984cfa2ee44822f05622600b922de5b40a3'),
         'e76b78283161f3a6+d685e0497ca4ce86': ('efcc0ff9f251a7ad726a5451741a8a31af184515c84059ddc03fa1af70690267',
@@ -100,6 +110,8 @@ CASES = {
                             'c5a33d99ac53195fe5f6aa553a556009b002f82bbfd759238438838b6bb55806'),
     },
     ('llama', 'dynamic', 'gptq'): {
+        '8f22f78ef8b199c2+0af25fd6300d9da8': ('950073558c05291dc5c5ddcda36e4fd4bdbe9ba4570b4ce0fdce91cf8b165e38',
+                            'f9599c31cc4204366480f844545d1dbab1016cdb7926d29d52dc04cc55abeec1'),
         '8f22f78ef8b199c2+d685e0497ca4ce86': ('e5553dfac2b61a7c6f3b167885951df04f44e30312a4c3c8a97924619f773210',
                             '88a5b3f90ddf0eb909711c01a381eb3cc8ed4ba8367294798f1033ed12f9db1a'),
     },
