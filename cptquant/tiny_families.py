@@ -161,6 +161,9 @@ _SEQ2SEQ_BART_LIKE: ConfigKwargs = dict(
     encoder_attention_heads=TINY_HEADS, decoder_attention_heads=TINY_HEADS, encoder_ffn_dim=TINY_FFN,
     decoder_ffn_dim=TINY_FFN, max_position_embeddings=TINY_MAX_POSITIONS, pad_token_id=PAD_ID, bos_token_id=BOS_ID,
     eos_token_id=EOS_ID, decoder_start_token_id=EOS_ID, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+_XLM_LIKE: ConfigKwargs = dict(vocab_size=TINY_VOCAB, emb_dim=TINY_HIDDEN, n_layers=TINY_LAYERS, n_heads=TINY_HEADS,
+                               max_position_embeddings=TINY_MAX_POSITIONS, pad_index=PAD_ID, dropout=0.0,
+                               attention_dropout=0.0, num_labels=2)
 _EXTENDED_SPECS: dict[str, tuple[str, str, str, ConfigKwargs]] = {
     # Encoders
     "mobilebert": ("MobileBertConfig", "MobileBert", CLASSIFICATION,
@@ -181,6 +184,10 @@ _EXTENDED_SPECS: dict[str, tuple[str, str, str, ConfigKwargs]] = {
                    _common(global_attn_every_n_layers=1, local_attention=32)),
     "deberta": ("DebertaConfig", "Deberta", FEATURES, _common(**_NO_DROPOUT)),
     "esm": ("EsmConfig", "Esm", FEATURES, _common(mask_token_id=3, **_NO_DROPOUT)),
+    # XLM and FlauBERT add embedding row token_type_ids to every token: zeros are not the same as none (the matrix
+    # and the parity check give torch the zeros the ONNX file is fed)
+    "xlm": ("XLMConfig", "XLM", FEATURES, _XLM_LIKE),
+    "flaubert": ("FlaubertConfig", "Flaubert", CLASSIFICATION, _XLM_LIKE),
     # Decoders
     "granite": ("GraniteConfig", "Granite", CAUSAL_LM, _decoder(num_key_value_heads=2)),
     "olmo": ("OlmoConfig", "Olmo", CAUSAL_LM, _decoder()),

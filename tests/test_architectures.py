@@ -10,6 +10,7 @@ Encoder-decoder families (T5, BART) are loaded with ORTModelForSeq2SeqLM and gre
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -49,8 +50,11 @@ def _cases():
 
 
 def _torch_output(model, task: str, ids: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    kwargs = {"use_cache": False} if task == CAUSAL_LM else {}
+    if "token_type_ids" in inspect.signature(model.forward).parameters:
+        kwargs["token_type_ids"] = torch.zeros_like(ids)  # what optimum's ORTModel feeds the ONNX file
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, **({"use_cache": False} if task == CAUSAL_LM else {}))
+        out = model(input_ids=ids, attention_mask=mask, **kwargs)
     return (out.last_hidden_state if task == FEATURES else out.logits).float().numpy()
 
 

@@ -38,10 +38,15 @@ def sample_inputs(loaded: LoadedModel, n: int = 4, max_length: int = 32, seed: i
     return [rng.integers(0, vocab, size=(1, 8 + 5 * i)) for i in range(n)]
 
 
-def torch_outputs(loaded: LoadedModel, input_ids: np.ndarray) -> np.ndarray:
+def torch_outputs(loaded: LoadedModel, input_ids: np.ndarray, token_types: bool = False) -> np.ndarray:
+    """The torch model's logits (or hidden states) for `input_ids`; with `token_types`, given the zero
+    token_type_ids the ONNX file is fed (feeds_for, and optimum's ORTModel when a tokenizer gives none):
+    the same as none for BERT, not for XLM and FlauBERT, which then add embedding row 0 to every token."""
     with torch.no_grad():
         ids = torch.from_numpy(input_ids.astype(np.int64))
-        kwargs = {"use_cache": False} if loaded.task == TASK_CAUSAL_LM else {}
+        kwargs: dict[str, object] = {"use_cache": False} if loaded.task == TASK_CAUSAL_LM else {}
+        if token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(ids)
         out = loaded.model(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
     first: torch.Tensor = out.logits if hasattr(out, "logits") else out.last_hidden_state
     return first.float().numpy()
@@ -55,8 +60,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def measure_parity(loaded: LoadedModel, model_path: Path, n: int = 4) -> Parity:
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     diffs, cosines = [], []
+    token_types = any(arg.name == "token_type_ids" for arg in session.get_inputs())
     for ids in sample_inputs(loaded, n):
-        expected = torch_outputs(loaded, ids)
+        expected = torch_outputs(loaded, ids, token_types)
         got = session.run(None, feeds_for(session, ids))[0]
         diffs.append(float(np.abs(got - expected).max()))
         cosines.append(_cosine(got, expected))
