@@ -493,3 +493,22 @@ def test_tdmpq_recomputing_block_activations_changes_no_score(monkeypatch):
     assert calls  # the blocks did run checkpointed
     monkeypatch.setattr(tdmpq, "recomputed_in_backward", lambda blocks: contextlib.nullcontext())
     assert scores() == recomputed
+
+
+def test_replaying_puts_back_a_forward_the_block_already_had():
+    """accelerate's hooks wrap a module's forward as an instance attribute: replay must not strip it."""
+    from cptquant.passes.block_replay import replaying
+
+    block = torch.nn.Linear(4, 4)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        return torch.nn.Linear.forward(block, *args, **kwargs)
+
+    block.forward = wrapped
+    plain = torch.nn.Linear(4, 4)
+    with replaying([block, plain], lambda: "saved"):
+        assert block(torch.zeros(1, 4)) == "saved" and plain(torch.zeros(1, 4)) == "saved"
+    block(torch.zeros(1, 4))
+    assert calls == [1] and block.forward is wrapped and "forward" not in plain.__dict__

@@ -28,13 +28,20 @@ def replaying(blocks: Sequence[torch.nn.Module], saved_output: Callable[[], obje
     """`blocks` (the first blocks of the stack) return `saved_output()` without computing: the model's next
     block gets the output the unchanged model computed for the batch in flight (also GPTQ's block-by-block
     Hessians, hessian.BlockwiseHessians)."""
+    # A block may already carry an instance forward (accelerate's hooks wrap it so): put that one back, not
+    # the class's.
+    wrapped = {id(block): block.__dict__.get("forward") for block in blocks}
     for block in blocks:
         block.forward = lambda *_args, **_kwargs: saved_output()
     try:
         yield
     finally:
         for block in blocks:
-            del block.forward  # back to the class's forward
+            previous = wrapped[id(block)]
+            if previous is None:
+                del block.forward  # back to the class's forward
+            else:
+                block.forward = previous
 
 
 class BlockReplay:
