@@ -133,6 +133,8 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     report_extras: ReportExtras = {}
     plan_source = Path(plan) if isinstance(plan, (str, os.PathLike)) else plan
     make_plan = plan_factory(method, plan_source, bits, analysis, progress, report_extras, default_bits, overrides)
+    if not os.fspath(output).strip():  # Path("") would be the current folder
+        raise CptqError("the output path is empty; give a folder or a .onnx file")
     output = Path(output)
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None  # None: in memory or embedded
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +50,10 @@ class LoadedModel:
     source: str  # what the user gave (hub id or folder), or the embedded model's folder
     display_name: str
     trust_remote_code: bool = False  # how it was loaded; `cptq verify` reloads it the same way
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def embedded_model_path() -> str:
@@ -144,6 +151,20 @@ def check_supported(config: PretrainedConfig, task: str) -> None:
         raise CptqError(f"unsupported task {task} for architecture {model_type!r}: {hint}")
 
 
+@contextlib.contextmanager
+def _hub_retries_quiet() -> Iterator[None]:
+    """Without a network, huggingface_hub logs each of its five retries as a warning before the error we report
+    in one line: its logger says only errors meanwhile."""
+    from huggingface_hub.utils import logging as hub_logging
+
+    before = hub_logging.get_verbosity()
+    hub_logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(before)
+
+
 def load_config(source: str, trust_remote_code: bool = False) -> PretrainedConfig:
     from transformers import AutoConfig
 
@@ -157,9 +178,12 @@ def load_config(source: str, trust_remote_code: bool = False) -> PretrainedConfi
         # Looks like a path, not an "org/name" hub id.
         raise CptqError(f"model folder not found: {source}")
     try:
-        config: PretrainedConfig = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with _hub_retries_quiet():
+            config: PretrainedConfig = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         return config
     except OSError as exc:
+        if path.is_dir():  # the folder is there: its config.json is what failed (not valid JSON, unreadable)
+            raise CptqError(f"cannot read {path / 'config.json'}: {first_line(exc, type(exc).__name__)}") from None
         raise CptqError(f"model {source!r} not found locally or on the hub "
                         f"({first_line(exc, type(exc).__name__)})") from None
     except ValueError as exc:
@@ -172,16 +196,19 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
     if source is None:
         source = embedded_model_path()
     config = load_config(source, trust_remote_code)
+    if Path(source).is_dir():  # recorded in the report: a later `cptq verify` from another folder finds it again
+        source = str(Path(source).expanduser().absolute())
     task = normalize_task(task) if task else detect_task(config)
     check_supported(config, task)
     import torch
+    from safetensors import SafetensorError
 
     try:
         model = _auto_class(task).from_pretrained(
             source, config=config, dtype=torch.float32, use_safetensors=None,
             trust_remote_code=trust_remote_code,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # SafetensorError: a corrupt or truncated file
         raise CptqError(f"cannot load the weights of {source!r} for task {task}: {_weights_error(exc)}") from None
     model.eval()
     tokenizer = None
@@ -189,8 +216,14 @@ def load_model(source: str | None = None, task: str | None = None, trust_remote_
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except Exception:  # a model folder without tokenizer files is still exportable
+    except Exception as exc:  # a model folder without tokenizer files is still exportable
         tokenizer = None
+        present = [name for name in TOKENIZER_FILES if (Path(source) / name).is_file()]
+        if present:  # files that are there but do not load: calibration falls back to hashed words, so say so
+            import sys
+
+            print(f"warning: the tokenizer in {source} does not load ({first_line(exc, type(exc).__name__)}); "
+                  "calibrating without it, and the output gets no tokenizer files", file=sys.stderr)
     return LoadedModel(model=model, config=config, tokenizer=tokenizer, task=task, source=source,
                        display_name=display, trust_remote_code=trust_remote_code)
 
@@ -199,6 +232,8 @@ def _weights_error(exc: Exception) -> str:
     """transformers' first line, except where it misleads: a pickle torch refuses (weights_only: corrupt,
     or code in it) is reported as maybe a TensorFlow checkpoint needing from_tf=True."""
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if type(exc).__name__ == "SafetensorError":
+        return f"its safetensors file is corrupt or truncated ({first})"
     if "Unable to load weights from pytorch checkpoint" in first:
         file = first.split(" at '")[-1].rstrip("'. ").split("'")[0] if " at '" in first else "the checkpoint"
         return (f"{Path(file).name} is not a PyTorch checkpoint torch loads safely (corrupt, or it holds pickled "

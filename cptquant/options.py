@@ -74,7 +74,7 @@ def check_block_size(block_size: int) -> None:
 class CalibrationOptions:
     calib: str | None = field(default=None, metadata=_help(
         "Calibration text: a text file, JSONL (see --text-field), or hf:NAME[:CONFIG]:SPLIT; "
-        "none: the offline corpus."))
+        "not given: the offline corpus."))
     text_field: str = field(default="text", metadata=_help("JSONL field holding the text."))
     calib_samples: int = field(default=64, metadata=_help("Calibration samples."))
     seq_len: int = field(default=128, metadata=_help("Tokens per calibration sample."))

@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import CptqError
 from .layer_graph import ROLE_EMBEDDING, LayerGraph
-from .options import DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, check_block_size, fitting_block_size
+from .options import CLIP_METHODS, DEFAULT_BLOCK_SIZE, SUPPORTED_BITS, check_block_size, fitting_block_size
 
 PLAN_VERSION = 1
 HOT_ROW_BITS = 8
@@ -81,6 +81,8 @@ class Plan:
         for key, kind in (("method", str), ("model", str), ("clip", str), ("meta", dict)):
             if key in data and not isinstance(data[key], kind):
                 raise CptqError(f"{source}: {key!r} must be a {'string' if kind is str else 'JSON object'}")
+        if data.get("clip", "absmax") not in CLIP_METHODS:
+            raise CptqError(f"{source}: clip {data['clip']!r} is not one of {', '.join(CLIP_METHODS)}")
         if data.get("version") != PLAN_VERSION:
             raise CptqError(f"{source} has plan version {data.get('version')!r}; this cptquant reads version {PLAN_VERSION}")
         layers = {}
@@ -90,6 +92,11 @@ class Plan:
             unknown = set(entry) - {"bits", "block_size", "symmetric", "score", "hot_rows"}
             if unknown:
                 raise CptqError(f"{source}: layer {name!r} has unknown fields {sorted(unknown)}")
+            if not isinstance(entry.get("symmetric", True), bool):
+                raise CptqError(f"{source}: layer {name!r} symmetric must be true or false, not {entry['symmetric']!r}")
+            score = entry.get("score")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+                raise CptqError(f"{source}: layer {name!r} score must be a number or null, not {score!r}")
             if "hot_rows" in entry:
                 entry = {**entry, "hot_rows": parse_rows(entry["hot_rows"], f"{source}: layer {name!r} hot_rows")}
             layers[name] = LayerPlan(**entry)
@@ -228,7 +235,10 @@ def validate_plan(plan: Plan, graph: LayerGraph) -> None:
             continue
         if not isinstance(lp.block_size, int) or isinstance(lp.block_size, bool):
             raise CptqError(f"layer {name}: block size {lp.block_size!r} is not a whole number")
-        check_block_size(lp.block_size)
+        try:
+            check_block_size(lp.block_size)
+        except CptqError as exc:
+            raise CptqError(f"layer {name}: {exc}") from None
         if lp.hot_rows and lp.bits == 4:
             if graph[name].role != ROLE_EMBEDDING:
                 raise CptqError(f"layer {name}: hot_rows apply to embedding tables only")

@@ -77,6 +77,11 @@ def _base_factory(method: str | None, plan_file: Path | Plan | None, bits: int |
     given = [name for name, value in (("--method", method), ("--plan", plan_file), ("--bits", bits)) if value]
     if len(given) > 1:
         raise CptqError(f"give only one of --method, --plan and --bits (got {' and '.join(given)})")
+    budget = analysis.allocation if analysis is not None else None
+    if (bits is not None or plan_file is not None) and budget is not None and (
+            budget.target_bits is not None or budget.max_size_mb is not None):
+        fixed = f"--bits {bits}" if bits is not None else "--plan"
+        raise CptqError(f"{fixed} fixes every layer's bits; it takes no --target-bits or --max-size-mb (use --method)")
     if default_bits is not None:
         if plan_file is None:
             raise CptqError("--default-bits applies to --plan only (it fills the layers a plan file leaves out)")

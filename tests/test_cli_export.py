@@ -125,6 +125,16 @@ def test_a_plan_entry_without_a_block_size_takes_the_fitted_ceiling(opt_folder, 
     assert layers["model.decoder.layers.0.fc2"]["block_size"] == 128  # filled by --default-bits, input 256
 
 
+def test_a_relative_source_folder_is_recorded_absolute(opt_folder, tmp_path, monkeypatch):
+    """`cptq verify` rebuilds missing baselines from the report's source folder: typed relative, it was found
+    only from the folder the export ran in (elsewhere taken for a hub id)."""
+    monkeypatch.chdir(opt_folder.parent)
+    out = tmp_path / "rel"
+    result = run_export(opt_folder.name, "--bits", "8", "--no-verify", "-o", str(out))
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "model.report.json").read_text())["source"] == str(opt_folder)
+
+
 def test_plan_file_not_json(opt_folder, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text("{nope")

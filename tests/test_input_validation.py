@@ -79,6 +79,10 @@ def test_default_bits_fills_the_omitted_layers_explicitly(opt_folder, tmp_path):
     (bytes(range(256)), "is not a cptquant plan (not UTF-8 text)"),  # once a UnicodeDecodeError traceback, exit 1
     (b'{"version": 1, "layers": {"lm_head": {"bits": 8}, "lm_head": {"bits": 4}}}', "names 'lm_head' twice"),
     (None, "is a folder, not a JSON file"),
+    # once accepted and failing with a traceback after calibration, or copied into the output's plan
+    (b'{"version": 1, "clip": "weird", "layers": {"lm_head": {"bits": 8}}}', "clip 'weird' is not one of"),
+    (b'{"version": 1, "layers": {"lm_head": {"bits": 8, "symmetric": "yes"}}}', "symmetric must be true or false"),
+    (b'{"version": 1, "layers": {"lm_head": {"bits": 8, "score": "high"}}}', "score must be a number or null"),
 ])
 def test_a_plan_file_that_is_not_one_plan_is_refused_before_the_model_loads(opt_folder, tmp_path, no_model_loading,
                                                                               content, fragment):
@@ -138,6 +142,10 @@ def test_latin1_text_with_a_few_undecodable_characters_is_still_text(tmp_path):
     (["--bits", "8", "--format", "dynamic", "--outlier-ratio", "nan"], "above 1 (and finite), not nan"),
     (["--bits", "8", "--outlier-ratio", "inf"], "--outlier-ratio must be 0 (off) or above 1 (and finite), not inf"),
     (["--method", "tdmpq", "--max-size-mb", "inf"], "maximum size inf MB must be a positive number"),
+    # a budget that a fixed plan would silently ignore (exit 0, a file over it)
+    (["--bits", "16", "--max-size-mb", "0.2"], "--bits 16 fixes every layer's bits; it takes no --target-bits"),
+    (["--bits", "4", "--target-bits", "5"], "--bits 4 fixes every layer's bits"),
+    (["--bits", "4", "--calib", ""], "--calib is empty"),
 ])
 def test_options_are_checked_before_the_model_loads(opt_folder, tmp_path, no_model_loading, args, fragment):
     one_line_error(run_export(opt_folder, *args, "-o", tmp_path / "out"), fragment)
@@ -206,3 +214,36 @@ def test_analyze_with_force_replaces_only_its_own_files(opt_folder, tmp_path):
     assert json.loads((out / "scores.json").read_text())["scores"]["tdmpq"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "plan-tdmpq.json", "scores.json", "scores.png"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".cptq")]
+
+
+
+def test_an_empty_output_path_or_a_work_file_name_is_refused(opt_folder, tmp_path, no_model_loading, monkeypatch):
+    """`-o ''` once exported into the current folder (and a cache beside it) with exit 0; a model file named like
+    cptquant's own work files would be taken for a dead run's debris by the next run."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error(run_export(opt_folder, "--bits", "8", "-o", ""), "the output path is empty")
+    one_line_error(run_export(opt_folder, "--bits", "8", "-o", tmp_path / "x" / ".cptq-tmp-1.onnx"),
+                   "names starting with .cptq-tmp- are cptquant's own work files")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_weights_are_one_line(opt_folder, tmp_path):
+    """A truncated or corrupt model.safetensors: once a 57-line safetensors traceback and exit 1."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(opt_folder, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00" * 1000)
+    one_line_error(run_export(broken, "--bits", "8", "-o", tmp_path / "out"), "safetensors file is corrupt or truncated")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_that_does_not_load_is_said_once(opt_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "badtok"
+    shutil.copytree(opt_folder, folder)
+    (folder / "tokenizer.json").write_text("{bad")
+    result = run_export(folder, "--bits", "8", "--no-verify", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.stderr.splitlines() if line.startswith("warning: the tokenizer")]

@@ -453,6 +453,20 @@ def test_classification_accuracy_from_labelled_eval_file(tmp_path):
     eval_file.write_text('{"text": "no label here"}\n{"label": 1}\n')
     result = _verify(out, "--ep", "cpu", "--eval", eval_file)
     assert result.exit_code == 2 and "eval.jsonl:2: expected a JSON object with a \"text\" key" in result.stderr
+    # once scored as the texts "123" and "None", or as labels the model cannot predict
+    for lines, fragment in (('{"text": 123}', 'eval.jsonl:1: "text" must be a string, not 123'),
+                            ('{"text": "a b", "label": 99}', "label 99 is outside the model's 2 classes"),
+                            ('{"text": "a b", "label": -1}', "label -1 is outside the model's 2 classes")):
+        eval_file.write_text(lines + "\n")
+        result = _verify(out, "--ep", "cpu", "--eval", eval_file)
+        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
+    # a reports path that cannot be written is refused before the run, not after it
+    (tmp_path / "a-file").write_text("")
+    for args, fragment in ((["--junit", tmp_path], "is a folder; give a file"),
+                           (["--report-dir", tmp_path / "a-file"], "is a file; give a folder"),
+                           (["--junit", tmp_path / "a-file" / "j.xml"], "a-file is a file, not a folder")):
+        result = _verify(out, "--ep", "cpu", *args)
+        assert result.exit_code == 2 and fragment in result.stderr, result.stderr
 
 
 def test_masked_lm_agreement_on_masked_positions(tmp_path):

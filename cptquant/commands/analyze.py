@@ -100,7 +100,7 @@ def analyze(
     model: str | None = Argument(None, help="Hub id or model folder; the embedded MiniLM when omitted."),
     method: str = Option("cmpq", "--method", "-m", help="cmpq, pmpq, tdmpq or all."),
     validate: bool = Option(False, "--validate", help="Also run the 4-bit oracle and report Spearman per method."),
-    out: Path = Option(Path("analysis"), "--out", "-o", help="Output folder for scores.json and scores.png."),
+    out_arg: str = Option("analysis", "--out", "-o", help="Output folder for scores.json and scores.png."),
     task: str | None = options.TASK,
     calib: str | None = options.CALIB,
     text_field: str = options.TEXT_FIELD,
@@ -134,7 +134,7 @@ def analyze(
     analysis = options.analysis_options(calib, text_field, calib_samples, seq_len, seed, sparsity, bit_widths,
                                         granularity, target_bits, max_size_mb, block_size, clip, cca, curvature,
                                         zero_points, hot_rows, lm_loss)  # fails before loading a model
-    out = output_path(out)
+    out = output_path(out_arg)  # a string: typer would make '' a Path of the current folder
     check_writable(out)
     refuse_folders_in_place(out, owned_by_analysis)
     if not force:

@@ -86,7 +86,8 @@ def print_summary(result: ExportResult, console: Console) -> None:
 @user_errors
 def export(
     model: str | None = typer.Argument(None, help="Hub id or local folder; omitted: the embedded MiniLM."),
-    output: Path = typer.Option(Path("out/model.onnx"), "-o", "--output", help="model.onnx path, or a folder."),
+    # a string, not a Path: typer would make '' the current folder
+    output: str = typer.Option("out/model.onnx", "-o", "--output", help="model.onnx path, or a folder."),
     method: str | None = typer.Option(None, "--method",
                                       help="Sensitivity method: cmpq, pmpq, tdmpq or oracle (default tdmpq); or rule: "
                                            "llama.cpp's k_quant_mixed layer rule (no measurement)."),

@@ -53,6 +53,7 @@ def verify(
     if report_dir is None and (folder / REPORT_DIR).is_symlink():  # the folder's own link: not the command line's
         raise CptqError(f"{folder / REPORT_DIR} is a link; cptq verify writes its reports into the folder itself "
                         "(remove the link, or give --report-dir)")
+    _check_report_paths(report_dir, junit)  # before the run: a bad path found after it loses the run and its reports
     result = verify_export(
         out_dir, baseline=baseline, ep=ep,
         max_ppl_increase=parse_fraction(max_ppl_increase, "--max-ppl-increase"),
@@ -73,3 +74,18 @@ def verify(
     print(f"reports: {json_path}, {md_path}" + (f", {junit}" if junit else ""))
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _check_report_paths(report_dir: Path | None, junit: Path | None) -> None:
+    """--report-dir must be (or become) a folder and --junit a file, each under a folder, not under a file."""
+    for path, flag, want_dir in ((report_dir, "--report-dir", True), (junit, "--junit", False)):
+        if path is None:
+            continue
+        if path.exists() and path.is_dir() != want_dir:
+            raise CptqError(f"{flag} {path} is a {'file' if want_dir else 'folder'}; give a "
+                            f"{'folder' if want_dir else 'file'}")
+        above = path.parent
+        while not above.exists() and above != above.parent:
+            above = above.parent
+        if above.exists() and not above.is_dir():
+            raise CptqError(f"{flag} {path}: {above} is a file, not a folder")

@@ -30,6 +30,8 @@ def output_path(path: str | os.PathLike[str]) -> Path:
     """`-o` as every check and the writer see it. The writer works on absolute paths, where `a/missing/..` is
     `a`; the checks must see that same folder (the OS, asked about `a/missing/..`, says it does not exist, and
     an existing folder's files would be replaced without --force)."""
+    if not str(path).strip():  # Path("") is ".": the current folder would take the files
+        raise CptqError("the output path is empty; give a folder or a .onnx file")
     return Path(os.path.normpath(Path(path).expanduser()))
 
 
@@ -68,6 +70,9 @@ def check_target(folder: Path, model_file: str, force: bool, source: str | None 
     """Everything about an export's `-o` that can be refused before any work: the path, permissions, the
     source model's own folder, and (without --force) files of the folder the export would replace."""
     check_writable(folder)
+    if model_file.startswith(STAGING_PREFIX):  # a later run would take it for a dead run's debris
+        raise CptqError(f"cannot write {model_file}: names starting with {STAGING_PREFIX} are cptquant's own work "
+                        "files; choose another -o")
     model = folder / model_file
     if model.is_dir():
         raise CptqError(f"output {model} is a folder, not a model file; choose another -o")

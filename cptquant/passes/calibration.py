@@ -130,7 +130,11 @@ def load_texts(calib: str | None, text_field: str = "text", seq_len: int = 128) 
         return _offline_corpus_texts(seq_len), "offline corpus (stdlib docstrings)"
     if calib.startswith("hf:"):
         return _texts_from_hub(calib, text_field), calib
+    if not calib.strip():
+        raise CptqError("--calib is empty; give a file, or leave it out for the offline corpus")
     path = Path(calib)
+    if path.is_dir():
+        raise CptqError(f"calibration path {calib} is a folder; give a text or JSONL file")
     if not path.is_file():
         raise CptqError(f"calibration file not found: {calib}")
     texts = _texts_from_jsonl(path, text_field) if path.suffix.lower() in (".jsonl", ".ndjson") else _texts_from_plain(path)

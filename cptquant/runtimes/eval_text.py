@@ -35,6 +35,8 @@ class EvalSet:
 def load_eval_file(path: Path) -> EvalSet:
     """`.jsonl` lines {"text": ..., "label": ...} (label optional), or plain text, one example per line."""
     path = Path(path)
+    if path.is_dir():
+        raise CptqError(f"--eval {path} is a folder; give a text or JSONL file")
     if not path.is_file():
         raise CptqError(f"--eval file not found: {path}")
     from ..passes.calibration import read_text_file
@@ -48,15 +50,23 @@ def load_eval_file(path: Path) -> EvalSet:
     for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
-            texts.append(str(row["text"]))
+            text = row["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise CptqError(f"--eval {path}:{number}: expected a JSON object with a \"text\" key") from None
-        labels.append(row.get("label"))
+        if not isinstance(text, str):  # str(123) or str(None) would be scored as text
+            raise CptqError(f"--eval {path}:{number}: \"text\" must be a string, not {json.dumps(text)}")
+        label = row.get("label")
+        if label is not None and (isinstance(label, bool) or not isinstance(label, (int, str))):
+            raise CptqError(f"--eval {path}:{number}: \"label\" must be a class index or a label name, "
+                            f"not {json.dumps(label)}")
+        texts.append(text)
+        labels.append(label)
     if all(label is None for label in labels):
         return EvalSet(texts)
-    if any(label is None for label in labels):
+    given = [label for label in labels if label is not None]
+    if len(given) < len(labels):
         raise CptqError(f"--eval {path}: some lines have a label and some do not")
-    return EvalSet(texts, labels)
+    return EvalSet(texts, given)
 
 
 class TextEncoder:

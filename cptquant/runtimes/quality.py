@@ -214,9 +214,12 @@ def measure_quality(task: str, adapter: RuntimeAdapter, sessions: dict[str, ort.
 
 def _label_ids(labels: list[int | str], config: object) -> np.ndarray:
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    classes = getattr(config, "num_labels", None) or len(label2id) or None
     out = []
     for label in labels:
-        if isinstance(label, int) or (isinstance(label, str) and label.isdigit()):
+        if isinstance(label, int) or (isinstance(label, str) and label.lstrip("-").isdigit()):
+            if classes is not None and not 0 <= int(label) < classes:  # would count as a miss, silently
+                raise CptqError(f"--eval label {label} is outside the model's {classes} classes (0 to {classes - 1})")
             out.append(int(label))
         elif str(label) in label2id:
             out.append(label2id[str(label)])
