@@ -374,6 +374,9 @@ def test_external_data_inside_the_folder_is_accepted(tiny_opt, tmp_path):
 
 def test_not_a_folder_and_in_memory_source_without_cache(tiny_opt, tmp_path):
     result = _verify(tmp_path / "nowhere", "--ep", "cpu")
+    assert result.exit_code == 2 and "nowhere not found; give the output folder of cptq-export" in result.stderr
+    (tmp_path / "a-file").write_text("")
+    result = _verify(tmp_path / "a-file", "--ep", "cpu")
     assert result.exit_code == 2 and "is not a folder; give the output folder of cptq-export" in result.stderr
     moved = _copy_output(tiny_opt[1], tmp_path / "moved")  # came from memory: nothing to rebuild from
     result = _verify(moved, "--ep", "cpu")

@@ -101,3 +101,12 @@ def test_the_bench_slower_model_computes_the_same_outputs(tmp_path):
     x = np.random.default_rng(1).normal(size=(2, 8)).astype(np.float32)
     y = ort.InferenceSession(str(tmp_path / "slow.onnx")).run(None, {"x": x})[0]
     assert np.allclose(y, x @ w, atol=1e-5)
+
+
+def test_a_check_line_shows_digits_enough_to_tell_measured_from_threshold():
+    """`--min-cosine 0.9999999` once printed "FAIL … 1 < 1"."""
+    from cptquant.runtimes.gate import Check
+
+    assert Check("cpu", "mean cosine vs fp32", 0.99999985, 0.9999999, False).line() == \
+        "FAIL [cpu] mean cosine vs fp32: 0.99999985 < 0.9999999"
+    assert Check("cpu", "mean cosine vs fp32", 0.9953, 0.99, False).line() == "PASS [cpu] mean cosine vs fp32: 0.9953 >= 0.99"

@@ -121,6 +121,8 @@ def inspect_output_folder(folder: Path, loaded: LoadedModel | None = None, trust
     if folder.suffix == ".onnx" and folder.is_file():
         model_path, folder = folder, folder.parent
         report_path = folder / (model_path.name[: -len(".onnx")] + ".report.json")
+    elif not folder.exists():
+        raise CptqError(f"{folder} not found; give the output folder of cptq-export")
     elif not folder.is_dir():
         raise CptqError(f"{folder} is not a folder; give the output folder of cptq-export")
     else:

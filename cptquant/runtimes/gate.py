@@ -61,13 +61,22 @@ class Check:
     def passed(self) -> bool:
         return self.measured <= self.threshold if self.at_most else self.measured >= self.threshold
 
-    def _fmt(self, x: float) -> str:
-        return f"{x * 100:.3g}%" if self.percent else f"{x:.4g}"
+    def _fmt(self, x: float, digits: int = 4) -> str:
+        return f"{x * 100:.{digits - 1}g}%" if self.percent else f"{x:.{digits}g}"
+
+    def _pair(self) -> tuple[str, str]:
+        """Measured and threshold with digits enough to tell them apart ("0.9999998 < 0.9999999", not "1 < 1")."""
+        for digits in range(4, 16):
+            shown = self._fmt(self.measured, digits), self._fmt(self.threshold, digits)
+            if shown[0] != shown[1] or self.measured == self.threshold:
+                return shown
+        return shown
 
     def line(self) -> str:
         relation = ("<=" if self.passed else ">") if self.at_most else (">=" if self.passed else "<")
         verdict = "PASS" if self.passed else "FAIL"
-        return f"{verdict} [{self.ep}] {self.name}: {self._fmt(self.measured)} {relation} {self._fmt(self.threshold)}"
+        measured, threshold = self._pair()
+        return f"{verdict} [{self.ep}] {self.name}: {measured} {relation} {threshold}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"ep": self.ep, "name": self.name, "measured": self.measured, "threshold": self.threshold,
