@@ -44,7 +44,8 @@ def parse_number(text: str, option: str, low: float = 0.0, high: float = math.in
     except ValueError:
         raise CptqError(f"{option} must be a number (got {text!r})") from None
     if not (math.isfinite(value) and low <= value <= high):
-        raise CptqError(f"{option} must lie between {low:g} and {high:g} (got {text!r})")
+        bounds = f"between {low:g} and {high:g}" if math.isfinite(high) else f"a finite number of at least {low:g}"
+        raise CptqError(f"{option} must be {bounds} (got {text!r})")
     return value
 
 
