@@ -233,6 +233,8 @@ def test_calibration_from_files_and_its_errors(tmp_path):
         (dict(calib=str(records), text_field="text"), "no text field 'text'"),
         (dict(seq_len=4096), "above the model's 64 positions"),
         (dict(calib="hf:only-a-name"), "hf:NAME:SPLIT"),
+        (dict(calib="hf:::"), "must not be empty"),
+        (dict(calib=str(tmp_path)), "is a folder; give a text or JSONL file"),
     ]
     for kwargs, message in bad_cases:
         with pytest.raises(CptqError, match=message):

@@ -96,6 +96,9 @@ def _texts_from_hub(spec: str, text_field: str) -> list[str]:
         name, config_name, split = parts
     else:
         raise CptqError(f"--calib {spec!r}: use hf:NAME:SPLIT or hf:NAME:CONFIG:SPLIT")
+    if not name.strip() or not split.strip() or config_name is not None and not config_name.strip():
+        raise CptqError(f"--calib {spec!r}: NAME, CONFIG and SPLIT must not be empty (hf:NAME:SPLIT or "
+                        "hf:NAME:CONFIG:SPLIT)")
     try:
         import datasets
     except ImportError:
