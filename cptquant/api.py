@@ -107,6 +107,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     from .format_choice import format_chooser
     from .model_loading import normalize_task
     from .output_folder import claim_output
+    from .output_folder.targets import output_path
     from .passes.measurements import CalibrationMeasurements
     from .plan_source import plan_factory
     from .quant.storage import FORMAT_AUTO, FORMAT_NBITS, FORMAT_QDQ, FORMATS
@@ -133,9 +134,7 @@ def export(model: ModelLike = None, output: str | os.PathLike[str] = "out/model.
     report_extras: ReportExtras = {}
     plan_source = Path(plan) if isinstance(plan, (str, os.PathLike)) else plan
     make_plan = plan_factory(method, plan_source, bits, analysis, progress, report_extras, default_bits, overrides)
-    if not os.fspath(output).strip():  # Path("") would be the current folder
-        raise CptqError("the output path is empty; give a folder or a .onnx file")
-    output = Path(output)
+    output = output_path(output)  # not Path(output): Path("") would be the current folder; output_path refuses it
     source = os.fspath(model) if isinstance(model, (str, os.PathLike)) else None  # None: in memory or embedded
     paths = resolve_output(output, force, source)  # fail on a bad output path before the slow work
     with claim_output(paths.folder):  # one writer per output folder, from before the model loads

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CptqError, first_line
+from .output_folder.targets import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -50,10 +51,6 @@ class LoadedModel:
     source: str  # what the user gave (hub id or folder), or the embedded model's folder
     display_name: str
     trust_remote_code: bool = False  # how it was loaded; `cptq verify` reloads it the same way
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
-                   "tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
 
 
 def embedded_model_path() -> str:

@@ -15,10 +15,12 @@ from pathlib import Path
 from ..errors import CptqError
 from .work_files import CACHE_DIR_NAME, LOCK_SUFFIX, STAGING_PREFIX
 
+# A model folder's tokenizer files (any of them present: the folder means to have a tokenizer).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
 # Side files an export writes beside NAME.onnx (optimum copies config, generation config and tokenizer).
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-              "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "chat_template.jinja",
               "chat_template.json", "genai_config.json")
 # `cptq verify`'s reports inside an output folder and its name for the model it checked: a forced re-export
 # removes the reports of the model it replaces (named here, below both the exporter and the runtimes).
